@@ -1,0 +1,173 @@
+"""Frozen configs: the model's (from a HF config.json or GGUF metadata) and the engine's.
+
+Both are hashable so they can be static arguments of jitted steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's frequency-dependent rope scaling ("rope_type": "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape and numerics of a decoder-only Llama-family model."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: str = "float32"  # compute and weight dtype: float32 | bfloat16 | float16
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r} must be one of float32, bfloat16, float16")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def model_config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
+    """Build a ModelConfig from the dict of a Hugging Face config.json."""
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                   "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}.get(
+        hf.get("model_type", ""), str(hf.get("model_type")))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r} in config.json; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    num_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    rope_scaling = None
+    rs = hf.get("rope_scaling") or (hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else None)
+    rope_theta = hf.get("rope_theta")
+    if isinstance(rs, dict):
+        rope_theta = rope_theta or rs.get("rope_theta")
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind == "llama3":
+            rope_scaling = RopeScaling(
+                factor=float(rs["factor"]),
+                low_freq_factor=float(rs["low_freq_factor"]),
+                high_freq_factor=float(rs["high_freq_factor"]),
+                original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+            )
+        elif kind not in (None, "default"):
+            raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, llama3")
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    if dtype in (None, "auto"):
+        dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(hf.get("torch_dtype") or hf.get("dtype"), "float32")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta or 10000.0),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        qk_norm=arch == "Qwen3ForCausalLM",
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        dtype=dtype,
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine knobs, named and defaulted as vLLM's. Validated at construction."""
+
+    max_model_len: int = 2048
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks: int | None = None  # explicit KV pool size; None sizes it from memory
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    max_logprobs: int = 20
+    token_buckets: tuple[int, ...] = field(default=())  # filled in by __post_init__ when empty
+    seq_buckets: tuple[int, ...] = field(default=())
+
+    def __post_init__(self):
+        def need(cond, name, value, what):
+            if not cond:
+                raise ValueError(f"{name}={value!r}: {what}")
+
+        need(isinstance(self.max_model_len, int) and self.max_model_len >= 1, "max_model_len", self.max_model_len, "must be a positive integer")
+        need(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size, "must be a power of two from 1 to 128")
+        need(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be a positive integer")
+        need(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= self.max_num_seqs,
+             "max_num_batched_tokens", self.max_num_batched_tokens, f"must be an integer >= max_num_seqs ({self.max_num_seqs})")
+        need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
+        need(self.num_gpu_blocks is None or self.num_gpu_blocks >= 1, "num_gpu_blocks", self.num_gpu_blocks, "must be None or >= 1")
+        need(self.max_logprobs >= 0, "max_logprobs", self.max_logprobs, "must be >= 0")
+        if not self.enable_chunked_prefill:
+            need(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens", self.max_num_batched_tokens,
+                 f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off")
+        if not self.token_buckets:
+            object.__setattr__(self, "token_buckets", _pow2_buckets(8, self.max_num_batched_tokens))
+        if not self.seq_buckets:
+            object.__setattr__(self, "seq_buckets", _pow2_buckets(1, self.max_num_seqs))
+        need(self.token_buckets[-1] >= self.max_num_batched_tokens, "token_buckets", self.token_buckets,
+             f"largest must be >= max_num_batched_tokens ({self.max_num_batched_tokens})")
+        need(self.seq_buckets[-1] >= self.max_num_seqs, "seq_buckets", self.seq_buckets,
+             f"largest must be >= max_num_seqs ({self.max_num_seqs})")
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+
+def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return tuple(out)

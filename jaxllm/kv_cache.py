@@ -1,0 +1,77 @@
+"""Device state of the paged KV cache and the per-step attention metadata, as explicit pytrees.
+
+The cache is a pool of fixed-size blocks shared by every layer's index: block b of sequence s
+lives at `k[layer, block_tables[s, i]]` for every layer. A token's *slot* is
+`block_id * block_size + offset`; new K/V are scattered to their slots, with the cache donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+    v: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    @staticmethod
+    def create(config: ModelConfig, num_blocks: int, block_size: int, dtype=None) -> "KVCache":
+        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        dtype = dtype or jnp.dtype(config.dtype)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype=None) -> int:
+        itemsize = jnp.dtype(dtype or config.dtype).itemsize
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * itemsize
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Where each token of a ragged batch reads and writes. Padding: sequences with
+    `seq_lens == 0` and no query tokens; padded tokens have slot `-1` (their K/V are dropped)."""
+
+    slot_mapping: jax.Array  # [T] int32, -1 for padding
+    block_tables: jax.Array  # [S, max_blocks] int32
+    seq_lens: jax.Array  # [S] int32, context length *including* this step's tokens
+    query_start_loc: jax.Array  # [S + 1] int32, cumulative query token counts
+    logits_indices: jax.Array  # [S] int32, the token whose logits each sequence samples from
+
+
+def write_kv(cache: KVCache, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVCache:
+    """Scatter this step's K/V ([T, num_kv_heads, head_dim]) of one layer into their slots.
+
+    Padding slots (-1) are mapped out of range and dropped, so they never touch a real block.
+    """
+    num_layers, num_blocks, block_size, h, d = cache.k.shape
+    num_slots = num_blocks * block_size
+    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
+    kf = cache.k.reshape(num_layers, num_slots, h, d).at[layer, slots].set(k.astype(cache.k.dtype), mode="drop")
+    vf = cache.v.reshape(num_layers, num_slots, h, d).at[layer, slots].set(v.astype(cache.v.dtype), mode="drop")
+    return KVCache(k=kf.reshape(cache.k.shape), v=vf.reshape(cache.v.shape))
+
+
+def copy_blocks(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+    """Copy whole blocks src[i] -> dst[i] in every layer (copy-on-write). Pairs with dst < 0 are skipped."""
+    n = cache.num_blocks
+    dst = jnp.where(dst < 0, n, dst)
+    return KVCache(
+        k=cache.k.at[:, dst].set(cache.k[:, jnp.maximum(src, 0)], mode="drop"),
+        v=cache.v.at[:, dst].set(cache.v[:, jnp.maximum(src, 0)], mode="drop"),
+    )

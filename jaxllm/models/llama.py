@@ -1,0 +1,154 @@
+"""The Llama family (Llama 2/3, SmolLM, Mistral-style, Qwen2 with QKV bias, Qwen3 with q/k norm) as pure functions.
+
+Per-layer weights are stacked on a leading layer axis and the layers run under `lax.scan`: one
+compiled layer body whatever the depth, and few arguments per jitted call. The KV cache rides in
+the scan carry and is updated in place (the caller donates it).
+
+Einsum letters: t token, e embedding (hidden), f ffn, v vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels
+from jaxllm.config import ModelConfig
+from jaxllm.kv_cache import AttentionMetadata, KVCache, write_kv
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerWeights:
+    """All layers' weights, stacked: leading axis L = num_layers. Optional parts are None."""
+
+    attn_norm: jax.Array  # [L, e]
+    wqkv: jax.Array  # [L, e, q_size + 2 * kv_size]  (q | k | v, HF's head order)
+    wo: jax.Array  # [L, q_size, e]
+    mlp_norm: jax.Array  # [L, e]
+    w_gate_up: jax.Array  # [L, e, 2 * f]  (gate | up)
+    w_down: jax.Array  # [L, f, e]
+    bqkv: jax.Array | None = None  # [L, q_size + 2 * kv_size]  Qwen2
+    q_norm: jax.Array | None = None  # [L, head_dim]  Qwen3
+    k_norm: jax.Array | None = None  # [L, head_dim]  Qwen3
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Weights:
+    embed: jax.Array  # [v, e]
+    layers: LayerWeights
+    final_norm: jax.Array  # [e]
+    lm_head: jax.Array | None = None  # [e, v]; None when tied to embed
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # As HF: normalise in float32, cast back, then scale.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    rs = config.rope_scaling
+    if rs is not None:  # Llama 3: scale low frequencies, keep high ones, blend between
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+        mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(mid, (1 - smooth) * inv_freq / rs.factor + smooth * inv_freq, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """HF's half-split rotation. x: [t, heads, head_dim], positions: [t]."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [t, d/2]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def forward_hidden(
+    params: Weights,
+    token_ids: jax.Array,  # [T] int32
+    positions: jax.Array,  # [T] int32
+    kv_cache: KVCache,
+    md: AttentionMetadata,
+    config: ModelConfig,
+) -> tuple[jax.Array, KVCache]:  # hidden [T, e] after the final norm, updated cache
+    T = token_ids.shape[0]
+    hd, nq, nkv = config.head_dim, config.num_heads, config.num_kv_heads
+    inv_freq = rope_inv_freq(config)
+    x = params.embed[token_ids]  # [T, e]
+
+    def layer(carry, inputs):
+        x, cache = carry
+        w, i = inputs
+        with jax.named_scope("attention"):
+            h = rms_norm(x, w.attn_norm, config.rms_norm_eps)
+            qkv = h @ w.wqkv
+            if w.bqkv is not None:
+                qkv = qkv + w.bqkv
+            q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+            q, k, v = q.reshape(T, nq, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
+            if w.q_norm is not None:
+                q = rms_norm(q, w.q_norm, config.rms_norm_eps)
+                k = rms_norm(k, w.k_norm, config.rms_norm_eps)
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            cache = write_kv(cache, i, k, v, md.slot_mapping)
+            o = pallas_kernels.ragged_paged_attention(
+                q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=hd**-0.5)
+            x = x + o.reshape(T, nq * hd) @ w.wo
+        with jax.named_scope("mlp"):
+            h = rms_norm(x, w.mlp_norm, config.rms_norm_eps)
+            gate, up = jnp.split(h @ w.w_gate_up, 2, axis=-1)
+            x = x + (jax.nn.silu(gate) * up) @ w.w_down
+        return (x, cache), None
+
+    layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+    (x, kv_cache), _ = jax.lax.scan(layer, (x, kv_cache), (params.layers, layer_ids))
+    return rms_norm(x, params.final_norm, config.rms_norm_eps), kv_cache
+
+
+def compute_logits(params: Weights, hidden: jax.Array) -> jax.Array:
+    """hidden [n, e] -> float32 logits [n, v]."""
+    if params.lm_head is None:
+        return jnp.einsum("ne,ve->nv", hidden, params.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("ne,ev->nv", hidden, params.lm_head, preferred_element_type=jnp.float32)
+
+
+def forward(params: Weights, token_ids, positions, kv_cache: KVCache, md: AttentionMetadata, config: ModelConfig):
+    """One engine step: logits [S, v] (float32) at `md.logits_indices`, and the updated cache."""
+    hidden, kv_cache = forward_hidden(params, token_ids, positions, kv_cache, md, config)
+    return compute_logits(params, hidden[md.logits_indices]), kv_cache
+
+
+def init_random_weights(config: ModelConfig, key: jax.Array, scale: float = 0.02) -> Weights:
+    """Random weights at a real model's shape: for benchmarks with no checkpoint, and for tests."""
+    L, e, f, v = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    dt = jnp.dtype(config.dtype)
+    ks = iter(jax.random.split(key, 8))
+
+    def rnd(*shape):
+        return (scale * jax.random.normal(next(ks), shape, jnp.float32)).astype(dt)
+
+    qkv = config.q_size + 2 * config.kv_size
+    layers = LayerWeights(
+        attn_norm=jnp.ones((L, e), dt), wqkv=rnd(L, e, qkv), wo=rnd(L, config.q_size, e),
+        mlp_norm=jnp.ones((L, e), dt), w_gate_up=rnd(L, e, 2 * f), w_down=rnd(L, f, e),
+        bqkv=rnd(L, qkv) if config.qkv_bias else None,
+        q_norm=jnp.ones((L, config.head_dim), dt) if config.qk_norm else None,
+        k_norm=jnp.ones((L, config.head_dim), dt) if config.qk_norm else None,
+    )
+    return Weights(embed=rnd(v, e), layers=layers, final_norm=jnp.ones((e,), dt),
+                   lm_head=None if config.tie_word_embeddings else rnd(e, v))
