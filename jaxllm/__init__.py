@@ -1,1 +1,36 @@
-"""jaxllm"""
+"""jaxllm: LLM inference and serving in pure JAX.
+
+    from jaxllm import LLM, SamplingParams
+    llm = LLM()  # the default model, SmolLM2-135M-Instruct
+    outputs = llm.generate(["Hello, my name is"], SamplingParams(temperature=0.8, max_tokens=32))
+"""
+
+from __future__ import annotations
+
+import logging
+
+from jaxllm.llm import LLM
+from jaxllm.outputs import CompletionOutput, RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "generate"]
+__version__ = "0.1.0"
+
+logging.getLogger("jaxllm").addHandler(logging.NullHandler())
+
+_llms: dict = {}
+
+
+def generate(prompts, sampling_params: SamplingParams | None = None, *, model: str | None = None,
+             use_tqdm: bool = False, **sampling_kwargs) -> list[RequestOutput]:
+    """The short form: `jaxllm.generate("The capital of France is", max_tokens=8)`.
+
+    Keyword arguments other than `model` and `use_tqdm` build a SamplingParams (when none is given).
+    The engine for each model is built once and reused by later calls."""
+    if sampling_params is not None and sampling_kwargs:
+        raise TypeError("pass either sampling_params or sampling keyword arguments, not both")
+    if sampling_params is None:
+        sampling_params = SamplingParams(**sampling_kwargs)
+    if model not in _llms:
+        _llms[model] = LLM(model)
+    return _llms[model].generate(prompts, sampling_params, use_tqdm=use_tqdm)

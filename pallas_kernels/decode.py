@@ -1,0 +1,191 @@
+"""Paged decode attention (one query token per sequence) for Hopper, Pallas Triton backend.
+
+Decode is bound by reading the KV cache: per token of context each kv head costs 4 * head_dim bytes
+(bf16 K and V) and only 4 * group * head_dim FLOPs, so the kernel is built to stream the cache:
+
+- One program per (sequence, kv head, split). The query heads of a kv head (the GQA group, padded to a
+  power of two >= 16 for the tensor cores) share every K/V tile, so the cache is read exactly once.
+- The cache is read in place, `[num_layers * num_blocks * block_size, num_kv_heads * head_dim]` viewed
+  flat: a tile of `block_k` tokens is one gathered load of `block_k` rows of `head_dim` contiguous
+  elements (256 bytes at d=128), rows found through the block table. No layer slice is ever copied.
+- Flash-decoding: when sequences x kv heads cannot fill the GPU, each sequence's context is cut into
+  `num_splits` equal parts whose partial results (output and log-sum-exp) are merged by a small XLA
+  epilogue. With one split the kernel writes the final output itself.
+- Padding tokens (t >= query_start_loc[S]) are zeroed by the kernel, so every output row is written.
+
+Caller contract (`decode_only`): every sequence has 0 (padding) or 1 query token.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # the Triton backend: deprecated in jax 0.11 but present in 0.10.2 and 0.11.2
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+    pltriton = None
+
+NEG_INF = -1e30
+LOG2E = math.log2(math.e)
+NUM_SMS_HINT = 132  # H100 SXM and H200: used only to choose the number of splits
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def div_mod(pos, block_size: int):
+    """pos // block_size, pos % block_size for non-negative pos, with shifts when block_size is 2^k."""
+    if block_size & (block_size - 1) == 0:
+        shift = block_size.bit_length() - 1
+        return lax.shift_right_logical(pos, jnp.int32(shift)), lax.bitwise_and(pos, jnp.int32(block_size - 1))
+    return lax.div(pos, jnp.int32(block_size)), lax.rem(pos, jnp.int32(block_size))
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_k: int) -> int:
+    """Enough programs to keep every SM streaming (about 4 per SM), never a split shorter than 2 tiles."""
+    programs = num_seqs * num_kv_heads
+    want = -(-4 * NUM_SMS_HINT // programs)
+    most = max(1, max_context // (2 * block_k))
+    return int(max(1, min(want, most, 32)))
+
+
+def _decode_kernel(
+    layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, q_ref, k_ref, v_ref,  # inputs
+    o_ref, *lse_ref,  # outputs: o [splits * T * Hq, D] (f32 when split, else q dtype); lse [splits * T * Hq]
+    num_seqs, num_tokens, num_q_heads, group, group_pad, head_dim, num_blocks, block_size, max_blocks,
+    block_k, num_splits, scale,
+):
+    p, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    g = jnp.arange(group_pad, dtype=jnp.int32)
+    head_ok = g < group
+    head_ok_2d = jnp.broadcast_to(head_ok[:, None], (group_pad, head_dim))
+    cols = pl.ds(h * head_dim, head_dim)
+    split_rows = split * (num_tokens * num_q_heads)  # where this split's slice of o starts
+
+    def store(token, o, lse):
+        rows = split_rows + token * num_q_heads + h * group + g
+        pltriton.store(o_ref.at[rows, :], o.astype(o_ref.dtype), mask=head_ok_2d)
+        if lse_ref:
+            pltriton.store(lse_ref[0].at[rows], lse, mask=head_ok)
+
+    num_real_tokens = query_start_loc_ref[num_seqs]
+
+    @pl.when((p >= num_real_tokens) & (p < num_tokens))
+    def _zero_padding_token():
+        store(p, jnp.zeros((group_pad, head_dim), jnp.float32), jnp.zeros((group_pad,), jnp.float32))
+
+    seq = jnp.minimum(p, num_seqs - 1)
+    token = query_start_loc_ref[seq]
+    q_len = query_start_loc_ref[seq + 1] - token
+    ctx = seq_lens_ref[seq]
+
+    @pl.when((p < num_seqs) & (q_len > 0))
+    def _attend():
+        layer_row0 = layer_ref[0] * (num_blocks * block_size)
+        q_rows = token * num_q_heads + h * group + g
+        q = pltriton.load(q_ref.at[q_rows, :], mask=head_ok_2d, other=0.0)  # [group_pad, D]
+        # This split's share of the context: equal parts, whole tiles.
+        per_split = pl.cdiv(pl.cdiv(ctx, num_splits), block_k) * block_k
+        start = split * per_split
+        end = jnp.minimum(ctx, start + per_split)
+        num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_k)
+        offs = jnp.arange(block_k, dtype=jnp.int32)
+
+        def body(i, carry):
+            acc, m, l = carry
+            pos = start + i * block_k + offs
+            ok = pos < end
+            col, within = div_mod(pos, block_size)
+            blk = pltriton.load(block_tables_ref.at[seq * max_blocks + col], mask=ok, other=0)
+            rows = layer_row0 + blk * block_size + within
+            ok_2d = jnp.broadcast_to(ok[:, None], (block_k, head_dim))
+            k = pltriton.load(k_ref.at[rows, cols], mask=ok_2d, other=0.0)  # [block_k, D]
+            v = pltriton.load(v_ref.at[rows, cols], mask=ok_2d, other=0.0)
+            s = pl.dot(q, k, trans_b=True) * (scale * LOG2E)  # [group_pad, block_k], log2 units
+            s = jnp.where(ok[None, :], s, NEG_INF)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            prob = jnp.exp2(s - m_new[:, None])
+            l = l * alpha + prob.sum(axis=1)
+            acc = acc * alpha[:, None] + pl.dot(prob.astype(v.dtype), v)
+            return acc, m_new, l
+
+        acc = jnp.zeros((group_pad, head_dim), jnp.float32)
+        m = jnp.full((group_pad,), NEG_INF, jnp.float32)
+        l = jnp.zeros((group_pad,), jnp.float32)
+        acc, m, l = lax.fori_loop(0, num_tiles, body, (acc, m, l))
+        empty = l == 0.0
+        o = acc / jnp.where(empty, 1.0, l)[:, None]
+        lse = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) / LOG2E)
+        store(token, o, lse)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("scale", "num_splits", "block_k", "num_warps", "num_stages", "interpret"))
+def paged_decode_attention(
+    q: jax.Array,  # [T, num_q_heads, head_dim]
+    k_cache: jax.Array,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: jax.Array,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+    layer: jax.Array | int,  # scalar
+    block_tables: jax.Array,  # [S, max_blocks] int32
+    seq_lens: jax.Array,  # [S] int32, context including the new token
+    query_start_loc: jax.Array,  # [S + 1] int32
+    *,
+    scale: float,
+    num_splits: int | None = None,
+    block_k: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    interpret: bool = False,
+) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
+    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference."""
+    T, num_q_heads, head_dim = q.shape
+    num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    group = num_q_heads // num_kv_heads
+    group_pad = max(16, next_pow2(group))
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks * block_size, block_k)
+
+    kernel = functools.partial(
+        _decode_kernel, num_seqs=num_seqs, num_tokens=T, num_q_heads=num_q_heads, group=group,
+        group_pad=group_pad, head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
+        max_blocks=max_blocks, block_k=block_k, num_splits=num_splits, scale=scale)
+    rows = num_splits * T * num_q_heads
+    if num_splits == 1:
+        out_shape = jax.ShapeDtypeStruct((rows, head_dim), q.dtype)
+    else:
+        out_shape = (jax.ShapeDtypeStruct((rows, head_dim), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.float32))
+    flat_kv = (num_layers * num_blocks * block_size, num_kv_heads * head_dim)
+    out = pl.pallas_call(
+        kernel,
+        grid=(max(num_seqs, T), num_kv_heads, num_splits),
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="paged_decode_attention",
+    )(
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        block_tables.reshape(-1).astype(jnp.int32),
+        seq_lens.astype(jnp.int32),
+        query_start_loc.astype(jnp.int32),
+        q.reshape(T * num_q_heads, head_dim),
+        k_cache.reshape(flat_kv),
+        v_cache.reshape(flat_kv),
+    )
+    if num_splits == 1:
+        return out.reshape(T, num_q_heads, head_dim)
+    o, lse = out
+    o = o.reshape(num_splits, T, num_q_heads, head_dim)
+    lse = lse.reshape(num_splits, T, num_q_heads)
+    m = lse.max(axis=0)
+    w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))  # [splits, T, Hq]; empty splits weigh 0
+    o = jnp.einsum("sth,sthd->thd", w, o) / jnp.maximum(w.sum(axis=0), 1e-30)[..., None]
+    return o.astype(q.dtype)
