@@ -1,0 +1,132 @@
+"""The engine end to end on a tiny random model: scheduling must never change what greedy decoding produces."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jaxllm import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def random_prompts(tokenizer, n, lo, hi, seed=0):
+    rng = random.Random(seed)
+    vocab = len(tokenizer)
+    return [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))]} for _ in range(n)]
+
+
+def token_ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_preemption_gives_the_same_outputs_as_a_large_pool(make_llm, smol_tokenizer):
+    prompts = random_prompts(smol_tokenizer, 6, 20, 40)
+    # Each request needs up to 64 tokens = 4 blocks; 10 blocks cannot hold 6 requests at once.
+    small = make_llm(num_gpu_blocks_override=10, max_model_len=128)
+    big = make_llm(num_gpu_blocks_override=256, max_model_len=128)
+    out_small = small.generate(prompts, GREEDY, use_tqdm=False)
+    assert small.llm_engine.scheduler.num_preemptions > 0
+    assert token_ids(out_small) == token_ids(big.generate(prompts, GREEDY, use_tqdm=False))
+    assert small.llm_engine.kv_cache_manager.num_free_blocks == 10
+
+
+def test_chunked_prefill_equals_unchunked(make_llm, smol_tokenizer):
+    prompts = random_prompts(smol_tokenizer, 4, 40, 90, seed=1)
+    chunked = make_llm(max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=False)
+    whole = make_llm(max_num_batched_tokens=512, enable_prefix_caching=False)
+    assert token_ids(chunked.generate(prompts, GREEDY, use_tqdm=False)) == token_ids(
+        whole.generate(prompts, GREEDY, use_tqdm=False))
+
+
+def test_shared_prefix_is_computed_once(make_llm, smol_tokenizer):
+    prefix = random_prompts(smol_tokenizer, 1, 48, 48, seed=2)[0]["prompt_token_ids"]  # 3 full blocks
+    tails = random_prompts(smol_tokenizer, 4, 5, 9, seed=3)
+    prompts = [{"prompt_token_ids": prefix + t["prompt_token_ids"]} for t in tails]
+    cached = make_llm(max_num_batched_tokens=256)
+    kv = cached.llm_engine.kv_cache_manager
+    out_cached = cached.generate(prompts, GREEDY, use_tqdm=False)
+    # The first request computes the prefix; the other three find its 3 blocks (48 tokens each).
+    assert kv.prefix_cache_hits == 3 * 48
+    uncached = make_llm(max_num_batched_tokens=256, enable_prefix_caching=False)
+    assert token_ids(out_cached) == token_ids(uncached.generate(prompts, GREEDY, use_tqdm=False))
+    # A later identical prompt hits again: freed blocks stay findable by hash.
+    cached.generate(prompts[:1], GREEDY, use_tqdm=False)
+    # Only the 3 prefix blocks: the 4th mixes prompt and generated tokens, so it cannot match a prompt.
+    assert kv.prefix_cache_hits == 4 * 48
+
+
+def test_thirty_varied_prompts_compile_a_handful_of_programs(make_llm, smol_tokenizer):
+    from jaxllm.model_runner import _step
+
+    llm = make_llm(max_num_seqs=16, max_num_batched_tokens=128, num_gpu_blocks_override=256)
+    before = _step._cache_size()
+    prompts = random_prompts(smol_tokenizer, 30, 3, 100, seed=4)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+    compiled = _step._cache_size() - before
+    runner = llm.llm_engine.runner
+    assert compiled <= len(runner.compiled_buckets) <= 12, sorted(runner.compiled_buckets)
+
+
+def test_outputs_come_back_in_input_order_with_finish_reasons(make_llm, smol_tokenizer):
+    llm = make_llm()
+    outs = llm.generate(["Hello, my name is", "The capital of France is", "1 2 3"],
+                        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert [o.prompt for o in outs] == ["Hello, my name is", "The capital of France is", "1 2 3"]
+    for o in outs:
+        assert o.finished and o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 5
+        assert o.prompt_token_ids == smol_tokenizer(o.prompt).input_ids
+        assert o.outputs[0].text == smol_tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_stop_token_ids_end_the_output(make_llm):
+    llm = make_llm()
+    free = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    stop_at = free.outputs[0].token_ids[2]
+    first = free.outputs[0].token_ids.index(stop_at)
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_at]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free.outputs[0].token_ids[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+
+
+def test_seeded_request_is_the_same_alone_and_in_a_batch(make_llm, smol_tokenizer):
+    llm = make_llm(max_num_seqs=16, max_num_batched_tokens=256)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234, ignore_eos=True)
+    alone = llm.generate("Once upon a time", seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=0.7 + i / 20, top_k=5 + i, max_tokens=6 + i, ignore_eos=True)
+              for i in range(15)]
+    prompts = [p["prompt_token_ids"] for p in random_prompts(smol_tokenizer, 15, 4, 30, seed=5)]
+    batch = llm.generate([{"prompt_token_ids": p} for p in prompts[:7]] + ["Once upon a time"]
+                         + [{"prompt_token_ids": p} for p in prompts[7:]], others[:7] + [seeded] + others[7:],
+                         use_tqdm=False)
+    assert batch[7].outputs[0].token_ids == alone
+
+
+def test_bad_input_is_refused_before_any_work(make_llm):
+    llm = make_llm(max_model_len=64)
+    assert llm.generate([], use_tqdm=False) == []
+    with pytest.raises(TypeError, match="prompts\\[1\\]"):
+        llm.generate(["fine", 42], use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len=64"):
+        llm.generate(["fine", {"prompt_token_ids": [5] * 64}], use_tqdm=False)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate({"prompt_token_ids": [-1, 3]}, use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate({"prompt_token_ids": []}, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    # The engine still works after refusing.
+    assert len(llm.generate("fine", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) >= 1
+
+
+def test_too_small_a_cache_names_the_flag(tiny_model):
+    from jaxllm import LLM
+
+    config, params, tok = tiny_model
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM.from_params(params, config, tok, num_gpu_blocks_override=2, max_model_len=256)
