@@ -1,0 +1,275 @@
+"""Attention kernel benchmark on a CUDA GPU: ours vs JAX's bundled paged_attention vs the XLA reference.
+
+    python benchmarks/kernels.py                 # full table, JSON to benchmarks/results/kernels-<device>.json
+    python benchmarks/kernels.py --tune          # sweep kernel parameters on a few target cases first
+
+Prints the two ceilings first (copy bandwidth: PyTorch device copy and a jitted JAX op, bytes read +
+written; dense bf16 8192^3 matmul: PyTorch and JAX), then per case the median time, KV bytes/s and %
+of the best copy bandwidth (decode), or causal TFLOP/s and % of the best matmul rate (prefill).
+
+Timing: one jitted executable issues `reps` launches on distinct query arrays (no CSE, no host gaps);
+the per-launch time is the median over several executions / reps. KV that fits in L2 (50-60 MB) is
+marked `l2`: its bandwidth is not a DRAM figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+
+TORCH_CEILINGS = r"""
+import json, torch
+d = torch.device("cuda")
+x = torch.randn(2**30, device=d, dtype=torch.bfloat16)  # 2 GiB
+y = torch.empty_like(x)
+def t(f, n=20):
+    for _ in range(3): f()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(n):
+        s.record(); f(); e.record(); torch.cuda.synchronize(); times.append(s.elapsed_time(e) / 1e3)
+    times.sort(); return times[len(times) // 2], times[0]
+med, best = t(lambda: y.copy_(x))
+copy = dict(median=2 * x.numel() * 2 / med / 1e12, best=2 * x.numel() * 2 / best / 1e12)
+del x, y
+a = torch.randn(8192, 8192, device=d, dtype=torch.bfloat16); b = torch.randn_like(a)
+med, best = t(lambda: a @ b)
+mm = dict(median=2 * 8192**3 / med / 1e12, best=2 * 8192**3 / best / 1e12)
+print(json.dumps(dict(copy_TBps=copy, matmul_TFLOPs=mm, name=torch.cuda.get_device_name())))
+"""
+
+
+def torch_ceilings():
+    try:
+        r = subprocess.run([sys.executable, "-c", TORCH_CEILINGS], capture_output=True, text=True, timeout=120)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except Exception as e:  # noqa: BLE001 - a missing torch must not stop the benchmark
+        return dict(error=repr(e))
+
+
+import jax  # noqa: E402  (after the torch subprocess, so JAX's preallocation does not starve it)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.decode import paged_decode_attention  # noqa: E402
+from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel  # noqa: E402
+from pallas_kernels.reference import ragged_paged_attention as reference  # noqa: E402
+
+MODELS = {"qwen3-0.6b": (16, 8, 128), "llama-3-8b": (32, 8, 128)}
+BLOCK_SIZE = 16
+L2_BYTES = 50e6
+
+
+def time_calls(fn, qs, *rest, execs=7):
+    """Median seconds per launch of fn(q, *rest), over `execs` runs of one executable doing len(qs)."""
+    many = jax.jit(lambda qs, *rest: tuple(fn(q, *rest) for q in qs))
+    jax.block_until_ready(many(qs, *rest))
+    times = []
+    for _ in range(execs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(qs, *rest))
+        times.append((time.perf_counter() - t0) / len(qs))
+    return float(np.median(times))
+
+
+def jax_ceilings():
+    x = jax.random.normal(jax.random.key(0), (2**30,), jnp.bfloat16)
+    scales = [jnp.bfloat16(1 + i / 8) for i in range(4)]
+    t = time_calls(lambda s, x: x * s, scales, x)
+    copy = 2 * x.size * 2 / t / 1e12
+    del x
+    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+    bs = [jax.random.normal(jax.random.key(2 + i), (8192, 8192), jnp.bfloat16) for i in range(4)]
+    t = time_calls(lambda b, a: a @ b, bs, a)
+    return dict(copy_TBps=copy, matmul_TFLOPs=2 * 8192**3 / t / 1e12)
+
+
+def decode_inputs(key, batch, ctx, hq, hkv, d, reps):
+    blocks_per_seq = -(-ctx // BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq + 1
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    shape = (1, num_blocks, BLOCK_SIZE, hkv, d)
+    k = jax.random.normal(k1, shape, jnp.bfloat16)
+    v = jax.random.normal(k2, shape, jnp.bfloat16)
+    tables = jax.random.permutation(k3, num_blocks - 1)[: batch * blocks_per_seq].reshape(batch, blocks_per_seq)
+    seq_lens = jnp.full((batch,), ctx, jnp.int32)
+    qsl = jnp.arange(batch + 1, dtype=jnp.int32)
+    qs = [jax.random.normal(jax.random.fold_in(k4, i), (batch, hq, d), jnp.bfloat16) for i in range(reps)]
+    return qs, k, v, tables.astype(jnp.int32), seq_lens, qsl
+
+
+def bundled_fn(hq, hkv, d, **kw):
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    def f(q, k_pages, v_pages, tables, seq_lens):
+        return paged_attention(q * (d**-0.5), k_pages, v_pages, tables, seq_lens, **kw)
+    return f
+
+
+def bench_decode(model, batch, ctx, reps, with_ref, variants=None, log=print):
+    hq, hkv, d = MODELS[model]
+    kv_bytes = 2 * batch * ctx * hkv * d * 2
+    qs, k, v, tables, seq_lens, qsl = decode_inputs(jax.random.key(batch * ctx), batch, ctx, hq, hkv, d, reps)
+    rec = dict(kind="decode", model=model, batch=batch, ctx=ctx, kv_bytes=kv_bytes, l2=kv_bytes < L2_BYTES)
+    scale = d**-0.5
+    for name, kw in (variants or {"ours": {}}).items():
+        try:
+            t = time_calls(lambda q, k, v, bt, sl, qsl, kw=kw: paged_decode_attention(
+                q, k, v, 0, bt, sl, qsl, scale=scale, **kw), qs, k, v, tables, seq_lens, qsl)
+            rec[name] = dict(us=t * 1e6, TBps=kv_bytes / t / 1e12, params=kw)
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result too
+            rec[name] = dict(error=repr(e)[:300], params=kw)
+    if variants is None:
+        k_pages, v_pages = k[0].transpose(2, 0, 1, 3), v[0].transpose(2, 0, 1, 3)  # [hkv, pages, page, d]
+        for name, kw in (("bundled", {}), ("bundled_k4", dict(k_splits=4))):
+            if tables.shape[1] % kw.get("k_splits", 16):
+                continue
+            try:
+                t = time_calls(bundled_fn(hq, hkv, d, **kw), qs, k_pages, v_pages, tables, seq_lens)
+                rec[name] = dict(us=t * 1e6, TBps=kv_bytes / t / 1e12, params=kw)
+            except Exception as e:  # noqa: BLE001
+                rec[name] = dict(error=repr(e)[:200])
+        del k_pages, v_pages
+        if with_ref:
+            t = time_calls(lambda q, k, v, bt, sl, qsl: reference(q, k, v, 0, bt, sl, qsl, scale=scale),
+                           qs[:4], k, v, tables, seq_lens, qsl, execs=3)
+            rec["reference"] = dict(us=t * 1e6, TBps=kv_bytes / t / 1e12)
+    log(rec)
+    return rec
+
+
+def causal_flops(chunk, ctx_before, hq, d):
+    pairs = chunk * ctx_before + chunk * (chunk + 1) // 2
+    return 4 * d * hq * pairs
+
+
+def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=print):
+    hq, hkv, d = MODELS[model]
+    seqs = max(1, tokens // chunk)
+    total = ctx_before + chunk
+    blocks_per_seq = -(-total // BLOCK_SIZE)
+    num_blocks = seqs * blocks_per_seq + 1
+    key = jax.random.key(chunk + ctx_before)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    shape = (1, num_blocks, BLOCK_SIZE, hkv, d)
+    k = jax.random.normal(k1, shape, jnp.bfloat16)
+    v = jax.random.normal(k2, shape, jnp.bfloat16)
+    tables = jax.random.permutation(k3, num_blocks - 1)[: seqs * blocks_per_seq].reshape(seqs, blocks_per_seq)
+    tables = tables.astype(jnp.int32)
+    seq_lens = jnp.full((seqs,), total, jnp.int32)
+    qsl = (jnp.arange(seqs + 1) * chunk).astype(jnp.int32)
+    T = seqs * chunk
+    qs = [jax.random.normal(jax.random.fold_in(k4, i), (T, hq, d), jnp.bfloat16) for i in range(reps)]
+    flops = seqs * causal_flops(chunk, ctx_before, hq, d)
+    rec = dict(kind="prefill", model=model, chunk=chunk, ctx_before=ctx_before, seqs=seqs, tokens=T, flops=flops)
+    scale = d**-0.5
+    for name, kw in (variants or {"ours": {}}).items():
+        try:
+            t = time_calls(lambda q, k, v, bt, sl, qsl, kw=kw: ragged_kernel(
+                q, k, v, 0, bt, sl, qsl, scale=scale, **kw), qs, k, v, tables, seq_lens, qsl)
+            rec[name] = dict(us=t * 1e6, TFLOPs=flops / t / 1e12, params=kw)
+        except Exception as e:  # noqa: BLE001
+            rec[name] = dict(error=repr(e)[:300], params=kw)
+    log(rec)
+    return rec
+
+
+def tune(log):
+    dec = {}
+    for bk in (32, 64, 128):
+        for nw in (4, 8):
+            for ns in (2, 3, 4):
+                dec[f"bk{bk}_w{nw}_s{ns}"] = dict(block_k=bk, num_warps=nw, num_stages=ns)
+    for model, batch, ctx in (("llama-3-8b", 64, 2048), ("qwen3-0.6b", 256, 1024), ("llama-3-8b", 8, 32768)):
+        bench_decode(model, batch, ctx, reps=8, with_ref=False, variants=dec, log=log)
+    for model, batch, ctx in (("llama-3-8b", 32, 2048), ("llama-3-8b", 8, 8192)):
+        sp = {f"splits{s}": dict(num_splits=s) for s in (1, 2, 4, 8, 16)}
+        bench_decode(model, batch, ctx, reps=8, with_ref=False, variants=sp, log=log)
+    pre = {}
+    for bm in (64, 128):
+        for bk in (32, 64, 128):
+            for nw in (4, 8):
+                for ns in (2, 3):
+                    pre[f"bm{bm}_bk{bk}_w{nw}_s{ns}"] = dict(block_m=bm, block_k=bk, num_warps=nw, num_stages=ns)
+    for model in ("llama-3-8b", "qwen3-0.6b"):
+        bench_prefill(model, 2048, 4096, tokens=8192, reps=4, variants=pre, log=log)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="target cases only")
+    a = ap.parse_args()
+    device = jax.devices()[0].device_kind
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    results = dict(device=device, date=datetime.datetime.now().isoformat(timespec="seconds"), jax=jax.__version__,
+                   git_commit=commit or "unknown", cases=[])
+    out = Path(a.out or ROOT / "benchmarks" / "results" / f"kernels-{device.replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(rec):
+        results["cases"].append(rec)
+        print(json.dumps(rec), flush=True)
+        out.write_text(json.dumps(results, indent=1))
+
+    results["ceilings_torch"] = torch_ceilings()
+    results["ceilings_jax"] = jax_ceilings()
+    tc, jc = results["ceilings_torch"], results["ceilings_jax"]
+    copy = max(jc["copy_TBps"], tc.get("copy_TBps", {}).get("best", 0))
+    mm = max(jc["matmul_TFLOPs"], tc.get("matmul_TFLOPs", {}).get("median", 0))
+    results["ceiling_copy_TBps"], results["ceiling_matmul_TFLOPs"] = copy, mm
+    print(f"ceilings: copy {copy:.2f} TB/s (jax {jc['copy_TBps']:.2f}, torch {tc.get('copy_TBps')}); "
+          f"bf16 matmul {mm:.0f} TFLOP/s (jax {jc['matmul_TFLOPs']:.0f}, torch {tc.get('matmul_TFLOPs')})",
+          flush=True)
+    if a.tune:
+        tune(log)
+        return
+    free = 60e9 if "H100" in device else 120e9
+    for model in MODELS:
+        for batch in (1, 8, 64, 256) if not a.quick else (32, 64):
+            for ctx in (512, 2048, 8192, 32768) if not a.quick else (1024, 8192):
+                kv = 2 * batch * ctx * MODELS[model][1] * MODELS[model][2] * 2
+                if 2 * kv > free / 2:  # ours + the bundled kernel's copy of the cache
+                    results["cases"].append(dict(kind="decode", model=model, batch=batch, ctx=ctx, skipped="memory"))
+                    continue
+                bench_decode(model, batch, ctx, reps=16, with_ref=batch * ctx <= 64 * 2048, log=log)
+    for model in MODELS:
+        for chunk in (512, 2048):
+            for ctx_before in (0, 4096):
+                bench_prefill(model, chunk, ctx_before, tokens=8192, reps=4, log=log)
+    print_table(results)
+
+
+def print_table(results):
+    copy, mm = results["ceiling_copy_TBps"], results["ceiling_matmul_TFLOPs"]
+    print(f"\n{results['device']} jax {results['jax']}  copy ceiling {copy:.2f} TB/s, matmul {mm:.0f} TFLOP/s")
+    for r in results["cases"]:
+        if r.get("skipped"):
+            continue
+        if r["kind"] == "decode":
+            o, b = r["ours"], r.get("bundled", {})
+            bb = min((r[k]["us"] for k in ("bundled", "bundled_k4") if "us" in r.get(k, {})), default=float("nan"))
+            print(f"decode {r['model']:11s} B={r['batch']:4d} ctx={r['ctx']:6d}: ours {o['us']:8.1f} us "
+                  f"{o['TBps']:5.2f} TB/s ({100 * o['TBps'] / copy:3.0f}%)  bundled {b.get('us', float('nan')):8.1f} "
+                  f"(best {bb:8.1f}) x{bb / o['us']:4.1f}  ref {r.get('reference', {}).get('us', float('nan')):8.1f}"
+                  f"{'  l2' if r['l2'] else ''}")
+        else:
+            o = r["ours"]
+            print(f"prefill {r['model']:11s} chunk={r['chunk']:5d} ctx={r['ctx_before']:5d} x{r['seqs']}: "
+                  f"{o['us']:8.1f} us {o['TFLOPs']:6.1f} TFLOP/s ({100 * o['TFLOPs'] / mm:3.0f}%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Offline throughput, in the shape of vLLM's benchmark_throughput, with HF transformers on the same workload.
+
+    python benchmarks/throughput.py --num-prompts 64 --input-len 128 --output-len 64 --compare-hf generate
+    python benchmarks/throughput.py --model-shape qwen3-0.6b --num-prompts 256 --input-len 100:1024 \
+        --output-len 100:1024 --compare-hf generate_batch
+
+Prompts are random token ids (vLLM's `--dataset random`); EOS is ignored so every request produces exactly
+its output length. jaxllm is warmed up on a short run first (compilation is reported, not timed); HF gets
+the same courtesy. Results go to benchmarks/results/ as JSON with device, date, jax version and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxllm import LLM, SamplingParams  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def make_workload(num_prompts, input_len, output_len, vocab_size, seed):
+    rng = random.Random(seed)
+    (ilo, ihi), (olo, ohi) = input_len, output_len
+    prompts = [[rng.randrange(100, vocab_size - 100) for _ in range(rng.randint(ilo, ihi))] for _ in range(num_prompts)]
+    outputs = [rng.randint(olo, ohi) for _ in range(num_prompts)]
+    return prompts, outputs
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return getattr(d, "device_kind", d.platform)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=os.path.dirname(RESULTS)).strip()
+    except Exception:
+        return "unknown"
+
+
+def build_llm(args):
+    kwargs = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                  enable_prefix_caching=False)
+    if args.model_shape:
+        from jaxllm.models.llama import init_random_weights
+        from jaxllm.models.shapes import model_shape_config
+
+        config = model_shape_config(args.model_shape, dtype=args.dtype if args.dtype != "auto" else "bfloat16")
+        params = init_random_weights(config, jax.random.PRNGKey(args.seed))
+        return LLM.from_params(params, config, None, **kwargs), config
+    llm = LLM(args.model, dtype=args.dtype, **kwargs)
+    return llm, llm.llm_engine.model_config
+
+
+def run_jaxllm(llm, prompts, output_lens):
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False) for n in output_lens]
+    runner = llm.llm_engine.runner
+    compiled_before = len(runner.compiled_buckets)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert [len(o.outputs[0].token_ids) for o in outs] == output_lens
+    return elapsed, len(runner.compiled_buckets) - compiled_before
+
+
+def hf_model(args, config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.model_shape:
+        from transformers import AutoConfig
+
+        hf = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                  intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+                  num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+                  head_dim=config.head_dim, rope_theta=config.rope_theta,
+                  tie_word_embeddings=config.tie_word_embeddings, max_position_embeddings=config.max_position_embeddings)
+        model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2"}.get(config.architecture, "llama")
+        hf_config = AutoConfig.for_model(model_type, **hf)
+        model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype)
+    else:
+        from jaxllm.loader import default_model_path
+
+        path = args.model or default_model_path()
+        if path.endswith(".gguf"):
+            model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                         torch_dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+    return model.to(device).eval(), device
+
+
+def run_hf_generate(model, device, prompts, output_lens, batch_size):
+    """HF's static batching: batches of `batch_size`, left-padded, every sequence runs to the batch's longest output."""
+    import torch
+
+    start = time.perf_counter()
+    produced = 0
+    for i in range(0, len(prompts), batch_size):
+        batch, lens = prompts[i:i + batch_size], output_lens[i:i + batch_size]
+        width = max(map(len, batch))
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max(lens), min_new_tokens=max(lens), pad_token_id=0)
+        produced += sum(lens)  # only the tokens each request asked for count
+        assert out.shape[1] - width == max(lens)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, produced
+
+
+def run_hf_generate_batch(model, prompts, output_lens, max_batch_tokens):
+    """HF's continuous batching; it takes one max_new_tokens for all, so every request gets the mean length."""
+    from transformers import GenerationConfig
+
+    n = int(round(float(np.mean(output_lens))))
+    gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=-1,
+                           max_batch_tokens=max_batch_tokens)
+    start = time.perf_counter()
+    outs = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(len(o.generated_tokens) for o in outs.values())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF folder or .gguf (default: the default model)")
+    ap.add_argument("--model-shape", default=None, help="random weights at a real shape: qwen3-0.6b, llama3-8b, ...")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dataset", default="random", choices=["random"])
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=parse_range, default=(128, 128), help="N or LO:HI (uniform)")
+    ap.add_argument("--output-len", type=parse_range, default=(64, 64), help="N or LO:HI (uniform)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-num-seqs", type=int, default=None)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--compare-hf", default="none", choices=["none", "generate", "generate_batch", "both"])
+    ap.add_argument("--hf-batch-size", type=int, default=None, help="static batch for HF generate (default: max_num_seqs)")
+    ap.add_argument("--hf-max-batch-tokens", type=int, default=8192)
+    ap.add_argument("--output-json", default=None)
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    llm, config = build_llm(args)
+    load_s = time.perf_counter() - t0
+    prompts, output_lens = make_workload(args.num_prompts, args.input_len, args.output_len, config.vocab_size, args.seed)
+    if args.max_model_len is None and max(map(len, prompts)) + max(output_lens) > llm.llm_engine.config.max_model_len:
+        raise SystemExit("a request is longer than max_model_len: raise --max-model-len")
+
+    warm_n = min(len(prompts), llm.llm_engine.config.max_num_seqs)
+    t0 = time.perf_counter()
+    run_jaxllm(llm, prompts[:warm_n], [min(n, 8) for n in output_lens[:warm_n]])
+    warmup_s = time.perf_counter() - t0
+    elapsed, compiles = run_jaxllm(llm, prompts, output_lens)
+    total_out = sum(output_lens)
+    total_in = sum(map(len, prompts))
+    result = {
+        "benchmark": "throughput", "device": device_name(), "backend": jax.default_backend(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax_version": jax.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
+        "model": args.model_shape or args.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
+        "dtype": config.dtype, "num_prompts": args.num_prompts, "input_len": args.input_len,
+        "output_len": args.output_len, "max_num_seqs": llm.llm_engine.config.max_num_seqs,
+        "max_num_batched_tokens": llm.llm_engine.config.max_num_batched_tokens,
+        "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2), "compiles_during_run": compiles,
+        "jaxllm": {"elapsed_s": round(elapsed, 3), "requests_per_s": round(args.num_prompts / elapsed, 3),
+                   "output_tokens_per_s": round(total_out / elapsed, 1),
+                   "total_tokens_per_s": round((total_in + total_out) / elapsed, 1)},
+    }
+    print(f"jaxllm: {result['jaxllm']['requests_per_s']:.2f} req/s, "
+          f"{result['jaxllm']['output_tokens_per_s']:.1f} output tok/s, "
+          f"{result['jaxllm']['total_tokens_per_s']:.1f} total tok/s "
+          f"({compiles} compiles during the run; warm-up {warmup_s:.1f}s)")
+
+    if args.compare_hf != "none":
+        model, device = hf_model(args, config)
+        if args.compare_hf in ("generate", "both"):
+            bsz = args.hf_batch_size or llm.llm_engine.config.max_num_seqs
+            run_hf_generate(model, device, prompts[:min(bsz, len(prompts))], [2] * min(bsz, len(prompts)), bsz)
+            hf_s, produced = run_hf_generate(model, device, prompts, output_lens, bsz)
+            result["hf_generate"] = {"batch_size": bsz, "elapsed_s": round(hf_s, 3),
+                                     "output_tokens_per_s": round(produced / hf_s, 1)}
+            ratio = result["jaxllm"]["output_tokens_per_s"] / result["hf_generate"]["output_tokens_per_s"]
+            result["hf_generate"]["jaxllm_ratio"] = round(ratio, 2)
+            print(f"HF generate (static batch {bsz}): {result['hf_generate']['output_tokens_per_s']:.1f} output tok/s"
+                  f"  -> jaxllm x{ratio:.2f}")
+        if args.compare_hf in ("generate_batch", "both"):
+            hf_s, produced = run_hf_generate_batch(model, prompts, output_lens, args.hf_max_batch_tokens)
+            result["hf_generate_batch"] = {"elapsed_s": round(hf_s, 3), "output_tokens_per_s": round(produced / hf_s, 1),
+                                           "max_batch_tokens": args.hf_max_batch_tokens}
+            ratio = result["jaxllm"]["output_tokens_per_s"] / result["hf_generate_batch"]["output_tokens_per_s"]
+            result["hf_generate_batch"]["jaxllm_ratio"] = round(ratio, 2)
+            print(f"HF generate_batch (continuous): {result['hf_generate_batch']['output_tokens_per_s']:.1f} "
+                  f"output tok/s  -> jaxllm x{ratio:.2f}")
+
+    os.makedirs(RESULTS, exist_ok=True)
+    path = args.output_json or os.path.join(
+        RESULTS, f"throughput-{result['backend']}-{(args.model_shape or 'default')}-{result['date'][:10]}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

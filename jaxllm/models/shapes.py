@@ -1,0 +1,32 @@
+"""Real models' shapes, for random-weight benchmarks on machines with no checkpoints."""
+
+from __future__ import annotations
+
+from jaxllm.config import ModelConfig, RopeScaling
+
+MODEL_SHAPES: dict[str, dict] = {
+    "smollm2-135m": dict(architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         eos_token_ids=(2,)),
+    "qwen3-0.6b": dict(architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+                       max_position_embeddings=40960, tie_word_embeddings=True, qk_norm=True,
+                       eos_token_ids=(151645,)),
+    "qwen2.5-7b": dict(architecture="Qwen2ForCausalLM", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1000000.0,
+                       max_position_embeddings=32768, qkv_bias=True, eos_token_ids=(151645,)),
+    "llama3-8b": dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, eos_token_ids=(128001, 128009)),
+    "llama3.1-8b": dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096,
+                        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                        rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), eos_token_ids=(128001, 128009)),
+}
+
+
+def model_shape_config(name: str, dtype: str = "bfloat16") -> ModelConfig:
+    if name not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known: {', '.join(MODEL_SHAPES)}")
+    return ModelConfig(dtype=dtype, **MODEL_SHAPES[name])
