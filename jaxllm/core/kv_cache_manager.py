@@ -161,11 +161,14 @@ class KVCacheManager:
 
     def free(self, request_id: str) -> None:
         """Release all the request's blocks, tail first so its tail is evicted before its head.
-        An unknown id is a no-op."""
+        An unknown id is a no-op. Pending copies into blocks freed here are dropped: such a block may be
+        handed out again this step, and two copies into one block would race on the device."""
         blocks = self.req_to_blocks.pop(request_id, None)
         self.num_cached_blocks.pop(request_id, None)
-        if blocks is not None:
-            self.block_pool.free_blocks(reversed(blocks))
+        if blocks is None:
+            return
+        self.block_pool.free_blocks(reversed(blocks))
+        self.pending_copies = [(s, d) for s, d in self.pending_copies if self.block_pool.blocks[d].ref_count > 0]
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """Give `child_id` the parent's whole block table, sharing every block (ref_count += 1 each).
