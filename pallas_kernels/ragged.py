@@ -1,0 +1,167 @@
+"""Ragged paged attention (prefill chunks, mixed prefill + decode) for Hopper, Pallas Triton backend.
+
+Prefill is bound by arithmetic, so this is flash attention over a ragged batch:
+
+- The query tokens of each sequence are cut into tiles of `block_q` tokens. A tiny XLA prologue lists
+  the tiles (sequence, first token) of the whole batch; the grid is (tile, kv head) with a static upper
+  bound on the tile count, and the programs past the end return at once.
+- GQA is folded into the rows of the matmul: a program's query block holds `block_q` tokens x the
+  group of query heads of its kv head (padded to a power of two), gathered straight from q [T, Hq, D],
+  so each K/V tile read from the cache feeds every query head that uses it.
+- K/V tiles are gathered rows of the cache viewed flat, `[layers * blocks * block_size, kv_heads * D]`,
+  through the block table; the cache is never copied.
+- Causality: tiles wholly at or below the query tile's first position run unmasked; only the last
+  few tiles on the diagonal pay for the mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.decode import LOG2E, NEG_INF, div_mod, matmul, next_pow2, pltriton, tile
+
+
+def query_tiles(query_start_loc: jax.Array, num_tiles: int, block_q: int):
+    """For each of `num_tiles` programs: its sequence (-1 past the last tile) and its first query token
+    within that sequence."""
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
+    tiles = (q_lens + block_q - 1) // block_q
+    ends = jnp.cumsum(tiles)
+    i = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)
+    seq_c = jnp.minimum(seq, q_lens.shape[0] - 1)
+    q0 = (i - (ends[seq_c] - tiles[seq_c])) * block_q
+    return jnp.where(i < ends[-1], seq_c, -1).astype(jnp.int32), q0.astype(jnp.int32)
+
+
+def _ragged_kernel(
+    layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, tile_seq_ref, tile_q0_ref,
+    q_ref, k_ref, v_ref,  # inputs
+    o_ref,  # output [T * Hq, D]
+    *, num_q_heads, group, group_pad, head_dim, num_blocks, block_size, max_blocks, block_q, block_k,
+    scale, interpret, num_tiles_total, longest_first,
+):
+    i, h = pl.program_id(0), pl.program_id(1)
+    if longest_first:  # a sequence's last tiles see the most context: start them first
+        i = num_tiles_total - 1 - i
+    seq = tile_seq_ref[i]
+    block_m = block_q * group_pad
+
+    @pl.when(seq >= 0)
+    def _attend():
+        q0 = tile_q0_ref[i]
+        first = query_start_loc_ref[seq]
+        q_len = query_start_loc_ref[seq + 1] - first
+        ctx = seq_lens_ref[seq]
+        layer_row0 = layer_ref[0] * (num_blocks * block_size)
+        r = jnp.arange(block_m, dtype=jnp.int32)
+        tok, g = div_mod(r, group_pad)
+        tok = q0 + tok  # token index within the sequence
+        row_ok = (tok < q_len) & (g < group)
+        row_ok_2d = jnp.broadcast_to(row_ok[:, None], (block_m, head_dim))
+        q_rows = (first + tok) * num_q_heads + h * group + g
+        q = pltriton.load(tile(q_ref, q_rows, 0, head_dim, interpret), mask=row_ok_2d, other=0.0)  # [M, D]
+        q_pos = ctx - q_len + tok  # absolute position of each row's token
+        first_pos = ctx - q_len + q0
+        kv_end = ctx - q_len + jnp.minimum(q0 + block_q, q_len)  # one past the tile's last position
+        num_full = (first_pos + 1) // block_k  # tiles every row sees in full
+        num_tiles = pl.cdiv(kv_end, block_k)
+        offs = jnp.arange(block_k, dtype=jnp.int32)
+        col0 = h * head_dim
+
+        def body(masked, j, carry):
+            acc, m, l = carry
+            pos = j * block_k + offs
+            col, within = div_mod(pos, block_size)
+            if masked:
+                ok = pos < kv_end
+                blk = pltriton.load(block_tables_ref.at[seq * max_blocks + col], mask=ok, other=0)
+                ok_2d = jnp.broadcast_to(ok[:, None], (block_k, head_dim))
+                kv_args = dict(mask=ok_2d, other=0.0)
+            else:
+                blk = pltriton.load(block_tables_ref.at[seq * max_blocks + col])
+                kv_args = {}
+            rows = layer_row0 + blk * block_size + within
+            k = pltriton.load(tile(k_ref, rows, col0, head_dim, interpret), **kv_args)  # [block_k, D]
+            v = pltriton.load(tile(v_ref, rows, col0, head_dim, interpret), **kv_args)
+            s = matmul(q, k, trans_b=True) * (scale * LOG2E)  # [M, block_k], log2 units
+            if masked:
+                s = jnp.where(pos[None, :] <= q_pos[:, None], s, NEG_INF)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            prob = jnp.exp2(s - m_new[:, None])
+            l = l * alpha + prob.sum(axis=1)
+            acc = acc * alpha[:, None] + matmul(prob.astype(v.dtype), v)
+            return acc, m_new, l
+
+        carry = (jnp.zeros((block_m, head_dim), jnp.float32), jnp.full((block_m,), NEG_INF, jnp.float32),
+                 jnp.zeros((block_m,), jnp.float32))
+        carry = lax.fori_loop(0, num_full, functools.partial(body, False), carry)
+        acc, m, l = lax.fori_loop(num_full, num_tiles, functools.partial(body, True), carry)
+        o = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+        pltriton.store(tile(o_ref, q_rows, 0, head_dim, interpret), o.astype(o_ref.dtype), mask=row_ok_2d)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("scale", "block_m", "block_k", "num_warps", "num_stages", "longest_first",
+                              "interpret"))
+def ragged_paged_attention(
+    q: jax.Array,  # [T, num_q_heads, head_dim]
+    k_cache: jax.Array,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: jax.Array,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+    layer: jax.Array | int,  # scalar
+    block_tables: jax.Array,  # [S, max_blocks] int32
+    seq_lens: jax.Array,  # [S] int32, context including the new tokens
+    query_start_loc: jax.Array,  # [S + 1] int32
+    *,
+    scale: float,
+    block_m: int = 128,
+    block_k: int = 128,
+    num_warps: int = 8,
+    num_stages: int = 3,
+    longest_first: bool = True,
+    interpret: bool = False,
+) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
+    """Causal attention of a ragged batch of query chunks over the paged cache. Same semantics as the
+    reference. `block_m` query rows per program = block_q tokens x the (padded) GQA group."""
+    T, num_q_heads, head_dim = q.shape
+    num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    group = num_q_heads // num_kv_heads
+    group_pad = next_pow2(group)
+    block_m = max(block_m, group_pad, 16)
+    block_q = block_m // group_pad
+    num_tiles = -(-T // block_q) + num_seqs  # each sequence wastes at most one partial tile
+    tile_seq, tile_q0 = query_tiles(query_start_loc.astype(jnp.int32), num_tiles, block_q)
+
+    kernel = functools.partial(
+        _ragged_kernel, num_q_heads=num_q_heads, group=group, group_pad=group_pad, head_dim=head_dim,
+        num_blocks=num_blocks, block_size=block_size, max_blocks=max_blocks, block_q=block_q,
+        block_k=block_k, scale=scale, interpret=interpret, num_tiles_total=num_tiles, longest_first=longest_first)
+    flat_kv = (num_layers * num_blocks * block_size, num_kv_heads * head_dim)
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_tiles, num_kv_heads),
+        out_shape=jax.ShapeDtypeStruct((T * num_q_heads, head_dim), q.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="ragged_paged_attention",
+    )(
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        block_tables.reshape(-1).astype(jnp.int32),
+        seq_lens.astype(jnp.int32),
+        query_start_loc.astype(jnp.int32),
+        tile_seq,
+        tile_q0,
+        q.reshape(T * num_q_heads, head_dim),
+        k_cache.reshape(flat_kv),
+        v_cache.reshape(flat_kv),
+    )
+    valid = jnp.arange(T) < query_start_loc[num_seqs]
+    return jnp.where(valid[:, None, None], out.reshape(T, num_q_heads, head_dim), 0).astype(q.dtype)

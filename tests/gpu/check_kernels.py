@@ -1,0 +1,135 @@
+"""Device check: every attention kernel against the reference over many ragged shapes.
+
+Run on a CUDA machine from the repo root: `python tests/gpu/check_kernels.py [--log PATH]`.
+Each case draws fresh random inputs (never zeros), shuffles and shares cache blocks between sequences,
+poisons the allocator with NaN before the kernel runs (so an unwritten output row shows), and asserts
+rel. error < 1e-2 against the pure-jnp reference (float32 math) and exact zeros on padding tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.decode import paged_decode_attention
+from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
+from pallas_kernels.reference import ragged_paged_attention as reference
+
+TOL = 1e-2
+
+
+def make_case(rng, *, q_lens, ctx_lens, num_q_heads, num_kv_heads, head_dim, block_size, num_layers=3,
+              pad_tokens=0, pad_seqs=0, share=True, dtype=jnp.bfloat16):
+    """Random ragged batch. Sequences may share their first blocks (a common prefix), block tables are
+    shuffled, unused table entries hold junk block ids, padding sequences have no tokens."""
+    q_lens = list(q_lens) + [0] * pad_seqs
+    ctx_lens = list(ctx_lens) + [0] * pad_seqs
+    S = len(q_lens)
+    blocks_needed = [-(-c // block_size) for c in ctx_lens]
+    max_blocks = max(1, max(blocks_needed)) + int(rng.integers(0, 3))
+    num_blocks = sum(blocks_needed) + 4
+    perm = rng.permutation(num_blocks)
+    tables = rng.integers(0, num_blocks, size=(S, max_blocks)).astype(np.int32)  # junk beyond the context
+    used = 0
+    for s, nb in enumerate(blocks_needed):
+        tables[s, :nb] = perm[used:used + nb]
+        used += nb
+        if share and s > 0 and nb > 1 and blocks_needed[0] > 1 and rng.random() < 0.5:
+            tables[s, 0] = tables[0, 0]  # a shared prefix block (read-only: written once)
+    order = rng.permutation(S)  # padding sequences anywhere in the batch
+    q_lens = [q_lens[i] for i in order]
+    ctx_lens = [ctx_lens[i] for i in order]
+    tables = tables[order]
+    T = sum(q_lens) + pad_tokens
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    kshape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+    k = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), kshape, dtype)
+    v = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), kshape, dtype)
+    q = jnp.asarray(rng.standard_normal((T, num_q_heads, head_dim)), dtype)
+    layer = int(rng.integers(num_layers))
+    return (q, k, v, jnp.int32(layer), jnp.asarray(tables), jnp.asarray(ctx_lens, jnp.int32), jnp.asarray(qsl))
+
+
+def poison(nbytes):
+    """Leave NaN in freed device memory, so an output row that a kernel forgets to write shows up."""
+    x = jnp.full((nbytes // 4 + 1024,), jnp.nan, jnp.float32)
+    x.block_until_ready()
+    del x
+
+
+def check(name, fn, args, scale, log):
+    ref = np.asarray(reference(*args, scale=scale), np.float32)
+    poison(4 * ref.size * 4)
+    t0 = time.perf_counter()
+    out = np.asarray(fn(*args, scale=scale), np.float32)
+    dt = time.perf_counter() - t0
+    T = out.shape[0]
+    n_real = int(args[6][-1])
+    real = slice(0, n_real)
+    finite = bool(np.isfinite(out).all())
+    pad_zero = bool((out[n_real:] == 0).all())
+    err = float(np.linalg.norm(out[real] - ref[real]) / max(np.linalg.norm(ref[real]), 1e-30))
+    ok = finite and pad_zero and err < TOL
+    rec = dict(name=name, T=T, ok=ok, rel_err=err, finite=finite, padding_zero=pad_zero, seconds=round(dt, 3))
+    log.append(rec)
+    print(("PASS" if ok else "FAIL"), json.dumps(rec), flush=True)
+    return ok
+
+
+def cases(rng):
+    heads = [(16, 8, 128), (32, 8, 128), (28, 4, 128), (8, 8, 64), (64, 8, 128)]
+    for hq, hkv, d in heads:
+        for bs in (16, 32):
+            kw = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=bs)
+            # decode: ragged contexts, non-multiples of the block size, single-token sequences, padding
+            ctx = [1, 2, bs - 1, bs + 1, 1000, 4097, 37, 513]
+            yield f"decode h{hq}/{hkv} d{d} bs{bs}", "decode", kw, dict(q_lens=[1] * len(ctx), ctx_lens=ctx,
+                                                                         pad_tokens=3, pad_seqs=2)
+            # mixed: prefill chunks (with and without earlier context) beside decode tokens
+            q_lens = [1, 7, 300, 1, 64, 129]
+            ctx = [50, 7, 1300, 1, 64 + 200, 129 + 5]
+            yield f"mixed h{hq}/{hkv} d{d} bs{bs}", "ragged", kw, dict(q_lens=q_lens, ctx_lens=ctx, pad_tokens=5,
+                                                                        pad_seqs=1)
+    kw = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
+    yield "decode 32k x4", "decode", kw, dict(q_lens=[1] * 4, ctx_lens=[32768, 32760, 20001, 9], num_layers=1)
+    yield "decode batch 200", "decode", kw, dict(q_lens=[1] * 200, ctx_lens=list(rng.integers(1, 3000, 200)),
+                                                  pad_seqs=56, num_layers=1)
+    yield "prefill 32k tail chunk", "ragged", kw, dict(q_lens=[512], ctx_lens=[32768], num_layers=1)
+    yield "prefill 2k fresh x2", "ragged", kw, dict(q_lens=[2048, 2000], ctx_lens=[2048, 2000], num_layers=1)
+    yield "decode via ragged", "ragged", kw, dict(q_lens=[1] * 9, ctx_lens=[1, 5, 16, 17, 500, 999, 4000, 3, 64],
+                                                  pad_tokens=7)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--log", default="check_kernels.json")
+    a = ap.parse_args()
+    rng = np.random.default_rng(int(time.time()))
+    log, ok = [], True
+    print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
+    for name, kind, kw, spec in cases(rng):
+        args = make_case(rng, **kw, **spec)
+        scale = kw["head_dim"] ** -0.5
+        if kind == "decode":
+            ok &= check(name + " [decode kernel]", paged_decode_attention, args, scale, log)
+            ok &= check(name + " [decode kernel, 4 splits]",
+                        lambda *x, scale: paged_decode_attention(*x, scale=scale, num_splits=4), args, scale, log)
+        ok &= check(name + " [ragged kernel]", ragged_kernel, args, scale, log)
+    Path(a.log).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.log).write_text(json.dumps(dict(device=str(jax.devices()[0]), jax=jax.__version__, ok=ok, cases=log),
+                                      indent=1))
+    print("ALL PASS" if ok else "SOME FAILED", flush=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

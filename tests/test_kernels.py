@@ -1,0 +1,121 @@
+"""Attention kernels on the CPU: the jnp reference against naive dense attention, and the Pallas GPU
+kernels (decode, ragged) against the reference under the Triton backend's interpreter."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pallas_kernels
+from pallas_kernels.decode import paged_decode_attention
+from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
+from pallas_kernels.reference import ragged_paged_attention as reference
+
+
+def random_batch(seed, q_lens, ctx_lens, *, num_q_heads=6, num_kv_heads=2, head_dim=32, block_size=8,
+                 num_layers=2, pad_tokens=2, dtype=jnp.float32):
+    """A ragged batch with shuffled block tables, junk in unused table entries, a padding sequence
+    (no tokens, seq_len 0) somewhere in the batch, and padding tokens at the end."""
+    rng = np.random.default_rng(seed)
+    S = len(q_lens)
+    needed = [-(-c // block_size) for c in ctx_lens]
+    max_blocks = max(needed) + 1
+    num_blocks = sum(needed) + 3
+    perm = rng.permutation(num_blocks)
+    tables = rng.integers(0, num_blocks, (S, max_blocks)).astype(np.int32)
+    used = 0
+    for s, n in enumerate(needed):
+        tables[s, :n] = perm[used:used + n]
+        used += n
+    T = sum(q_lens) + pad_tokens
+    shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+    return dict(
+        q=jnp.asarray(rng.standard_normal((T, num_q_heads, head_dim)), dtype),
+        k_cache=jnp.asarray(rng.standard_normal(shape), dtype),
+        v_cache=jnp.asarray(rng.standard_normal(shape), dtype),
+        layer=jnp.int32(rng.integers(num_layers)),
+        block_tables=jnp.asarray(tables),
+        seq_lens=jnp.asarray(ctx_lens, jnp.int32),
+        query_start_loc=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
+    )
+
+
+def dense_attention(b, scale):
+    """Float64 numpy: gather each sequence's context through its block table, causal softmax per token."""
+    q, k, v = (np.asarray(b[n], np.float64) for n in ("q", "k_cache", "v_cache"))
+    layer, tables = int(b["layer"]), np.asarray(b["block_tables"])
+    seq_lens, qsl = np.asarray(b["seq_lens"]), np.asarray(b["query_start_loc"])
+    T, hq, d = q.shape
+    bs, hkv = k.shape[2], k.shape[3]
+    out = np.zeros_like(q)
+    for s in range(len(seq_lens)):
+        ctx = seq_lens[s]
+        pos = np.arange(ctx)
+        ks = k[layer, tables[s, pos // bs], pos % bs]  # [ctx, hkv, d]
+        vs = v[layer, tables[s, pos // bs], pos % bs]
+        q_len = qsl[s + 1] - qsl[s]
+        for j in range(q_len):
+            t, p = qsl[s] + j, ctx - q_len + j
+            for h in range(hq):
+                kv = h // (hq // hkv)
+                logits = ks[: p + 1, kv] @ q[t, h] * scale
+                w = np.exp(logits - logits.max())
+                out[t, h] = (w / w.sum()) @ vs[: p + 1, kv]
+    return out
+
+
+MIXED = dict(q_lens=[1, 5, 0, 13, 1, 20], ctx_lens=[1, 9, 0, 13, 40, 27])  # chunks, decode, padding seq
+DECODE = dict(q_lens=[1, 1, 0, 1, 1], ctx_lens=[1, 8, 0, 17, 70])
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("case", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_reference_matches_dense_attention(seed, case):
+    b = random_batch(seed, **case)
+    scale = 32**-0.5
+    want = dense_attention(b, scale)
+    got = np.asarray(reference(**b, scale=scale, kv_chunk_tokens=16))  # several chunks: exercises the loop
+    n_real = int(b["query_start_loc"][-1])
+    assert rel_err(got[:n_real], want[:n_real]) < 1e-5
+    assert (got[n_real:] == 0).all()
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_kernel_interpret(num_splits):
+    b = random_batch(10 + num_splits, **DECODE, num_q_heads=8, num_kv_heads=2, dtype=jnp.bfloat16)
+    scale = 32**-0.5
+    want = np.asarray(reference(**b, scale=scale), np.float32)
+    got = np.asarray(paged_decode_attention(**b, scale=scale, num_splits=num_splits, block_k=16, interpret=True),
+                     np.float32)
+    n_real = int(b["query_start_loc"][-1])
+    assert np.isfinite(got).all()
+    assert rel_err(got[:n_real], want[:n_real]) < 1e-2
+    assert (got[n_real:] == 0).all()
+
+
+@pytest.mark.parametrize("num_q_heads", [6, 8])  # group 3 (padded to 4) and group 4
+def test_ragged_kernel_interpret(num_q_heads):
+    b = random_batch(20 + num_q_heads, **MIXED, num_q_heads=num_q_heads, num_kv_heads=2, dtype=jnp.bfloat16)
+    scale = 32**-0.5
+    want = np.asarray(reference(**b, scale=scale), np.float32)
+    got = np.asarray(ragged_kernel(**b, scale=scale, block_m=16, block_k=16, interpret=True), np.float32)
+    n_real = int(b["query_start_loc"][-1])
+    assert np.isfinite(got).all()
+    assert rel_err(got[:n_real], want[:n_real]) < 1e-2
+    assert (got[n_real:] == 0).all()
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_dispatch_uses_reference_on_cpu(decode_only):
+    assert jax.default_backend() == "cpu"
+    case = DECODE if decode_only else MIXED
+    b = random_batch(30, **case)
+    got = pallas_kernels.ragged_paged_attention(*b.values(), scale=0.2, decode_only=decode_only)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(reference(**b, scale=0.2)))
