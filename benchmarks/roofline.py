@@ -96,7 +96,7 @@ def _torch_time(fn, iters=20):
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(1,))
 def decode_step(params, cache, token_ids, positions, md, config):
-    logits, cache = llama.forward(params, token_ids, positions, cache, md, config)
+    logits, cache = llama.forward(params, token_ids, positions, cache, md, config, decode_only=True)
     return jnp.argmax(logits, -1), cache
 
 

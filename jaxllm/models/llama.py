@@ -85,6 +85,7 @@ def forward_hidden(
     kv_cache: KVCache,
     md: AttentionMetadata,
     config: ModelConfig,
+    decode_only: bool = False,  # static: every sequence brings at most one query token (the GPU decode kernel)
 ) -> tuple[jax.Array, KVCache]:  # hidden [T, e] after the final norm, updated cache
     T = token_ids.shape[0]
     hd, nq, nkv = config.head_dim, config.num_heads, config.num_kv_heads
@@ -107,7 +108,8 @@ def forward_hidden(
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
             cache = write_kv(cache, i, k, v, md.slot_mapping)
             o = pallas_kernels.ragged_paged_attention(
-                q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=hd**-0.5)
+                q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=hd**-0.5,
+                decode_only=decode_only)
             x = x + o.reshape(T, nq * hd) @ w.wo
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, config.rms_norm_eps)
@@ -127,9 +129,10 @@ def compute_logits(params: Weights, hidden: jax.Array) -> jax.Array:
     return jnp.einsum("ne,ev->nv", hidden, params.lm_head, preferred_element_type=jnp.float32)
 
 
-def forward(params: Weights, token_ids, positions, kv_cache: KVCache, md: AttentionMetadata, config: ModelConfig):
+def forward(params: Weights, token_ids, positions, kv_cache: KVCache, md: AttentionMetadata, config: ModelConfig,
+            decode_only: bool = False):
     """One engine step: logits [S, v] (float32) at `md.logits_indices`, and the updated cache."""
-    hidden, kv_cache = forward_hidden(params, token_ids, positions, kv_cache, md, config)
+    hidden, kv_cache = forward_hidden(params, token_ids, positions, kv_cache, md, config, decode_only)
     return compute_logits(params, hidden[md.logits_indices]), kv_cache
 
 
