@@ -91,6 +91,11 @@ def model_config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
             )
         elif kind not in (None, "default"):
             raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, llama3")
+    # No sliding-window attention here: cap the context at the window, where full attention is identical.
+    max_pos = int(hf.get("max_position_embeddings", 2048))
+    window = hf.get("sliding_window")
+    if window and (arch == "MistralForCausalLM" or hf.get("use_sliding_window")):
+        max_pos = min(max_pos, int(window))
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     if dtype in (None, "auto"):
@@ -107,7 +112,7 @@ def model_config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=float(rope_theta or 10000.0),
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        max_position_embeddings=max_pos,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
         qk_norm=arch == "Qwen3ForCausalLM",

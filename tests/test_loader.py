@@ -384,3 +384,16 @@ def test_tokenizer_errors(saved, tmp_path):
     (tmp_path / "vocab.txt").write_text("a")
     with pytest.raises(ValueError, match="vocab.txt"):
         load_tokenizer(tmp_path / "vocab.txt")
+
+
+def test_sliding_window_caps_the_context():
+    """No sliding-window attention: a window below the context length caps max_position_embeddings instead."""
+    from jaxllm.config import model_config_from_hf
+
+    base = dict(architectures=["MistralForCausalLM"], vocab_size=10, hidden_size=8, intermediate_size=8,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=32768, sliding_window=4096)
+    assert model_config_from_hf(base).max_position_embeddings == 4096
+    assert model_config_from_hf({**base, "sliding_window": None}).max_position_embeddings == 32768
+    qwen = {**base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False}
+    assert model_config_from_hf(qwen).max_position_embeddings == 32768
