@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 
+from jaxllm.beam_search import BeamSearchOutput, BeamSearchSequence
 from jaxllm.llm import LLM
-from jaxllm.outputs import CompletionOutput, RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "generate"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutputKind", "RequestOutput", "CompletionOutput",
+           "Logprob", "BeamSearchOutput", "BeamSearchSequence", "generate"]
 __version__ = "0.1.0"
 
 logging.getLogger("jaxllm").addHandler(logging.NullHandler())

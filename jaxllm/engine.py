@@ -1,7 +1,11 @@
 """LLMEngine: requests in, RequestOutputs out, one `step()` at a time.
 
     step():  schedule -> run the model on the padded batch -> sample on device
-             -> append tokens, check stops -> detokenize -> outputs
+             -> append tokens, fork siblings, check stop tokens -> logprobs -> detokenize, stop strings
+             -> one output per prompt that advanced
+
+A prompt with n (or best_of) samples is one ParentRequest of Requests; the user's request_id names the
+parent, and every output is the parent's (its `outputs` holds the samples).
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ import numpy as np
 
 from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.core.kv_cache_manager import KVCacheManager
-from jaxllm.core.request import Request, RequestStatus
+from jaxllm.core.request import ParentRequest, Request, RequestStatus
 from jaxllm.core.scheduler import Scheduler
-from jaxllm.detokenizer import IncrementalDetokenizer
+from jaxllm.detokenizer import Detokenizer
 from jaxllm.kv_cache import KVCache
-from jaxllm.model_runner import ModelRunner
-from jaxllm.outputs import CompletionOutput, RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.model_runner import ModelRunner, ModelRunnerOutput
+from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("jaxllm")
 
@@ -48,8 +52,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_cache_manager, engine_config.max_num_seqs,
                                    engine_config.max_num_batched_tokens, engine_config.enable_chunked_prefill)
         self.runner = ModelRunner(model_config, engine_config, params, num_blocks)
-        self.requests: dict[str, Request] = {}
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.requests: dict[str, Request] = {}  # user request_id -> its first sample
+        self.detokenizers: dict[str, Detokenizer] = {}  # per sample request_id
+        self._sent: dict[str, tuple[int, int]] = {}  # per sample: (tokens, chars) already sent, for DELTA
+        self._token_text: dict[int, str] = {}  # decoded_token of logprobs, by token id
         self._seed_rng = random.Random(engine_config.seed)
         self._arrivals = itertools.count()
 
@@ -77,6 +83,7 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> Request:
         """Validate and tokenize a prompt into a Request without adding it (so a batch can be checked first).
+        With n > 1 (or best_of) the returned Request is the first sample; its siblings come with it.
 
         `prompt` is a string, a list of token ids, or vLLM's `{"prompt_token_ids": [...]}` / `{"prompt": "..."}`."""
         params = SamplingParams() if params is None else params
@@ -104,6 +111,8 @@ class LLMEngine:
         if not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}), got {list(token_ids)[:16]}")
         token_ids = [int(t) for t in token_ids]
+        if params.truncate_prompt_tokens is not None:
+            token_ids = token_ids[-params.truncate_prompt_tokens:]
         if not token_ids:
             raise ValueError("prompt is empty: it must have at least one token")
         max_len = self.config.max_model_len
@@ -112,12 +121,52 @@ class LLMEngine:
                              f"to generate (the prompt must be shorter than max_model_len)")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        bad_words_token_ids = self._verify(params)
         room = max_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**32)
-        return Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
-                       max_tokens=max_tokens, seed=seed & 0xFFFFFFFF, eos_token_ids=self.eos_token_ids,
-                       arrival=next(self._arrivals), prompt=text)
+        parent = ParentRequest(request_id, params)
+        arrival = next(self._arrivals)
+        for i in range(params.num_samples):
+            parent.samples.append(Request(
+                request_id=request_id if i == 0 else f"{i}_{request_id}", prompt_token_ids=token_ids,
+                sampling_params=params, max_tokens=max_tokens, seed=(seed + i) & 0xFFFFFFFF,
+                eos_token_ids=self.eos_token_ids, arrival=arrival, prompt=text, index=i, parent=parent,
+                bad_words_token_ids=bad_words_token_ids))
+        first = parent.samples[0]
+        first.pending_children = parent.samples[1:]
+        return first
+
+    def _verify(self, params: SamplingParams) -> list[list[int]]:
+        """The checks that need the model or the engine; returns the bad words' token ids."""
+        vocab = self.model_config.vocab_size
+        max_logprobs = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            wanted = getattr(params, name)
+            if wanted is None:
+                continue
+            wanted = vocab if wanted == -1 else wanted
+            if max_logprobs != -1 and wanted > max_logprobs:
+                raise ValueError(f"{name}={getattr(params, name)} is more than the engine's max_logprobs={max_logprobs}")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or ())),
+                          ("allowed_token_ids", params.allowed_token_ids or [])):
+            out_of_range = [t for t in ids if not 0 <= t < vocab]
+            if out_of_range:
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {out_of_range[:8]}")
+        if params.num_samples > self.config.max_num_seqs:
+            name = "best_of" if params.best_of is not None else "n"
+            raise ValueError(f"{name}={params.num_samples} is more than max_num_seqs={self.config.max_num_seqs}")
+        words: list[list[int]] = []
+        for word in params.bad_words:
+            # As vLLM: the word as given and with a leading space (mid-sentence form), when that differs.
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            if not plain:
+                raise ValueError(f"bad_words entry {word!r} encodes to no tokens")
+            words.append(plain)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                words.append(spaced)
+        return words
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> Request:
         req = self.make_request(request_id, prompt, params)
@@ -126,45 +175,131 @@ class LLMEngine:
 
     def enqueue(self, req: Request) -> None:
         self.requests[req.request_id] = req
-        self.detokenizers[req.request_id] = IncrementalDetokenizer(
-            self.tokenizer, req.prompt_token_ids, req.sampling_params.skip_special_tokens)
+        params = req.sampling_params
+        for sample in req.parent.samples:
+            self.detokenizers[sample.request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, params)
+            self._sent[sample.request_id] = (0, 0)
         self.scheduler.add_request(req)
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request now and free its blocks. Unknown or finished ids are ignored."""
-        req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
-        if req is not None:
-            self._release(req)
+        """Stop a request (all its samples) now and free its blocks. Unknown or finished ids are ignored."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        for sample in req.parent.samples:
+            if self.scheduler.finish_request(sample.request_id, RequestStatus.FINISHED_ABORTED) is None:
+                if not sample.status.finished:
+                    sample.status = RequestStatus.FINISHED_ABORTED  # a sibling not forked yet
+            self.runner.free_request(sample.request_id)
+        req.pending_children = []
+        self._release(req)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns an output for every request that got a new token."""
+        """Run one engine step; returns an output for every prompt one of whose samples got a new token."""
         sched_out = self.scheduler.schedule()
         if not sched_out.scheduled:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress: a waiting request cannot fit the KV cache")
             return []
-        sampled = self.runner.execute(sched_out)
-        outputs = []
-        for req in self.scheduler.update_from_output(sched_out, sampled):
+        result = self.runner.execute(sched_out)
+        if result.prompt_logprobs:
+            for sched in sched_out.scheduled:
+                arrays = result.prompt_logprobs.get(sched.request.request_id)
+                if arrays is not None:
+                    self._add_prompt_logprobs(sched.request, *arrays)
+        touched: dict[str, ParentRequest] = {}
+        for req, row in self.scheduler.update_from_output(sched_out, result.sampled):
+            self._add_logprobs(req, row, result)
             finished = req.status.finished
-            self.detokenizers[req.request_id].add_tokens(req.output_token_ids[-1:], final=finished)
-            outputs.append(self._make_output(req))
-            if finished:
-                self._release(req)
+            stop_str = self.detokenizers[req.request_id].update(
+                req.output_token_ids[-1], finished, stop_terminated=req.status == RequestStatus.FINISHED_STOPPED)
+            if stop_str is not None and not finished:
+                req.stop_reason = stop_str
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            if req.status.finished:
+                self.runner.free_request(req.request_id)
+            touched[req.parent.request_id] = req.parent
+        outputs = []
+        for parent in touched.values():
+            out = self._make_output(parent)
+            if out is not None:
+                outputs.append(out)
+            if parent.finished:
+                self._release(parent.samples[0])
         return outputs
 
-    def _make_output(self, req: Request) -> RequestOutput:
-        finished = req.status.finished
-        completion = CompletionOutput(
-            index=0, text=self.detokenizers[req.request_id].text, token_ids=list(req.output_token_ids),
-            finish_reason=req.status.value if finished else None, stop_reason=req.stop_reason)
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             outputs=[completion], finished=finished)
+    # -- logprobs -----------------------------------------------------------------------------------
+    def _decoded(self, token_id: int, params: SamplingParams) -> str | None:
+        if not params.detokenize:
+            return None
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def _logprob_dict(self, token: int, logprob: float, rank: int, top_ids, top_logprobs, num: int,
+                      params: SamplingParams) -> dict[int, Logprob]:
+        # As vLLM: the chosen token first, then the top `num` (rank 1..num); a chosen token among them
+        # keeps its place and takes the top list's entry.
+        d = {token: Logprob(logprob, rank, self._decoded(token, params))}
+        for j in range(num):
+            tid = int(top_ids[j])
+            d[tid] = Logprob(float(top_logprobs[j]), j + 1, self._decoded(tid, params))
+        return d
+
+    def _add_logprobs(self, req: Request, row: int, result: ModelRunnerOutput) -> None:
+        logprob = float(result.logprob[row])
+        req.cumulative_logprob += logprob
+        if req.logprobs is None:
+            return
+        params = req.sampling_params
+        num = self.model_config.vocab_size if params.logprobs == -1 else params.logprobs
+        req.logprobs.append(self._logprob_dict(req.output_token_ids[-1], logprob, int(result.rank[row]),
+                                               result.top_ids[row], result.top_logprobs[row], num, params))
+
+    def _add_prompt_logprobs(self, req: Request, chosen, rank, top_ids, top_logprobs) -> None:
+        params = req.sampling_params
+        num = self.model_config.vocab_size if params.prompt_logprobs == -1 else params.prompt_logprobs
+        for j in range(len(chosen)):
+            token = req.prompt_token_ids[len(req.prompt_logprobs)]
+            req.prompt_logprobs.append(self._logprob_dict(token, float(chosen[j]), int(rank[j]), top_ids[j],
+                                                          top_logprobs[j], num, params))
+
+    # -- outputs ------------------------------------------------------------------------------------
+    def _make_output(self, parent: ParentRequest) -> RequestOutput | None:
+        params = parent.sampling_params
+        finished = parent.finished
+        ranked = params.num_samples > params.n
+        if not finished and (ranked or params.output_kind == RequestOutputKind.FINAL_ONLY):
+            return None
+        samples = parent.samples
+        if ranked:  # best_of: the n samples with the highest cumulative logprob
+            samples = sorted(samples, key=lambda s: s.cumulative_logprob, reverse=True)[:params.n]
+        delta = params.output_kind == RequestOutputKind.DELTA
+        completions = []
+        for index, s in enumerate(samples):
+            done = s.status.finished
+            text = self.detokenizers[s.request_id].output_text(done)
+            token_ids, logprobs = s.output_token_ids, s.logprobs
+            if delta:
+                sent_tokens, sent_chars = self._sent[s.request_id]
+                self._sent[s.request_id] = (len(token_ids), len(text))
+                text, token_ids = text[sent_chars:], token_ids[sent_tokens:]
+                logprobs = None if logprobs is None else logprobs[sent_tokens:]
+            completions.append(CompletionOutput(
+                index=index if ranked else s.index, text=text, token_ids=list(token_ids),
+                cumulative_logprob=s.cumulative_logprob, logprobs=None if logprobs is None else list(logprobs),
+                finish_reason=s.status.value if done else None, stop_reason=s.stop_reason))
+        first = parent.samples[0]
+        return RequestOutput(request_id=parent.request_id, prompt=first.prompt, prompt_token_ids=first.prompt_token_ids,
+                             outputs=completions, finished=finished, prompt_logprobs=first.prompt_logprobs)
 
     def _release(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)
-        self.detokenizers.pop(req.request_id, None)
+        for sample in req.parent.samples:
+            self.detokenizers.pop(sample.request_id, None)
+            self._sent.pop(sample.request_id, None)

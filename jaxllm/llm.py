@@ -10,8 +10,9 @@ import jax
 
 from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.engine import LLMEngine
+from jaxllm.beam_search import BeamSearchOutput, beam_search
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("jaxllm")
 
@@ -109,6 +110,13 @@ class LLM:
         for req in requests:
             engine.enqueue(req)
         return self._run_engine(requests, use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search (vLLM's): for each prompt, the `params.beam_width` best sequences (prompt tokens
+        included), best first. See jaxllm/beam_search.py."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        return beam_search(self, prompts, params)
 
     def _run_engine(self, requests, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

@@ -1,8 +1,19 @@
 """Turns a SchedulerOutput into fixed-shape device arrays and runs the jitted step.
 
-Every step is padded up to a bucket: T query tokens, S sequences and B block-table columns each
-come from a small fixed set, so a whole generate() compiles a handful of programs. A decode-only
-step uses T = S. Only the sampled token ids come back to the host.
+Every step is padded up to a bucket: T query tokens, S sequences, R sampled rows (S, plus one per
+sibling forked this step) and B block-table columns each come from a small fixed set, so a whole
+generate() compiles a handful of programs. A decode-only step uses T = S. Sampling parameters are
+arrays; only a few static flags (filters, penalties, logprob widths) pick a program. What comes back
+to the host: the sampled ids and their logprobs, plus top-N logprobs only when a request asks.
+
+Penalty state. Presence/frequency/repetition penalties need, per request, which tokens the prompt holds
+and how often each token was generated. Sending the token ids every step would cost O(context) per
+request per step; instead each running penalised request owns a row of a device-resident
+`PenaltyState` ([max_num_seqs, V]): the row is filled once from the prompt (and any earlier output,
+after preemption or a fork), and each step scatters the just-sampled token into it on the device. A
+step sends only an int per row. The rows cost max_num_seqs * V * 5 bytes (32 * 49152 * 5 = 7.5 MiB for
+SmolLM2 on CPU; 256 * 152k * 5 = 190 MiB for a Qwen vocabulary on GPU) and exist only once a penalised
+request arrives.
 """
 
 from __future__ import annotations
@@ -11,30 +22,52 @@ import bisect
 import functools
 import logging
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import EngineConfig, ModelConfig
+from jaxllm.core.request import Request
 from jaxllm.core.scheduler import SchedulerOutput
 from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks
 from jaxllm.models import llama
-from jaxllm.sampler import SamplingTensors, sample
+from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
 
 logger = logging.getLogger("jaxllm")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "use_filters"), donate_argnums=(1,))
-def _step(params, kv_cache: KVCache, token_ids, positions, md: AttentionMetadata, st: SamplingTensors,
-          config: ModelConfig, use_filters: bool):
-    logits, kv_cache = llama.forward(params, token_ids, positions, kv_cache, md, config)
-    return sample(logits, st, use_filters=use_filters), kv_cache
+@functools.partial(jax.jit, static_argnames=("config", "use_filters", "num_logprobs", "num_prompt_logprobs"),
+                   donate_argnames=("kv_cache", "penalty_state"))
+def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, token_ids, positions,
+          md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets, config: ModelConfig,
+          use_filters: bool, num_logprobs: int, num_prompt_logprobs: int):
+    """token_ids/positions/prompt_targets [T], sample_indices [R]: the query token each row samples after."""
+    hidden, kv_cache = llama.forward_hidden(params, token_ids, positions, kv_cache, md, config)
+    logits = llama.compute_logits(params, hidden[sample_indices])  # [R, V]
+    out, penalty_state = sample(logits, st, penalty_state, use_filters=use_filters, num_logprobs=num_logprobs)
+    prompt = None
+    if num_prompt_logprobs >= 0:
+        prompt = token_logprobs(llama.compute_logits(params, hidden), prompt_targets, num_prompt_logprobs)
+    return out, prompt, kv_cache, penalty_state
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _copy_blocks(kv_cache: KVCache, src, dst):
     return copy_blocks(kv_cache, src, dst)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _fill_penalty_rows(state: PenaltyState, rows, prompt_ids, output_ids) -> PenaltyState:
+    """Reset rows [N] to the statistics of prompt_ids / output_ids [N, L] (padded with V: dropped)."""
+    counts = state.output_counts.at[rows].set(0, mode="drop")
+    mask = state.prompt_mask.at[rows].set(False, mode="drop")
+    r = rows[:, None]
+    counts = counts.at[r, output_ids].add(1, mode="drop")
+    mask = mask.at[r, prompt_ids].set(True, mode="drop")
+    return PenaltyState(output_counts=counts, prompt_mask=mask)
 
 
 def _bucket(n: int, buckets) -> int:
@@ -44,16 +77,83 @@ def _bucket(n: int, buckets) -> int:
     return buckets[i]
 
 
+def _pow2_at_least(n: int, lo: int = 1) -> int:
+    b = lo
+    while b < n:
+        b *= 2
+    return b
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Host arrays, one entry per sampled row (scheduled requests, then forked siblings)."""
+
+    sampled: np.ndarray  # [rows] int32
+    logprob: np.ndarray  # [rows] float32, raw logprob of the sampled token
+    rank: np.ndarray | None = None  # [rows] int32, when some row asked for logprobs
+    top_ids: np.ndarray | None = None  # [rows, N]
+    top_logprobs: np.ndarray | None = None  # [rows, N]
+    # request_id -> (logprob [k], rank [k], top ids [k, N], top logprobs [k, N]) for its next k prompt tokens
+    prompt_logprobs: dict | None = None
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_blocks: int):
         self.model_config = model_config
         self.config = engine_config
         self.params = params
         self.block_size = engine_config.block_size
+        self.vocab_size = model_config.vocab_size
         self.kv_cache = KVCache.create(model_config, num_blocks, self.block_size)
         mb = engine_config.max_blocks_per_seq
         self.block_buckets = tuple(sorted({min(b, mb) for b in (2 ** i for i in range(2, 20)) if b < 2 * mb}))
         self.compiled_buckets: set[tuple] = set()
+        self.penalty_state: PenaltyState | None = None  # created on the first penalised request
+        self.penalty_rows: OrderedDict[str, int] = OrderedDict()  # request_id -> row, least recently used first
+
+    # -- penalty rows ---------------------------------------------------------------------------
+    def free_request(self, request_id: str) -> None:
+        """The request finished: its penalty row (if any) can be reused."""
+        self.penalty_rows.pop(request_id, None)
+
+    def _penalty_rows_for(self, requests: list[Request]) -> dict[str, int]:
+        """A row for each penalised request of this step; new rows are filled from the request's tokens."""
+        wanted = [r for r in requests if r.sampling_params.needs_penalties]
+        if not wanted:
+            return {}
+        num_rows = self.config.max_num_seqs
+        if self.penalty_state is None:
+            self.penalty_state = PenaltyState.create(num_rows, self.vocab_size)
+        in_step = {r.request_id for r in wanted}
+        fill = []
+        for req in wanted:
+            if req.request_id in self.penalty_rows:
+                self.penalty_rows.move_to_end(req.request_id)
+                continue
+            used = set(self.penalty_rows.values())
+            free = next((i for i in range(num_rows) if i not in used), None)
+            if free is None:  # taken by a preempted request that is not in this step: it refills later
+                victim = next(rid for rid in self.penalty_rows if rid not in in_step)
+                free = self.penalty_rows.pop(victim)
+            self.penalty_rows[req.request_id] = free
+            fill.append(req)
+        if fill:
+            self._fill(fill)
+        return {r.request_id: self.penalty_rows[r.request_id] for r in wanted}
+
+    def _fill(self, requests: list[Request]) -> None:
+        n = _pow2_at_least(len(requests))
+        lp = _pow2_at_least(max(r.num_prompt_tokens for r in requests), 16)
+        lo = _pow2_at_least(max(r.num_output_tokens for r in requests), 16)
+        V = self.vocab_size
+        rows = np.full(n, self.config.max_num_seqs, np.int32)  # padding rows are out of range: dropped
+        prompt_ids = np.full((n, lp), V, np.int32)
+        output_ids = np.full((n, lo), V, np.int32)
+        for i, req in enumerate(requests):
+            rows[i] = self.penalty_rows[req.request_id]
+            prompt_ids[i, :req.num_prompt_tokens] = req.prompt_token_ids
+            output_ids[i, :req.num_output_tokens] = req.output_token_ids
+        self.penalty_state = _fill_penalty_rows(self.penalty_state, rows, prompt_ids, output_ids)
 
     # -- host side: build padded arrays -------------------------------------------------------
     def prepare(self, out: SchedulerOutput):
@@ -64,6 +164,7 @@ class ModelRunner:
         T = S if decode_only else _bucket(num_tokens, self.config.token_buckets)
         B = _bucket(max(len(s.block_ids) for s in sched), self.block_buckets)
         bs = self.block_size
+        V = self.vocab_size
 
         token_ids = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
@@ -72,12 +173,8 @@ class ModelRunner:
         seq_lens = np.zeros(S, np.int32)
         query_start_loc = np.zeros(S + 1, np.int32)
         logits_indices = np.zeros(S, np.int32)
-        temperature = np.zeros(S, np.float32)
-        top_k = np.zeros(S, np.int32)
-        top_p = np.ones(S, np.float32)
-        min_p = np.zeros(S, np.float32)
-        seeds = np.zeros(S, np.uint32)
-        sample_index = np.zeros(S, np.int32)
+        prompt_targets = np.zeros(T, np.int32)
+        prompt_spans = {}  # request_id -> (first query index, count) of prompt tokens to score
 
         t = 0
         for i, s in enumerate(sched):
@@ -90,36 +187,143 @@ class ModelRunner:
             slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
             block_tables[i, :len(table)] = table
             seq_lens[i] = start + n
+            if req.wants_prompt_logprobs:
+                # Position p scores prompt token p + 1; only positions not scored before (a preempted
+                # request recomputes its prompt).
+                first = len(req.prompt_logprobs) - 1
+                lo, hi = max(start, first), min(start + n, req.num_prompt_tokens - 1)
+                if hi > lo:
+                    prompt_targets[t + lo - start:t + hi - start] = req.all_token_ids[lo + 1:hi + 1]
+                    prompt_spans[req.request_id] = (t + lo - start, hi - lo)
             t += n
             query_start_loc[i + 1] = t
             logits_indices[i] = t - 1
-            p = req.sampling_params
-            temperature[i], top_k[i], top_p[i], min_p[i] = p.temperature, p.top_k, p.top_p, p.min_p
-            seeds[i] = req.seed
-            sample_index[i] = req.num_output_tokens
         query_start_loc[len(sched) + 1:] = t
+
+        # Sampled rows: one per scheduled request, then one per sibling forked from it.
+        rows = [(s.request, logits_indices[i], True) for i, s in enumerate(sched)]
+        rows += [(child, logits_indices[i], False) for i, child in out.forks]
+        R = _bucket(len(rows), self.config.seq_buckets) if len(rows) > S else S
+        penalty_rows = self._penalty_rows_for([s.request for s in sched])
+        st, num_logprobs, use_filters = self._sampling_tensors(rows, R, penalty_rows, out)
+        sample_indices = np.zeros(R, np.int32)
+        sample_indices[:len(rows)] = [r[1] for r in rows]
+
+        num_prompt_logprobs = -1
+        if prompt_spans:
+            wanted = max(s.request.sampling_params.prompt_logprobs for s in sched
+                         if s.request.request_id in prompt_spans)
+            num_prompt_logprobs = self._logprobs_width(wanted)
 
         md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=block_tables, seq_lens=seq_lens,
                                query_start_loc=query_start_loc, logits_indices=logits_indices)
+        args = dict(token_ids=token_ids, positions=positions, md=md, sample_indices=sample_indices, st=st,
+                    prompt_targets=prompt_targets, use_filters=use_filters, num_logprobs=num_logprobs,
+                    num_prompt_logprobs=num_prompt_logprobs)
+        bucket = (T, S, R, B, use_filters, bool(penalty_rows), st.bias_ids.shape[1], st.allowed_ids.shape[1],
+                  num_logprobs, num_prompt_logprobs)
+        return args, bucket, prompt_spans, penalty_rows
+
+    def _logprobs_width(self, wanted: int) -> int:
+        if wanted == -1:
+            return self.vocab_size
+        return min(_pow2_at_least(wanted, 1), self.vocab_size) if wanted > 0 else 0
+
+    def _sampling_tensors(self, rows, R: int, penalty_rows: dict[str, int], out: SchedulerOutput):
+        temperature = np.zeros(R, np.float32)
+        top_k = np.zeros(R, np.int32)
+        top_p = np.ones(R, np.float32)
+        min_p = np.zeros(R, np.float32)
+        seeds = np.zeros(R, np.uint32)
+        sample_index = np.zeros(R, np.int32)
+        presence = np.zeros(R, np.float32)
+        frequency = np.zeros(R, np.float32)
+        repetition = np.ones(R, np.float32)
+        prow = np.full(R, -1, np.int32)
+        crow = np.full(R, -1, np.int32)
+        has_allowed = np.zeros(R, bool)
+        biases: list[list[tuple[int, float]]] = []
+        alloweds: list[list[int]] = []
+        num_logprobs = -1
+        use_filters = False
+        sched = out.scheduled
+        for i, (req, _, own) in enumerate(rows):
+            p = req.sampling_params
+            temperature[i], top_k[i], top_p[i], min_p[i] = p.temperature, p.top_k, p.top_p, p.min_p
+            use_filters |= p.needs_filtering
+            seeds[i] = req.seed
+            # A forked sibling samples its first token from its parent's row, before it has any output.
+            sample_index[i] = req.num_output_tokens if own else 0
+            if p.needs_penalties:
+                parent = req if own else sched[next(j for j, c in out.forks if c is req)].request
+                presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+                prow[i] = penalty_rows[parent.request_id]
+                if own and req.num_computed_tokens + self._num_new(sched, i) == req.num_tokens:
+                    crow[i] = prow[i]
+            # A sibling has no output yet, so these see the same (empty) history as its parent's row.
+            bias = [(tok, -np.inf) for tok in req.stop_token_ids_to_mask() + req.banned_by_bad_words()]
+            if p.logit_bias:
+                bias += list(p.logit_bias.items())
+            biases.append(bias)
+            if p.allowed_token_ids:
+                has_allowed[i] = True
+                alloweds.append(p.allowed_token_ids)
+            else:
+                alloweds.append([])
+            if p.logprobs is not None:
+                num_logprobs = max(num_logprobs, self._logprobs_width(p.logprobs))
+
+        V = self.vocab_size
+        # At least 8 columns even when no row has a bias: a scatter of [R, 8] costs nothing, and min_tokens,
+        # bad words or a logit_bias arriving then needs no other program.
+        K = _pow2_at_least(max((len(b) for b in biases), default=0), 8)
+        bias_ids = np.full((R, K), V, np.int32)
+        bias_values = np.zeros((R, K), np.float32)
+        for i, b in enumerate(biases):
+            if b:
+                bias_ids[i, :len(b)] = [tok for tok, _ in b]
+                bias_values[i, :len(b)] = [val for _, val in b]
+        A = max((len(a) for a in alloweds), default=0)
+        A = _pow2_at_least(A, 16) if A else 0
+        allowed_ids = np.full((R, A), V, np.int32)
+        for i, a in enumerate(alloweds):
+            allowed_ids[i, :len(a)] = a
         st = SamplingTensors(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
-                             sample_index=sample_index)
-        use_filters = any(s.request.sampling_params.needs_filtering for s in sched)
-        return (token_ids, positions, md, st, use_filters), (T, S, B, use_filters)
+                             sample_index=sample_index, presence_penalty=presence, frequency_penalty=frequency,
+                             repetition_penalty=repetition, penalty_rows=prow, count_rows=crow, bias_ids=bias_ids,
+                             bias_values=bias_values, allowed_ids=allowed_ids, has_allowed=has_allowed)
+        return st, num_logprobs, use_filters
+
+    @staticmethod
+    def _num_new(sched, i: int) -> int:
+        return sched[i].num_new_tokens
 
     # -- device side ----------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> np.ndarray:
-        """Run one step; returns the sampled token id of each scheduled request (host numpy)."""
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step; returns the sampled token (and logprobs) of every sampled row."""
         if out.block_copies:
             src, dst = (np.asarray(x, np.int32) for x in zip(*out.block_copies))
             self.kv_cache = _copy_blocks(self.kv_cache, src, dst)
-        (token_ids, positions, md, st, use_filters), bucket = self.prepare(out)
+        args, bucket, prompt_spans, penalty_rows = self.prepare(out)
         first = bucket not in self.compiled_buckets
         t0 = time.perf_counter()
-        tokens, self.kv_cache = _step(self.params, self.kv_cache, token_ids, positions, md, st,
-                                      config=self.model_config, use_filters=use_filters)
-        tokens = np.asarray(tokens)
+        state = self.penalty_state if penalty_rows else None
+        res, prompt, self.kv_cache, state = _step(self.params, self.kv_cache, state, config=self.model_config, **args)
+        if penalty_rows:
+            self.penalty_state = state
+        num_rows = len(out.scheduled) + len(out.forks)
+        host = jax.device_get(res)
+        result = ModelRunnerOutput(sampled=host.sampled[:num_rows], logprob=host.logprob[:num_rows])
+        if host.rank is not None:
+            result.rank, result.top_ids, result.top_logprobs = (
+                host.rank[:num_rows], host.top_ids[:num_rows], host.top_logprobs[:num_rows])
+        if prompt is not None:
+            chosen, rank, top_ids, top_lps = jax.device_get(prompt)
+            result.prompt_logprobs = {rid: (chosen[a:a + k], rank[a:a + k], top_ids[a:a + k], top_lps[a:a + k])
+                                      for rid, (a, k) in prompt_spans.items()}
         if first:
             self.compiled_buckets.add(bucket)
-            logger.info("compiled step for bucket (tokens=%d, seqs=%d, blocks=%d, filters=%s) in %.2fs",
+            logger.info("compiled step for bucket (tokens=%d, seqs=%d, rows=%d, blocks=%d, filters=%s, penalties=%s, "
+                        "biases=%d, allowed=%d, logprobs=%d, prompt_logprobs=%d) in %.2fs",
                         *bucket, time.perf_counter() - t0)
-        return tokens[:len(out.scheduled)]
+        return result

@@ -1,4 +1,4 @@
-"""What generate() returns: vLLM's RequestOutput and CompletionOutput."""
+"""What generate() returns: vLLM's RequestOutput, CompletionOutput and Logprob."""
 
 from __future__ import annotations
 
@@ -6,14 +6,29 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """The log probability of one token at one position, its rank in the model's distribution (1 = most
+    likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
+    """One completion of a prompt.
+
+    `logprobs` (when asked for): per output position a dict {token_id: Logprob} holding the chosen token
+    and the `logprobs` most likely ones. `cumulative_logprob`: the sum of the chosen tokens' logprobs."""
+
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: list | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
-    stop_reason: int | str | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it; None for EOS
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -21,6 +36,9 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """The completions of one prompt. `prompt_logprobs` (when asked for): None for the first prompt token,
+    then a {token_id: Logprob} dict per prompt token."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]

@@ -1,9 +1,19 @@
-"""Sampling on the device, inside the jitted step: one row per sequence, each with its own parameters.
+"""Sampling on the device, inside the jitted step: one row per sample, each with its own parameters.
+
+The order is vLLM v1's:
+  raw logprobs = log_softmax(logits)                     (what `logprobs` reports)
+  allowed_token_ids mask -> sparse biases (bad words and min_tokens as -inf, logit_bias) -> penalties
+  greedy rows: argmax here
+  random rows: / temperature -> min_p -> top_k -> top_p -> Gumbel-max
 
 Every row carries its own seed and the index of the token it samples, so a request's randomness never
-depends on what else is in the batch. Sampling is Gumbel-max (argmax of logits/T + Gumbel noise), which
-needs no normalisation and no host round trip. Top-k / top-p / min-p are applied as threshold masks
-computed from one descending sort; batches with no such request skip the sort (`use_filters=False`).
+depends on what else is in the batch. Gumbel-max (argmax of logits/T + Gumbel noise) samples from the
+softmax with no normalisation and no host round trip.
+
+Per-row parameters are arrays, so changing a value never recompiles. What varies in size is padded:
+sparse biases to [R, K], allowed ids to [R, A]. Penalties need token counts: they live on the device in
+`PenaltyState`, one row per running penalised request, updated in the step with the token just sampled,
+so a step sends nothing proportional to the context (see model_runner.py).
 """
 
 from __future__ import annotations
@@ -19,48 +29,170 @@ NEG_INF = -jnp.inf
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplingTensors:
-    temperature: jax.Array  # [S] float32, 0 = greedy
-    top_k: jax.Array  # [S] int32, 0 = off
-    top_p: jax.Array  # [S] float32, 1 = off
-    min_p: jax.Array  # [S] float32, 0 = off
-    seeds: jax.Array  # [S] uint32
-    sample_index: jax.Array  # [S] int32: how many tokens the request had generated before this one
+    """Per-row sampling parameters. R rows: one per sample drawn this step (padding rows are greedy)."""
+
+    temperature: jax.Array  # [R] float32, 0 = greedy
+    top_k: jax.Array  # [R] int32, 0 = off
+    top_p: jax.Array  # [R] float32, 1 = off
+    min_p: jax.Array  # [R] float32, 0 = off
+    seeds: jax.Array  # [R] uint32
+    sample_index: jax.Array  # [R] int32: how many tokens the sample had generated before this one
+    presence_penalty: jax.Array  # [R] float32, 0 = off
+    frequency_penalty: jax.Array  # [R] float32, 0 = off
+    repetition_penalty: jax.Array  # [R] float32, 1 = off
+    penalty_rows: jax.Array  # [R] int32: the row's counts in PenaltyState (-1: none)
+    count_rows: jax.Array  # [R] int32: where to count the sampled token (-1: nowhere)
+    bias_ids: jax.Array  # [R, K] int32, padded with vocab_size (dropped)
+    bias_values: jax.Array  # [R, K] float32: added to the logits; -inf bans
+    allowed_ids: jax.Array  # [R, A] int32, padded with vocab_size
+    has_allowed: jax.Array  # [R] bool: whether allowed_ids restricts the row
 
 
-def apply_top_k_top_p_min_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
-    """Mask (to -inf) every token outside the top-k, then outside the top-p nucleus, then below min_p
-    times the top probability. logits [S, V] (already temperature-scaled); returns the same shape."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PenaltyState:
+    """Token statistics of the penalised requests, one row each, kept on the device across steps."""
+
+    output_counts: jax.Array  # [P, V] int32: occurrences of each token among the generated tokens
+    prompt_mask: jax.Array  # [P, V] bool: whether each token occurs in the prompt
+
+    @staticmethod
+    def create(num_rows: int, vocab_size: int) -> "PenaltyState":
+        return PenaltyState(output_counts=jnp.zeros((num_rows, vocab_size), jnp.int32),
+                            prompt_mask=jnp.zeros((num_rows, vocab_size), bool))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplerOutput:
+    sampled: jax.Array  # [R] int32
+    logprob: jax.Array  # [R] float32: raw logprob of the sampled token
+    rank: jax.Array | None = None  # [R] int32: number of tokens at least as likely as the sampled one (vLLM's)
+    top_ids: jax.Array | None = None  # [R, N] int32: the N most likely tokens
+    top_logprobs: jax.Array | None = None  # [R, N] float32
+
+
+# ---- logits processors: pure functions on [R, V] logits -----------------------------------------
+
+
+def apply_allowed_token_ids(logits: jax.Array, allowed_ids: jax.Array, has_allowed: jax.Array) -> jax.Array:
+    """Rows with `has_allowed` keep only the logits of `allowed_ids` [R, A]; the rest become -inf."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    allowed = jnp.zeros(logits.shape, bool).at[rows, allowed_ids].set(True, mode="drop")
+    return jnp.where(allowed | ~has_allowed[:, None], logits, NEG_INF)
+
+
+def apply_sparse_bias(logits: jax.Array, bias_ids: jax.Array, bias_values: jax.Array) -> jax.Array:
+    """logits[r, bias_ids[r, j]] += bias_values[r, j]; ids out of range (padding) are dropped."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, bias_ids].add(bias_values, mode="drop")
+
+
+def apply_penalties(logits: jax.Array, prompt_mask: jax.Array, output_counts: jax.Array,
+                    presence_penalty: jax.Array, frequency_penalty: jax.Array,
+                    repetition_penalty: jax.Array) -> jax.Array:
+    """vLLM's formulas. prompt_mask [R, V] bool, output_counts [R, V] int, penalties [R].
+
+    Repetition (tokens seen in the prompt or the output): positive logits / p, negative logits * p.
+    Then frequency (per occurrence in the output) and presence (once if in the output) are subtracted."""
+    output_mask = output_counts > 0
+    rep = jnp.where(prompt_mask | output_mask, repetition_penalty[:, None], 1.0)
+    logits = jnp.where(logits > 0, logits / rep, logits * rep)
+    logits = logits - frequency_penalty[:, None] * output_counts
+    return logits - presence_penalty[:, None] * output_mask
+
+
+def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Mask tokens whose probability is below min_p times the top probability (min_p 0: off)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    threshold = min_p[:, None] * probs.max(axis=-1, keepdims=True)
+    return jnp.where(probs < threshold, NEG_INF, logits)
+
+
+def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keep the top_k tokens (ties with the k-th kept; 0 = all), then the smallest prefix of those,
+    by descending probability, whose mass reaches top_p (at least one token). Both from one sort."""
     V = logits.shape[-1]
-    sorted_desc = -jnp.sort(-logits, axis=-1)  # [S, V]
+    sorted_desc = -jnp.sort(-logits, axis=-1)  # [R, V]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [S, 1]
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [R, 1]
     keep = logits >= kth
-    # Nucleus over the top-k survivors: the smallest prefix of the sorted list whose mass reaches top_p.
     ranks = jnp.arange(V)[None, :]
-    sorted_kept = jnp.where(ranks < k[:, None], sorted_desc, NEG_INF)
+    sorted_kept = jnp.where((ranks < k[:, None]) | (sorted_desc >= kth), sorted_desc, NEG_INF)
     probs = jax.nn.softmax(sorted_kept, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    last = jnp.sum(mass_before < top_p[:, None], axis=-1) - 1  # index of the last kept rank, >= 0
-    nucleus_min = jnp.take_along_axis(sorted_desc, jnp.maximum(last, 0)[:, None], axis=-1)
-    keep &= logits >= nucleus_min
-    # min_p: relative to the most likely token's probability.
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    keep &= logp >= jnp.log(jnp.maximum(min_p, 1e-30))[:, None] + logp.max(-1, keepdims=True)
-    keep |= min_p[:, None] <= 0  # min_p == 0 disables the last mask (log(0) would be -inf anyway)
+    last = jnp.maximum(jnp.sum(mass_before < top_p[:, None], axis=-1) - 1, 0)  # last kept rank
+    nucleus_min = jnp.take_along_axis(sorted_desc, last[:, None], axis=-1)
+    keep &= (logits >= nucleus_min) | (top_p[:, None] >= 1.0)
     return jnp.where(keep, logits, NEG_INF)
 
 
-def sample(logits: jax.Array, t: SamplingTensors, *, use_filters: bool) -> jax.Array:
-    """logits [S, V] float32 -> token ids [S] int32."""
+def gumbel_noise(seeds: jax.Array, sample_index: jax.Array, vocab_size: int) -> jax.Array:
+    """[R, V] Gumbel noise; row r depends only on (seeds[r], sample_index[r])."""
+
+    def row(seed, index):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+        return jax.random.gumbel(key, (vocab_size,), jnp.float32)
+
+    return jax.vmap(row)(seeds, sample_index)
+
+
+# ---- the sampler -------------------------------------------------------------------------------
+
+
+def process_logits(logits: jax.Array, t: SamplingTensors, penalty_state: PenaltyState | None) -> jax.Array:
+    """The processors that can change the argmax, in vLLM's order (allowed ids, biases, penalties)."""
+    if t.allowed_ids.shape[1]:
+        logits = apply_allowed_token_ids(logits, t.allowed_ids, t.has_allowed)
+    if t.bias_ids.shape[1]:
+        logits = apply_sparse_bias(logits, t.bias_ids, t.bias_values)
+    if penalty_state is not None:
+        rows = jnp.maximum(t.penalty_rows, 0)
+        counts = jnp.where((t.penalty_rows >= 0)[:, None], penalty_state.output_counts[rows], 0)
+        prompt_mask = penalty_state.prompt_mask[rows] & (t.penalty_rows >= 0)[:, None]
+        logits = apply_penalties(logits, prompt_mask, counts, t.presence_penalty, t.frequency_penalty,
+                                 t.repetition_penalty)
+    return logits
+
+
+def sample(logits: jax.Array, t: SamplingTensors, penalty_state: PenaltyState | None = None, *,
+           use_filters: bool, num_logprobs: int = -1) -> tuple[SamplerOutput, PenaltyState | None]:
+    """logits [R, V] float32 -> SamplerOutput, and the penalty state with the sampled tokens counted.
+
+    num_logprobs (static): -1 returns only the sampled token's logprob; N >= 0 also its rank and the
+    N most likely tokens. Logprobs are of the raw logits (vLLM's default `raw_logprobs`)."""
+    V = logits.shape[-1]
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    logits = process_logits(logits, t, penalty_state)
+
     greedy = t.temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, t.temperature)[:, None]
     if use_filters:
-        scaled = apply_top_k_top_p_min_p(scaled, t.top_k, t.top_p, t.min_p)
+        scaled = apply_min_p(scaled, t.min_p)
+        scaled = apply_top_k_top_p(scaled, t.top_k, t.top_p)
+    sampled = jnp.argmax(scaled + gumbel_noise(t.seeds, t.sample_index, V), axis=-1)
+    sampled = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
 
-    def gumbel_row(seed, index):
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
-        return jax.random.gumbel(key, (logits.shape[-1],), jnp.float32)
+    logprob = jnp.take_along_axis(raw_logprobs, sampled[:, None], axis=-1)[:, 0]
+    out = SamplerOutput(sampled=sampled, logprob=logprob)
+    if num_logprobs >= 0:
+        out.rank = jnp.sum(raw_logprobs >= logprob[:, None], axis=-1).astype(jnp.int32)
+        out.top_logprobs, out.top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
+        out.top_ids = out.top_ids.astype(jnp.int32)
 
-    noise = jax.vmap(gumbel_row)(t.seeds, t.sample_index)
-    sampled = jnp.argmax(scaled + noise, axis=-1)
-    return jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    if penalty_state is not None:
+        # -1 (no row) must not wrap around to the last row: send it out of range, where it is dropped.
+        rows = jnp.where(t.count_rows < 0, penalty_state.output_counts.shape[0], t.count_rows)
+        counts = penalty_state.output_counts.at[rows, sampled].add(1, mode="drop")
+        penalty_state = PenaltyState(output_counts=counts, prompt_mask=penalty_state.prompt_mask)
+    return out, penalty_state
+
+
+def token_logprobs(logits: jax.Array, target_ids: jax.Array, num_logprobs: int):
+    """For prompt logprobs: logits [T, V], target_ids [T] -> (logprob [T], rank [T], top ids [T, N],
+    top logprobs [T, N]) of the raw distribution."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, target_ids[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(logprobs >= chosen[:, None], axis=-1).astype(jnp.int32)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, num_logprobs)
+    return chosen, rank, top_ids.astype(jnp.int32), top_logprobs

@@ -7,6 +7,12 @@ a prefill chunk the case "many". Running requests go first, in admission order, 
 starves; waiting requests are admitted only while blocks and budget remain. When blocks run out, the
 most recently admitted running request is preempted: its blocks are freed, its progress reset, and it
 goes to the front of the waiting queue to be recomputed (its prefix-cached blocks make that cheap).
+
+Parallel samples (n > 1): only the first sample of a prompt is admitted, with room kept for its
+siblings. In the step that completes its prompt the runner samples one extra row per sibling from the
+same logits (`SchedulerOutput.forks`), and `update_from_output` forks the first sample's blocks to each
+sibling (ref_count += 1 per block), which then runs as an ordinary request: the prompt is computed once,
+and whichever sample first writes into the shared partial block gets a copy of it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst), before the step
+    # (index into `scheduled`, sibling): siblings forked from a request whose prompt completes this step.
+    # Their first tokens are sampled rows len(scheduled) + j of the step, from their parent's logits.
+    forks: list[tuple[int, Request]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -72,14 +81,21 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, num_new, self.kv.get_block_ids(req.request_id)))
+                self._add_scheduled(out, req, num_new)
                 budget -= num_new
                 i += 1
 
         # Then waiting requests, unless this step already had to preempt.
+        # Siblings not forked yet will join the running set: their seats are kept.
+        reserved = sum(len(r.pending_children) for r in self.running)
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            computed_blocks, num_computed = self.kv.get_computed_blocks(req.all_token_ids)
+            if len(self.running) + reserved + 1 + len(req.pending_children) > self.max_num_seqs:
+                break
+            if req.wants_prompt_logprobs:  # every prompt position must be computed to score it
+                computed_blocks, num_computed = [], 0
+            else:
+                computed_blocks, num_computed = self.kv.get_computed_blocks(req.all_token_ids)
             num_new = req.num_tokens - num_computed
             if num_new > budget:
                 if not self.enable_chunked_prefill:
@@ -92,11 +108,17 @@ class Scheduler:
             req.num_computed_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, num_new, self.kv.get_block_ids(req.request_id)))
+            reserved += len(req.pending_children)
+            self._add_scheduled(out, req, num_new)
             budget -= num_new
 
         out.block_copies = self.kv.take_pending_copies()
         return out
+
+    def _add_scheduled(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+        if req.pending_children and req.num_computed_tokens + num_new == req.num_tokens:
+            out.forks.extend((len(out.scheduled), child) for child in req.pending_children)
+        out.scheduled.append(ScheduledRequest(req, num_new, self.kv.get_block_ids(req.request_id)))
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req.request_id)
@@ -107,11 +129,15 @@ class Scheduler:
         self.waiting.appendleft(req)
         out.preempted.append(req)
 
-    def update_from_output(self, out: SchedulerOutput, sampled_token_ids) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, sampled_token_ids) -> list[tuple[Request, int]]:
         """Advance each scheduled request by its computed tokens; append the sampled token to those
-        whose computed prefix now covers all their tokens. Returns the requests that got a token."""
+        whose computed prefix now covers all their tokens, and fork the siblings of those that have them.
+        Returns (request, row of `sampled_token_ids`) for every request that got a token."""
         advanced = []
-        for sched, token in zip(out.scheduled, sampled_token_ids):
+        forks_of: dict[int, list[tuple[int, Request]]] = {}
+        for j, (i, child) in enumerate(out.forks):
+            forks_of.setdefault(i, []).append((len(out.scheduled) + j, child))
+        for i, (sched, token) in enumerate(zip(out.scheduled, sampled_token_ids)):
             req = sched.request
             if req.status.finished:  # aborted while the step ran
                 continue
@@ -119,10 +145,22 @@ class Scheduler:
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a prefill chunk that is not the last: its sample is meaningless
             req.append_output_token(int(token))
-            advanced.append(req)
+            advanced.append((req, i))
+            for row, child in forks_of.get(i, ()):
+                self._fork(req, child, int(sampled_token_ids[row]))
+                advanced.append((child, row))
+            req.pending_children = []
+        for req, _ in advanced:
             if req.check_stop():
                 self._finish(req)
         return advanced
+
+    def _fork(self, parent: Request, child: Request, token: int) -> None:
+        self.kv.fork(parent.request_id, child.request_id)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        child.append_output_token(token)
+        self.running.append(child)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """Finish a request from outside (abort). Returns it, or None if unknown or already finished."""
