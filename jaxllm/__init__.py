@@ -20,6 +20,22 @@ __version__ = "0.1.0"
 
 logging.getLogger("jaxllm").addHandler(logging.NullHandler())
 
+
+def _enable_compilation_cache() -> None:
+    """A persistent compilation cache, so that a second start skips compiling (JAXLLM_COMPILATION_CACHE=""
+    turns it off). Left alone when the application set its own."""
+    import os
+
+    import jax
+
+    path = os.environ.get("JAXLLM_COMPILATION_CACHE", os.path.expanduser("~/.cache/jaxllm/xla"))
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+_enable_compilation_cache()
+
 _llms: dict = {}
 
 

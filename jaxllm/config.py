@@ -156,9 +156,11 @@ class EngineConfig:
             need(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens", self.max_num_batched_tokens,
                  f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off")
         if not self.token_buckets:
-            object.__setattr__(self, "token_buckets", _pow2_buckets(8, self.max_num_batched_tokens))
+            object.__setattr__(self, "token_buckets", pow2_buckets(8, self.max_num_batched_tokens))
         if not self.seq_buckets:
-            object.__setattr__(self, "seq_buckets", _pow2_buckets(1, self.max_num_seqs))
+            # Never a bucket of one: XLA on the CPU copies the whole cache in a one-token step (11 s instead of
+            # 0.04 s for SmolLM2's 1 GiB cache); buckets are array sizes, so 2 is fine even when max_num_seqs is 1.
+            object.__setattr__(self, "seq_buckets", pow2_buckets(2, max(2, self.max_num_seqs)))
         need(self.token_buckets[-1] >= self.max_num_batched_tokens, "token_buckets", self.token_buckets,
              f"largest must be >= max_num_batched_tokens ({self.max_num_batched_tokens})")
         need(self.seq_buckets[-1] >= self.max_num_seqs, "seq_buckets", self.seq_buckets,
@@ -169,7 +171,7 @@ class EngineConfig:
         return -(-self.max_model_len // self.block_size)
 
 
-def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
     out, b = [], lo
     while b < hi:
         out.append(b)

@@ -72,8 +72,14 @@ class Detokenizer:
     """One sample's text: incremental decoding plus stop strings (see the module note)."""
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], params):
+        from jaxllm.sampling_params import RequestOutputKind
+
         self.params = params
-        self.enabled = params.detokenize
+        self.enabled = params.detokenize and tokenizer is not None
+        # Nobody reads the text of a FINAL_ONLY request before it ends, and without stop strings nothing
+        # else needs it: decode once at the end instead of twice a step.
+        self.lazy = params.output_kind == RequestOutputKind.FINAL_ONLY and not params.stop
+        self.pending: list[int] = []
         self.inc = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens,
                                           params.spaces_between_special_tokens)
         self.num_output_tokens = 0
@@ -91,11 +97,15 @@ class Detokenizer:
         if not self.enabled:
             return None
         p = self.params
+        if self.lazy and not finished:
+            self.pending.append(token_id)
+            return None
+        earlier, self.pending = self.pending, []
         before = len(self.inc.text)
         if stop_terminated and not p.include_stop_str_in_output:
-            self.inc.add_tokens([], final=True)  # flush what came before; the stop token is not decoded
+            self.inc.add_tokens(earlier, final=True)  # flush what came before; the stop token is not decoded
             return None
-        self.inc.add_tokens([token_id], final=finished)
+        self.inc.add_tokens(earlier + [token_id], final=finished)
         if not p.stop or self.num_output_tokens <= p.min_tokens:
             return None
         found = check_stop_strings(self.inc.text, len(self.inc.text) - before, p.stop, p.include_stop_str_in_output)

@@ -44,14 +44,23 @@ class LLMEngine:
                     model_config.architecture, model_config.dtype, engine_config.max_model_len,
                     engine_config.block_size, engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
                     engine_config.enable_prefix_caching, engine_config.enable_chunked_prefill, jax.default_backend())
-        num_blocks = self._num_kv_blocks()
+        on_gpu = jax.default_backend() != "cpu"
+        if on_gpu and engine_config.num_gpu_blocks is None:
+            # Size the cache from what is left after a step of the largest bucket has run.
+            self.runner = ModelRunner(model_config, engine_config, params, engine_config.max_blocks_per_seq + 1)
+            self.runner.run_dummy_step(engine_config.token_buckets[-1], decode_only=False)
+            self.runner.resize_kv_cache(self._num_kv_blocks())
+        else:
+            self.runner = ModelRunner(model_config, engine_config, params, self._num_kv_blocks())
+        num_blocks = self.runner.kv_cache.num_blocks
         logger.info("# KV blocks: %d, block size %d, %d tokens", num_blocks, engine_config.block_size,
                     num_blocks * engine_config.block_size)
+        if on_gpu:
+            self.runner.precompile()
         self.kv_cache_manager = KVCacheManager(num_blocks, engine_config.block_size,
                                                engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, engine_config.max_num_seqs,
                                    engine_config.max_num_batched_tokens, engine_config.enable_chunked_prefill)
-        self.runner = ModelRunner(model_config, engine_config, params, num_blocks)
         self.requests: dict[str, Request] = {}  # user request_id -> its first sample
         self.detokenizers: dict[str, Detokenizer] = {}  # per sample request_id
         self._sent: dict[str, tuple[int, int]] = {}  # per sample: (tokens, chars) already sent, for DELTA
@@ -68,10 +77,14 @@ class LLMEngine:
             wanted = cfg.max_num_seqs * cfg.max_blocks_per_seq
             num_blocks = min(wanted, int(CPU_KV_CACHE_SPACE_GIB * 2**30) // per_block)
         else:
+            # After a warm-up step of the largest bucket, the peak holds weights and activations.
             stats = jax.devices()[0].memory_stats() or {}
             limit = stats.get("bytes_limit", 0) * cfg.gpu_memory_utilization
-            free = limit - stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
-            num_blocks = int(free * 0.9) // per_block  # headroom for activations of the largest bucket
+            used = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
+            num_blocks = max(int(limit - used), 0) // per_block
+            logger.info("memory: %.1f GiB usable (gpu_memory_utilization=%.2f), %.1f GiB peak after warm-up, "
+                        "%.1f GiB for the KV cache", limit / 2**30, cfg.gpu_memory_utilization, used / 2**30,
+                        num_blocks * per_block / 2**30)
         if num_blocks < cfg.max_blocks_per_seq:
             raise ValueError(
                 f"the KV cache has room for {num_blocks} blocks ({num_blocks * cfg.block_size} tokens), fewer than one "
@@ -106,6 +119,8 @@ class LLMEngine:
         if text is not None:
             if not isinstance(text, str):
                 raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: give prompts as {'prompt_token_ids': [...]}")
             token_ids = self.tokenizer(text).input_ids
         vocab = self.model_config.vocab_size
         if not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab for t in token_ids):
@@ -157,6 +172,8 @@ class LLMEngine:
             name = "best_of" if params.best_of is not None else "n"
             raise ValueError(f"{name}={params.num_samples} is more than max_num_seqs={self.config.max_num_seqs}")
         words: list[list[int]] = []
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer, and this engine has none")
         for word in params.bad_words:
             # As vLLM: the word as given and with a leading space (mid-sentence form), when that differs.
             plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
@@ -234,7 +251,7 @@ class LLMEngine:
 
     # -- logprobs -----------------------------------------------------------------------------------
     def _decoded(self, token_id: int, params: SamplingParams) -> str | None:
-        if not params.detokenize:
+        if not params.detokenize or self.tokenizer is None:
             return None
         text = self._token_text.get(token_id)
         if text is None:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 
 import jax
 
-from jaxllm.config import EngineConfig, ModelConfig
+from jaxllm.config import EngineConfig, ModelConfig, pow2_buckets
 from jaxllm.engine import LLMEngine
 from jaxllm.beam_search import BeamSearchOutput, beam_search
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import BeamSearchParams, SamplingParams
+from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("jaxllm")
 
@@ -20,8 +22,10 @@ logger = logging.getLogger("jaxllm")
 def _platform_defaults() -> dict:
     # vLLM's GPU defaults; a CPU gets a smaller batch so one step stays short.
     if jax.default_backend() == "cpu":
-        return {"max_num_seqs": 32, "max_num_batched_tokens": 512}
-    return {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
+        return {"max_num_seqs": 32, "max_num_batched_tokens": 512, "min_seq_bucket": 2, "min_token_bucket": 8}
+    # On a GPU small steps are latency-bound, so padding them costs little: fewer, coarser buckets
+    # mean fewer programs to compile at start.
+    return {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "min_seq_bucket": 8, "min_token_bucket": 256}
 
 
 class LLM:
@@ -78,9 +82,15 @@ class LLM:
         max_num_batched_tokens = max_num_batched_tokens or max(defaults["max_num_batched_tokens"], max_num_seqs)
         if not engine_kwargs.get("enable_chunked_prefill", True):
             max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+        engine_kwargs.setdefault("seq_buckets", pow2_buckets(defaults["min_seq_bucket"],
+                                                              max(defaults["min_seq_bucket"], max_num_seqs)))
+        engine_kwargs.setdefault("token_buckets", pow2_buckets(
+            min(defaults["min_token_bucket"], max_num_batched_tokens), max_num_batched_tokens))
         engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens, **engine_kwargs)
+        start = time.perf_counter()
         self.llm_engine = LLMEngine(model_config, params, tokenizer, engine_config)
+        logger.info("engine ready in %.1fs", time.perf_counter() - start)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
@@ -101,6 +111,10 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
         engine = self.llm_engine
+        # As vLLM's LLM: generate() returns whole outputs only, so the engine builds no per-step outputs
+        # and decodes the text once at the end (unless stop strings need it incrementally).
+        params_list = [dataclasses.replace(p or SamplingParams(), output_kind=RequestOutputKind.FINAL_ONLY)
+                       if p is None or p.output_kind == RequestOutputKind.CUMULATIVE else p for p in params_list]
         requests = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             try:

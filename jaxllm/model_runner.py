@@ -39,15 +39,15 @@ from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
 logger = logging.getLogger("jaxllm")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "use_filters", "num_logprobs", "num_prompt_logprobs"),
+@functools.partial(jax.jit, static_argnames=("config", "decode_only", "num_logprobs", "num_prompt_logprobs"),
                    donate_argnames=("kv_cache", "penalty_state"))
 def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, token_ids, positions,
           md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets, config: ModelConfig,
-          use_filters: bool, num_logprobs: int, num_prompt_logprobs: int):
+          decode_only: bool, num_logprobs: int, num_prompt_logprobs: int):
     """token_ids/positions/prompt_targets [T], sample_indices [R]: the query token each row samples after."""
-    hidden, kv_cache = llama.forward_hidden(params, token_ids, positions, kv_cache, md, config)
+    hidden, kv_cache = llama.forward_hidden(params, token_ids, positions, kv_cache, md, config, decode_only)
     logits = llama.compute_logits(params, hidden[sample_indices])  # [R, V]
-    out, penalty_state = sample(logits, st, penalty_state, use_filters=use_filters, num_logprobs=num_logprobs)
+    out, penalty_state = sample(logits, st, penalty_state, use_filters=True, num_logprobs=num_logprobs)
     prompt = None
     if num_prompt_logprobs >= 0:
         prompt = token_logprobs(llama.compute_logits(params, hidden), prompt_targets, num_prompt_logprobs)
@@ -106,7 +106,16 @@ class ModelRunner:
         self.vocab_size = model_config.vocab_size
         self.kv_cache = KVCache.create(model_config, num_blocks, self.block_size)
         mb = engine_config.max_blocks_per_seq
-        self.block_buckets = tuple(sorted({min(b, mb) for b in (2 ** i for i in range(2, 20)) if b < 2 * mb}))
+        if jax.default_backend() == "cpu":
+            # The jnp attention's cost grows with the table's width, so the width is bucketed too; and
+            # a mixed step pads its sequences only to the next bucket.
+            self.block_buckets = tuple(sorted({min(b, mb) for b in (2 ** i for i in range(2, 20)) if b < 2 * mb}))
+            self.mixed_seq_buckets = engine_config.seq_buckets
+        else:
+            # The GPU kernels stop at each sequence's length, so one width serves all; mixed steps always
+            # pad to max_num_seqs. Programs: one per decode batch bucket and one per token bucket.
+            self.block_buckets = (mb,)
+            self.mixed_seq_buckets = engine_config.seq_buckets[-1:]
         self.compiled_buckets: set[tuple] = set()
         self.penalty_state: PenaltyState | None = None  # created on the first penalised request
         self.penalty_rows: OrderedDict[str, int] = OrderedDict()  # request_id -> row, least recently used first
@@ -160,7 +169,7 @@ class ModelRunner:
         sched = out.scheduled
         num_tokens = out.num_batched_tokens
         decode_only = out.is_decode_only
-        S = _bucket(len(sched), self.config.seq_buckets)
+        S = _bucket(len(sched), self.config.seq_buckets if decode_only else self.mixed_seq_buckets)
         T = S if decode_only else _bucket(num_tokens, self.config.token_buckets)
         B = _bucket(max(len(s.block_ids) for s in sched), self.block_buckets)
         bs = self.block_size
@@ -205,7 +214,7 @@ class ModelRunner:
         rows += [(child, logits_indices[i], False) for i, child in out.forks]
         R = _bucket(len(rows), self.config.seq_buckets) if len(rows) > S else S
         penalty_rows = self._penalty_rows_for([s.request for s in sched])
-        st, num_logprobs, use_filters = self._sampling_tensors(rows, R, penalty_rows, out)
+        st, num_logprobs = self._sampling_tensors(rows, R, penalty_rows, out)
         sample_indices = np.zeros(R, np.int32)
         sample_indices[:len(rows)] = [r[1] for r in rows]
 
@@ -218,9 +227,9 @@ class ModelRunner:
         md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=block_tables, seq_lens=seq_lens,
                                query_start_loc=query_start_loc, logits_indices=logits_indices)
         args = dict(token_ids=token_ids, positions=positions, md=md, sample_indices=sample_indices, st=st,
-                    prompt_targets=prompt_targets, use_filters=use_filters, num_logprobs=num_logprobs,
+                    prompt_targets=prompt_targets, decode_only=decode_only, num_logprobs=num_logprobs,
                     num_prompt_logprobs=num_prompt_logprobs)
-        bucket = (T, S, R, B, use_filters, bool(penalty_rows), st.bias_ids.shape[1], st.allowed_ids.shape[1],
+        bucket = (T, S, R, B, decode_only, bool(penalty_rows), st.bias_ids.shape[1], st.allowed_ids.shape[1],
                   num_logprobs, num_prompt_logprobs)
         return args, bucket, prompt_spans, penalty_rows
 
@@ -245,12 +254,10 @@ class ModelRunner:
         biases: list[list[tuple[int, float]]] = []
         alloweds: list[list[int]] = []
         num_logprobs = -1
-        use_filters = False
         sched = out.scheduled
         for i, (req, _, own) in enumerate(rows):
             p = req.sampling_params
             temperature[i], top_k[i], top_p[i], min_p[i] = p.temperature, p.top_k, p.top_p, p.min_p
-            use_filters |= p.needs_filtering
             seeds[i] = req.seed
             # A forked sibling samples its first token from its parent's row, before it has any output.
             sample_index[i] = req.num_output_tokens if own else 0
@@ -292,11 +299,42 @@ class ModelRunner:
                              sample_index=sample_index, presence_penalty=presence, frequency_penalty=frequency,
                              repetition_penalty=repetition, penalty_rows=prow, count_rows=crow, bias_ids=bias_ids,
                              bias_values=bias_values, allowed_ids=allowed_ids, has_allowed=has_allowed)
-        return st, num_logprobs, use_filters
+        return st, num_logprobs
 
     @staticmethod
     def _num_new(sched, i: int) -> int:
         return sched[i].num_new_tokens
+
+    # -- start-up -------------------------------------------------------------------------------
+    def resize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_cache = None  # free the old pool first
+        self.kv_cache = KVCache.create(self.model_config, num_blocks, self.block_size)
+
+    def run_dummy_step(self, num_tokens: int, decode_only: bool) -> None:
+        """Run one all-padding step of a bucket (nothing is written: every slot is -1). Compiles it."""
+        S = num_tokens if decode_only else self.mixed_seq_buckets[-1]
+        T, B = num_tokens, self.block_buckets[-1]
+        md = AttentionMetadata(slot_mapping=np.full(T, -1, np.int32), block_tables=np.zeros((S, B), np.int32),
+                               seq_lens=np.zeros(S, np.int32), query_start_loc=np.zeros(S + 1, np.int32),
+                               logits_indices=np.zeros(S, np.int32))
+        st, _ = self._sampling_tensors([], S, {}, SchedulerOutput())
+        res, _, self.kv_cache, _ = _step(
+            self.params, self.kv_cache, None, np.zeros(T, np.int32), np.zeros(T, np.int32), md, np.zeros(S, np.int32),
+            st, np.zeros(T, np.int32), config=self.model_config, decode_only=decode_only, num_logprobs=-1,
+            num_prompt_logprobs=-1)
+        jax.block_until_ready(res)
+        self.compiled_buckets.add((T, S, S, B, decode_only, False, st.bias_ids.shape[1], 0, -1, -1))
+
+    def precompile(self) -> None:
+        """Compile every ordinary step at start: one program per decode batch bucket, one per token bucket
+        (requests with penalties, logprobs or allowed_token_ids may still add programs later)."""
+        from tqdm.auto import tqdm
+
+        shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
+        start = time.perf_counter()
+        for T, decode_only in tqdm(shapes, desc="Compiling buckets", dynamic_ncols=True):
+            self.run_dummy_step(T, decode_only)
+        logger.info("compiled %d step programs in %.1fs", len(shapes), time.perf_counter() - start)
 
     # -- device side ----------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -323,7 +361,7 @@ class ModelRunner:
                                       for rid, (a, k) in prompt_spans.items()}
         if first:
             self.compiled_buckets.add(bucket)
-            logger.info("compiled step for bucket (tokens=%d, seqs=%d, rows=%d, blocks=%d, filters=%s, penalties=%s, "
+            logger.info("compiled step for bucket (tokens=%d, seqs=%d, rows=%d, blocks=%d, decode=%s, penalties=%s, "
                         "biases=%d, allowed=%d, logprobs=%d, prompt_logprobs=%d) in %.2fs",
                         *bucket, time.perf_counter() - t0)
         return result

@@ -168,9 +168,14 @@ def sample(logits: jax.Array, t: SamplingTensors, penalty_state: PenaltyState | 
     greedy = t.temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, t.temperature)[:, None]
     if use_filters:
-        scaled = apply_min_p(scaled, t.min_p)
-        scaled = apply_top_k_top_p(scaled, t.top_k, t.top_p)
-    sampled = jnp.argmax(scaled + gumbel_noise(t.seeds, t.sample_index, V), axis=-1)
+        # Compiled in, but run only when some random row truncates: the sort over V is not free.
+        truncates = ~greedy & ((t.top_k > 0) | (t.top_p < 1) | (t.min_p > 0))
+        scaled = jax.lax.cond(jnp.any(truncates),
+                              lambda x: apply_top_k_top_p(apply_min_p(x, t.min_p), t.top_k, t.top_p),
+                              lambda x: x, scaled)
+    # An all-greedy batch draws no noise.
+    sampled = jax.lax.cond(jnp.all(greedy), lambda x: jnp.argmax(x, axis=-1),
+                           lambda x: jnp.argmax(x + gumbel_noise(t.seeds, t.sample_index, V), axis=-1), scaled)
     sampled = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
 
     logprob = jnp.take_along_axis(raw_logprobs, sampled[:, None], axis=-1)[:, 0]
