@@ -134,6 +134,7 @@ class EngineConfig:
     num_gpu_blocks: int | None = None  # explicit KV pool size; None sizes it from memory
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    async_scheduling: bool = True  # schedule and launch step N+1 before reading step N's results
     seed: int = 0
     max_logprobs: int = 20
     token_buckets: tuple[int, ...] = field(default=())  # filled in by __post_init__ when empty

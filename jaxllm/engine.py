@@ -65,6 +65,7 @@ class LLMEngine:
         self.detokenizers: dict[str, Detokenizer] = {}  # per sample request_id
         self._sent: dict[str, tuple[int, int]] = {}  # per sample: (tokens, chars) already sent, for DELTA
         self._token_text: dict[int, str] = {}  # decoded_token of logprobs, by token id
+        self._in_flight = None  # the step launched last, whose results are not read yet
         self._seed_rng = random.Random(engine_config.seed)
         self._arrivals = itertools.count()
 
@@ -212,17 +213,30 @@ class LLMEngine:
         self._release(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns an output for every prompt one of whose samples got a new token."""
+        """Run one engine step; returns an output for every prompt one of whose samples got a new token.
+
+        With async scheduling (the default) the step is scheduled and launched *before* the previous
+        step's results are read back: the device runs it while the host processes those results, and
+        tokens still being sampled are read on the device. The outputs returned are the previous step's.
+        The price: a request that stops on EOS or a stop string computes one token more, which is dropped.
+        """
         sched_out = self.scheduler.schedule()
-        if not sched_out.scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
+        launched = self.runner.dispatch(sched_out) if sched_out.scheduled else None
+        previous, self._in_flight = self._in_flight, launched
+        if not self.config.async_scheduling and launched is not None:
+            previous, self._in_flight = launched, None
+        if previous is None:
+            if launched is None and self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress: a waiting request cannot fit the KV cache")
             return []
-        result = self.runner.execute(sched_out)
+        return self._process(previous.scheduler_output, self.runner.collect(previous))
+
+    def _process(self, sched_out, result: ModelRunnerOutput) -> list[RequestOutput]:
+        """Host work on a finished step: tokens, forks, stops, logprobs, text, outputs."""
         if result.prompt_logprobs:
             for sched in sched_out.scheduled:
                 arrays = result.prompt_logprobs.get(sched.request.request_id)

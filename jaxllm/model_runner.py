@@ -41,17 +41,21 @@ logger = logging.getLogger("jaxllm")
 
 @functools.partial(jax.jit, static_argnames=("config", "decode_only", "num_logprobs", "num_prompt_logprobs"),
                    donate_argnames=("kv_cache", "penalty_state"))
-def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, token_ids, positions,
-          md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets, config: ModelConfig,
+def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, last_sampled, token_ids, prev_rows,
+          positions, md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets, config: ModelConfig,
           decode_only: bool, num_logprobs: int, num_prompt_logprobs: int):
-    """token_ids/positions/prompt_targets [T], sample_indices [R]: the query token each row samples after."""
+    """token_ids/prev_rows/positions/prompt_targets [T], sample_indices [R]: the query token each row samples
+    after. A token still being sampled by the previous step when this one was scheduled has
+    prev_rows >= 0: it is read from that step's samples, `last_sampled` [R_max], without a host round trip."""
+    token_ids = jnp.where(prev_rows >= 0, last_sampled[jnp.maximum(prev_rows, 0)], token_ids)
     hidden, kv_cache = llama.forward_hidden(params, token_ids, positions, kv_cache, md, config, decode_only)
     logits = llama.compute_logits(params, hidden[sample_indices])  # [R, V]
     out, penalty_state = sample(logits, st, penalty_state, use_filters=True, num_logprobs=num_logprobs)
     prompt = None
     if num_prompt_logprobs >= 0:
         prompt = token_logprobs(llama.compute_logits(params, hidden), prompt_targets, num_prompt_logprobs)
-    return out, prompt, kv_cache, penalty_state
+    last_sampled = jax.lax.dynamic_update_slice(jnp.zeros_like(last_sampled), out.sampled, (0,))
+    return out, prompt, kv_cache, penalty_state, last_sampled
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -118,6 +122,7 @@ class ModelRunner:
             self.mixed_seq_buckets = engine_config.seq_buckets[-1:]
         self.compiled_buckets: set[tuple] = set()
         self.penalty_state: PenaltyState | None = None  # created on the first penalised request
+        self.last_sampled = jnp.zeros(engine_config.seq_buckets[-1], jnp.int32)  # the previous step's samples
         self.penalty_rows: OrderedDict[str, int] = OrderedDict()  # request_id -> row, least recently used first
 
     # -- penalty rows ---------------------------------------------------------------------------
@@ -176,6 +181,7 @@ class ModelRunner:
         V = self.vocab_size
 
         token_ids = np.zeros(T, np.int32)
+        prev_rows = np.full(T, -1, np.int32)
         positions = np.zeros(T, np.int32)
         slot_mapping = np.full(T, -1, np.int32)
         block_tables = np.zeros((S, B), np.int32)
@@ -188,10 +194,13 @@ class ModelRunner:
         t = 0
         for i, s in enumerate(sched):
             req, n = s.request, s.num_new_tokens
-            start = req.num_computed_tokens
+            start = s.start
             pos = np.arange(start, start + n, dtype=np.int32)
             table = np.asarray(s.block_ids, np.int32)
-            token_ids[t:t + n] = req.all_token_ids[start:start + n]
+            known = min(n, req.num_tokens - start)  # the rest (at most one) is still being sampled
+            token_ids[t:t + known] = req.all_token_ids[start:start + known]
+            if known < n:
+                prev_rows[t + known] = req.pending_row
             positions[t:t + n] = pos
             slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
             block_tables[i, :len(table)] = table
@@ -226,7 +235,11 @@ class ModelRunner:
 
         md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=block_tables, seq_lens=seq_lens,
                                query_start_loc=query_start_loc, logits_indices=logits_indices)
-        args = dict(token_ids=token_ids, positions=positions, md=md, sample_indices=sample_indices, st=st,
+        for i, s in enumerate(sched):
+            if s.samples:
+                s.request.pending_row = i
+        args = dict(token_ids=token_ids, prev_rows=prev_rows, positions=positions, md=md,
+                    sample_indices=sample_indices, st=st,
                     prompt_targets=prompt_targets, decode_only=decode_only, num_logprobs=num_logprobs,
                     num_prompt_logprobs=num_prompt_logprobs)
         bucket = (T, S, R, B, decode_only, bool(penalty_rows), st.bias_ids.shape[1], st.allowed_ids.shape[1],
@@ -259,16 +272,17 @@ class ModelRunner:
             p = req.sampling_params
             temperature[i], top_k[i], top_p[i], min_p[i] = p.temperature, p.top_k, p.top_p, p.min_p
             seeds[i] = req.seed
+            # The index of the token this row samples (this step's sample is already counted as pending).
             # A forked sibling samples its first token from its parent's row, before it has any output.
-            sample_index[i] = req.num_output_tokens if own else 0
+            sample_index[i] = req.num_output_tokens + req.num_pending - 1 if own else 0
             if p.needs_penalties:
                 parent = req if own else sched[next(j for j, c in out.forks if c is req)].request
                 presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
                 prow[i] = penalty_rows[parent.request_id]
-                if own and req.num_computed_tokens + self._num_new(sched, i) == req.num_tokens:
+                if own and sched[i].samples:
                     crow[i] = prow[i]
             # A sibling has no output yet, so these see the same (empty) history as its parent's row.
-            bias = [(tok, -np.inf) for tok in req.stop_token_ids_to_mask() + req.banned_by_bad_words()]
+            bias = [(tok, -np.inf) for tok in req.stop_token_ids_to_mask(sample_index[i]) + req.banned_by_bad_words()]
             if p.logit_bias:
                 bias += list(p.logit_bias.items())
             biases.append(bias)
@@ -301,10 +315,6 @@ class ModelRunner:
                              bias_values=bias_values, allowed_ids=allowed_ids, has_allowed=has_allowed)
         return st, num_logprobs
 
-    @staticmethod
-    def _num_new(sched, i: int) -> int:
-        return sched[i].num_new_tokens
-
     # -- start-up -------------------------------------------------------------------------------
     def resize_kv_cache(self, num_blocks: int) -> None:
         self.kv_cache = None  # free the old pool first
@@ -318,9 +328,10 @@ class ModelRunner:
                                seq_lens=np.zeros(S, np.int32), query_start_loc=np.zeros(S + 1, np.int32),
                                logits_indices=np.zeros(S, np.int32))
         st, _ = self._sampling_tensors([], S, {}, SchedulerOutput())
-        res, _, self.kv_cache, _ = _step(
-            self.params, self.kv_cache, None, np.zeros(T, np.int32), np.zeros(T, np.int32), md, np.zeros(S, np.int32),
-            st, np.zeros(T, np.int32), config=self.model_config, decode_only=decode_only, num_logprobs=-1,
+        zeros = np.zeros(T, np.int32)
+        res, _, self.kv_cache, _, self.last_sampled = _step(
+            self.params, self.kv_cache, None, self.last_sampled, zeros, np.full(T, -1, np.int32), zeros, md,
+            np.zeros(S, np.int32), st, zeros, config=self.model_config, decode_only=decode_only, num_logprobs=-1,
             num_prompt_logprobs=-1)
         jax.block_until_ready(res)
         self.compiled_buckets.add((T, S, S, B, decode_only, False, st.bias_ids.shape[1], 0, -1, -1))
@@ -337,31 +348,50 @@ class ModelRunner:
         logger.info("compiled %d step programs in %.1fs", len(shapes), time.perf_counter() - start)
 
     # -- device side ----------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step; returns the sampled token (and logprobs) of every sampled row."""
+    def dispatch(self, out: SchedulerOutput) -> "InFlightStep":
+        """Launch one step on the device and return at once (JAX dispatch is asynchronous)."""
         if out.block_copies:
             src, dst = (np.asarray(x, np.int32) for x in zip(*out.block_copies))
             self.kv_cache = _copy_blocks(self.kv_cache, src, dst)
         args, bucket, prompt_spans, penalty_rows = self.prepare(out)
-        first = bucket not in self.compiled_buckets
+        compiling = bucket not in self.compiled_buckets
         t0 = time.perf_counter()
         state = self.penalty_state if penalty_rows else None
-        res, prompt, self.kv_cache, state = _step(self.params, self.kv_cache, state, config=self.model_config, **args)
+        res, prompt, self.kv_cache, state, self.last_sampled = _step(
+            self.params, self.kv_cache, state, self.last_sampled, config=self.model_config, **args)
         if penalty_rows:
             self.penalty_state = state
-        num_rows = len(out.scheduled) + len(out.forks)
-        host = jax.device_get(res)
-        result = ModelRunnerOutput(sampled=host.sampled[:num_rows], logprob=host.logprob[:num_rows])
-        if host.rank is not None:
-            result.rank, result.top_ids, result.top_logprobs = (
-                host.rank[:num_rows], host.top_ids[:num_rows], host.top_logprobs[:num_rows])
-        if prompt is not None:
-            chosen, rank, top_ids, top_lps = jax.device_get(prompt)
-            result.prompt_logprobs = {rid: (chosen[a:a + k], rank[a:a + k], top_ids[a:a + k], top_lps[a:a + k])
-                                      for rid, (a, k) in prompt_spans.items()}
-        if first:
+        if compiling:
             self.compiled_buckets.add(bucket)
             logger.info("compiled step for bucket (tokens=%d, seqs=%d, rows=%d, blocks=%d, decode=%s, penalties=%s, "
                         "biases=%d, allowed=%d, logprobs=%d, prompt_logprobs=%d) in %.2fs",
                         *bucket, time.perf_counter() - t0)
+        return InFlightStep(out, res, prompt, prompt_spans, len(out.scheduled) + len(out.forks))
+
+    def collect(self, step: "InFlightStep") -> ModelRunnerOutput:
+        """Wait for a dispatched step; its sampled tokens (and logprobs) of every sampled row, on the host."""
+        n = step.num_rows
+        host = jax.device_get(step.sampler_output)
+        result = ModelRunnerOutput(sampled=host.sampled[:n], logprob=host.logprob[:n])
+        if host.rank is not None:
+            result.rank, result.top_ids, result.top_logprobs = host.rank[:n], host.top_ids[:n], host.top_logprobs[:n]
+        if step.prompt_logprobs is not None:
+            chosen, rank, top_ids, top_lps = jax.device_get(step.prompt_logprobs)
+            result.prompt_logprobs = {rid: (chosen[a:a + k], rank[a:a + k], top_ids[a:a + k], top_lps[a:a + k])
+                                      for rid, (a, k) in step.prompt_spans.items()}
         return result
+
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for it."""
+        return self.collect(self.dispatch(out))
+
+
+@dataclass
+class InFlightStep:
+    """A dispatched step: its schedule and its outputs, still on the device."""
+
+    scheduler_output: SchedulerOutput
+    sampler_output: object  # SamplerOutput of device arrays
+    prompt_logprobs: tuple | None
+    prompt_spans: dict
+    num_rows: int

@@ -130,3 +130,24 @@ def test_too_small_a_cache_names_the_flag(tiny_model):
     config, params, tok = tiny_model
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         LLM.from_params(params, config, tok, num_gpu_blocks_override=2, max_model_len=256)
+
+
+def test_async_scheduling_gives_the_same_outputs_as_sync(make_llm, smol_tokenizer):
+    """Step N+1 is launched before step N's tokens are read; outputs, stops included, must not change."""
+    prompts = random_prompts(smol_tokenizer, 6, 5, 40, seed=6)
+    sync = make_llm(async_scheduling=False, max_num_seqs=4, num_gpu_blocks_override=10, max_model_len=128)
+    free = sync.generate(prompts[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    params = [SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[free[3]]),  # stops early
+              SamplingParams(temperature=0.9, seed=7, max_tokens=18, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, min_tokens=5, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, seed=3, max_tokens=25, ignore_eos=True, presence_penalty=0.5),
+              SamplingParams(temperature=0, max_tokens=1),
+              SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)]
+    want = sync.generate(prompts, params, use_tqdm=False)
+    asyn = make_llm(async_scheduling=True, max_num_seqs=4, num_gpu_blocks_override=10, max_model_len=128)
+    got = asyn.generate(prompts, params, use_tqdm=False)
+    assert [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in got] == \
+        [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in want]
+    assert want[0].outputs[0].token_ids == free[:4] and want[0].outputs[0].finish_reason == "stop"
+    assert asyn.llm_engine.scheduler.num_preemptions > 0  # 10 blocks for 4 x up to 80 tokens: it had to preempt
+    assert asyn.llm_engine.kv_cache_manager.num_free_blocks == 10

@@ -162,7 +162,9 @@ def test_n_shares_prompt_blocks(llm):
     prompt = list(range(1000, 1010))  # 10 tokens: 2 full blocks and a partial one
     engine.add_request("n4", prompt, SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=6))
     sample_ids = ["n4", "1_n4", "2_n4", "3_n4"]
-    engine.step()  # the prompt is computed once; its 3 siblings fork from it
+    engine.step()  # the prompt is computed once; its 3 siblings fork from it when its result is read,
+    while not kv.get_block_ids("1_n4"):  # which with async scheduling is during the next step
+        engine.step()
     tables = [kv.get_block_ids(r) for r in sample_ids]
     assert all(t == tables[0] for t in tables) and len(tables[0]) == 3
     assert [kv.block_pool.blocks[b].ref_count for b in tables[0]] == [4, 4, 4]

@@ -340,14 +340,14 @@ def faulty_server(tiny_model_dir):
     llm = LLM(tiny_model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=4, max_num_batched_tokens=64,
               num_gpu_blocks_override=64)
     engine = llm.llm_engine
-    execute = engine.runner.execute
+    dispatch = engine.runner.dispatch
 
-    def faulty_execute(sched_out):
+    def faulty_dispatch(sched_out):
         if any(POISON in s.request.prompt_token_ids for s in sched_out.scheduled):
             raise RuntimeError("injected model failure")
-        return execute(sched_out)
+        return dispatch(sched_out)
 
-    engine.runner.execute = faulty_execute
+    engine.runner.dispatch = faulty_dispatch
     with ServerThread(build_app(engine, served_model_names=["tiny"])) as s:
         yield s
 

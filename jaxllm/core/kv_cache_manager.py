@@ -112,7 +112,9 @@ class KVCacheManager:
         `get_block_ids`) and (src_block_id, dst_block_id) is queued for `take_pending_copies`.
 
         With caching on, blocks that become full within the covered positions are hashed from
-        `token_ids` and registered for prefix hits.
+        `token_ids` and registered for prefix hits. `token_ids` may stop short of the covered positions
+        (a token still being sampled when the next step is scheduled): a block is hashed only once all
+        its tokens are known, by a later call.
         """
         computed_blocks = computed_blocks or []
         blocks = self.req_to_blocks.get(request_id)
@@ -124,8 +126,6 @@ class KVCacheManager:
             raise ValueError(f"computed_blocks given for {request_id!r}, which already has blocks")
         if num_computed_tokens < num_cached_blocks * self.block_size:
             raise ValueError(f"num_computed_tokens={num_computed_tokens} precedes the {num_cached_blocks} cached blocks")
-        if self.enable_prefix_caching and len(token_ids) < num_tokens // self.block_size * self.block_size:
-            raise ValueError(f"token_ids has {len(token_ids)} tokens, fewer than the full blocks to hash")
 
         table = blocks if blocks is not None else computed_blocks
         num_new_blocks = max(0, cdiv(num_tokens, self.block_size) - len(table))
@@ -148,7 +148,7 @@ class KVCacheManager:
         blocks.extend(new_blocks)
         self.num_cached_blocks[request_id] = num_cached_blocks
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request_id, token_ids, num_tokens // self.block_size)
+            self._cache_full_blocks(request_id, token_ids, min(num_tokens, len(token_ids)) // self.block_size)
         return [b.block_id for b in new_blocks]
 
     def _cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_full_blocks: int) -> None:

@@ -43,9 +43,14 @@ class Request:
     index: int = 0  # which sample of its prompt this is
     parent: "ParentRequest | None" = None
     pending_children: list["Request"] = field(default_factory=list)
+    forks_scheduled: bool = False  # a step that will fork pending_children is launched
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # advanced when a step is scheduled, not when it returns
+    # Tokens sampled by a step whose result has not come back yet (0 or 1): the next step, scheduled
+    # while that one runs, computes this token too, reading it from the device (see model_runner.py).
+    num_pending: int = 0
+    pending_row: int = -1  # the row of the previous step's samples that holds the pending token
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
@@ -65,6 +70,11 @@ class Request:
         return len(self.all_token_ids)
 
     @property
+    def num_scheduled_tokens(self) -> int:
+        """Known tokens plus the one still being sampled, if any."""
+        return len(self.all_token_ids) + self.num_pending
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
@@ -81,12 +91,19 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
-    def stop_token_ids_to_mask(self) -> list[int]:
-        """Tokens masked on the device while fewer than min_tokens were generated: EOS and stop_token_ids."""
+    def stop_token_ids_to_mask(self, sample_index: int) -> list[int]:
+        """Tokens masked on the device when sampling output token `sample_index` (0-based) is still under
+        min_tokens: EOS and stop_token_ids."""
         params = self.sampling_params
-        if self.num_output_tokens >= params.min_tokens:
+        if sample_index >= params.min_tokens:
             return []
         return sorted(self.eos_token_ids.union(params.stop_token_ids))
+
+    @property
+    def needs_latest_token(self) -> bool:
+        """Whether sampling needs the newest token on the host (a bad word of several tokens), so the
+        request cannot be scheduled while its previous sample is still on the device."""
+        return any(len(w) > 1 for w in self.bad_words_token_ids)
 
     def banned_by_bad_words(self) -> list[int]:
         """The last token of every bad word whose other tokens were just generated (vLLM's semantics:

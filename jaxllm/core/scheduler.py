@@ -29,6 +29,8 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     block_ids: list[int]  # the request's whole block table after allocation
+    start: int  # num_computed_tokens before this step: its tokens sit at positions start .. start + n - 1
+    samples: bool  # whether this step reaches the end of the request's tokens, so its sample is real
 
 
 @dataclass
@@ -66,6 +68,9 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_pending_samples(self) -> bool:
+        return any(r.num_pending for r in self.running)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -74,7 +79,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
+            if (num_new <= 0 or req.num_output_tokens + req.num_pending >= req.max_tokens
+                    or (req.num_pending and req.needs_latest_token)):
+                i += 1  # its last token, or one it needs to see, is being sampled: wait for it
+                continue
             while self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, num_new) is None:
                 victim = self.running.pop()  # latest admitted
                 self._preempt(victim, out)
@@ -116,9 +125,14 @@ class Scheduler:
         return out
 
     def _add_scheduled(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
-        if req.pending_children and req.num_computed_tokens + num_new == req.num_tokens:
+        start = req.num_computed_tokens
+        samples = start + num_new == req.num_scheduled_tokens
+        if req.pending_children and samples and not req.forks_scheduled:
             out.forks.extend((len(out.scheduled), child) for child in req.pending_children)
-        out.scheduled.append(ScheduledRequest(req, num_new, self.kv.get_block_ids(req.request_id)))
+            req.forks_scheduled = True
+        out.scheduled.append(ScheduledRequest(req, num_new, self.kv.get_block_ids(req.request_id), start, samples))
+        req.num_computed_tokens = start + num_new
+        req.num_pending += samples
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req.request_id)
@@ -130,20 +144,20 @@ class Scheduler:
         out.preempted.append(req)
 
     def update_from_output(self, out: SchedulerOutput, sampled_token_ids) -> list[tuple[Request, int]]:
-        """Advance each scheduled request by its computed tokens; append the sampled token to those
-        whose computed prefix now covers all their tokens, and fork the siblings of those that have them.
-        Returns (request, row of `sampled_token_ids`) for every request that got a token."""
+        """Append the sampled token to each request whose step reached the end of its tokens, and fork
+        the siblings of those that have them. Returns (request, row of `sampled_token_ids`) for every
+        request that got a token. (Progress, `num_computed_tokens`, was advanced at schedule time.)"""
         advanced = []
         forks_of: dict[int, list[tuple[int, Request]]] = {}
         for j, (i, child) in enumerate(out.forks):
             forks_of.setdefault(i, []).append((len(out.scheduled) + j, child))
         for i, (sched, token) in enumerate(zip(out.scheduled, sampled_token_ids)):
             req = sched.request
-            if req.status.finished:  # aborted while the step ran
-                continue
-            req.num_computed_tokens += sched.num_new_tokens
-            if req.num_computed_tokens < req.num_tokens:
+            if not sched.samples:
                 continue  # a prefill chunk that is not the last: its sample is meaningless
+            req.num_pending -= 1
+            if req.status.finished:  # finished or aborted while the step ran: the token is not wanted
+                continue
             req.append_output_token(int(token))
             advanced.append((req, i))
             for row, child in forks_of.get(i, ()):
@@ -156,8 +170,13 @@ class Scheduler:
         return advanced
 
     def _fork(self, parent: Request, child: Request, token: int) -> None:
+        if parent.status == RequestStatus.PREEMPTED:  # its blocks went while the step ran: recompute
+            child.append_output_token(token)
+            child.status = RequestStatus.PREEMPTED
+            self.waiting.appendleft(child)
+            return
         self.kv.fork(parent.request_id, child.request_id)
-        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_computed_tokens = child.num_tokens  # the shared prompt, before its own first token
         child.status = RequestStatus.RUNNING
         child.append_output_token(token)
         self.running.append(child)
