@@ -158,6 +158,9 @@ def compare_hf(args, config, llm, prompts, output_lens, result):
     """HF transformers on the same prompts and output lengths, in the same run."""
     model, device = hf_model(args, config)
     ours = result["jaxllm"]["output_tokens_per_s"]
+    if args.hf_num_prompts:
+        prompts, output_lens = prompts[:args.hf_num_prompts], output_lens[:args.hf_num_prompts]
+        result["hf_num_prompts"] = len(prompts)
     if args.compare_hf in ("generate", "both"):
         bsz = args.hf_batch_size or llm.llm_engine.config.max_num_seqs
         run_hf_generate(model, device, prompts[:bsz], [2] * len(prompts[:bsz]), bsz)  # warm-up
@@ -193,6 +196,8 @@ def main(argv=None):
     ap.add_argument("--compare-hf", default="none", choices=["none", "generate", "generate_batch", "both"])
     ap.add_argument("--hf-batch-size", type=int, default=None, help="static batch for HF generate (default: max_num_seqs)")
     ap.add_argument("--hf-max-batch-tokens", type=int, default=8192)
+    ap.add_argument("--hf-num-prompts", type=int, default=None,
+                    help="run HF on the first N prompts only (for peers too slow for the whole workload)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
 
