@@ -58,6 +58,7 @@ def git_commit() -> str:
 
 def build_llm(args):
     kwargs = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  async_scheduling=not args.no_async_scheduling,
                   max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                   enable_prefix_caching=False)
     if args.model_shape:
@@ -193,6 +194,7 @@ def main(argv=None):
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--no-async-scheduling", action="store_true")
     ap.add_argument("--compare-hf", default="none", choices=["none", "generate", "generate_batch", "both"])
     ap.add_argument("--hf-batch-size", type=int, default=None, help="static batch for HF generate (default: max_num_seqs)")
     ap.add_argument("--hf-max-batch-tokens", type=int, default=8192)
@@ -212,6 +214,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     run_jaxllm(llm, prompts[:warm_n], [min(n, 8) for n in output_lens[:warm_n]])
     warmup_s = time.perf_counter() - t0
+    from jaxllm.engine import StepTimes
+
+    llm.llm_engine.step_times = StepTimes()
     elapsed, compiles = run_jaxllm(llm, prompts, output_lens)
     total_out = sum(output_lens)
     total_in = sum(map(len, prompts))
@@ -224,6 +229,7 @@ def main(argv=None):
         "output_len": args.output_len, "max_num_seqs": llm.llm_engine.config.max_num_seqs,
         "max_num_batched_tokens": llm.llm_engine.config.max_num_batched_tokens,
         "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2), "compiles_during_run": compiles,
+        "async_scheduling": llm.llm_engine.config.async_scheduling, "step_times": llm.llm_engine.step_times.summary(),
         "jaxllm": {"elapsed_s": round(elapsed, 3), "requests_per_s": round(args.num_prompts / elapsed, 3),
                    "output_tokens_per_s": round(total_out / elapsed, 1),
                    "total_tokens_per_s": round((total_in + total_out) / elapsed, 1)},
@@ -232,6 +238,7 @@ def main(argv=None):
           f"{result['jaxllm']['output_tokens_per_s']:.1f} output tok/s, "
           f"{result['jaxllm']['total_tokens_per_s']:.1f} total tok/s "
           f"({compiles} compiles during the run; warm-up {warmup_s:.1f}s)")
+    print(f"step times: {result['step_times']}")
 
     if args.compare_hf != "none":
         try:

@@ -10,10 +10,12 @@ parent, and every output is the parent's (its `outputs` holds the samples).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
 import random
+import time
 
 import jax
 import numpy as np
@@ -31,6 +33,32 @@ from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 logger = logging.getLogger("jaxllm")
 
 CPU_KV_CACHE_SPACE_GIB = float(os.environ.get("JAXLLM_CPU_KVCACHE_SPACE", "1"))
+
+
+@dataclasses.dataclass
+class StepTimes:
+    """Where the engine's wall time goes, summed over steps: host scheduling, building and launching the
+    step, waiting for the device, and host work on the results. `wait` near zero means host-bound."""
+
+    steps: int = 0
+    schedule: float = 0.0
+    dispatch: float = 0.0
+    wait: float = 0.0
+    process: float = 0.0
+    rows: int = 0
+
+    def add(self, schedule: float, dispatch: float, wait: float, process: float, rows: int) -> None:
+        self.steps += 1
+        self.schedule += schedule
+        self.dispatch += dispatch
+        self.wait += wait
+        self.process += process
+        self.rows += rows
+
+    def summary(self) -> dict:
+        n = max(self.steps, 1)
+        per_step = {k: round(getattr(self, k) / n * 1e3, 3) for k in ("schedule", "dispatch", "wait", "process")}
+        return {"steps": self.steps, "mean_rows": round(self.rows / n, 1), "ms_per_step": per_step}
 
 
 class LLMEngine:
@@ -66,6 +94,7 @@ class LLMEngine:
         self._sent: dict[str, tuple[int, int]] = {}  # per sample: (tokens, chars) already sent, for DELTA
         self._token_text: dict[int, str] = {}  # decoded_token of logprobs, by token id
         self._in_flight = None  # the step launched last, whose results are not read yet
+        self.step_times = StepTimes()
         self._seed_rng = random.Random(engine_config.seed)
         self._arrivals = itertools.count()
 
@@ -224,8 +253,11 @@ class LLMEngine:
         tokens still being sampled are read on the device. The outputs returned are the previous step's.
         The price: a request that stops on EOS or a stop string computes one token more, which is dropped.
         """
+        t0 = time.perf_counter()
         sched_out = self.scheduler.schedule()
+        t1 = time.perf_counter()
         launched = self.runner.dispatch(sched_out) if sched_out.scheduled else None
+        t2 = time.perf_counter()
         previous, self._in_flight = self._in_flight, launched
         if not self.config.async_scheduling and launched is not None:
             previous, self._in_flight = launched, None
@@ -233,7 +265,12 @@ class LLMEngine:
             if launched is None and self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress: a waiting request cannot fit the KV cache")
             return []
-        return self._process(previous.scheduler_output, self.runner.collect(previous))
+        result = self.runner.collect(previous)
+        t3 = time.perf_counter()
+        outputs = self._process(previous.scheduler_output, result)
+        self.step_times.add(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3,
+                            len(previous.scheduler_output.scheduled))
+        return outputs
 
     def _process(self, sched_out, result: ModelRunnerOutput) -> list[RequestOutput]:
         """Host work on a finished step: tokens, forks, stops, logprobs, text, outputs."""
