@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Where a step's time goes on the device: the nano-vllm workload with async scheduling on and off.
+# Where a step's time goes on the device: the nano-vllm workload (no peer) under variants of the layer loop.
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-for mode in async sync; do
-  flag=""; [ $mode = sync ] && flag="--no-async-scheduling"
-  echo "== $mode"
-  python benchmarks/throughput.py --model-shape qwen3-0.6b --num-prompts 256 --input-len 100:1024 --output-len 100:1024 \
-      --max-model-len 2048 $flag --output-json $OUT/profile-$mode.json 2>&1 | grep -E "^jaxllm|^step times"
-done
+run() {  # label, then env assignments
+  local label=$1; shift
+  echo "== $label"
+  env "$@" JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla-$label python benchmarks/throughput.py --model-shape qwen3-0.6b \
+      --num-prompts 256 --input-len 100:1024 --output-len 100:1024 --max-model-len 2048 \
+      --output-json $OUT/profile-$label.json > $OUT/profile-$label.log 2>&1
+  grep -E "^jaxllm|^step times|compiled [0-9]+ step programs" $OUT/profile-$label.log
+}
+run unroll-full JAXLLM_SCAN_UNROLL=full
+run cmdbuf-while "XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+run baseline JAXLLM_SCAN_UNROLL=1

@@ -217,6 +217,7 @@ def main(argv=None):
     from jaxllm.engine import StepTimes
 
     llm.llm_engine.step_times = StepTimes()
+    llm.llm_engine.runner.prepare_seconds = 0.0
     elapsed, compiles = run_jaxllm(llm, prompts, output_lens)
     total_out = sum(output_lens)
     total_in = sum(map(len, prompts))
@@ -230,6 +231,9 @@ def main(argv=None):
         "max_num_batched_tokens": llm.llm_engine.config.max_num_batched_tokens,
         "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2), "compiles_during_run": compiles,
         "async_scheduling": llm.llm_engine.config.async_scheduling, "step_times": llm.llm_engine.step_times.summary(),
+        "prepare_ms_per_step": round(llm.llm_engine.runner.prepare_seconds * 1e3
+                                     / max(llm.llm_engine.step_times.steps, 1), 3),
+        "scan_unroll": os.environ.get("JAXLLM_SCAN_UNROLL", "1"), "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jaxllm": {"elapsed_s": round(elapsed, 3), "requests_per_s": round(args.num_prompts / elapsed, 3),
                    "output_tokens_per_s": round(total_out / elapsed, 1),
                    "total_tokens_per_s": round((total_in + total_out) / elapsed, 1)},
@@ -238,7 +242,7 @@ def main(argv=None):
           f"{result['jaxllm']['output_tokens_per_s']:.1f} output tok/s, "
           f"{result['jaxllm']['total_tokens_per_s']:.1f} total tok/s "
           f"({compiles} compiles during the run; warm-up {warmup_s:.1f}s)")
-    print(f"step times: {result['step_times']}")
+    print(f"step times: {result['step_times']}, prepare {result['prepare_ms_per_step']} ms/step")
 
     if args.compare_hf != "none":
         try:

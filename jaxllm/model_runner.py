@@ -123,6 +123,7 @@ class ModelRunner:
         self.compiled_buckets: set[tuple] = set()
         self.penalty_state: PenaltyState | None = None  # created on the first penalised request
         self.last_sampled = jnp.zeros(engine_config.seq_buckets[-1], jnp.int32)  # the previous step's samples
+        self.prepare_seconds = 0.0  # host time spent building step inputs
         self.penalty_rows: OrderedDict[str, int] = OrderedDict()  # request_id -> row, least recently used first
 
     # -- penalty rows ---------------------------------------------------------------------------
@@ -353,8 +354,10 @@ class ModelRunner:
         if out.block_copies:
             src, dst = (np.asarray(x, np.int32) for x in zip(*out.block_copies))
             self.kv_cache = _copy_blocks(self.kv_cache, src, dst)
+        t0 = time.perf_counter()
         args, bucket, prompt_spans, penalty_rows = self.prepare(out)
         compiling = bucket not in self.compiled_buckets
+        self.prepare_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         state = self.penalty_state if penalty_rows else None
         res, prompt, self.kv_cache, state, self.last_sampled = _step(

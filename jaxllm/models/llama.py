@@ -10,6 +10,7 @@ Einsum letters: t token, e embedding (hidden), f ffn, v vocab.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -118,8 +119,15 @@ def forward_hidden(
         return (x, cache), None
 
     layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-    (x, kv_cache), _ = jax.lax.scan(layer, (x, kv_cache), (params.layers, layer_ids))
+    (x, kv_cache), _ = jax.lax.scan(layer, (x, kv_cache), (params.layers, layer_ids), unroll=_scan_unroll(config))
     return rms_norm(x, params.final_norm, config.rms_norm_eps), kv_cache
+
+
+def _scan_unroll(config: ModelConfig) -> int | bool:
+    """JAXLLM_SCAN_UNROLL: how many layers one iteration of the layer loop runs ("full": all of them).
+    On a GPU, each iteration of an XLA while loop makes the host read its predicate back."""
+    value = os.environ.get("JAXLLM_SCAN_UNROLL", "1")
+    return True if value == "full" else max(1, int(value))
 
 
 def compute_logits(params: Weights, hidden: jax.Array) -> jax.Array:
