@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import random
 import subprocess
@@ -202,6 +203,8 @@ def main(argv=None):
                     help="run HF on the first N prompts only (for peers too slow for the whole workload)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jaxllm").setLevel(logging.INFO)
 
     t0 = time.perf_counter()
     llm, config = build_llm(args)
