@@ -22,6 +22,7 @@ import bisect
 import functools
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -124,6 +125,11 @@ class ModelRunner:
         self.penalty_state: PenaltyState | None = None  # created on the first penalised request
         self.last_sampled = jnp.zeros(engine_config.seq_buckets[-1], jnp.int32)  # the previous step's samples
         self.prepare_seconds = 0.0  # host time spent building step inputs
+        # Device state (kv_cache, penalty_state, last_sampled) is touched only by one launcher thread once
+        # steps run: launching a step blocks that thread for most of the step (XLA:GPU reads loop and
+        # branch predicates back on the host), while the engine's thread schedules and prepares the next.
+        self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
+        self._pending_fills: list[tuple] = []
         self.penalty_rows: OrderedDict[str, int] = OrderedDict()  # request_id -> row, least recently used first
 
     # -- penalty rows ---------------------------------------------------------------------------
@@ -168,7 +174,7 @@ class ModelRunner:
             rows[i] = self.penalty_rows[req.request_id]
             prompt_ids[i, :req.num_prompt_tokens] = req.prompt_token_ids
             output_ids[i, :req.num_output_tokens] = req.output_token_ids
-        self.penalty_state = _fill_penalty_rows(self.penalty_state, rows, prompt_ids, output_ids)
+        self._pending_fills.append((rows, prompt_ids, output_ids))  # applied by the launcher, in order
 
     # -- host side: build padded arrays -------------------------------------------------------
     def prepare(self, out: SchedulerOutput):
@@ -350,36 +356,47 @@ class ModelRunner:
 
     # -- device side ----------------------------------------------------------------------------
     def dispatch(self, out: SchedulerOutput) -> "InFlightStep":
-        """Launch one step on the device and return at once (JAX dispatch is asynchronous)."""
+        """Build one step's inputs here and hand its launch to the launcher thread; returns at once."""
+        t0 = time.perf_counter()
+        copies = None
         if out.block_copies:
-            src, dst = (np.asarray(x, np.int32) for x in zip(*out.block_copies))
-            self.kv_cache = _copy_blocks(self.kv_cache, src, dst)
-        t0 = time.perf_counter()
+            copies = tuple(np.asarray(x, np.int32) for x in zip(*out.block_copies))
         args, bucket, prompt_spans, penalty_rows = self.prepare(out)
-        compiling = bucket not in self.compiled_buckets
+        fills, self._pending_fills = self._pending_fills, []
         self.prepare_seconds += time.perf_counter() - t0
+        compiling = bucket not in self.compiled_buckets
+        self.compiled_buckets.add(bucket)
+        future = self._launcher.submit(self._launch, copies, fills, bool(penalty_rows), args, bucket, compiling)
+        return InFlightStep(out, future, prompt_spans, len(out.scheduled) + len(out.forks))
+
+    def _launch(self, copies, fills, use_penalties: bool, args: dict, bucket, compiling: bool):
+        """On the launcher thread: apply block copies and penalty fills, then run the step, in order."""
         t0 = time.perf_counter()
-        state = self.penalty_state if penalty_rows else None
+        if copies is not None:
+            self.kv_cache = _copy_blocks(self.kv_cache, *copies)
+        for fill in fills:
+            self.penalty_state = _fill_penalty_rows(self.penalty_state, *fill)
+        state = self.penalty_state if use_penalties else None
         res, prompt, self.kv_cache, state, self.last_sampled = _step(
             self.params, self.kv_cache, state, self.last_sampled, config=self.model_config, **args)
-        if penalty_rows:
+        if use_penalties:
             self.penalty_state = state
         if compiling:
-            self.compiled_buckets.add(bucket)
             logger.info("compiled step for bucket (tokens=%d, seqs=%d, rows=%d, blocks=%d, decode=%s, penalties=%s, "
                         "biases=%d, allowed=%d, logprobs=%d, prompt_logprobs=%d) in %.2fs",
                         *bucket, time.perf_counter() - t0)
-        return InFlightStep(out, res, prompt, prompt_spans, len(out.scheduled) + len(out.forks))
+        return res, prompt
 
     def collect(self, step: "InFlightStep") -> ModelRunnerOutput:
         """Wait for a dispatched step; its sampled tokens (and logprobs) of every sampled row, on the host."""
         n = step.num_rows
-        host = jax.device_get(step.sampler_output)
+        sampler_output, prompt_logprobs = step.future.result()
+        host = jax.device_get(sampler_output)
         result = ModelRunnerOutput(sampled=host.sampled[:n], logprob=host.logprob[:n])
         if host.rank is not None:
             result.rank, result.top_ids, result.top_logprobs = host.rank[:n], host.top_ids[:n], host.top_logprobs[:n]
-        if step.prompt_logprobs is not None:
-            chosen, rank, top_ids, top_lps = jax.device_get(step.prompt_logprobs)
+        if prompt_logprobs is not None:
+            chosen, rank, top_ids, top_lps = jax.device_get(prompt_logprobs)
             result.prompt_logprobs = {rid: (chosen[a:a + k], rank[a:a + k], top_ids[a:a + k], top_lps[a:a + k])
                                       for rid, (a, k) in step.prompt_spans.items()}
         return result
@@ -391,10 +408,9 @@ class ModelRunner:
 
 @dataclass
 class InFlightStep:
-    """A dispatched step: its schedule and its outputs, still on the device."""
+    """A dispatched step: its schedule, and its outputs to come."""
 
     scheduler_output: SchedulerOutput
-    sampler_output: object  # SamplerOutput of device arrays
-    prompt_logprobs: tuple | None
+    future: Future  # -> (SamplerOutput, prompt logprobs or None), device arrays
     prompt_spans: dict
     num_rows: int

@@ -173,9 +173,9 @@ def sample(logits: jax.Array, t: SamplingTensors, penalty_state: PenaltyState | 
         scaled = jax.lax.cond(jnp.any(truncates),
                               lambda x: apply_top_k_top_p(apply_min_p(x, t.min_p), t.top_k, t.top_p),
                               lambda x: x, scaled)
-    # An all-greedy batch draws no noise.
-    sampled = jax.lax.cond(jnp.all(greedy), lambda x: jnp.argmax(x, axis=-1),
-                           lambda x: jnp.argmax(x + gumbel_noise(t.seeds, t.sample_index, V), axis=-1), scaled)
+    # Noise is drawn for every row, greedy ones too: a branch on the device would make the host wait
+    # for its predicate (XLA:GPU reads it back), and [R, V] Gumbel noise costs well under a millisecond.
+    sampled = jnp.argmax(scaled + gumbel_noise(t.seeds, t.sample_index, V), axis=-1)
     sampled = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
 
     logprob = jnp.take_along_axis(raw_logprobs, sampled[:, None], axis=-1)[:, 0]
