@@ -11,6 +11,6 @@ run() {  # label, then env assignments
       --output-json $OUT/profile-$label.json > $OUT/profile-$label.log 2>&1
   grep -E "^jaxllm|^step times|compiled [0-9]+ step programs" $OUT/profile-$label.log
 }
-run unroll-full JAXLLM_SCAN_UNROLL=full
+run unroll-4 JAXLLM_SCAN_UNROLL=4
+run unroll-7 JAXLLM_SCAN_UNROLL=7
 run cmdbuf-while "XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
-run baseline JAXLLM_SCAN_UNROLL=1
