@@ -44,13 +44,14 @@ class LLM:
         enable_prefix_caching: reuse the KV blocks of prompts that share a prefix.
         seed: seeds the per-request seeds of requests that bring none.
         num_gpu_blocks_override: a fixed number of KV blocks instead of sizing from memory.
+        async_scheduling: schedule and launch each step before the previous step's tokens are read back.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
                  max_model_len: int | None = None, block_size: int = 16, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
-                 num_gpu_blocks_override: int | None = None, **kwargs):
+                 num_gpu_blocks_override: int | None = None, async_scheduling: bool = True, **kwargs):
         from jaxllm.loader import default_model_path, load_model, load_tokenizer
 
         if kwargs:
@@ -61,7 +62,8 @@ class LLM:
         self._init(model_config, params, tok, max_model_len=max_model_len, block_size=block_size,
                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                    gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-                   enable_chunked_prefill=enable_chunked_prefill, seed=seed, num_gpu_blocks=num_gpu_blocks_override)
+                   enable_chunked_prefill=enable_chunked_prefill, seed=seed, num_gpu_blocks=num_gpu_blocks_override,
+                   async_scheduling=async_scheduling)
         self.model = path
 
     @classmethod
