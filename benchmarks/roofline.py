@@ -29,7 +29,7 @@ from jaxllm.kv_cache import AttentionMetadata, KVCache  # noqa: E402
 from jaxllm.models import llama  # noqa: E402
 from jaxllm.models.llama import init_random_weights  # noqa: E402
 from jaxllm.models.shapes import model_shape_config  # noqa: E402
-from throughput import RESULTS, device_name, git_commit  # noqa: E402
+from throughput import device_name, git_commit, write_result  # noqa: E402
 
 
 def time_fn(fn, *args, iters=20, warmup=3):
@@ -154,10 +154,7 @@ def main(argv=None):
         "x_roofline": round(step_s / roofline, 2), "attention_backend": jax.default_backend(),
     }
     print(json.dumps(result, indent=2))
-    os.makedirs(RESULTS, exist_ok=True)
-    path = args.output_json or os.path.join(RESULTS, f"roofline-{args.model_shape}-B{B}-L{L}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(result, args.output_json, f"roofline-{args.model_shape}-B{B}-L{L}.json")
     return result
 
 

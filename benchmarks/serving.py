@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import RESULTS, git_commit, make_workload, parse_range  # noqa: E402
+from throughput import git_commit, make_workload, parse_range, write_result  # noqa: E402
 
 
 async def one_request(client, url, model, prompt, max_tokens):
@@ -102,11 +102,7 @@ def main(argv=None):
         "itl_ms": pct(itl) if itl else None, "errors": failed[:5],
     }
     print(json.dumps(summary, indent=2))
-    os.makedirs(RESULTS, exist_ok=True)
-    path = args.output_json or os.path.join(RESULTS, f"serving-{summary['date'][:10]}.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"wrote {path}")
+    write_result(summary, args.output_json, f"serving-{summary['date'][:10]}.json")
     return summary
 
 

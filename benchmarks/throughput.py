@@ -57,6 +57,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+def write_result(result: dict, path: str | None, default_name: str) -> None:
+    """Write a benchmark's JSON: to `path`, or to benchmarks/results/<default_name>."""
+    os.makedirs(RESULTS, exist_ok=True)
+    path = path or os.path.join(RESULTS, default_name)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+
+
 def build_llm(args):
     kwargs = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   async_scheduling=not args.no_async_scheduling,
@@ -255,12 +264,8 @@ def main(argv=None):
             print(f"HF comparison failed: {e!r}")
 
     os.makedirs(RESULTS, exist_ok=True)
-    os.makedirs(RESULTS, exist_ok=True)
-    path = args.output_json or os.path.join(
-        RESULTS, f"throughput-{result['backend']}-{(args.model_shape or 'default')}-{result['date'][:10]}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    write_result(result, args.output_json,
+                 f"throughput-{result['backend']}-{(args.model_shape or 'default')}-{result['date'][:10]}.json")
     return result
 
 

@@ -173,9 +173,13 @@ def sample(logits: jax.Array, t: SamplingTensors, penalty_state: PenaltyState | 
         scaled = jax.lax.cond(jnp.any(truncates),
                               lambda x: apply_top_k_top_p(apply_min_p(x, t.min_p), t.top_k, t.top_p),
                               lambda x: x, scaled)
-    # Noise is drawn for every row, greedy ones too: a branch on the device would make the host wait
-    # for its predicate (XLA:GPU reads it back), and [R, V] Gumbel noise costs well under a millisecond.
-    sampled = jnp.argmax(scaled + gumbel_noise(t.seeds, t.sample_index, V), axis=-1)
+    def draw(x):
+        return jnp.argmax(x + gumbel_noise(t.seeds, t.sample_index, V), axis=-1)
+
+    if jax.default_backend() == "cpu":  # an all-greedy batch draws no noise: threefry is slow on a CPU
+        sampled = jax.lax.cond(jnp.all(greedy), lambda x: jnp.argmax(x, axis=-1), draw, scaled)
+    else:  # no branch: XLA:GPU reads a predicate back on the host; [R, V] noise costs < 1 ms there
+        sampled = draw(scaled)
     sampled = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
 
     logprob = jnp.take_along_axis(raw_logprobs, sampled[:, None], axis=-1)[:, 0]
