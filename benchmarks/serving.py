@@ -94,7 +94,8 @@ def main(argv=None):
     summary = {
         "benchmark": "serving", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(), "command": " ".join(sys.argv), "base_url": args.base_url,
-        "num_prompts": args.num_prompts, "request_rate": args.request_rate, "completed": len(ok), "failed": len(failed),
+        "num_prompts": args.num_prompts,
+        "request_rate": args.request_rate if args.request_rate != float("inf") else "inf", "completed": len(ok), "failed": len(failed),
         "duration_s": round(duration, 2), "request_throughput": round(len(ok) / duration, 3),
         "output_tokens_per_s": round(out_tokens / duration, 1),
         "total_tokens_per_s": round((out_tokens + total_in) / duration, 1),
