@@ -1,5 +1,10 @@
 """Turns a SchedulerOutput into fixed-shape device arrays and runs the jitted step.
 
+`dispatch` builds a step's inputs on the engine's thread and hands the launch to one launcher thread,
+which owns the device state (KV cache, penalty state, last samples) and applies launches in order;
+`collect` waits for a step's samples. A token that the previous step is still sampling is read on the
+device from that step's output (`prev_rows`), so the engine can schedule step N+1 before step N returns.
+
 Every step is padded up to a bucket: T query tokens, S sequences, R sampled rows (S, plus one per
 sibling forked this step) and B block-table columns each come from a small fixed set, so a whole
 generate() compiles a handful of programs. A decode-only step uses T = S. Sampling parameters are
@@ -22,8 +27,8 @@ import bisect
 import functools
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -400,10 +405,6 @@ class ModelRunner:
             result.prompt_logprobs = {rid: (chosen[a:a + k], rank[a:a + k], top_ids[a:a + k], top_lps[a:a + k])
                                       for rid, (a, k) in step.prompt_spans.items()}
         return result
-
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step and wait for it."""
-        return self.collect(self.dispatch(out))
 
 
 @dataclass

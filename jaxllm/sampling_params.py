@@ -236,11 +236,6 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
-    def needs_filtering(self) -> bool:
-        """Whether top-k / top-p / min-p apply (they need a sort over the vocabulary)."""
-        return not self.greedy and (self.top_k > 0 or self.top_p < 1 or self.min_p > 0)
-
-    @property
     def needs_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
