@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Where a step's time goes on the device: the nano-vllm workload (no peer) under variants of the layer loop.
+# The device copy has no .git: run as `JAXLLM_GIT_COMMIT=<hash> bash ...` to stamp results with the commit.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

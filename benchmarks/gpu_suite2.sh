@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device call 2 for issue 6 (async engine): the nano-vllm workload against HF continuous batching in the same
 # run, Llama-3-8B with ShareGPT-like lengths, and start-to-ready cold and with the compilation cache.
+# The device copy has no .git: run as `JAXLLM_GIT_COMMIT=<hash> bash ...` to stamp results with the commit.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

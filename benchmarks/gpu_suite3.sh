@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device call 3 for issue 6 (launcher thread): the nano-vllm workload against HF continuous batching in the same
 # run, the same without async scheduling, and Llama-3-8B with ShareGPT-like lengths.
+# The device copy has no .git: run as `JAXLLM_GIT_COMMIT=<hash> bash ...` to stamp results with the commit.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

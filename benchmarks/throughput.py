@@ -50,11 +50,12 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; on a machine with no .git (the device copy), $JAXLLM_GIT_COMMIT."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
                                        cwd=os.path.dirname(RESULTS)).strip()
     except Exception:
-        return "unknown"
+        return os.environ.get("JAXLLM_GIT_COMMIT", "unknown")
 
 
 def write_result(result: dict, path: str | None, default_name: str) -> None:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -28,6 +29,9 @@ from jaxllm.config import model_config_from_hf  # noqa: E402
 from jaxllm.kv_cache import AttentionMetadata, KVCache  # noqa: E402
 from jaxllm.loader.hf import weights_from_state  # noqa: E402
 from jaxllm.models import llama  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
+from throughput import git_commit  # noqa: E402
 
 
 def hf_model(dtype):
@@ -123,7 +127,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--log", default="check_engine.json")
     args = ap.parse_args()
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    report = {"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": git_commit(), "command": " ".join(sys.argv)}
     ok = {}
     for name, fn in (("greedy_float32", check_greedy_float32), ("logits_bf16", check_logits_bf16)):
         try:

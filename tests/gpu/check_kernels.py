@@ -9,7 +9,10 @@ rel. error < 1e-2 against the pure-jnp reference (float32 math) and exact zeros 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,6 +112,13 @@ def cases(rng):
                                                   pad_tokens=7)
 
 
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return os.environ.get("JAXLLM_GIT_COMMIT", "unknown")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--log", default="check_kernels.json")
@@ -125,7 +135,9 @@ def main():
                         lambda *x, scale: paged_decode_attention(*x, scale=scale, num_splits=4), args, scale, log)
         ok &= check(name + " [ragged kernel]", ragged_kernel, args, scale, log)
     Path(a.log).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.log).write_text(json.dumps(dict(device=str(jax.devices()[0]), jax=jax.__version__, ok=ok, cases=log),
+    Path(a.log).write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__,
+                                             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                             commit=_git_commit(), command=" ".join(sys.argv), ok=ok, cases=log),
                                       indent=1))
     print("ALL PASS" if ok else "SOME FAILED", flush=True)
     sys.exit(0 if ok else 1)
