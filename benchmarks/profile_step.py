@@ -1,0 +1,151 @@
+"""Where a step's device time goes: run a few steps inside a CUDA profiler range, for Nsight Compute.
+
+    ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \\
+        --log-file kernels.csv python benchmarks/profile_step.py decode --model-shape llama3-8b
+    python benchmarks/profile_step.py summarize kernels.csv
+
+`decode` runs the roofline's decode step (batch B, context L, greedy argmax); `engine` runs the
+nano-vllm workload through the real engine (scheduler, sampler, async launch) and profiles a few steps
+once the batch is full. `summarize` groups an ncu CSV by kernel name: count, total and share of time.
+Without ncu the range markers cost nothing and the script only prints step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import ctypes
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+class ProfilerRange:
+    """cuProfilerStart/Stop on the device's primary context (the one XLA uses), from any thread."""
+
+    def __init__(self):
+        self.cuda = ctypes.CDLL("libcuda.so.1")
+        self.cuda.cuInit(0)
+        ctx = ctypes.c_void_p()
+        assert self.cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
+        assert self.cuda.cuCtxSetCurrent(ctx) == 0
+
+    def __enter__(self):
+        assert self.cuda.cuProfilerStart() == 0
+
+    def __exit__(self, *exc):
+        self.cuda.cuProfilerStop()
+
+
+def profile_decode(args):
+    import jax
+    import numpy as np
+
+    from jaxllm.kv_cache import AttentionMetadata, KVCache
+    from jaxllm.models.llama import init_random_weights
+    from jaxllm.models.shapes import model_shape_config
+    from roofline import decode_step
+
+    config = model_shape_config(args.model_shape, "bfloat16")
+    params = init_random_weights(config, jax.random.PRNGKey(0))
+    B, L, bs = args.batch, args.context, 16
+    blocks_per_seq = -(-(L + 1) // bs)
+    num_blocks = B * blocks_per_seq
+    cache = KVCache.create(config, num_blocks, bs)
+    rng = np.random.default_rng(0)
+    tables = rng.permutation(num_blocks).reshape(B, blocks_per_seq).astype(np.int32)
+    md = AttentionMetadata(
+        slot_mapping=(tables[np.arange(B), L // bs] * bs + L % bs).astype(np.int32), block_tables=tables,
+        seq_lens=np.full(B, L + 1, np.int32), query_start_loc=np.arange(B + 1, dtype=np.int32),
+        logits_indices=np.arange(B, dtype=np.int32))
+    tokens = rng.integers(0, config.vocab_size, B).astype(np.int32)
+    pos = np.full(B, L, np.int32)
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        out, cache = decode_step(params, cache, tokens, pos, md, config=config)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    print(f"decode step {args.model_shape} B={B} L={L}: median {1e3 * np.median(times[args.warmup:]):.2f} ms")
+    prof = ProfilerRange()
+    with prof:
+        for _ in range(args.profiled):
+            out, cache = decode_step(params, cache, tokens, pos, md, config=config)
+        jax.block_until_ready(out)
+
+
+def profile_engine(args):
+    import jax
+
+    from jaxllm import SamplingParams
+    from throughput import build_llm, make_workload
+
+    ns = argparse.Namespace(model_shape=args.model_shape, dtype="auto", seed=0, max_num_seqs=256,
+                            max_num_batched_tokens=8192, no_async_scheduling=False, max_model_len=2048,
+                            gpu_memory_utilization=0.9, model=None)
+    llm, config = build_llm(ns)
+    prompts, output_lens = make_workload(256, (100, 1024), (100, 1024), config.vocab_size, 0)
+    engine = llm.llm_engine
+    for i, (p, n) in enumerate(zip(prompts, output_lens)):
+        engine.add_request(str(i), {"prompt_token_ids": p},
+                           SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False))
+    prof = ProfilerRange()
+    for step in range(args.start_step + args.profiled):
+        if step == args.start_step:
+            prof.__enter__()
+        engine.step()
+    jax.effects_barrier()
+    prof.__exit__()
+    running = len(engine.scheduler.running)
+    print(f"profiled steps {args.start_step}..{args.start_step + args.profiled - 1} with {running} running requests")
+
+
+def summarize(path: str, top: int = 40) -> None:
+    """Group ncu's CSV (one row per kernel launch and metric) by kernel name."""
+    with open(path) as f:
+        lines = f.readlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    total = collections.Counter()
+    count = collections.Counter()
+    for row in csv.DictReader(lines[start:]):
+        if row["Metric Name"] != "gpu__time_duration.sum":
+            continue
+        value = float(row["Metric Value"].replace(",", ""))
+        unit = row["Metric Unit"]
+        us = value / 1e3 if unit == "nsecond" else value * 1e3 if unit == "msecond" else value
+        name = row["Kernel Name"][:90]
+        total[name] += us
+        count[name] += 1
+    grand = sum(total.values())
+    print(f"{sum(count.values())} launches, {grand / 1e3:.2f} ms of kernel time in all")
+    print(f"{'total us':>10} {'share':>6} {'count':>6} {'mean us':>8}  kernel")
+    for name, us in total.most_common(top):
+        print(f"{us:10.1f} {100 * us / grand:5.1f}% {count[name]:6d} {us / count[name]:8.1f}  {name}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["decode", "engine", "summarize"])
+    ap.add_argument("csv", nargs="?")
+    ap.add_argument("--model-shape", default="llama3-8b")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--profiled", type=int, default=2)
+    ap.add_argument("--start-step", type=int, default=300)
+    args = ap.parse_args(argv)
+    if args.mode == "summarize":
+        summarize(args.csv)
+    elif args.mode == "decode":
+        profile_decode(args)
+    else:
+        profile_engine(args)
+
+
+if __name__ == "__main__":
+    main()
