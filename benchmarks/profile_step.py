@@ -1,21 +1,20 @@
-"""Where a step's device time goes: run a few steps inside a CUDA profiler range, for Nsight Compute.
+"""Where a step's device time goes: a jax.profiler (CUPTI) trace of a few steps, grouped by kernel.
 
-    ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \\
-        --log-file kernels.csv python benchmarks/profile_step.py decode --model-shape llama3-8b
-    python benchmarks/profile_step.py summarize kernels.csv
+    python benchmarks/profile_step.py decode --model-shape llama3-8b --out /tmp/profile
+    python benchmarks/profile_step.py summarize /tmp/profile/decode-llama3-8b/.../*.xplane.pb
 
 `decode` runs the roofline's decode step (batch B, context L, greedy argmax); `engine` runs the
 nano-vllm workload through the real engine (scheduler, sampler, async launch) and profiles a few steps
-once the batch is full. `summarize` groups an ncu CSV by kernel name: count, total and share of time.
-Without ncu the range markers cost nothing and the script only prints step times.
+once the batch is full. The summary lists, for each line of the GPU plane (each stream, and XLA's op
+and module lines), every name with its count, total time and share. Nsight Compute was tried first: under
+it the JAX process crashed or hung on the lent H200.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import csv
-import ctypes
+import glob
 import os
 import sys
 import time
@@ -25,20 +24,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 class ProfilerRange:
-    """cuProfilerStart/Stop on the device's primary context (the one XLA uses), from any thread."""
+    """jax.profiler (CUPTI) trace of the steps run inside it, summarised per device line on exit:
+    for each kernel (or XLA op) name, the count, the total time and its share."""
 
-    def __init__(self):
-        self.cuda = ctypes.CDLL("libcuda.so.1")
-        self.cuda.cuInit(0)
-        ctx = ctypes.c_void_p()
-        assert self.cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
-        assert self.cuda.cuCtxSetCurrent(ctx) == 0
+    def __init__(self, out_dir: str, label: str, top: int = 40):
+        self.dir, self.label, self.top = os.path.join(out_dir, label), label, top
 
     def __enter__(self):
-        assert self.cuda.cuProfilerStart() == 0
+        import jax
+
+        os.makedirs(self.dir, exist_ok=True)
+        jax.profiler.start_trace(self.dir)
 
     def __exit__(self, *exc):
-        self.cuda.cuProfilerStop()
+        import jax
+
+        jax.profiler.stop_trace()
+        summarize(glob.glob(os.path.join(self.dir, "**", "*.xplane.pb"), recursive=True)[-1], self.top)
 
 
 def profile_decode(args):
@@ -71,8 +73,7 @@ def profile_decode(args):
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
     print(f"decode step {args.model_shape} B={B} L={L}: median {1e3 * np.median(times[args.warmup:]):.2f} ms")
-    prof = ProfilerRange()
-    with prof:
+    with ProfilerRange(args.out, f"decode-{args.model_shape}"):
         for _ in range(args.profiled):
             out, cache = decode_step(params, cache, tokens, pos, md, config=config)
         jax.block_until_ready(out)
@@ -93,7 +94,7 @@ def profile_engine(args):
     for i, (p, n) in enumerate(zip(prompts, output_lens)):
         engine.add_request(str(i), {"prompt_token_ids": p},
                            SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False))
-    prof = ProfilerRange()
+    prof = ProfilerRange(args.out, f"engine-{args.model_shape}")
     for step in range(args.start_step + args.profiled):
         if step == args.start_step:
             prof.__enter__()
@@ -105,32 +106,34 @@ def profile_engine(args):
 
 
 def summarize(path: str, top: int = 40) -> None:
-    """Group ncu's CSV (one row per kernel launch and metric) by kernel name."""
-    with open(path) as f:
-        lines = f.readlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
-    total = collections.Counter()
-    count = collections.Counter()
-    for row in csv.DictReader(lines[start:]):
-        if row["Metric Name"] != "gpu__time_duration.sum":
+    """Group a trace's device events by name, for each line (stream, "XLA Ops", ...) of each GPU plane."""
+    from jax.profiler import ProfileData
+
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
             continue
-        value = float(row["Metric Value"].replace(",", ""))
-        unit = row["Metric Unit"]
-        us = value / 1e3 if unit == "nsecond" else value * 1e3 if unit == "msecond" else value
-        name = row["Kernel Name"][:90]
-        total[name] += us
-        count[name] += 1
-    grand = sum(total.values())
-    print(f"{sum(count.values())} launches, {grand / 1e3:.2f} ms of kernel time in all")
-    print(f"{'total us':>10} {'share':>6} {'count':>6} {'mean us':>8}  kernel")
-    for name, us in total.most_common(top):
-        print(f"{us:10.1f} {100 * us / grand:5.1f}% {count[name]:6d} {us / count[name]:8.1f}  {name}")
+        for line in plane.lines:
+            total, count = collections.Counter(), collections.Counter()
+            first, last = float("inf"), 0.0
+            for e in line.events:
+                total[e.name[:100]] += e.duration_ns / 1e3
+                count[e.name[:100]] += 1
+                first, last = min(first, e.start_ns), max(last, e.start_ns + e.duration_ns)
+            if not total:
+                continue
+            busy = sum(total.values())
+            print(f"== {plane.name} / {line.name}: {sum(count.values())} events, {busy / 1e3:.2f} ms busy "
+                  f"over a {(last - first) / 1e6:.2f} ms span")
+            print(f"{'total us':>10} {'share':>6} {'count':>6} {'mean us':>8}  name")
+            for name, us in total.most_common(top):
+                print(f"{us:10.1f} {100 * us / busy:5.1f}% {count[name]:6d} {us / count[name]:8.1f}  {name}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["decode", "engine", "summarize"])
-    ap.add_argument("csv", nargs="?")
+    ap.add_argument("trace", nargs="?", help="summarize: an .xplane.pb file")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/profile"))
     ap.add_argument("--model-shape", default="llama3-8b")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--context", type=int, default=1024)
@@ -140,7 +143,7 @@ def main(argv=None):
     ap.add_argument("--start-step", type=int, default=300)
     args = ap.parse_args(argv)
     if args.mode == "summarize":
-        summarize(args.csv)
+        summarize(args.trace)
     elif args.mode == "decode":
         profile_decode(args)
     else:
