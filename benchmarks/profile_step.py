@@ -72,8 +72,9 @@ def profile_decode(args):
         out, cache = decode_step(params, cache, tokens, pos, md, config=config)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
-    print(f"decode step {args.model_shape} B={B} L={L}: median {1e3 * np.median(times[args.warmup:]):.2f} ms")
-    with ProfilerRange(args.out, f"decode-{args.model_shape}"):
+    print(f"decode step {args.model_shape} B={B} L={L}: median {1e3 * np.median(times[args.warmup:]):.2f} ms, "
+          f"first call (compile) {times[0]:.1f} s")
+    with ProfilerRange(args.out, f"decode-{args.model_shape}", args.top):
         for _ in range(args.profiled):
             out, cache = decode_step(params, cache, tokens, pos, md, config=config)
         jax.block_until_ready(out)
@@ -94,7 +95,7 @@ def profile_engine(args):
     for i, (p, n) in enumerate(zip(prompts, output_lens)):
         engine.add_request(str(i), {"prompt_token_ids": p},
                            SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False))
-    prof = ProfilerRange(args.out, f"engine-{args.model_shape}")
+    prof = ProfilerRange(args.out, f"engine-{args.model_shape}", args.top)
     for step in range(args.start_step + args.profiled):
         if step == args.start_step:
             prof.__enter__()
@@ -141,9 +142,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profiled", type=int, default=2)
     ap.add_argument("--start-step", type=int, default=300)
+    ap.add_argument("--top", type=int, default=40, help="names listed per device line")
     args = ap.parse_args(argv)
     if args.mode == "summarize":
-        summarize(args.trace)
+        summarize(args.trace, args.top)
     elif args.mode == "decode":
         profile_decode(args)
     else:
