@@ -13,6 +13,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
@@ -20,12 +21,14 @@ def main():
     ap.add_argument("--model-shape", default="qwen3-0.6b")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--label", default="")
+    ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     import jax
 
     from jaxllm import LLM, SamplingParams
     from jaxllm.models.llama import init_random_weights
     from jaxllm.models.shapes import model_shape_config
+    from throughput import device_name, git_commit, write_result
 
     config = model_shape_config(args.model_shape)
     params = init_random_weights(config, jax.random.PRNGKey(0))
@@ -33,9 +36,13 @@ def main():
     ready = time.perf_counter() - START
     out = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4, detokenize=False), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
-    result = {"model_shape": args.model_shape, "label": args.label, "start_to_ready_s": round(ready, 1),
-              "compilation_cache": jax.config.jax_compilation_cache_dir, "device": jax.devices()[0].device_kind}
+    result = {"benchmark": "startup", "model_shape": args.model_shape, "label": args.label,
+              "start_to_ready_s": round(ready, 1), "compilation_cache": jax.config.jax_compilation_cache_dir,
+              "device": device_name(), "jax_version": jax.__version__, "commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv)}
     print(json.dumps(result))
+    write_result(result, args.output_json, f"startup-{args.model_shape}-{args.label or 'run'}.json")
 
 
 if __name__ == "__main__":
