@@ -8,6 +8,7 @@ import time
 START = time.perf_counter()
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
