@@ -45,10 +45,13 @@ from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
 logger = logging.getLogger("jaxllm")
 
 
-# How step programs compile. XLA:GPU's Triton GEMM fusions lose to cuBLAS on these shapes once the layer
-# loop is unrolled (decode step, Llama-3-8B shape, B=256: 14.8 against 17.3 ms of kernel time), and
-# autotuning them for every layer made a compile take 17 s instead of 2 (Qwen3-0.6B shape, H200).
-STEP_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+# How step programs compile, measured on an H200 with the layer loop unrolled (Qwen3-0.6B shape, decode at
+# B=144, L=768; Llama-3-8B shape, B=256, L=1k):
+# - XLA:GPU's Triton GEMM fusions lose to cuBLAS on these shapes (Llama: 14.8 against 17.3 ms of kernel
+#   time), and autotuning them for every layer made a compile take 17 s instead of 2.
+# - XLA's command buffers (CUDA graphs) are re-recorded each step, because the step's inputs are new
+#   buffers: plain launches are faster (Qwen 6.5 against 7.7 ms a step; Llama 16.1 against 17.7).
+STEP_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_command_buffer": ""}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "decode_only", "num_logprobs", "num_prompt_logprobs"),
