@@ -49,8 +49,9 @@ logger = logging.getLogger("jaxllm")
 # B=144, L=768; Llama-3-8B shape, B=256, L=1k):
 # - XLA:GPU's Triton GEMM fusions lose to cuBLAS on these shapes (Llama: 14.8 against 17.3 ms of kernel
 #   time), and autotuning them for every layer made a compile take 17 s instead of 2.
-# - XLA's command buffers (CUDA graphs) are re-recorded each step, because the step's inputs are new
-#   buffers: plain launches are faster (Qwen 6.5 against 7.7 ms a step; Llama 16.1 against 17.7).
+# - Plain kernel launches beat XLA's command buffers (CUDA graphs): Qwen 6.5 against 7.7 ms a step, Llama
+#   16.1 against 17.7. Not traced; a likely cause is that every step's inputs are new buffers, so the
+#   graph is updated each step.
 STEP_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_command_buffer": ""}
 
 
