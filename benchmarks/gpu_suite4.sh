@@ -16,6 +16,8 @@ else
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 LOG=roofline.log TAILN=12 step "roofline llama3-8b B=256 L=1024" \
     python benchmarks/roofline.py --model-shape llama3-8b --batch 256 --context 1024 --output-json $OUT/roofline-llama3-8b.json
 LOG=check_engine.log TAILN=20 step check_engine python tests/gpu/check_engine.py --log $OUT/check_engine.json
+JAXLLM_SCAN_UNROLL=full LOG=check_engine_unrolled.log TAILN=20 step "check_engine, layer loop unrolled" \
+    python tests/gpu/check_engine.py --log $OUT/check_engine_unrolled.json
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 LOG=throughput-llama.log step "llama3-8b sharegpt-like" python benchmarks/throughput.py \
     --model-shape llama3-8b --num-prompts 1000 --input-len 150:250 --output-len 130:230 --max-model-len 512 \
     --output-json $OUT/throughput-llama3-8b.json
