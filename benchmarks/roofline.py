@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from jaxllm.kv_cache import AttentionMetadata, KVCache  # noqa: E402
-from jaxllm.model_runner import STEP_COMPILER_OPTIONS  # noqa: E402
 from jaxllm.models import llama  # noqa: E402
 from jaxllm.models.llama import init_random_weights  # noqa: E402
 from jaxllm.models.shapes import model_shape_config  # noqa: E402
@@ -95,7 +94,7 @@ def _torch_time(fn, iters=20):
     return float(np.median(times))
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(1,), compiler_options=STEP_COMPILER_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(1,))
 def decode_step(params, cache, token_ids, positions, md, config):
     logits, cache = llama.forward(params, token_ids, positions, cache, md, config, decode_only=True)
     return jnp.argmax(logits, -1), cache

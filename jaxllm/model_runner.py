@@ -45,18 +45,8 @@ from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
 logger = logging.getLogger("jaxllm")
 
 
-# How step programs compile, measured on an H200 with the layer loop unrolled (Qwen3-0.6B shape, decode at
-# B=144, L=768; Llama-3-8B shape, B=256, L=1k):
-# - XLA:GPU's Triton GEMM fusions lose to cuBLAS on these shapes (Llama: 14.8 against 17.3 ms of kernel
-#   time), and autotuning them for every layer made a compile take 17 s instead of 2.
-# - Plain kernel launches beat XLA's command buffers (CUDA graphs): Qwen 6.5 against 7.7 ms a step, Llama
-#   16.1 against 17.7. Not traced; a likely cause is that every step's inputs are new buffers, so the
-#   graph is updated each step.
-STEP_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_command_buffer": ""}
-
-
 @functools.partial(jax.jit, static_argnames=("config", "decode_only", "num_logprobs", "num_prompt_logprobs"),
-                   donate_argnames=("kv_cache", "penalty_state"), compiler_options=STEP_COMPILER_OPTIONS)
+                   donate_argnames=("kv_cache", "penalty_state"))
 def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, last_sampled, token_ids, prev_rows,
           positions, md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets, config: ModelConfig,
           decode_only: bool, num_logprobs: int, num_prompt_logprobs: int):

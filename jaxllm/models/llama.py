@@ -1,7 +1,7 @@
 """The Llama family (Llama 2/3, SmolLM, Mistral-style, Qwen2 with QKV bias, Qwen3 with q/k norm) as pure functions.
 
 Per-layer weights are stacked on a leading layer axis and the layers run under `lax.scan`: few
-arguments per jitted call, one layer body in the source (unrolled on a GPU: see `_scan_unroll`).
+arguments per jitted call, one compiled layer body whatever the depth (see `_scan_unroll`).
 The KV cache rides in the scan carry and is updated in place (the caller donates it).
 
 Einsum letters: t token, e embedding (hidden), f ffn, v vocab.
@@ -123,34 +123,20 @@ def forward_hidden(
     return rms_norm(x, params.final_norm, config.rms_norm_eps), kv_cache
 
 
-UNROLL_MIN_LAYER_BYTES = 128 << 20
-
-
 def _scan_unroll(config: ModelConfig) -> int | bool:
-    """How many layers one iteration of the layer loop runs: on a GPU, all of them for models with large
-    layers; otherwise one. JAXLLM_SCAN_UNROLL overrides: a number of layers per iteration, or "full".
+    """How many layers one iteration of the layer loop runs: one, unless JAXLLM_SCAN_UNROLL says a number
+    or "full".
 
-    A rolled loop on a GPU makes XLA copy each layer's slice of the stacked weights before its GEMMs, and
-    the host read each iteration's predicate back. Unrolled, the slices are static views, but the step
-    launches every kernel on its own. Measured on an H200 with the nano-vllm and roofline workloads:
-    - Llama-3-8B shape (416 MiB a layer), decode at B=256, L=1k: 23.3 ms rolled (6.7 ms of it copying
-      weights), 16.1 ms unrolled.
-    - Qwen3-0.6B shape (30 MiB a layer), whole engine: 14.4k output tok/s rolled, 10.4k unrolled; the
-      unrolled steps wait on kernel launches.
-    Hence the threshold between the two, UNROLL_MIN_LAYER_BYTES. On a CPU the loop stays rolled: XLA:CPU
-    compiles an unrolled 30-layer model far more slowly, and the tests compile many programs.
+    The rolled loop has two costs on a GPU: XLA copies each layer's slice of the stacked weights before
+    its GEMMs, and the host reads each iteration's predicate back. Unrolling removes both, and an isolated
+    decode step gets faster (Llama-3-8B shape, B=256, L=1k, H200: 23.3 ms rolled, 6.7 ms of it copying
+    weights; 16.1 ms unrolled with cuBLAS GEMMs and plain launches). Yet the whole engine got slower
+    unrolled (nano-vllm workload: 14.4k against 10.4k output tok/s; Llama-3-8B workload: 6.5k against
+    5.7k): its traced steps showed the device idle a third of the time, waiting on launches. Not
+    explained yet; benchmarks/NOTES.md has the runs. So the loop stays rolled by default.
     """
-    value = os.environ.get("JAXLLM_SCAN_UNROLL")
-    if not value:
-        big = layer_weight_bytes(config) >= UNROLL_MIN_LAYER_BYTES
-        value = "full" if big and jax.default_backend() == "gpu" else "1"
+    value = os.environ.get("JAXLLM_SCAN_UNROLL") or "1"
     return True if value == "full" else max(1, int(value))
-
-
-def layer_weight_bytes(config: ModelConfig) -> int:
-    e, f = config.hidden_size, config.intermediate_size
-    params = e * (config.q_size + 2 * config.kv_size) + config.q_size * e + 3 * e * f
-    return params * np.dtype(jnp.dtype(config.dtype)).itemsize
 
 
 def compute_logits(params: Weights, hidden: jax.Array) -> jax.Array:
