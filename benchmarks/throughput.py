@@ -50,12 +50,15 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
-    """HEAD's short hash; on a machine with no .git (the device copy), $JAXLLM_GIT_COMMIT."""
+    """$JAXLLM_GIT_COMMIT when set (the device copy's .git, where present, is not the tree that runs),
+    else HEAD's short hash."""
+    if os.environ.get("JAXLLM_GIT_COMMIT"):
+        return os.environ["JAXLLM_GIT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
                                        cwd=os.path.dirname(RESULTS)).strip()
     except Exception:
-        return os.environ.get("JAXLLM_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def write_result(result: dict, path: str | None, default_name: str) -> None:
