@@ -3,6 +3,8 @@ kernels (decode, ragged) against the reference under the Triton backend's interp
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -11,17 +13,19 @@ import pytest
 import pallas_kernels
 from pallas_kernels.decode import paged_decode_attention
 from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
+from pallas_kernels import reference as reference_module
 from pallas_kernels.reference import ragged_paged_attention as reference
 
 
 def random_batch(seed, q_lens, ctx_lens, *, num_q_heads=6, num_kv_heads=2, head_dim=32, block_size=8,
-                 num_layers=2, pad_tokens=2, dtype=jnp.float32):
-    """A ragged batch with shuffled block tables, junk in unused table entries, a padding sequence
-    (no tokens, seq_len 0) somewhere in the batch, and padding tokens at the end."""
+                 num_layers=2, pad_tokens=2, spare_blocks=1, dtype=jnp.float32):
+    """A ragged batch with shuffled block tables, junk in unused table entries (`spare_blocks` columns
+    past the longest context), a padding sequence (no tokens, seq_len 0) somewhere in the batch, and
+    padding tokens at the end."""
     rng = np.random.default_rng(seed)
     S = len(q_lens)
     needed = [-(-c // block_size) for c in ctx_lens]
-    max_blocks = max(needed) + 1
+    max_blocks = max(needed) + spare_blocks
     num_blocks = sum(needed) + 3
     perm = rng.permutation(num_blocks)
     tables = rng.integers(0, num_blocks, (S, max_blocks)).astype(np.int32)
@@ -68,6 +72,8 @@ def dense_attention(b, scale):
 
 MIXED = dict(q_lens=[1, 5, 0, 13, 1, 20], ctx_lens=[1, 9, 0, 13, 40, 27])  # chunks, decode, padding seq
 DECODE = dict(q_lens=[1, 1, 0, 1, 1], ctx_lens=[1, 8, 0, 17, 70])
+# Long prefill chunks (several items each, lengths not multiples of the block size or of R) beside decodes.
+LONG = dict(q_lens=[1, 67, 1, 0, 45, 1, 3, 0], ctx_lens=[30, 67, 9, 0, 101, 52, 21, 0])
 
 
 def rel_err(a, b):
@@ -76,7 +82,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("case", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("case", [MIXED, DECODE, LONG], ids=["mixed", "decode", "long"])
 def test_reference_matches_dense_attention(seed, case):
     b = random_batch(seed, **case)
     scale = 32**-0.5
@@ -85,6 +91,41 @@ def test_reference_matches_dense_attention(seed, case):
     n_real = int(b["query_start_loc"][-1])
     assert rel_err(got[:n_real], want[:n_real]) < 1e-5
     assert (got[n_real:] == 0).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 64])
+@pytest.mark.parametrize("case", [MIXED, DECODE, LONG], ids=["mixed", "decode", "long"])
+def test_reference_rows_per_item(monkeypatch, case, rows):
+    """Every item size gives the same attention, under jit (shapes static, metadata traced); with
+    R = 64 the long chunks fit in one item and a short one leaves most of its rows unused. The table is
+    much wider than the longest context, as the engine's bucketed tables are: the loop stops early."""
+    monkeypatch.setattr(reference_module, "rows_per_item", lambda num_tokens, num_seqs: rows)
+    b = random_batch(40 + rows, **case, pad_tokens=5, spare_blocks=20)
+    scale = 32**-0.5
+    want = dense_attention(b, scale)
+    got = np.asarray(jax.jit(functools.partial(reference, scale=scale, kv_chunk_tokens=32))(**b))
+    n_real = int(b["query_start_loc"][-1])
+    assert rel_err(got[:n_real], want[:n_real]) < 1e-5
+    assert (got[n_real:] == 0).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_work_items_cover_each_token_once(rows):
+    """The static item count suffices for the worst layout (every chunk one token longer than a multiple
+    of R) and every real token is one row of one item of its own sequence."""
+    q_lens = [rows + 1] * 5 + [0, 1, 2 * rows + 1]
+    T, S = sum(q_lens) + 3, len(q_lens)
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    seq_lens = np.asarray(q_lens, np.int32) + 7
+    seq, token, q_pos, valid = (np.asarray(x) for x in reference_module.work_items(
+        jnp.asarray(qsl), jnp.asarray(seq_lens), T, rows))
+    assert len(seq) == min(T, -(-T // rows) + S) >= sum(-(-n // rows) for n in q_lens)
+    assert sorted(token[valid]) == list(range(qsl[-1]))
+    assert (token[~valid] == T).all()
+    for w, r in zip(*np.nonzero(valid)):
+        s, t = seq[w], token[w, r]
+        assert qsl[s] <= t < qsl[s + 1]
+        assert q_pos[w, r] == seq_lens[s] - q_lens[s] + (t - qsl[s])
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
