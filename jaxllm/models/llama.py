@@ -132,8 +132,9 @@ def _scan_unroll(config: ModelConfig) -> int | bool:
     decode step gets faster (Llama-3-8B shape, B=256, L=1k, H200: 23.3 ms rolled, 6.7 ms of it copying
     weights; 16.1 ms unrolled with cuBLAS GEMMs and plain launches). Yet the whole engine got slower
     unrolled (nano-vllm workload: 14.4k against 10.4k output tok/s; Llama-3-8B workload: 6.5k against
-    5.7k): its traced steps showed the device idle a third of the time, waiting on launches. Not
-    explained yet; benchmarks/NOTES.md has the runs. So the loop stays rolled by default.
+    5.7k): unrolled, each of a step's ~450 kernels is launched on its own, at some 15-20 us of host time
+    each, more than the device needs; rolled, each layer goes out as one command buffer (a CUDA graph).
+    benchmarks/NOTES.md has the runs. So the loop stays rolled by default.
     """
     value = os.environ.get("JAXLLM_SCAN_UNROLL") or "1"
     return True if value == "full" else max(1, int(value))
