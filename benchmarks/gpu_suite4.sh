@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Device calls for issue 6 after the profile (layer loop unrolled on GPU, cuBLAS GEMMs): `bash gpu_suite4.sh a`
-# (roofline, nano-vllm workload against HF in the same run), then `... b` (GPU correctness, Llama-3-8B
-# workload, start-up cold and warm). Run as `JAXLLM_GIT_COMMIT=<hash> bash ...` to stamp the results.
+# Device calls for issue 6, in two parts that fit the per-call limit: `bash gpu_suite4.sh a` (roofline,
+# nano-vllm workload against HF in the same run), then `... b` (roofline, GPU correctness rolled and
+# unrolled, Llama-3-8B workload, start-up cold and warm). Keep $OUT to a few files: the device returns
+# only so many. Set JAXLLM_SCAN_UNROLL / XLA_FLAGS to run a variant (results/layer-loop-experiment-H200.json). Run as `JAXLLM_GIT_COMMIT=<hash> bash ...` to stamp the results.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
