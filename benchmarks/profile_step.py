@@ -28,7 +28,7 @@ class ProfilerRange:
     for each kernel (or XLA op) name, the count, the total time and its share."""
 
     def __init__(self, out_dir: str, label: str, top: int = 40):
-        self.dir, self.label, self.top = os.path.join(out_dir, label), label, top
+        self.dir, self.top = os.path.join(out_dir, label), top
 
     def __enter__(self):
         import jax
@@ -40,32 +40,24 @@ class ProfilerRange:
         import jax
 
         jax.profiler.stop_trace()
-        summarize(glob.glob(os.path.join(self.dir, "**", "*.xplane.pb"), recursive=True)[-1], self.top)
+        traces = sorted(glob.glob(os.path.join(self.dir, "**", "*.xplane.pb"), recursive=True))
+        if not traces:
+            raise RuntimeError(f"jax.profiler wrote no .xplane.pb trace under {self.dir}")
+        summarize(traces[-1], self.top)
 
 
 def profile_decode(args):
     import jax
     import numpy as np
 
-    from jaxllm.kv_cache import AttentionMetadata, KVCache
     from jaxllm.models.llama import init_random_weights
     from jaxllm.models.shapes import model_shape_config
-    from roofline import decode_step
+    from roofline import decode_inputs, decode_step
 
     config = model_shape_config(args.model_shape, "bfloat16")
     params = init_random_weights(config, jax.random.PRNGKey(0))
-    B, L, bs = args.batch, args.context, 16
-    blocks_per_seq = -(-(L + 1) // bs)
-    num_blocks = B * blocks_per_seq
-    cache = KVCache.create(config, num_blocks, bs)
-    rng = np.random.default_rng(0)
-    tables = rng.permutation(num_blocks).reshape(B, blocks_per_seq).astype(np.int32)
-    md = AttentionMetadata(
-        slot_mapping=(tables[np.arange(B), L // bs] * bs + L % bs).astype(np.int32), block_tables=tables,
-        seq_lens=np.full(B, L + 1, np.int32), query_start_loc=np.arange(B + 1, dtype=np.int32),
-        logits_indices=np.arange(B, dtype=np.int32))
-    tokens = rng.integers(0, config.vocab_size, B).astype(np.int32)
-    pos = np.full(B, L, np.int32)
+    B, L = args.batch, args.context
+    cache, tokens, pos, md = decode_inputs(config, B, L)
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
@@ -110,9 +102,10 @@ def summarize(path: str, top: int = 40) -> None:
     """Group a trace's device events by name, for each line (stream, "XLA Ops", ...) of each GPU plane."""
     from jax.profiler import ProfileData
 
-    for plane in ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
+    planes = [p for p in ProfileData.from_file(path).planes if p.name.startswith("/device:GPU")]
+    if not planes:
+        print(f"{path}: no GPU plane in this trace (it lists device kernels only)")
+    for plane in planes:
         for line in plane.lines:
             total, count = collections.Counter(), collections.Counter()
             first, last = float("inf"), 0.0
@@ -145,6 +138,8 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=40, help="names listed per device line")
     args = ap.parse_args(argv)
     if args.mode == "summarize":
+        if not args.trace or not os.path.isfile(args.trace):
+            ap.error(f"summarize needs an existing .xplane.pb file, got {args.trace!r}")
         summarize(args.trace, args.top)
     elif args.mode == "decode":
         profile_decode(args)

@@ -94,6 +94,24 @@ def _torch_time(fn, iters=20):
     return float(np.median(times))
 
 
+def decode_inputs(config, batch: int, context: int, block_size: int = 16, seed: int = 0):
+    """A decode step's inputs: `batch` sequences of `context` cached tokens, each bringing its next token,
+    their blocks scattered at random over a cache just large enough. Returns (cache, tokens, positions, md)."""
+    B, L, bs = batch, context, block_size
+    blocks_per_seq = -(-(L + 1) // bs)
+    num_blocks = B * blocks_per_seq
+    cache = KVCache.create(config, num_blocks, bs)
+    rng = np.random.default_rng(seed)
+    tables = rng.permutation(num_blocks).reshape(B, blocks_per_seq).astype(np.int32)
+    positions = np.full(B, L, np.int32)  # the new token sits at position L; context after it is L + 1
+    md = AttentionMetadata(
+        slot_mapping=(tables[np.arange(B), L // bs] * bs + L % bs).astype(np.int32), block_tables=tables,
+        seq_lens=np.full(B, L + 1, np.int32), query_start_loc=np.arange(B + 1, dtype=np.int32),
+        logits_indices=np.arange(B, dtype=np.int32))
+    tokens = rng.integers(0, config.vocab_size, B).astype(np.int32)
+    return cache, tokens, positions, md
+
+
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(1,))
 def decode_step(params, cache, token_ids, positions, md, config):
     logits, cache = llama.forward(params, token_ids, positions, cache, md, config, decode_only=True)
@@ -112,18 +130,8 @@ def main(argv=None):
     ceilings = measure_ceilings()
     config = model_shape_config(args.model_shape, "bfloat16")
     params = init_random_weights(config, jax.random.PRNGKey(0))
-    B, L, bs = args.batch, args.context, args.block_size
-    blocks_per_seq = -(-(L + 1) // bs)
-    num_blocks = B * blocks_per_seq
-    cache = KVCache.create(config, num_blocks, bs)
-    rng = np.random.default_rng(0)
-    tables = rng.permutation(num_blocks).reshape(B, blocks_per_seq).astype(np.int32)
-    pos = np.full(B, L, np.int32)  # the new token sits at position L; context after it is L + 1
-    md = AttentionMetadata(
-        slot_mapping=(tables[np.arange(B), L // bs] * bs + L % bs).astype(np.int32), block_tables=tables,
-        seq_lens=np.full(B, L + 1, np.int32), query_start_loc=np.arange(B + 1, dtype=np.int32),
-        logits_indices=np.arange(B, dtype=np.int32))
-    tokens = rng.integers(0, config.vocab_size, B).astype(np.int32)
+    B, L = args.batch, args.context
+    cache, tokens, pos, md = decode_inputs(config, B, L, args.block_size)
 
     for _ in range(3):
         out, cache = decode_step(params, cache, tokens, pos, md, config=config)
