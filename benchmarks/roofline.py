@@ -112,7 +112,8 @@ def decode_inputs(config, batch: int, context: int, block_size: int = 16, seed: 
     return cache, tokens, positions, md
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(1,))
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnums=(1,),
+                   compiler_options=llama.step_compiler_options())
 def decode_step(params, cache, token_ids, positions, md, config):
     logits, cache = llama.forward(params, token_ids, positions, cache, md, config, decode_only=True)
     return jnp.argmax(logits, -1), cache

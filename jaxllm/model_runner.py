@@ -46,7 +46,7 @@ logger = logging.getLogger("jaxllm")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "decode_only", "num_logprobs", "num_prompt_logprobs"),
-                   donate_argnames=("kv_cache", "penalty_state"))
+                   donate_argnames=("kv_cache", "penalty_state"), compiler_options=llama.step_compiler_options())
 def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, last_sampled, token_ids, prev_rows,
           positions, md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets, config: ModelConfig,
           decode_only: bool, num_logprobs: int, num_prompt_logprobs: int):

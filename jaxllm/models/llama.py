@@ -140,6 +140,21 @@ def _scan_unroll(config: ModelConfig) -> int | bool:
     return True if value == "full" else max(1, int(value))
 
 
+def step_compiler_options() -> dict:
+    """XLA options for a jitted program that runs the model: GEMMs go to cuBLAS, not XLA's Triton GEMMs.
+
+    Measured (H200, jax 0.11.2, Llama-3-8B shape): a Triton GEMM fusion cannot read a dynamic slice of
+    the stacked weights, so under the rolled layer loop XLA copied every layer's weight slice before
+    its GEMMs (6.7 ms of a 23.3 ms decode step at B=256, L=1k); cuBLAS GEMMs read the slice in place,
+    and the step takes 16.3 ms with nothing else changed. cuBLAS is also the faster GEMM at these
+    shapes (benchmarks/layer_matmul.py) and compiles in seconds instead of autotuning Triton configs.
+    JAXLLM_TRITON_GEMM=1 gives XLA its default back. The option is ignored off the GPU.
+    """
+    if os.environ.get("JAXLLM_TRITON_GEMM") == "1":
+        return {}
+    return {"xla_gpu_enable_triton_gemm": False}
+
+
 def compute_logits(params: Weights, hidden: jax.Array) -> jax.Array:
     """hidden [n, e] -> float32 logits [n, v]."""
     if params.lm_head is None:

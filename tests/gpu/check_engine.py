@@ -99,7 +99,8 @@ def check_logits_bf16(report):
     qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     md = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=np.array(lens, np.int32),
                            query_start_loc=qsl, logits_indices=(qsl[1:] - 1).astype(np.int32))
-    logits, cache = jax.jit(llama.forward, static_argnames=("config", "decode_only"))(
+    logits, cache = jax.jit(llama.forward, static_argnames=("config", "decode_only"),
+                            compiler_options=llama.step_compiler_options())(
         params, tok, pos, cache, md, config=cfg)
     # One decode step through the decode kernel.
     nxt = np.asarray(jnp.argmax(logits, -1), np.int32)
@@ -107,7 +108,8 @@ def check_logits_bf16(report):
     md2 = AttentionMetadata(slot_mapping=(tables[np.arange(3), dpos // bs] * bs + dpos % bs).astype(np.int32),
                             block_tables=tables, seq_lens=dpos + 1, query_start_loc=np.arange(4, dtype=np.int32),
                             logits_indices=np.arange(3, dtype=np.int32))
-    logits2, cache = jax.jit(llama.forward, static_argnames=("config", "decode_only"))(
+    logits2, cache = jax.jit(llama.forward, static_argnames=("config", "decode_only"),
+                            compiler_options=llama.step_compiler_options())(
         params, nxt, dpos, cache, md2, config=cfg, decode_only=True)
     ours_err, hf_err = [], []
     rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
