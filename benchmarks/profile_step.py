@@ -79,10 +79,10 @@ def profile_engine(args):
     from throughput import build_llm, make_workload
 
     ns = argparse.Namespace(model_shape=args.model_shape, dtype="auto", seed=0, max_num_seqs=256,
-                            max_num_batched_tokens=8192, no_async_scheduling=False, max_model_len=2048,
+                            max_num_batched_tokens=8192, no_async_scheduling=False, max_model_len=args.max_model_len,
                             gpu_memory_utilization=0.9, model=None)
     llm, config = build_llm(ns)
-    prompts, output_lens = make_workload(256, (100, 1024), (100, 1024), config.vocab_size, 0)
+    prompts, output_lens = make_workload(args.num_prompts, args.input_len, args.output_len, config.vocab_size, 0)
     engine = llm.llm_engine
     for i, (p, n) in enumerate(zip(prompts, output_lens)):
         engine.add_request(str(i), {"prompt_token_ids": p},
@@ -99,31 +99,61 @@ def profile_engine(args):
 
 
 def summarize(path: str, top: int = 40) -> None:
-    """Group a trace's device events by name, for each line (stream, "XLA Ops", ...) of each GPU plane."""
+    """Group a trace's device events by name, for each line (stream, "XLA Ops", ...) of each GPU plane;
+    then, for the busiest line, the idle gaps between its kernels grouped by the kernels around them."""
     from jax.profiler import ProfileData
 
     planes = [p for p in ProfileData.from_file(path).planes if p.name.startswith("/device:GPU")]
     if not planes:
         print(f"{path}: no GPU plane in this trace (it lists device kernels only)")
     for plane in planes:
+        busiest = None
         for line in plane.lines:
             total, count = collections.Counter(), collections.Counter()
             first, last = float("inf"), 0.0
+            events = []
             for e in line.events:
                 total[e.name[:100]] += e.duration_ns / 1e3
                 count[e.name[:100]] += 1
                 first, last = min(first, e.start_ns), max(last, e.start_ns + e.duration_ns)
+                events.append((e.start_ns, e.start_ns + e.duration_ns, e.name[:60]))
             if not total:
                 continue
             busy = sum(total.values())
+            if busiest is None or busy > busiest[0]:
+                busiest = (busy, line.name, events)
             print(f"== {plane.name} / {line.name}: {sum(count.values())} events, {busy / 1e3:.2f} ms busy "
                   f"over a {(last - first) / 1e6:.2f} ms span")
             print(f"{'total us':>10} {'share':>6} {'count':>6} {'mean us':>8}  name")
             for name, us in total.most_common(top):
                 print(f"{us:10.1f} {100 * us / busy:5.1f}% {count[name]:6d} {us / count[name]:8.1f}  {name}")
+        if busiest is not None:
+            print_gaps(busiest[1], busiest[2], top)
+
+
+def print_gaps(line_name: str, events: list, top: int, min_us: float = 3.0) -> None:
+    """Where the device sits idle on one line: gaps longer than `min_us` between consecutive kernels,
+    summed by (kernel before, kernel after)."""
+    events.sort()
+    gaps, count = collections.Counter(), collections.Counter()
+    end = None
+    for start, stop, name in events:
+        if end is not None and (start - end[0]) / 1e3 > min_us:
+            key = f"{end[1]} -> {name}"
+            gaps[key] += (start - end[0]) / 1e3
+            count[key] += 1
+        if end is None or stop > end[0]:
+            end = (stop, name)
+    idle = sum(gaps.values())
+    print(f"== idle gaps over {min_us} us on {line_name}: {sum(count.values())} gaps, {idle / 1e3:.2f} ms in all")
+    print(f"{'total us':>10} {'count':>6} {'mean us':>8}  kernel before -> kernel after")
+    for key, us in gaps.most_common(top):
+        print(f"{us:10.1f} {count[key]:6d} {us / count[key]:8.1f}  {key}")
 
 
 def main(argv=None):
+    from throughput import parse_range
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["decode", "engine", "summarize"])
     ap.add_argument("trace", nargs="?", help="summarize: an .xplane.pb file")
@@ -135,6 +165,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profiled", type=int, default=2)
     ap.add_argument("--start-step", type=int, default=300)
+    ap.add_argument("--num-prompts", type=int, default=256, help="engine: the workload (default: nano-vllm's)")
+    ap.add_argument("--input-len", type=parse_range, default=(100, 1024))
+    ap.add_argument("--output-len", type=parse_range, default=(100, 1024))
+    ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--top", type=int, default=40, help="names listed per device line")
     args = ap.parse_args(argv)
     if args.mode == "summarize":
