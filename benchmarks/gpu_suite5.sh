@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call for issue 6 after the step programs moved to cuBLAS GEMMs (llama.step_compiler_options):
 # the Llama-3-8B decode roofline, the nano-vllm workload (jaxllm only: `a`; with HF in the same run: `hf`),
-# the Llama-3-8B 1,000-request workload, and a profile of the nano-vllm workload's engine steps.
+# the Llama-3-8B 1,000-request workload with the default batch limits and with 256 seqs / 8192 tokens.
 # Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite5.sh [a|hf]`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
@@ -17,5 +17,6 @@ LIMIT=400 LOG=throughput-qwen3.log step "qwen3-0.6b nano-vllm workload $HF" pyth
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 LOG=throughput-llama.log step "llama3-8b sharegpt-like" python benchmarks/throughput.py \
     --model-shape llama3-8b --num-prompts 1000 --input-len 150:250 --output-len 130:230 --max-model-len 512 \
     --output-json $OUT/throughput-llama3-8b.json
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 LOG=engine-profile.log TAILN=40 step "engine profile qwen3-0.6b steps 300-302" \
-    python benchmarks/profile_step.py engine --model-shape qwen3-0.6b --start-step 300 --profiled 3 --top 12 --out /tmp/trace
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 LOG=throughput-llama-256.log step "llama3-8b sharegpt-like, 256 seqs / 8192 tokens" \
+    python benchmarks/throughput.py --model-shape llama3-8b --num-prompts 1000 --input-len 150:250 --output-len 130:230 \
+    --max-model-len 512 --max-num-seqs 256 --max-num-batched-tokens 8192 --output-json $OUT/throughput-llama3-8b-256.json

@@ -179,3 +179,14 @@ def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
         b *= 2
     out.append(hi)
     return tuple(out)
+
+
+def fine_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    """Powers of two and 1.5x powers of two from lo up to hi (and hi): padding wastes at most a third."""
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        out.extend([b * 3 // 2] if b * 3 // 2 < hi and b % 2 == 0 else [])
+        b *= 2
+    out.append(hi)
+    return tuple(sorted(set(out)))

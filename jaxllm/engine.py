@@ -76,7 +76,7 @@ class LLMEngine:
         if on_gpu and engine_config.num_gpu_blocks is None:
             # Size the cache from what is left after a step of the largest bucket has run.
             self.runner = ModelRunner(model_config, engine_config, params, engine_config.max_blocks_per_seq + 1)
-            self.runner.run_dummy_step(engine_config.token_buckets[-1], decode_only=False)
+            self.runner.run_dummy_step(engine_config.token_buckets[-1], decode_only=False, random_rows=True)
             self.runner.resize_kv_cache(self._num_kv_blocks())
         else:
             self.runner = ModelRunner(model_config, engine_config, params, self._num_kv_blocks())

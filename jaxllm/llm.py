@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxllm.config import EngineConfig, ModelConfig, pow2_buckets
+from jaxllm.config import EngineConfig, ModelConfig, fine_buckets, pow2_buckets
 from jaxllm.engine import LLMEngine
 from jaxllm.beam_search import BeamSearchOutput, beam_search
 from jaxllm.outputs import RequestOutput
@@ -19,13 +19,24 @@ from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, Sampling
 logger = logging.getLogger("jaxllm")
 
 
-def _platform_defaults() -> dict:
-    # vLLM's GPU defaults; a CPU gets a smaller batch so one step stays short.
+def platform_defaults(usage: str = "llm") -> dict:
+    """vLLM's batch defaults for this machine; `usage` is "llm" (offline, the LLM class) or "server".
+
+    vLLM gives GPUs with 70 GiB or more (H100, H200, MI300x; not A100) 1024 sequences and 16384 tokens a
+    step offline (8192 for its server), and other GPUs 256 sequences and 8192 tokens (2048 for its
+    server). A CPU gets a smaller batch so one step stays short. On a GPU, token buckets grow by
+    factors of 1.5 and 2 (256, 384, 512, 768, ...): a mixed step pays for its padding in GEMM work."""
     if jax.default_backend() == "cpu":
-        return {"max_num_seqs": 32, "max_num_batched_tokens": 512, "min_seq_bucket": 2, "min_token_bucket": 8}
-    # On a GPU small steps are latency-bound, so padding them costs little: fewer, coarser buckets
-    # mean fewer programs to compile at start.
-    return {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "min_seq_bucket": 8, "min_token_bucket": 256}
+        return {"max_num_seqs": 32, "max_num_batched_tokens": 512, "min_seq_bucket": 2, "min_token_bucket": 8,
+                "fine_token_buckets": False}
+    device = jax.devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit", 0)
+    kind = device.device_kind.lower()
+    large = "a100" not in kind and (limit >= 70 * 2**30 or any(k in kind for k in ("h100", "h200", "b200", "mi300")))
+    seqs = 1024 if large else 256
+    tokens = (16384 if usage == "llm" else 8192) if large else (8192 if usage == "llm" else 2048)
+    return {"max_num_seqs": seqs, "max_num_batched_tokens": tokens, "min_seq_bucket": 8, "min_token_bucket": 256,
+            "fine_token_buckets": True}
 
 
 class LLM:
@@ -78,7 +89,7 @@ class LLM:
 
     def _init(self, model_config: ModelConfig, params, tokenizer, max_model_len=None, max_num_seqs=None,
               max_num_batched_tokens=None, **engine_kwargs):
-        defaults = _platform_defaults()
+        defaults = platform_defaults()
         max_model_len = max_model_len or model_config.max_position_embeddings
         max_num_seqs = max_num_seqs or defaults["max_num_seqs"]
         max_num_batched_tokens = max_num_batched_tokens or max(defaults["max_num_batched_tokens"], max_num_seqs)
@@ -86,8 +97,9 @@ class LLM:
             max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
         engine_kwargs.setdefault("seq_buckets", pow2_buckets(defaults["min_seq_bucket"],
                                                               max(defaults["min_seq_bucket"], max_num_seqs)))
-        engine_kwargs.setdefault("token_buckets", pow2_buckets(
-            min(defaults["min_token_bucket"], max_num_batched_tokens), max_num_batched_tokens))
+        lo = min(defaults["min_token_bucket"], max_num_batched_tokens)
+        engine_kwargs.setdefault("token_buckets", (fine_buckets if defaults["fine_token_buckets"] else pow2_buckets)(
+            lo, max_num_batched_tokens))
         engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens, **engine_kwargs)
         start = time.perf_counter()

@@ -45,18 +45,22 @@ from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
 logger = logging.getLogger("jaxllm")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "decode_only", "num_logprobs", "num_prompt_logprobs"),
+STEP_STATIC_ARGS = ("config", "decode_only", "random_rows", "use_filters", "num_logprobs", "num_prompt_logprobs")
+
+
+@functools.partial(jax.jit, static_argnames=STEP_STATIC_ARGS,
                    donate_argnames=("kv_cache", "penalty_state"), compiler_options=llama.step_compiler_options())
 def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, last_sampled, token_ids, prev_rows,
           positions, md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets, config: ModelConfig,
-          decode_only: bool, num_logprobs: int, num_prompt_logprobs: int):
+          decode_only: bool, random_rows: bool, use_filters: bool, num_logprobs: int, num_prompt_logprobs: int):
     """token_ids/prev_rows/positions/prompt_targets [T], sample_indices [R]: the query token each row samples
     after. A token still being sampled by the previous step when this one was scheduled has
     prev_rows >= 0: it is read from that step's samples, `last_sampled` [R_max], without a host round trip."""
     token_ids = jnp.where(prev_rows >= 0, last_sampled[jnp.maximum(prev_rows, 0)], token_ids)
     hidden, kv_cache = llama.forward_hidden(params, token_ids, positions, kv_cache, md, config, decode_only)
     logits = llama.compute_logits(params, hidden[sample_indices])  # [R, V]
-    out, penalty_state = sample(logits, st, penalty_state, use_filters=True, num_logprobs=num_logprobs)
+    out, penalty_state = sample(logits, st, penalty_state, random_rows=random_rows, use_filters=use_filters,
+                                num_logprobs=num_logprobs)
     prompt = None
     if num_prompt_logprobs >= 0:
         prompt = token_logprobs(llama.compute_logits(params, hidden), prompt_targets, num_prompt_logprobs)
@@ -78,6 +82,14 @@ def _fill_penalty_rows(state: PenaltyState, rows, prompt_ids, output_ids) -> Pen
     counts = counts.at[r, output_ids].add(1, mode="drop")
     mask = mask.at[r, prompt_ids].set(True, mode="drop")
     return PenaltyState(output_counts=counts, prompt_mask=mask)
+
+
+def sampling_flags(st: SamplingTensors) -> tuple[bool, bool]:
+    """(random_rows, use_filters) of a step, static in its program: whether any row samples at random,
+    and whether any random row truncates the distribution (top_k, top_p, min_p). Padding rows are greedy."""
+    random = st.temperature > 0
+    truncates = random & ((st.top_k > 0) | (st.top_p < 1) | (st.min_p > 0))
+    return bool(random.any()), bool(truncates.any())
 
 
 def _bucket(n: int, buckets) -> int:
@@ -127,6 +139,7 @@ class ModelRunner:
             self.block_buckets = (mb,)
             self.mixed_seq_buckets = engine_config.seq_buckets[-1:]
         self.compiled_buckets: set[tuple] = set()
+        self._executables: dict[tuple, object] = {}  # bucket -> the step compiled ahead of time (precompile)
         self.penalty_state: PenaltyState | None = None  # created on the first penalised request
         self.last_sampled = jnp.zeros(engine_config.seq_buckets[-1], jnp.int32)  # the previous step's samples
         self.prepare_seconds = 0.0  # host time spent building step inputs
@@ -186,8 +199,9 @@ class ModelRunner:
         sched = out.scheduled
         num_tokens = out.num_batched_tokens
         decode_only = out.is_decode_only
-        S = _bucket(len(sched), self.config.seq_buckets if decode_only else self.mixed_seq_buckets)
+        S = _bucket(len(sched), self.config.seq_buckets) if decode_only else None
         T = S if decode_only else _bucket(num_tokens, self.config.token_buckets)
+        S = S or self._mixed_seqs(T, len(sched))
         B = _bucket(max(len(s.block_ids) for s in sched), self.block_buckets)
         bs = self.block_size
         V = self.vocab_size
@@ -236,6 +250,7 @@ class ModelRunner:
         R = _bucket(len(rows), self.config.seq_buckets) if len(rows) > S else S
         penalty_rows = self._penalty_rows_for([s.request for s in sched])
         st, num_logprobs = self._sampling_tensors(rows, R, penalty_rows, out)
+        random_rows, use_filters = sampling_flags(st)
         sample_indices = np.zeros(R, np.int32)
         sample_indices[:len(rows)] = [r[1] for r in rows]
 
@@ -252,10 +267,10 @@ class ModelRunner:
                 s.request.pending_row = i
         args = dict(token_ids=token_ids, prev_rows=prev_rows, positions=positions, md=md,
                     sample_indices=sample_indices, st=st,
-                    prompt_targets=prompt_targets, decode_only=decode_only, num_logprobs=num_logprobs,
-                    num_prompt_logprobs=num_prompt_logprobs)
-        bucket = (T, S, R, B, decode_only, bool(penalty_rows), st.bias_ids.shape[1], st.allowed_ids.shape[1],
-                  num_logprobs, num_prompt_logprobs)
+                    prompt_targets=prompt_targets, decode_only=decode_only, random_rows=random_rows,
+                    use_filters=use_filters, num_logprobs=num_logprobs, num_prompt_logprobs=num_prompt_logprobs)
+        bucket = (T, S, R, B, decode_only, random_rows, use_filters, bool(penalty_rows), st.bias_ids.shape[1],
+                  st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs)
         return args, bucket, prompt_spans, penalty_rows
 
     def _logprobs_width(self, wanted: int) -> int:
@@ -332,31 +347,63 @@ class ModelRunner:
         self.kv_cache = None  # free the old pool first
         self.kv_cache = KVCache.create(self.model_config, num_blocks, self.block_size)
 
-    def run_dummy_step(self, num_tokens: int, decode_only: bool) -> None:
-        """Run one all-padding step of a bucket (nothing is written: every slot is -1). Compiles it."""
-        S = num_tokens if decode_only else self.mixed_seq_buckets[-1]
+    def _mixed_seqs(self, num_tokens: int, num_seqs: int) -> int:
+        """S of a mixed (not decode-only) step. On a GPU it follows the token bucket T (a step of T tokens
+        has at most T sequences), so it adds no programs; on a CPU it is bucketed on its own."""
+        if len(self.mixed_seq_buckets) > 1:
+            return _bucket(num_seqs, self.mixed_seq_buckets)
+        return min(num_tokens, self.config.seq_buckets[-1])
+
+    def _dummy_step_args(self, num_tokens: int, decode_only: bool, random_rows: bool):
+        """An all-padding step of a bucket (nothing is written: every slot is -1): (_step's keyword
+        arguments, the bucket)."""
         T, B = num_tokens, self.block_buckets[-1]
+        S = T if decode_only else self._mixed_seqs(T, 1)
         md = AttentionMetadata(slot_mapping=np.full(T, -1, np.int32), block_tables=np.zeros((S, B), np.int32),
                                seq_lens=np.zeros(S, np.int32), query_start_loc=np.zeros(S + 1, np.int32),
                                logits_indices=np.zeros(S, np.int32))
         st, _ = self._sampling_tensors([], S, {}, SchedulerOutput())
         zeros = np.zeros(T, np.int32)
-        res, _, self.kv_cache, _, self.last_sampled = _step(
-            self.params, self.kv_cache, None, self.last_sampled, zeros, np.full(T, -1, np.int32), zeros, md,
-            np.zeros(S, np.int32), st, zeros, config=self.model_config, decode_only=decode_only, num_logprobs=-1,
-            num_prompt_logprobs=-1)
-        jax.block_until_ready(res)
-        self.compiled_buckets.add((T, S, S, B, decode_only, False, st.bias_ids.shape[1], 0, -1, -1))
+        args = dict(token_ids=zeros, prev_rows=np.full(T, -1, np.int32), positions=zeros, md=md,
+                    sample_indices=np.zeros(S, np.int32), st=st, prompt_targets=zeros, decode_only=decode_only,
+                    random_rows=random_rows, use_filters=False, num_logprobs=-1, num_prompt_logprobs=-1)
+        bucket = (T, S, S, B, decode_only, random_rows, False, False, st.bias_ids.shape[1], 0, -1, -1)
+        return args, bucket
 
-    def precompile(self) -> None:
-        """Compile every ordinary step at start: one program per decode batch bucket, one per token bucket
-        (requests with penalties, logprobs or allowed_token_ids may still add programs later)."""
+    def run_dummy_step(self, num_tokens: int, decode_only: bool, random_rows: bool = False) -> None:
+        """Run one all-padding step of a bucket. Compiles it."""
+        args, bucket = self._dummy_step_args(num_tokens, decode_only, random_rows)
+        res, _, self.kv_cache, _, self.last_sampled = _step(
+            self.params, self.kv_cache, None, self.last_sampled, config=self.model_config, **args)
+        jax.block_until_ready(res)
+        self.compiled_buckets.add(bucket)
+
+    def precompile(self, num_threads: int = 8) -> None:
+        """Compile every ordinary step at start, in parallel: one program per decode batch bucket and one
+        per token bucket, each for all-greedy batches and for batches with random rows (requests with
+        top-k/p or min-p, penalties, logprobs or allowed_token_ids may still add programs later). The
+        executables are kept and called directly by `_launch`."""
+        from concurrent.futures import as_completed
+
         from tqdm.auto import tqdm
 
         shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
+        shapes = [(n, decode_only, random_rows) for random_rows in (False, True) for n, decode_only in shapes]
+
+        def compile_one(shape):
+            args, bucket = self._dummy_step_args(*shape)
+            lowered = _step.lower(self.params, self.kv_cache, None, self.last_sampled, config=self.model_config,
+                                  **args)
+            return bucket, lowered.compile()
+
         start = time.perf_counter()
-        for T, decode_only in tqdm(shapes, desc="Compiling buckets", dynamic_ncols=True):
-            self.run_dummy_step(T, decode_only)
+        with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="jaxllm-compile") as pool:
+            futures = [pool.submit(compile_one, shape) for shape in shapes]
+            for future in tqdm(as_completed(futures), total=len(futures), desc="Compiling buckets",
+                               dynamic_ncols=True):
+                bucket, executable = future.result()
+                self._executables[bucket] = executable
+                self.compiled_buckets.add(bucket)
         logger.info("compiled %d step programs in %.1fs", len(shapes), time.perf_counter() - start)
 
     # -- device side ----------------------------------------------------------------------------
@@ -382,13 +429,19 @@ class ModelRunner:
         for fill in fills:
             self.penalty_state = _fill_penalty_rows(self.penalty_state, *fill)
         state = self.penalty_state if use_penalties else None
-        res, prompt, self.kv_cache, state, self.last_sampled = _step(
-            self.params, self.kv_cache, state, self.last_sampled, config=self.model_config, **args)
+        executable = self._executables.get(bucket)
+        if executable is not None:  # compiled ahead of time: takes only the array arguments
+            arrays = {k: v for k, v in args.items() if k not in STEP_STATIC_ARGS}
+            res, prompt, self.kv_cache, state, self.last_sampled = executable(
+                self.params, self.kv_cache, state, self.last_sampled, **arrays)
+        else:
+            res, prompt, self.kv_cache, state, self.last_sampled = _step(
+                self.params, self.kv_cache, state, self.last_sampled, config=self.model_config, **args)
         if use_penalties:
             self.penalty_state = state
         if compiling:
-            logger.info("compiled step for bucket (tokens=%d, seqs=%d, rows=%d, blocks=%d, decode=%s, penalties=%s, "
-                        "biases=%d, allowed=%d, logprobs=%d, prompt_logprobs=%d) in %.2fs",
+            logger.info("compiled step for bucket (tokens=%d, seqs=%d, rows=%d, blocks=%d, decode=%s, random=%s, "
+                        "filters=%s, penalties=%s, biases=%d, allowed=%d, logprobs=%d, prompt_logprobs=%d) in %.2fs",
                         *bucket, time.perf_counter() - t0)
         return res, prompt
 

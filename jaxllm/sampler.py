@@ -156,35 +156,35 @@ def process_logits(logits: jax.Array, t: SamplingTensors, penalty_state: Penalty
 
 
 def sample(logits: jax.Array, t: SamplingTensors, penalty_state: PenaltyState | None = None, *,
-           use_filters: bool, num_logprobs: int = -1) -> tuple[SamplerOutput, PenaltyState | None]:
+           use_filters: bool, random_rows: bool = True,
+           num_logprobs: int = -1) -> tuple[SamplerOutput, PenaltyState | None]:
     """logits [R, V] float32 -> SamplerOutput, and the penalty state with the sampled tokens counted.
 
-    num_logprobs (static): -1 returns only the sampled token's logprob; N >= 0 also its rank and the
-    N most likely tokens. Logprobs are of the raw logits (vLLM's default `raw_logprobs`)."""
+    Static flags, set by the host from the batch's parameters so the program holds no branch (XLA:GPU
+    reads a branch predicate back on the host, which blocks the thread that launches the step):
+    `random_rows` draws Gumbel noise (off: every row is greedy, an argmax); `use_filters` applies min_p,
+    top_k and top_p (they never change a greedy row's argmax). num_logprobs: -1 returns only the sampled
+    token's logprob; N >= 0 also its rank and the N most likely tokens. Logprobs are of the raw logits
+    (vLLM's default `raw_logprobs`)."""
     V = logits.shape[-1]
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    raw = logits
     logits = process_logits(logits, t, penalty_state)
-
     greedy = t.temperature <= 0
-    scaled = logits / jnp.where(greedy, 1.0, t.temperature)[:, None]
-    if use_filters:
-        # Compiled in, but run only when some random row truncates: the sort over V is not free.
-        truncates = ~greedy & ((t.top_k > 0) | (t.top_p < 1) | (t.min_p > 0))
-        scaled = jax.lax.cond(jnp.any(truncates),
-                              lambda x: apply_top_k_top_p(apply_min_p(x, t.min_p), t.top_k, t.top_p),
-                              lambda x: x, scaled)
-    def draw(x):
-        return jnp.argmax(x + gumbel_noise(t.seeds, t.sample_index, V), axis=-1)
+    sampled = jnp.argmax(logits, axis=-1)
+    if random_rows:
+        scaled = logits / jnp.where(greedy, 1.0, t.temperature)[:, None]
+        if use_filters:
+            scaled = apply_top_k_top_p(apply_min_p(scaled, t.min_p), t.top_k, t.top_p)
+        drawn = jnp.argmax(scaled + gumbel_noise(t.seeds, t.sample_index, V), axis=-1)
+        sampled = jnp.where(greedy, sampled, drawn)
+    sampled = sampled.astype(jnp.int32)
 
-    if jax.default_backend() == "cpu":  # an all-greedy batch draws no noise: threefry is slow on a CPU
-        sampled = jax.lax.cond(jnp.all(greedy), lambda x: jnp.argmax(x, axis=-1), draw, scaled)
-    else:  # no branch: XLA:GPU reads a predicate back on the host; [R, V] noise costs < 1 ms there
-        sampled = draw(scaled)
-    sampled = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
-
-    logprob = jnp.take_along_axis(raw_logprobs, sampled[:, None], axis=-1)[:, 0]
+    # The sampled token's raw logprob: one logsumexp per row, no [R, V] log-softmax in memory.
+    lse = jax.nn.logsumexp(raw, axis=-1)
+    logprob = jnp.take_along_axis(raw, sampled[:, None], axis=-1)[:, 0] - lse
     out = SamplerOutput(sampled=sampled, logprob=logprob)
     if num_logprobs >= 0:
+        raw_logprobs = raw - lse[:, None]
         out.rank = jnp.sum(raw_logprobs >= logprob[:, None], axis=-1).astype(jnp.int32)
         out.top_logprobs, out.top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
         out.top_ids = out.top_ids.astype(jnp.int32)

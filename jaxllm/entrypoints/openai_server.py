@@ -289,9 +289,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpu-blocks-override", type=int, default=None,
                    help="a fixed number of KV-cache blocks instead of sizing from memory")
     p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="most sequences in one step; default: 256 on an accelerator, 32 on a CPU")
+                   help="most sequences in one step; default: vLLM's (1024 on GPUs of 70 GiB or more, else 256; 32 on a CPU)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="most tokens in one step; default: 8192 on an accelerator, 512 on a CPU")
+                   help="most tokens in one step; default: vLLM's server value (8192 on GPUs of 70 GiB or more, else 2048; 512 on a CPU)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of prompts that share a prefix")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16", "float16", "half"],
@@ -308,9 +308,14 @@ def load_app(args: argparse.Namespace):
     """Load the model named by the parsed CLI args and build the app."""
     from jaxllm import LLM
 
+    from jaxllm.llm import platform_defaults
+
     dtype = {"float": "float32", "half": "float16"}.get(args.dtype, args.dtype)
-    engine_kwargs = dict(max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                         max_num_batched_tokens=args.max_num_batched_tokens,
+    defaults = platform_defaults("server")  # vLLM's server defaults (smaller steps than offline)
+    engine_kwargs = dict(max_model_len=args.max_model_len, block_size=args.block_size,
+                         max_num_seqs=args.max_num_seqs or defaults["max_num_seqs"],
+                         max_num_batched_tokens=args.max_num_batched_tokens or max(defaults["max_num_batched_tokens"],
+                                                                                   args.max_num_seqs or 0),
                          gpu_memory_utilization=args.gpu_memory_utilization,
                          enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                          num_gpu_blocks_override=args.num_gpu_blocks_override)
