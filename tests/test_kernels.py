@@ -161,25 +161,3 @@ def test_dispatch_uses_reference_on_cpu(decode_only):
     got = pallas_kernels.ragged_paged_attention(*b.values(), scale=0.2, decode_only=decode_only)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(reference(**b, scale=0.2)))
 
-
-@pytest.mark.parametrize("M,K,N,layers", [(5, 128, 128, 3), (37, 192, 64, 2), (64, 64, 256, 1)])
-def test_layer_matmul_interpret(M, K, N, layers):
-    """x @ w[layer] read in place from stacked weights: every layer, token counts not multiples of the block."""
-    from pallas_kernels.matmul import layer_matmul
-
-    rng = np.random.default_rng(M)
-    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
-    w = jnp.asarray(0.1 * rng.standard_normal((layers, K, N)), jnp.bfloat16)
-    for layer in range(layers):
-        got = np.asarray(layer_matmul(x, w, jnp.int32(layer), block_n=64, interpret=True), np.float32)
-        want = np.asarray(x, np.float32) @ np.asarray(w[layer], np.float32)
-        np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
-
-
-def test_layer_matmul_rejects_bad_shapes():
-    from pallas_kernels.matmul import layer_matmul
-
-    with pytest.raises(ValueError, match="contraction"):
-        layer_matmul(jnp.zeros((4, 64), jnp.bfloat16), jnp.zeros((2, 128, 64), jnp.bfloat16), 0, interpret=True)
-    with pytest.raises(ValueError, match="multiples"):
-        layer_matmul(jnp.zeros((4, 96), jnp.bfloat16), jnp.zeros((2, 96, 64), jnp.bfloat16), 0, interpret=True)

@@ -127,14 +127,13 @@ def _scan_unroll(config: ModelConfig) -> int | bool:
     """How many layers one iteration of the layer loop runs: one, unless JAXLLM_SCAN_UNROLL says a number
     or "full".
 
-    The rolled loop has two costs on a GPU: XLA copies each layer's slice of the stacked weights before
-    its GEMMs, and the host reads each iteration's predicate back. Unrolling removes both, and an isolated
-    decode step gets faster (Llama-3-8B shape, B=256, L=1k, H200: 23.3 ms rolled, 6.7 ms of it copying
-    weights; 16.1 ms unrolled with cuBLAS GEMMs and plain launches). Yet the whole engine got slower
-    unrolled (nano-vllm workload: 14.4k against 10.4k output tok/s; Llama-3-8B workload: 6.5k against
-    5.7k): unrolled, each of a step's ~450 kernels is launched on its own, at some 15-20 us of host time
-    each, more than the device needs; rolled, each layer goes out as one command buffer (a CUDA graph).
-    benchmarks/NOTES.md has the runs. So the loop stays rolled by default.
+    With XLA's Triton GEMMs the rolled loop copied each layer's weight slice before its GEMMs, and
+    unrolling looked like the fix (Llama-3-8B shape, B=256, L=1k, H200: 23.3 ms rolled, 16.1 ms
+    unrolled). Yet the whole engine got slower unrolled (nano-vllm workload: 14.4k against 10.4k output
+    tok/s): each of a step's ~450 kernels is then launched on its own, at some 15-20 us of host time,
+    more than the device needs; rolled, each layer goes out as one command buffer (a CUDA graph). With
+    cuBLAS GEMMs (`step_compiler_options`) the rolled step has no copies and takes the unrolled step's
+    16.3 ms, and unrolling by 2 or 4 makes it slower (23 ms). benchmarks/NOTES.md has the runs.
     """
     value = os.environ.get("JAXLLM_SCAN_UNROLL") or "1"
     return True if value == "full" else max(1, int(value))
@@ -146,8 +145,10 @@ def step_compiler_options() -> dict:
     Measured (H200, jax 0.11.2, Llama-3-8B shape): a Triton GEMM fusion cannot read a dynamic slice of
     the stacked weights, so under the rolled layer loop XLA copied every layer's weight slice before
     its GEMMs (6.7 ms of a 23.3 ms decode step at B=256, L=1k); cuBLAS GEMMs read the slice in place,
-    and the step takes 16.3 ms with nothing else changed. cuBLAS is also the faster GEMM at these
-    shapes (benchmarks/layer_matmul.py) and compiles in seconds instead of autotuning Triton configs.
+    and the step takes 16.3 ms with nothing else changed; the engine went from 6.5k to 8.2k output
+    tok/s on the Llama-3-8B workload. It also compiles in seconds instead of autotuning Triton configs.
+    (A Pallas GEMM that reads `w[layer]` in place was written first; cuBLAS made it unnecessary:
+    results/layer-matmul-llama3-8b-H200.json.)
     JAXLLM_TRITON_GEMM=1 gives XLA its default back. The option is ignored off the GPU.
     """
     if os.environ.get("JAXLLM_TRITON_GEMM") == "1":
