@@ -151,3 +151,35 @@ def test_async_scheduling_gives_the_same_outputs_as_sync(make_llm, smol_tokenize
     assert want[0].outputs[0].token_ids == free[:4] and want[0].outputs[0].finish_reason == "stop"
     assert asyn.llm_engine.scheduler.num_preemptions > 0  # 10 blocks for 4 x up to 80 tokens: it had to preempt
     assert asyn.llm_engine.kv_cache_manager.num_free_blocks == 10
+
+
+def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smol_tokenizer):
+    """The GPU path on a CPU: every bucket compiled ahead of time in parallel, mixed steps sized from
+    their token bucket; generation then compiles nothing and gives the tokens of the lazily-compiled path."""
+    from jaxllm.model_runner import _step
+
+    llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
+    runner = llm.llm_engine.runner
+    runner.mixed_seq_buckets = runner.config.seq_buckets[-1:]
+    runner.block_buckets = runner.block_buckets[-1:]
+    runner.precompile(num_threads=2)
+    assert len(runner._executables) == 2 * (len(runner.config.seq_buckets) + len(runner.config.token_buckets))
+    prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=7)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=11, max_tokens=6, ignore_eos=True)
+    before, buckets = _step._cache_size(), set(runner.compiled_buckets)
+    ahead = [llm.generate(prompts, p, use_tqdm=False) for p in (greedy, seeded)]
+    assert _step._cache_size() == before and runner.compiled_buckets == buckets  # nothing compiled lazily
+    runner._executables.clear()
+    lazy = [llm.generate(prompts, p, use_tqdm=False) for p in (greedy, seeded)]
+    assert [token_ids(o) for o in ahead] == [token_ids(o) for o in lazy]
+
+
+def test_fine_token_buckets_pad_at_most_a_third():
+    from jaxllm.config import fine_buckets
+
+    for lo, hi in [(256, 16384), (256, 8192), (256, 1000), (8, 8), (16, 48)]:
+        b = fine_buckets(lo, hi)
+        assert b[0] == lo and b[-1] == hi and list(b) == sorted(set(b))
+        # A step of n tokens in (b[i], b[i+1]] pads to b[i+1] <= 1.5 * b[i]: at most a third is padding.
+        assert all(b2 <= 1.5 * b1 for b1, b2 in zip(b, b[1:])), b

@@ -27,7 +27,7 @@ def tensors(R: int, V: int, **overrides) -> SamplingTensors:
     return SamplingTensors(**t)
 
 
-_sample = jax.jit(sample, static_argnames=("use_filters", "num_logprobs"))
+_sample = jax.jit(sample, static_argnames=("use_filters", "random_rows", "num_logprobs"))
 
 
 def test_penalties_follow_vllm_formula():
@@ -155,3 +155,35 @@ def test_row_depends_only_on_its_seed_and_index():
     t2 = tensors(8, V, seeds=(np.arange(8) + 100)[perm], sample_index=(np.arange(8) * 3)[perm])
     out2, _ = _sample(logits[perm], t2, None, use_filters=False)
     np.testing.assert_array_equal(np.asarray(out.sampled)[perm], out2.sampled)
+
+
+def test_sampling_flags_come_from_the_rows_parameters():
+    from jaxllm.model_runner import sampling_flags
+
+    R = 4
+    assert sampling_flags(tensors(R, 8, temperature=0.0)) == (False, False)
+    # A greedy row's top_k does not matter: filters never change an argmax.
+    assert sampling_flags(tensors(R, 8, temperature=0.0, top_k=5)) == (False, False)
+    assert sampling_flags(tensors(R, 8, temperature=[0.0, 0.7, 0.0, 0.0])) == (True, False)
+    assert sampling_flags(tensors(R, 8, temperature=[0.0, 0.7, 0.0, 0.0], top_p=[1.0, 0.9, 1.0, 1.0])) == (True, True)
+    assert sampling_flags(tensors(R, 8, temperature=[0.0, 0.7, 0.0, 0.0], min_p=[0.3, 0.0, 0.0, 0.0])) == (True, False)
+
+
+def test_static_flags_give_the_same_samples_as_the_general_program():
+    """The host picks the cheapest program for the batch: all-greedy draws no noise, filters only when
+    a random row truncates. Each cheap program must sample exactly what the general one samples."""
+    R, V = 6, 50
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((R, V)) * 3, jnp.float32)
+    greedy = tensors(R, V, temperature=0.0, seeds=np.arange(R), sample_index=np.arange(R))
+    general, _ = _sample(logits, greedy, None, use_filters=True, random_rows=True)
+    cheap, _ = _sample(logits, greedy, None, use_filters=False, random_rows=False)
+    np.testing.assert_array_equal(cheap.sampled, np.argmax(np.asarray(logits), -1))
+    np.testing.assert_array_equal(cheap.sampled, general.sampled)
+    np.testing.assert_allclose(cheap.logprob, general.logprob, rtol=1e-6)
+    mixed = tensors(R, V, temperature=[0.0, 1.0, 0.5, 0.0, 2.0, 1.0], seeds=np.arange(R), sample_index=np.arange(R))
+    general, _ = _sample(logits, mixed, None, use_filters=True, random_rows=True)
+    cheap, _ = _sample(logits, mixed, None, use_filters=False, random_rows=True)
+    np.testing.assert_array_equal(cheap.sampled, general.sampled)
+    # The logprob is the raw log-softmax of the sampled token.
+    want = jax.nn.log_softmax(logits, axis=-1)[jnp.arange(R), cheap.sampled]
+    np.testing.assert_allclose(cheap.logprob, want, rtol=1e-5, atol=1e-6)
