@@ -7,9 +7,11 @@ device from that step's output (`prev_rows`), so the engine can schedule step N+
 
 Every step is padded up to a bucket: T query tokens, S sequences, R sampled rows (S, plus one per
 sibling forked this step) and B block-table columns each come from a small fixed set, so a whole
-generate() compiles a handful of programs. A decode-only step uses T = S. Sampling parameters are
-arrays; only a few static flags (filters, penalties, logprob widths) pick a program. What comes back
-to the host: the sampled ids and their logprobs, plus top-N logprobs only when a request asks.
+generate() compiles a handful of programs. A decode-only step uses T = S; on a GPU a mixed step's S
+follows T. Sampling parameters are arrays; only a few static flags (random rows, filters, penalties,
+logprob widths) pick a program. The host sets them, so no step holds a branch: XLA:GPU would read its
+predicate back on the host and stall the launch. What comes back to the host: the sampled ids and their
+logprobs, plus top-N logprobs only when a request asks.
 
 Penalty state. Presence/frequency/repetition penalties need, per request, which tokens the prompt holds
 and how often each token was generated. Sending the token ids every step would cost O(context) per
@@ -28,7 +30,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import jax
@@ -199,9 +201,11 @@ class ModelRunner:
         sched = out.scheduled
         num_tokens = out.num_batched_tokens
         decode_only = out.is_decode_only
-        S = _bucket(len(sched), self.config.seq_buckets) if decode_only else None
-        T = S if decode_only else _bucket(num_tokens, self.config.token_buckets)
-        S = S or self._mixed_seqs(T, len(sched))
+        if decode_only:
+            S = T = _bucket(len(sched), self.config.seq_buckets)
+        else:
+            T = _bucket(num_tokens, self.config.token_buckets)
+            S = self._mixed_seqs(T, len(sched))
         B = _bucket(max(len(s.block_ids) for s in sched), self.block_buckets)
         bs = self.block_size
         V = self.vocab_size
@@ -383,8 +387,6 @@ class ModelRunner:
         per token bucket, each for all-greedy batches and for batches with random rows (requests with
         top-k/p or min-p, penalties, logprobs or allowed_token_ids may still add programs later). The
         executables are kept and called directly by `_launch`."""
-        from concurrent.futures import as_completed
-
         from tqdm.auto import tqdm
 
         shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
