@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from throughput import git_commit  # noqa: E402  ($JAXLLM_GIT_COMMIT first: the device copy's .git is stale)
 
 from pallas_kernels.decode import paged_decode_attention
 from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
@@ -112,13 +114,6 @@ def cases(rng):
                                                   pad_tokens=7)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return os.environ.get("JAXLLM_GIT_COMMIT", "unknown")
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--log", default="check_kernels.json")
@@ -137,7 +132,7 @@ def main():
     Path(a.log).parent.mkdir(parents=True, exist_ok=True)
     Path(a.log).write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__,
                                              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                                             commit=_git_commit(), command=" ".join(sys.argv), ok=ok, cases=log),
+                                             commit=git_commit(), command=" ".join(sys.argv), ok=ok, cases=log),
                                       indent=1))
     print("ALL PASS" if ok else "SOME FAILED", flush=True)
     sys.exit(0 if ok else 1)
