@@ -39,6 +39,20 @@ def platform_defaults(usage: str = "llm") -> dict:
             "fine_token_buckets": True}
 
 
+def batch_limits(max_num_seqs: int | None, max_num_batched_tokens: int | None, usage: str = "llm") -> tuple:
+    """(max_num_seqs, max_num_batched_tokens): what the caller gave, else `platform_defaults(usage)`'s; a
+    default token budget is never below the sequence cap."""
+    for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r}: must be a positive integer")
+    defaults = platform_defaults(usage)
+    if max_num_seqs is None:
+        max_num_seqs = defaults["max_num_seqs"]
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = max(defaults["max_num_batched_tokens"], max_num_seqs)
+    return max_num_seqs, max_num_batched_tokens
+
+
 class LLM:
     """An LLM for offline generation.
 
@@ -91,8 +105,7 @@ class LLM:
               max_num_batched_tokens=None, **engine_kwargs):
         defaults = platform_defaults()
         max_model_len = max_model_len or model_config.max_position_embeddings
-        max_num_seqs = max_num_seqs or defaults["max_num_seqs"]
-        max_num_batched_tokens = max_num_batched_tokens or max(defaults["max_num_batched_tokens"], max_num_seqs)
+        max_num_seqs, max_num_batched_tokens = batch_limits(max_num_seqs, max_num_batched_tokens)
         if not engine_kwargs.get("enable_chunked_prefill", True):
             max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
         engine_kwargs.setdefault("seq_buckets", pow2_buckets(defaults["min_seq_bucket"],

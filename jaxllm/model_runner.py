@@ -134,12 +134,12 @@ class ModelRunner:
             # The jnp attention's cost grows with the table's width, so the width is bucketed too; and
             # a mixed step pads its sequences only to the next bucket.
             self.block_buckets = tuple(sorted({min(b, mb) for b in (2 ** i for i in range(2, 20)) if b < 2 * mb}))
-            self.mixed_seq_buckets = engine_config.seq_buckets
+            self.mixed_seqs_follow_tokens = False
         else:
-            # The GPU kernels stop at each sequence's length, so one width serves all; mixed steps always
-            # pad to max_num_seqs. Programs: one per decode batch bucket and one per token bucket.
+            # The GPU kernels stop at each sequence's length, so one width serves all; a mixed step's S
+            # follows its token bucket. Programs: one per decode batch bucket and one per token bucket.
             self.block_buckets = (mb,)
-            self.mixed_seq_buckets = engine_config.seq_buckets[-1:]
+            self.mixed_seqs_follow_tokens = True
         self.compiled_buckets: set[tuple] = set()
         self._executables: dict[tuple, object] = {}  # bucket -> the step compiled ahead of time (precompile)
         self.penalty_state: PenaltyState | None = None  # created on the first penalised request
@@ -354,9 +354,9 @@ class ModelRunner:
     def _mixed_seqs(self, num_tokens: int, num_seqs: int) -> int:
         """S of a mixed (not decode-only) step. On a GPU it follows the token bucket T (a step of T tokens
         has at most T sequences), so it adds no programs; on a CPU it is bucketed on its own."""
-        if len(self.mixed_seq_buckets) > 1:
-            return _bucket(num_seqs, self.mixed_seq_buckets)
-        return min(num_tokens, self.config.seq_buckets[-1])
+        if self.mixed_seqs_follow_tokens:
+            return min(num_tokens, self.config.seq_buckets[-1])
+        return _bucket(num_seqs, self.config.seq_buckets)
 
     def _dummy_step_args(self, num_tokens: int, decode_only: bool, random_rows: bool):
         """An all-padding step of a bucket (nothing is written: every slot is -1): (_step's keyword

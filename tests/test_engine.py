@@ -160,7 +160,7 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
 
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
     runner = llm.llm_engine.runner
-    runner.mixed_seq_buckets = runner.config.seq_buckets[-1:]
+    runner.mixed_seqs_follow_tokens = True
     runner.block_buckets = runner.block_buckets[-1:]
     runner.precompile(num_threads=2)
     assert len(runner._executables) == 2 * (len(runner.config.seq_buckets) + len(runner.config.token_buckets))
@@ -183,3 +183,11 @@ def test_fine_token_buckets_pad_at_most_a_third():
         assert b[0] == lo and b[-1] == hi and list(b) == sorted(set(b))
         # A step of n tokens in (b[i], b[i+1]] pads to b[i+1] <= 1.5 * b[i]: at most a third is padding.
         assert all(b2 <= 1.5 * b1 for b1, b2 in zip(b, b[1:])), b
+
+
+@pytest.mark.parametrize("name, value", [("max_num_seqs", 0), ("max_num_seqs", -3), ("max_num_batched_tokens", 0),
+                                         ("max_num_batched_tokens", 2.5)])
+def test_bad_batch_limits_are_refused_by_name(make_llm, name, value):
+    """0 must not silently become the default: it is an error that names the parameter."""
+    with pytest.raises(ValueError, match=name):
+        make_llm(**{name: value})

@@ -308,14 +308,13 @@ def load_app(args: argparse.Namespace):
     """Load the model named by the parsed CLI args and build the app."""
     from jaxllm import LLM
 
-    from jaxllm.llm import platform_defaults
+    from jaxllm.llm import batch_limits
 
     dtype = {"float": "float32", "half": "float16"}.get(args.dtype, args.dtype)
-    defaults = platform_defaults("server")  # vLLM's server defaults (smaller steps than offline)
-    engine_kwargs = dict(max_model_len=args.max_model_len, block_size=args.block_size,
-                         max_num_seqs=args.max_num_seqs or defaults["max_num_seqs"],
-                         max_num_batched_tokens=args.max_num_batched_tokens or max(defaults["max_num_batched_tokens"],
-                                                                                   args.max_num_seqs or 0),
+    # vLLM's server defaults (smaller steps than offline)
+    max_num_seqs, max_num_batched_tokens = batch_limits(args.max_num_seqs, args.max_num_batched_tokens, "server")
+    engine_kwargs = dict(max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens,
                          gpu_memory_utilization=args.gpu_memory_utilization,
                          enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                          num_gpu_blocks_override=args.num_gpu_blocks_override)
