@@ -186,6 +186,15 @@ def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=pri
     return rec
 
 
+def tune_decode(log):
+    """A wider decode sweep (tile, warps, pipeline depth; no split) on the decode cases the targets
+    hinge on: Llama-3-8B shape at B=64 with 2k context (issue 5) and B=256 with 1k (issue 6's step)."""
+    variants = {f"bk{bk}_w{nw}_s{ns}": dict(block_k=bk, num_warps=nw, num_stages=ns, num_splits=1)
+                for bk in (32, 64, 128) for nw in (2, 4, 8) for ns in (2, 3, 4)}
+    for model, batch, ctx in (("llama-3-8b", 64, 2048), ("llama-3-8b", 256, 1024)):
+        bench_decode(model, batch, ctx, reps=8, with_ref=False, variants=variants, log=log)
+
+
 def tune(log):
     dec = {}
     for cfg in ((128, 8, 3), (64, 4, 3), (64, 4, 2), (128, 4, 2), (64, 8, 3)):
@@ -209,6 +218,7 @@ def tune(log):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-decode", action="store_true", help="only the wider decode sweep")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="target cases only")
     a = ap.parse_args()
@@ -216,7 +226,7 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     results = dict(device=device, date=datetime.datetime.now().isoformat(timespec="seconds"), jax=jax.__version__,
-                   git_commit=commit or os.environ.get("JAXLLM_GIT_COMMIT", "unknown"), cases=[])
+                   git_commit=os.environ.get("JAXLLM_GIT_COMMIT") or commit or "unknown", cases=[])
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"kernels-{device.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -234,8 +244,8 @@ def main():
     print(f"ceilings: copy {copy:.2f} TB/s (jax {jc['copy_TBps']:.2f}, torch {tc.get('copy_TBps')}); "
           f"bf16 matmul {mm:.0f} TFLOP/s (jax {jc['matmul_TFLOPs']:.0f}, torch {tc.get('matmul_TFLOPs')})",
           flush=True)
-    if a.tune:
-        tune(log)
+    if a.tune or a.tune_decode:
+        tune_decode(log) if a.tune_decode else tune(log)
         return
     free = 60e9 if "H100" in device else 120e9
     for model in MODELS:

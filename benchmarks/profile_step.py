@@ -129,6 +129,7 @@ def summarize(path: str, top: int = 40) -> None:
                 print(f"{us:10.1f} {100 * us / busy:5.1f}% {count[name]:6d} {us / count[name]:8.1f}  {name}")
         if busiest is not None:
             print_gaps(busiest[1], busiest[2], top)
+            print_timeline(busiest[1], busiest[2])
 
 
 def print_gaps(line_name: str, events: list, top: int, min_us: float = 3.0) -> None:
@@ -149,6 +150,25 @@ def print_gaps(line_name: str, events: list, top: int, min_us: float = 3.0) -> N
     print(f"{'total us':>10} {'count':>6} {'mean us':>8}  kernel before -> kernel after")
     for key, us in gaps.most_common(top):
         print(f"{us:10.1f} {count[key]:6d} {us / count[key]:8.1f}  {key}")
+
+
+def print_timeline(line_name: str, events: list, anchor: str = "attention", at: float = 0.5) -> None:
+    """One period of the trace, kernel by kernel: from the kernel whose name holds `anchor` nearest the
+    trace's fraction `at` up to the next such kernel (one layer of the layer loop), with each kernel's
+    start, duration and the idle time before it."""
+    events = sorted(events)
+    marks = [i for i, e in enumerate(events) if anchor in e[2]]
+    if len(marks) < 2:
+        return
+    k = min(range(len(marks) - 1), key=lambda j: abs(marks[j] - at * len(events)))
+    first, last = marks[k], marks[k + 1]
+    t0 = events[first][0]
+    print(f"== one period on {line_name}, from {anchor!r} to the next ({last - first} kernels, "
+          f"{(events[last][0] - t0) / 1e3:.1f} us)")
+    print(f"{'start us':>9} {'dur us':>7} {'idle us':>7}  name")
+    for (start, stop, name), prev in zip(events[first:last + 1], [None] + events[first:last]):
+        idle = (start - prev[1]) / 1e3 if prev else 0.0
+        print(f"{(start - t0) / 1e3:9.1f} {(stop - start) / 1e3:7.1f} {idle:7.1f}  {name}")
 
 
 def main(argv=None):

@@ -69,11 +69,15 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """HF's half-split rotation. x: [t, heads, head_dim], positions: [t]."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of every token's rotation angles, [t, 1, head_dim / 2] each: computed once a step and
+    shared by all layers."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [t, d/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
+    return jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF's half-split rotation. x: [t, heads, head_dim]; cos, sin from `rope_tables`."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -90,12 +94,13 @@ def forward_hidden(
 ) -> tuple[jax.Array, KVCache]:  # hidden [T, e] after the final norm, updated cache
     T = token_ids.shape[0]
     hd, nq, nkv = config.head_dim, config.num_heads, config.num_kv_heads
-    inv_freq = rope_inv_freq(config)
+    cos, sin = rope_tables(positions, rope_inv_freq(config))
     x = params.embed[token_ids]  # [T, e]
 
-    def layer(carry, inputs):
-        x, cache = carry
-        w, i = inputs
+    def layer(carry, w):
+        # The layer index rides in the carry, not in the scanned inputs: a scanned index is sliced out
+        # of an array each iteration, which XLA:GPU does with a small copy launch of its own.
+        x, cache, i = carry
         with jax.named_scope("attention"):
             h = rms_norm(x, w.attn_norm, config.rms_norm_eps)
             qkv = h @ w.wqkv
@@ -106,7 +111,7 @@ def forward_hidden(
             if w.q_norm is not None:
                 q = rms_norm(q, w.q_norm, config.rms_norm_eps)
                 k = rms_norm(k, w.k_norm, config.rms_norm_eps)
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             cache = write_kv(cache, i, k, v, md.slot_mapping)
             o = pallas_kernels.ragged_paged_attention(
                 q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=hd**-0.5,
@@ -116,10 +121,9 @@ def forward_hidden(
             h = rms_norm(x, w.mlp_norm, config.rms_norm_eps)
             gate, up = jnp.split(h @ w.w_gate_up, 2, axis=-1)
             x = x + (jax.nn.silu(gate) * up) @ w.w_down
-        return (x, cache), None
+        return (x, cache, i + 1), None
 
-    layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-    (x, kv_cache), _ = jax.lax.scan(layer, (x, kv_cache), (params.layers, layer_ids), unroll=_scan_unroll(config))
+    (x, kv_cache, _), _ = jax.lax.scan(layer, (x, kv_cache, jnp.int32(0)), params.layers, unroll=_scan_unroll(config))
     return rms_norm(x, params.final_norm, config.rms_norm_eps), kv_cache
 
 
