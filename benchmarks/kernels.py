@@ -94,13 +94,13 @@ def jax_ceilings():
     return dict(copy_TBps=copy, matmul_TFLOPs=2 * 8192**3 / t / 1e12)
 
 
-def decode_inputs(key, batch, ctx, hq, hkv, d, reps):
+def decode_inputs(key, batch, ctx, hq, hkv, d, reps, zeros=False):
     blocks_per_seq = -(-ctx // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq + 1
     k1, k2, k3, k4 = jax.random.split(key, 4)
     shape = (1, num_blocks, BLOCK_SIZE, hkv, d)
-    k = jax.random.normal(k1, shape, jnp.bfloat16)
-    v = jax.random.normal(k2, shape, jnp.bfloat16)
+    k = jnp.zeros(shape, jnp.bfloat16) if zeros else jax.random.normal(k1, shape, jnp.bfloat16)
+    v = jnp.zeros(shape, jnp.bfloat16) if zeros else jax.random.normal(k2, shape, jnp.bfloat16)
     tables = jax.random.permutation(k3, num_blocks - 1)[: batch * blocks_per_seq].reshape(batch, blocks_per_seq)
     seq_lens = jnp.full((batch,), ctx, jnp.int32)
     qsl = jnp.arange(batch + 1, dtype=jnp.int32)
@@ -116,11 +116,13 @@ def bundled_fn(hq, hkv, d, **kw):
     return f
 
 
-def bench_decode(model, batch, ctx, reps, with_ref, variants=None, log=print):
+def bench_decode(model, batch, ctx, reps, with_ref, variants=None, log=print, zeros=False):
     hq, hkv, d = MODELS[model]
     kv_bytes = 2 * batch * ctx * hkv * d * 2
-    qs, k, v, tables, seq_lens, qsl = decode_inputs(jax.random.key(batch * ctx), batch, ctx, hq, hkv, d, reps)
+    qs, k, v, tables, seq_lens, qsl = decode_inputs(jax.random.key(batch * ctx), batch, ctx, hq, hkv, d, reps, zeros)
     rec = dict(kind="decode", model=model, batch=batch, ctx=ctx, kv_bytes=kv_bytes, l2=kv_bytes < L2_BYTES)
+    if zeros:
+        rec["cache"] = "zeros"
     scale = d**-0.5
     for name, kw in (variants or {"ours": {}, "ours_again": {}}).items():
         try:
@@ -219,6 +221,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--tune-decode", action="store_true", help="only the wider decode sweep")
+    ap.add_argument("--fill-check", action="store_true", help="decode over a cache of zeros against random values")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="target cases only")
     a = ap.parse_args()
@@ -244,6 +247,12 @@ def main():
     print(f"ceilings: copy {copy:.2f} TB/s (jax {jc['copy_TBps']:.2f}, torch {tc.get('copy_TBps')}); "
           f"bf16 matmul {mm:.0f} TFLOP/s (jax {jc['matmul_TFLOPs']:.0f}, torch {tc.get('matmul_TFLOPs')})",
           flush=True)
+    if a.fill_check:
+        for model, batch, ctx in (("llama-3-8b", 64, 2048), ("llama-3-8b", 256, 1024)):
+            for zeros in (False, True):
+                bench_decode(model, batch, ctx, reps=8, with_ref=False, log=log, zeros=zeros,
+                             variants={"ours": {}, "ours_again": {}})
+        return
     if a.tune or a.tune_decode:
         tune_decode(log) if a.tune_decode else tune(log)
         return

@@ -97,13 +97,21 @@ def _torch_time(fn, iters=20):
     return float(np.median(times))
 
 
-def decode_inputs(config, batch: int, context: int, block_size: int = 16, seed: int = 0):
+def decode_inputs(config, batch: int, context: int, block_size: int = 16, seed: int = 0, fill: str = "random"):
     """A decode step's inputs: `batch` sequences of `context` cached tokens, each bringing its next token,
-    their blocks scattered at random over a cache just large enough. Returns (cache, tokens, positions, md)."""
+    their blocks scattered at random over a cache just large enough. Returns (cache, tokens, positions, md).
+
+    `fill="random"` fills the cache with normal noise (one layer's worth, repeated over the layers, so no
+    float32 temporary of the whole cache is needed); "zeros" leaves it as allocated."""
     B, L, bs = batch, context, block_size
     blocks_per_seq = -(-(L + 1) // bs)
     num_blocks = B * blocks_per_seq
     cache = KVCache.create(config, num_blocks, bs)
+    if fill == "random":
+        layer_shape = cache.k.shape[1:]
+        cache = KVCache(*(
+            jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(seed + i), layer_shape, cache.k.dtype), cache.k.shape)
+            for i in (1, 2)))
     rng = np.random.default_rng(seed)
     tables = rng.permutation(num_blocks).reshape(B, blocks_per_seq).astype(np.int32)
     positions = np.full(B, L, np.int32)  # the new token sits at position L; context after it is L + 1
@@ -128,6 +136,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--fill", choices=["random", "zeros"], default="random", help="the cache's contents")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
 
@@ -135,7 +144,7 @@ def main(argv=None):
     config = model_shape_config(args.model_shape, "bfloat16")
     params = init_random_weights(config, jax.random.PRNGKey(0))
     B, L = args.batch, args.context
-    cache, tokens, pos, md = decode_inputs(config, B, L, args.block_size)
+    cache, tokens, pos, md = decode_inputs(config, B, L, args.block_size, fill=args.fill)
 
     for _ in range(3):
         out, cache = decode_step(params, cache, tokens, pos, md, config=config)
@@ -166,7 +175,7 @@ def main(argv=None):
     result = {
         "benchmark": "roofline", "device": device_name(), "jax_version": jax.__version__, "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv), "model_shape": args.model_shape, "batch": B, "context": L,
+        "command": " ".join(sys.argv), "model_shape": args.model_shape, "batch": B, "context": L, "cache_fill": args.fill,
         "ceilings": ceilings, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "flops": flops,
         "memory_floor_ms": round(mem_floor * 1e3, 3), "compute_floor_ms": round(compute_floor * 1e3, 3),
         "roofline_ms": round(roofline * 1e3, 3), "step_ms": round(step_s * 1e3, 3),
