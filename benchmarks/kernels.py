@@ -82,6 +82,18 @@ def time_calls(fn, qs, *rest, execs=7):
     return float(np.median(times))
 
 
+def trace_calls(fn, qs, *rest, label="trace"):
+    """The same executable as `time_calls`, run once under jax.profiler: each kernel's device time
+    (CUPTI), to set beside the wall-clock figure."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_step import ProfilerRange
+
+    many = jax.jit(lambda qs, *rest: tuple(fn(q, *rest) for q in qs))
+    jax.block_until_ready(many(qs, *rest))
+    with ProfilerRange(os.environ.get("OUT", "/tmp") + "/kernel-trace", label, top=6):
+        jax.block_until_ready(many(qs, *rest))
+
+
 def jax_ceilings():
     # Distinct inputs: x * s over one x would become one multi-output fusion that reads x once.
     xs = [jax.random.normal(jax.random.key(i), (2**29,), jnp.bfloat16) for i in range(4)]  # 4 x 1 GiB
@@ -252,6 +264,12 @@ def main():
             for zeros in (False, True):
                 bench_decode(model, batch, ctx, reps=8, with_ref=False, log=log, zeros=zeros,
                              variants={"ours": {}, "ours_again": {}})
+            hq, hkv, d = MODELS[model]
+            qs, k, v, tables, seq_lens, qsl = decode_inputs(jax.random.key(batch * ctx), batch, ctx, hq, hkv, d, 8)
+            print(f"== kernel trace {model} B={batch} ctx={ctx}", flush=True)
+            trace_calls(lambda q, k, v, bt, sl, qsl: paged_decode_attention(q, k, v, 0, bt, sl, qsl, scale=d**-0.5),
+                        qs, k, v, tables, seq_lens, qsl, label=f"decode-{batch}-{ctx}")
+            del qs, k, v
         return
     if a.tune or a.tune_decode:
         tune_decode(log) if a.tune_decode else tune(log)
