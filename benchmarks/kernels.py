@@ -8,8 +8,9 @@ written; dense bf16 8192^3 matmul: PyTorch and JAX), then per case the median ti
 of the best copy bandwidth (decode), or causal TFLOP/s and % of the best matmul rate (prefill).
 
 Timing: one jitted executable issues `reps` launches on distinct query arrays (no CSE, no host gaps);
-the per-launch time is the median over several executions / reps. KV that fits in L2 (50-60 MB) is
-marked `l2`: its bandwidth is not a DRAM figure.
+several executions go out back to back and are waited for once; the per-launch time is the median over
+rounds of (wall time / launches). `--fill-check` also traces one execution, for the device time of each
+kernel. KV that fits in L2 (50-60 MB) is marked `l2`: its bandwidth is not a DRAM figure.
 """
 
 from __future__ import annotations
@@ -70,15 +71,22 @@ BLOCK_SIZE = 16
 L2_BYTES = 50e6
 
 
-def time_calls(fn, qs, *rest, execs=7):
-    """Median seconds per launch of fn(q, *rest), over `execs` runs of one executable doing len(qs)."""
+def time_calls(fn, qs, *rest, execs=5, rounds=3):
+    """Median seconds per launch of fn(q, *rest): one executable does len(qs) launches; `execs` of its
+    executions are issued back to back and waited for once, over `rounds` rounds.
+
+    Waiting after every execution would add the host's launch and wake-up latency (about 0.7 ms on the
+    lent H200) to every len(qs) launches: with 8 decode launches that was 60-130 us a launch, more than
+    half of a 126 us kernel (see `trace_calls`)."""
     many = jax.jit(lambda qs, *rest: tuple(fn(q, *rest) for q in qs))
     jax.block_until_ready(many(qs, *rest))
     times = []
-    for _ in range(execs):
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        jax.block_until_ready(many(qs, *rest))
-        times.append((time.perf_counter() - t0) / len(qs))
+        outs = [many(qs, *rest) for _ in range(execs)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - t0) / (execs * len(qs)))
+        del outs
     return float(np.median(times))
 
 
@@ -97,7 +105,7 @@ def trace_calls(fn, qs, *rest, label="trace"):
 def jax_ceilings():
     # Distinct inputs: x * s over one x would become one multi-output fusion that reads x once.
     xs = [jax.random.normal(jax.random.key(i), (2**29,), jnp.bfloat16) for i in range(4)]  # 4 x 1 GiB
-    t = time_calls(lambda x: x * 3, xs)
+    t = time_calls(lambda x: x * 3, xs, execs=2)  # 4 GiB of outputs an execution
     copy = 2 * xs[0].size * 2 / t / 1e12
     del xs
     a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
