@@ -209,12 +209,17 @@ def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=pri
 
 
 def tune_decode(log):
-    """A wider decode sweep (tile, warps, pipeline depth; no split) on the decode cases the targets
-    hinge on: Llama-3-8B shape at B=64 with 2k context (issue 5) and B=256 with 1k (issue 6's step)."""
-    variants = {f"bk{bk}_w{nw}_s{ns}": dict(block_k=bk, num_warps=nw, num_stages=ns, num_splits=1)
-                for bk in (32, 64, 128) for nw in (2, 4, 8) for ns in (2, 3, 4)}
-    for model, batch, ctx in (("llama-3-8b", 64, 2048), ("llama-3-8b", 256, 1024)):
-        bench_decode(model, batch, ctx, reps=8, with_ref=False, variants=variants, log=log)
+    """Decode sweep on the cases the targets hinge on (Llama-3-8B shape at B=64 with 2k context, issue 5;
+    B=256 with 1k, issue 6's step; and two more): items per program of the multi-item kernel, against the
+    one-item kernel (items 1) under a few tile / warp / pipeline settings."""
+    variants = {}
+    for bk, nw, ns in ((64, 4, 3), (64, 2, 4), (32, 2, 2), (64, 4, 2)):
+        for items in (1, 2, 4, 8, 16):
+            variants[f"bk{bk}_w{nw}_s{ns}_n{items}"] = dict(block_k=bk, num_warps=nw, num_stages=ns, num_splits=1,
+                                                            items_per_program=items)
+    for model, batch, ctx in (("llama-3-8b", 64, 2048), ("llama-3-8b", 256, 1024), ("llama-3-8b", 256, 2048),
+                              ("qwen3-0.6b", 256, 512)):
+        bench_decode(model, batch, ctx, reps=16, with_ref=False, variants=variants, log=log)
 
 
 def tune(log):
