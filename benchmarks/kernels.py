@@ -144,7 +144,7 @@ def bench_decode(model, batch, ctx, reps, with_ref, variants=None, log=print, ze
     if zeros:
         rec["cache"] = "zeros"
     scale = d**-0.5
-    for name, kw in (variants or {"ours": {}, "ours_again": {}}).items():
+    for name, kw in (variants or {"ours": {}, "ours_again": {}, "stages3": dict(num_stages=3)}).items():
         try:
             t = time_calls(lambda q, k, v, bt, sl, qsl, kw=kw: paged_decode_attention(
                 q, k, v, 0, bt, sl, qsl, scale=scale, **kw), qs, k, v, tables, seq_lens, qsl)
@@ -209,14 +209,11 @@ def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=pri
 
 
 def tune_decode(log):
-    """Decode sweep on the cases the targets hinge on (Llama-3-8B shape at B=64 with 2k context, issue 5;
-    B=256 with 1k, issue 6's step; and two more): items per program of the multi-item kernel, against the
-    one-item kernel (items 1) under a few tile / warp / pipeline settings."""
-    variants = {}
-    for bk, nw, ns in ((64, 4, 3), (64, 2, 4), (32, 2, 2), (64, 4, 2)):
-        for items in (1, 2, 4, 8, 16):
-            variants[f"bk{bk}_w{nw}_s{ns}_n{items}"] = dict(block_k=bk, num_warps=nw, num_stages=ns, num_splits=1,
-                                                            items_per_program=items)
+    """Decode sweep (tile, warps, pipeline depth; no split) on the cases the targets hinge on: Llama-3-8B
+    shape at B=64 with 2k context (issue 5), B=256 with 1k (issue 6's step), B=256 with 2k, and Qwen3-0.6B
+    at B=256 with 512."""
+    variants = {f"bk{bk}_w{nw}_s{ns}": dict(block_k=bk, num_warps=nw, num_stages=ns, num_splits=1)
+                for bk in (32, 64) for nw in (2, 4) for ns in (2, 3, 4)}
     for model, batch, ctx in (("llama-3-8b", 64, 2048), ("llama-3-8b", 256, 1024), ("llama-3-8b", 256, 2048),
                               ("qwen3-0.6b", 256, 512)):
         bench_decode(model, batch, ctx, reps=16, with_ref=False, variants=variants, log=log)
@@ -315,7 +312,7 @@ def print_table(results):
             o = us(r, "ours")
             bb = min(us(r, "bundled"), us(r, "bundled_k4"))
             print(f"decode {r['model']:11s} B={r['batch']:4d} ctx={r['ctx']:6d}: ours {o:8.1f} us "
-                  f"(again {us(r, 'ours_again'):8.1f}) {r['kv_bytes'] / o / 1e6:5.2f} TB/s "
+                  f"(again {us(r, 'ours_again'):8.1f}, 3 stages {us(r, 'stages3'):8.1f}) {r['kv_bytes'] / o / 1e6:5.2f} TB/s "
                   f"({100 * r['kv_bytes'] / o / 1e6 / copy:3.0f}%)  bundled {us(r, 'bundled'):8.1f} "
                   f"(k4 {us(r, 'bundled_k4'):8.1f}) x{bb / o:4.1f}  ref {us(r, 'reference'):9.1f}"
                   f"{'  l2' if r['l2'] else ''}")

@@ -157,84 +157,8 @@ def _decode_kernel(
         store(token, o, lse)
 
 
-def choose_items_per_program(num_items: int) -> int:
-    """Items ((token, kv head) pairs) per program of the multi-item kernel: the largest power of two, up to
-    8, that still leaves two programs per SM; 1 (the one-item kernel) when there are too few items."""
-    n = 1
-    while n < 8 and 2 * n * 2 * NUM_SMS_HINT <= num_items:
-        n *= 2
-    return n
-
-
-def pick(vec, k):
-    """vec[k] of a small register vector, k a traced scalar (Triton has no dynamic register indexing)."""
-    return jnp.sum(jnp.where(jnp.arange(vec.shape[0], dtype=jnp.int32) == k, vec, 0))
-
-
-def _decode_kernel_multi(
-    layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, q_ref, k_ref, v_ref,  # inputs
-    o_ref,  # output o [T * Hq, D]
-    *, num_seqs, num_tokens, num_items, num_q_heads, num_kv_heads, group, group_pad, head_dim, num_blocks,
-    block_size, max_blocks, block_k, items_per_program, scale, interpret,
-):
-    """`items_per_program` consecutive items (item = token slot p * num_kv_heads + kv head) in one program,
-    their K/V tiles walked by one flat loop: the pipeline stays full across items, where one program per
-    item pays a dependent-load ramp (context length, block table, first tile) per 1-2k-token item."""
-    n = items_per_program
-    kk = jnp.arange(n, dtype=jnp.int32)
-    g = jnp.arange(group_pad, dtype=jnp.int32)
-    head_ok_2d = jnp.broadcast_to((g < group)[:, None], (group_pad, head_dim))
-    item = pl.program_id(0) * n + kk  # [n]
-    p, h = div_mod(item, num_kv_heads)
-    seq = jnp.minimum(p, num_seqs - 1)
-    token = pltriton.load(query_start_loc_ref.at[seq])
-    q_len = pltriton.load(query_start_loc_ref.at[seq + 1]) - token
-    ctx = pltriton.load(seq_lens_ref.at[seq])
-    attends = (item < num_items) & (p < num_seqs) & (q_len > 0)
-    ntile = jnp.where(attends, div_mod(ctx + (block_k - 1), block_k)[0], 0)
-    ends = jnp.sum(jnp.where(kk[None, :] <= kk[:, None], ntile[None, :], 0), axis=1)  # inclusive prefix sum
-    starts = ends - ntile
-
-    num_real_tokens = query_start_loc_ref[num_seqs]
-    padding = ((item < num_items) & (p >= num_real_tokens) & (p < num_tokens)).astype(jnp.int32)
-    for k in range(n):  # padding token slots get zeros
-        @pl.when(pick(padding, k) > 0)
-        def _zero_padding_token():
-            rows = pick(p, k) * num_q_heads + pick(h, k) * group + g
-            pltriton.store(tile(o_ref, rows, 0, head_dim, interpret), jnp.zeros((group_pad, head_dim), o_ref.dtype),
-                           mask=head_ok_2d)
-
-    layer_row0 = layer_ref[0] * (num_blocks * block_size)
-    offs = jnp.arange(block_k, dtype=jnp.int32)
-
-    def body(t, carry):
-        q, acc, m, l = carry
-        k = jnp.sum((ends <= t).astype(jnp.int32))  # the item tile t belongs to
-        j = t - pick(starts, k)  # the tile within that item
-        seq_k, h_k = pick(seq, k), pick(h, k)
-        first, last = j == 0, j == pick(ntile, k) - 1
-        q_rows = pick(token, k) * num_q_heads + h_k * group + g
-        q_new = pltriton.load(tile(q_ref, q_rows, 0, head_dim, interpret), mask=head_ok_2d & first, other=0.0)
-        q = jnp.where(first, q_new, q)
-        acc, m, l = (jnp.where(first, jnp.zeros_like(acc), acc), jnp.where(first, jnp.full_like(m, NEG_INF), m),
-                     jnp.where(first, jnp.zeros_like(l), l))
-        pos = j * block_k + offs
-        ok = pos < pick(ctx, k)
-        col, within = div_mod(pos, block_size)
-        blk = pltriton.load(block_tables_ref.at[seq_k * max_blocks + col], mask=ok, other=0)
-        rows = layer_row0 + blk * block_size + within
-        acc, m, l = attend_tile(q, k_ref, v_ref, rows, h_k * head_dim, ok, (acc, m, l), scale, interpret)
-        o, _ = finish(acc, m, l)
-        pltriton.store(tile(o_ref, q_rows, 0, head_dim, interpret), o.astype(o_ref.dtype), mask=head_ok_2d & last)
-        return q, acc, m, l
-
-    init = (jnp.zeros((group_pad, head_dim), q_ref.dtype), jnp.zeros((group_pad, head_dim), jnp.float32),
-            jnp.full((group_pad,), NEG_INF, jnp.float32), jnp.zeros((group_pad,), jnp.float32))
-    lax.fori_loop(0, jnp.sum(ntile), body, init)
-
-
 @functools.partial(
-    jax.jit, static_argnames=("scale", "num_splits", "block_k", "num_warps", "num_stages", "items_per_program", "interpret"))
+    jax.jit, static_argnames=("scale", "num_splits", "block_k", "num_warps", "num_stages", "interpret"))
 def paged_decode_attention(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_cache: jax.Array,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
@@ -248,14 +172,10 @@ def paged_decode_attention(
     num_splits: int | None = None,
     block_k: int = 64,
     num_warps: int = 4,
-    num_stages: int = 3,
-    items_per_program: int | None = None,
+    num_stages: int = 2,
     interpret: bool = False,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
-    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference.
-
-    Unsplit, with many (token, kv head) items, a program walks `items_per_program` of them in one loop
-    (`_decode_kernel_multi`; default from `choose_items_per_program`, 1 = one program per item)."""
+    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference."""
     T, num_q_heads, head_dim = q.shape
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
@@ -263,12 +183,6 @@ def paged_decode_attention(
     group_pad = max(16, next_pow2(group))
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks * block_size, block_k)
-    num_items = max(num_seqs, T) * num_kv_heads
-    if items_per_program is None:
-        items_per_program = choose_items_per_program(num_items) if num_splits == 1 else 1
-    if items_per_program > 1 and num_splits != 1:
-        raise ValueError(f"items_per_program={items_per_program} needs num_splits=1, got {num_splits}")
-
     inputs = (
         jnp.asarray(layer, jnp.int32).reshape(1),
         block_tables.reshape(-1).astype(jnp.int32),
@@ -279,18 +193,6 @@ def paged_decode_attention(
         v_cache.reshape(num_layers * num_blocks * block_size, num_kv_heads * head_dim),
     )
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    if items_per_program > 1:
-        kernel = functools.partial(
-            _decode_kernel_multi, num_seqs=num_seqs, num_tokens=T, num_items=num_items, num_q_heads=num_q_heads,
-            num_kv_heads=num_kv_heads, group=group, group_pad=group_pad, head_dim=head_dim, num_blocks=num_blocks,
-            block_size=block_size, max_blocks=max_blocks, block_k=block_k, items_per_program=items_per_program,
-            scale=scale, interpret=interpret)
-        out = pl.pallas_call(
-            kernel, grid=(pl.cdiv(num_items, items_per_program),),
-            out_shape=jax.ShapeDtypeStruct((T * num_q_heads, head_dim), q.dtype), compiler_params=params,
-            interpret=interpret, name="paged_decode_attention_multi",
-        )(*inputs)
-        return out.reshape(T, num_q_heads, head_dim)
     kernel = functools.partial(
         _decode_kernel, num_seqs=num_seqs, num_tokens=T, num_q_heads=num_q_heads, group=group,
         group_pad=group_pad, head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,

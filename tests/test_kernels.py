@@ -141,29 +141,6 @@ def test_decode_kernel_interpret(num_splits):
     assert (got[n_real:] == 0).all()
 
 
-@pytest.mark.parametrize("items", [2, 4, 8])
-def test_decode_kernel_multi_item_interpret(items):
-    """Several (token, kv head) items per program, walked by one flat loop: ragged contexts (1 token to
-    several tiles, not multiples of the block size), a padding sequence mid-batch, padding tokens at the
-    end, and a last program that is only partly full."""
-    case = dict(q_lens=[1, 1, 0, 1, 1, 1, 1], ctx_lens=[1, 8, 0, 17, 70, 33, 2])
-    b = random_batch(40 + items, **case, num_q_heads=8, num_kv_heads=2, pad_tokens=3, dtype=jnp.bfloat16)
-    scale = 32**-0.5
-    want = np.asarray(reference(**b, scale=scale), np.float32)
-    got = np.asarray(paged_decode_attention(**b, scale=scale, num_splits=1, block_k=16, items_per_program=items,
-                                            interpret=True), np.float32)
-    n_real = int(b["query_start_loc"][-1])
-    assert np.isfinite(got).all()
-    assert rel_err(got[:n_real], want[:n_real]) < 1e-2
-    assert (got[n_real:] == 0).all()
-
-
-def test_decode_kernel_multi_item_needs_one_split():
-    b = random_batch(50, **DECODE, dtype=jnp.bfloat16)
-    with pytest.raises(ValueError, match="items_per_program"):
-        paged_decode_attention(**b, scale=1.0, num_splits=2, items_per_program=2, interpret=True)
-
-
 @pytest.mark.parametrize("num_q_heads", [6, 8])  # group 3 (padded to 4) and group 4
 def test_ragged_kernel_interpret(num_q_heads):
     b = random_batch(20 + num_q_heads, **MIXED, num_q_heads=num_q_heads, num_kv_heads=2, dtype=jnp.bfloat16)
