@@ -144,7 +144,8 @@ def bench_decode(model, batch, ctx, reps, with_ref, variants=None, log=print, ze
     if zeros:
         rec["cache"] = "zeros"
     scale = d**-0.5
-    for name, kw in (variants or {"ours": {}, "ours_again": {}, "stages3": dict(num_stages=3)}).items():
+    for name, kw in (variants or {"ours": {}, "ours_again": {}, "stages2": dict(num_stages=2),
+                                      "stages3": dict(num_stages=3)}).items():
         try:
             t = time_calls(lambda q, k, v, bt, sl, qsl, kw=kw: paged_decode_attention(
                 q, k, v, 0, bt, sl, qsl, scale=scale, **kw), qs, k, v, tables, seq_lens, qsl)
@@ -312,7 +313,8 @@ def print_table(results):
             o = us(r, "ours")
             bb = min(us(r, "bundled"), us(r, "bundled_k4"))
             print(f"decode {r['model']:11s} B={r['batch']:4d} ctx={r['ctx']:6d}: ours {o:8.1f} us "
-                  f"(again {us(r, 'ours_again'):8.1f}, 3 stages {us(r, 'stages3'):8.1f}) {r['kv_bytes'] / o / 1e6:5.2f} TB/s "
+                  f"(again {us(r, 'ours_again'):8.1f}; 2 / 3 stages {us(r, 'stages2'):8.1f} / {us(r, 'stages3'):8.1f}) "
+                  f"{r['kv_bytes'] / o / 1e6:5.2f} TB/s "
                   f"({100 * r['kv_bytes'] / o / 1e6 / copy:3.0f}%)  bundled {us(r, 'bundled'):8.1f} "
                   f"(k4 {us(r, 'bundled_k4'):8.1f}) x{bb / o:4.1f}  ref {us(r, 'reference'):9.1f}"
                   f"{'  l2' if r['l2'] else ''}")

@@ -100,6 +100,14 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_
     return int(max(1, min(want, most, 32)))
 
 
+def choose_num_stages(num_programs: int) -> int:
+    """Pipeline depth: 2 when there are programs for several waves (a shallower pipeline takes less shared
+    memory, so more programs fit on an SM), else 3. Measured (H200, Llama-3-8B shape): B=256 at 1k and 2k
+    context, 2 stages 256 / 493 us against 271 / 507 us with 3; B=8 at 32k (split) 332 us against 265 us;
+    B=64 at 2k even (benchmarks/results/kernels-NVIDIA_H200.json, "stages3")."""
+    return 2 if num_programs >= 4 * NUM_SMS_HINT else 3
+
+
 def _decode_kernel(
     layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, q_ref, k_ref, v_ref,  # inputs
     o_ref, *lse_ref,  # outputs: o [splits * T * Hq, D] (f32 when split, else q dtype); lse [splits * T * Hq]
@@ -172,7 +180,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     block_k: int = 64,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
     """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference."""
@@ -183,6 +191,8 @@ def paged_decode_attention(
     group_pad = max(16, next_pow2(group))
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks * block_size, block_k)
+    if num_stages is None:
+        num_stages = choose_num_stages(max(num_seqs, T) * num_kv_heads * num_splits)
     inputs = (
         jnp.asarray(layer, jnp.int32).reshape(1),
         block_tables.reshape(-1).astype(jnp.int32),
