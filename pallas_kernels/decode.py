@@ -62,18 +62,14 @@ def matmul(a, b, trans_b: bool = False):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def attend_tile(q, k_ref, v_ref, rows, col0, ok, carry, scale: float, interpret: bool, new=None):
+def attend_tile(q, k_ref, v_ref, rows, col0, ok, carry, scale: float, interpret: bool):
     """One step of the online softmax: the K/V rows `rows` (those with `ok`) of one kv head, columns
-    col0:col0 + D of the flat cache, folded into (acc, m, l) for the query rows q [group_pad, D].
-    `new` = (where [block_k, 1], k [1, D], v [1, D]) replaces the rows at `where` with k, v."""
+    col0:col0 + D of the flat cache, folded into (acc, m, l) for the query rows q [group_pad, D]."""
     acc, m, l = carry
     block_k, head_dim = rows.shape[0], q.shape[1]
     ok_2d = jnp.broadcast_to(ok[:, None], (block_k, head_dim))
     k = pltriton.load(tile(k_ref, rows, col0, head_dim, interpret), mask=ok_2d, other=0.0)  # [block_k, D]
     v = pltriton.load(tile(v_ref, rows, col0, head_dim, interpret), mask=ok_2d, other=0.0)
-    if new is not None:
-        where, new_k, new_v = new
-        k, v = jnp.where(where, new_k, k), jnp.where(where, new_v, v)
     s = matmul(q, k, trans_b=True) * (scale * LOG2E)  # [group_pad, block_k], log2 units
     s = jnp.where(ok[None, :], s, NEG_INF)
     m_new = jnp.maximum(m, s.max(axis=1))
@@ -113,16 +109,11 @@ def choose_num_stages(num_programs: int) -> int:
 
 
 def _decode_kernel(
-    *refs, num_seqs, num_tokens, num_q_heads, num_kv_heads, group, group_pad, head_dim, num_blocks, block_size,
-    max_blocks, block_k, num_splits, scale, write_kv, interpret,
+    layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, q_ref, k_ref, v_ref,  # inputs
+    o_ref, *lse_ref,  # outputs: o [splits * T * Hq, D] (f32 when split, else q dtype); lse [splits * T * Hq]
+    num_seqs, num_tokens, num_q_heads, group, group_pad, head_dim, num_blocks, block_size, max_blocks,
+    block_k, num_splits, scale, interpret,
 ):
-    # inputs: layer, block tables, seq lens, query start loc, q, k cache, v cache[, new k, new v, slot mapping]
-    # outputs: o [splits * T * Hq, D] (f32 when split, else q dtype)[, lse [splits * T * Hq]][, k cache, v cache]
-    layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, q_ref, k_ref, v_ref = refs[:7]
-    new_k_ref, new_v_ref, slot_ref = refs[7:10] if write_kv else (None, None, None)
-    outs = refs[10:] if write_kv else refs[7:]
-    o_ref, lse_ref = outs[0], outs[1:2] if num_splits > 1 else ()
-    k_out_ref, v_out_ref = outs[-2:] if write_kv else (None, None)
     p, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g = jnp.arange(group_pad, dtype=jnp.int32)
     head_ok = g < group
@@ -159,30 +150,13 @@ def _decode_kernel(
         num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_k)
         offs = jnp.arange(block_k, dtype=jnp.int32)
 
-        if write_kv:
-            # This step's K/V of (token, kv head): written to its slot by the one split that covers the
-            # last position, and used from registers there (the cache row read in that tile is stale).
-            last = ctx - 1
-            owner = (last >= start) & (last < end)
-            new_row = jnp.full((1,), token * num_kv_heads + h, jnp.int32)
-            new_k = pltriton.load(tile(new_k_ref, new_row, 0, head_dim, interpret))  # [1, D]
-            new_v = pltriton.load(tile(new_v_ref, new_row, 0, head_dim, interpret))
-            slot = slot_ref[token]
-            dst = jnp.full((1,), layer_row0 + slot, jnp.int32)
-            write = jnp.broadcast_to(owner & (slot >= 0), (1, head_dim))
-            pltriton.store(tile(k_out_ref, dst, col0, head_dim, interpret), new_k, mask=write)
-            pltriton.store(tile(v_out_ref, dst, col0, head_dim, interpret), new_v, mask=write)
-        else:
-            last, new_k, new_v = None, None, None
-
         def body(i, carry):
             pos = start + i * block_k + offs
             ok = pos < end
             col, within = div_mod(pos, block_size)
             blk = pltriton.load(block_tables_ref.at[seq * max_blocks + col], mask=ok, other=0)
             rows = layer_row0 + blk * block_size + within
-            new = None if last is None else ((pos == last)[:, None], new_k, new_v)
-            return attend_tile(q, k_ref, v_ref, rows, col0, ok, carry, scale, interpret, new)
+            return attend_tile(q, k_ref, v_ref, rows, col0, ok, carry, scale, interpret)
 
         acc = jnp.zeros((group_pad, head_dim), jnp.float32)
         m = jnp.full((group_pad,), NEG_INF, jnp.float32)
@@ -207,15 +181,9 @@ def paged_decode_attention(
     block_k: int = 64,
     num_warps: int = 4,
     num_stages: int | None = None,
-    new_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     interpret: bool = False,
-):
-    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference.
-
-    Returns out [T, num_q_heads, head_dim] (zeros for padding tokens). With `new_kv` = (k, v, slot_mapping),
-    this step's K/V ([T, num_kv_heads, head_dim]; slot -1 drops a token) are written into the caches by
-    the same kernel, which then returns (out, k_cache, v_cache): the caches are updated in place when the
-    caller donates them (`reference.write_kv` semantics)."""
+) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
+    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference."""
     T, num_q_heads, head_dim = q.shape
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
@@ -225,50 +193,37 @@ def paged_decode_attention(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks * block_size, block_k)
     if num_stages is None:
         num_stages = choose_num_stages(max(num_seqs, T) * num_kv_heads * num_splits)
-    flat_kv = (num_layers * num_blocks * block_size, num_kv_heads * head_dim)
     inputs = (
         jnp.asarray(layer, jnp.int32).reshape(1),
         block_tables.reshape(-1).astype(jnp.int32),
         seq_lens.astype(jnp.int32),
         query_start_loc.astype(jnp.int32),
         q.reshape(T * num_q_heads, head_dim),
-        k_cache.reshape(flat_kv),
-        v_cache.reshape(flat_kv),
+        k_cache.reshape(num_layers * num_blocks * block_size, num_kv_heads * head_dim),
+        v_cache.reshape(num_layers * num_blocks * block_size, num_kv_heads * head_dim),
     )
-    write_kv = new_kv is not None
-    if write_kv:
-        new_k, new_v, slot_mapping = new_kv
-        inputs += (new_k.astype(k_cache.dtype).reshape(T * num_kv_heads, head_dim),
-                   new_v.astype(v_cache.dtype).reshape(T * num_kv_heads, head_dim), slot_mapping.astype(jnp.int32))
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(
         _decode_kernel, num_seqs=num_seqs, num_tokens=T, num_q_heads=num_q_heads, group=group,
         group_pad=group_pad, head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
-        max_blocks=max_blocks, block_k=block_k, num_splits=num_splits, scale=scale, num_kv_heads=num_kv_heads,
-        write_kv=write_kv, interpret=interpret)
+        max_blocks=max_blocks, block_k=block_k, num_splits=num_splits, scale=scale,
+        interpret=interpret)
     rows = num_splits * T * num_q_heads
     if num_splits == 1:
-        out_shape = (jax.ShapeDtypeStruct((rows, head_dim), q.dtype),)
+        out_shape = jax.ShapeDtypeStruct((rows, head_dim), q.dtype)
     else:
         out_shape = (jax.ShapeDtypeStruct((rows, head_dim), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.float32))
-    aliases = {}
-    if write_kv:
-        out_shape += (jax.ShapeDtypeStruct(flat_kv, k_cache.dtype), jax.ShapeDtypeStruct(flat_kv, v_cache.dtype))
-        aliases = {5: len(out_shape) - 2, 6: len(out_shape) - 1}
     out = pl.pallas_call(
         kernel,
         grid=(max(num_seqs, T), num_kv_heads, num_splits),
         out_shape=out_shape,
-        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
         name="paged_decode_attention",
     )(*inputs)
-    caches = (out[-2].reshape(k_cache.shape), out[-1].reshape(v_cache.shape)) if write_kv else ()
     if num_splits == 1:
-        o = out[0].reshape(T, num_q_heads, head_dim)
-        return (o, *caches) if write_kv else o
-    o, lse = out[:2]
+        return out.reshape(T, num_q_heads, head_dim)
+    o, lse = out
     o = o.reshape(num_splits, T, num_q_heads, head_dim)
     lse = lse.reshape(num_splits, T, num_q_heads)
     # Elementwise ops and reductions only (no einsum: that would become a batched cuBLAS call), so XLA
@@ -276,4 +231,4 @@ def paged_decode_attention(
     m = lse.max(axis=0)
     w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))  # [splits, T, Hq]; empty splits weigh 0
     o = (w[..., None] * o).sum(axis=0) / jnp.maximum(w.sum(axis=0), 1e-30)[..., None]
-    return (o.astype(q.dtype), *caches) if write_kv else o.astype(q.dtype)
+    return o.astype(q.dtype)
