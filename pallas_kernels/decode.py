@@ -100,12 +100,13 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_
     return int(max(1, min(want, most, 32)))
 
 
-def choose_num_stages(num_programs: int) -> int:
-    """Pipeline depth: 2 when there are programs for several waves (a shallower pipeline takes less shared
-    memory, so more programs fit on an SM), else 3. Measured (H200, Llama-3-8B shape): B=256 at 1k and 2k
-    context, 2 stages 256 / 493 us against 271 / 507 us with 3; B=8 at 32k (split) 332 us against 265 us;
-    B=64 at 2k even (benchmarks/results/kernels-NVIDIA_H200.json, "stages3")."""
-    return 2 if num_programs >= 4 * NUM_SMS_HINT else 3
+def choose_num_stages(num_programs: int, num_splits: int) -> int:
+    """Pipeline depth: 2 when unsplit programs fill several waves (a shallower pipeline takes less shared
+    memory, so more programs fit on an SM), else 3. Measured (H200, Llama-3-8B shape,
+    benchmarks/results/kernels-NVIDIA_H200.json, "stages2" / "stages3"): B=256 at 2k context 507 us with 2
+    stages against 524 us with 3; split-K programs stream long stretches and want the deeper pipeline
+    (B=8 at 32k: 337 us against 271 us); B=64 at 2k is even."""
+    return 2 if num_splits == 1 and num_programs >= 4 * NUM_SMS_HINT else 3
 
 
 def _decode_kernel(
@@ -192,7 +193,7 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks * block_size, block_k)
     if num_stages is None:
-        num_stages = choose_num_stages(max(num_seqs, T) * num_kv_heads * num_splits)
+        num_stages = choose_num_stages(max(num_seqs, T) * num_kv_heads * num_splits, num_splits)
     inputs = (
         jnp.asarray(layer, jnp.int32).reshape(1),
         block_tables.reshape(-1).astype(jnp.int32),
