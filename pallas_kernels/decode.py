@@ -103,9 +103,9 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_
 def choose_num_stages(num_programs: int, num_splits: int) -> int:
     """Pipeline depth: 2 when unsplit programs fill several waves (a shallower pipeline takes less shared
     memory, so more programs fit on an SM), else 3. Measured (H200, Llama-3-8B shape,
-    benchmarks/results/kernels-NVIDIA_H200.json, "stages2" / "stages3"): B=256 at 2k context 507 us with 2
-    stages against 524 us with 3; split-K programs stream long stretches and want the deeper pipeline
-    (B=8 at 32k: 337 us against 271 us); B=64 at 2k is even."""
+    benchmarks/results/kernels-NVIDIA_H200.json, "stages2" / "stages3"): B=256 at 2k context 497 us with 2
+    stages against 512 us with 3; split-K programs stream long stretches and want the deeper pipeline
+    (B=8 at 32k: 326 us against 266 us); B=64 at 2k is even (134 / 132 us)."""
     return 2 if num_splits == 1 and num_programs >= 4 * NUM_SMS_HINT else 3
 
 
