@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib.metadata
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 
@@ -68,6 +70,17 @@ async def run(args):
     return results, duration, sum(map(len, prompts))
 
 
+def server_device() -> str:
+    """The GPU the server runs on, if this machine has one (the client does not import jax: on the server's
+    machine that would take GPU memory)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip()
+        return out.splitlines()[0] if out else "cpu"
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
+
+
 def pct(xs, qs=(50, 90, 99)):
     return {f"p{q}": round(float(np.percentile(xs, q)) * 1000, 2) for q in qs} | {"mean": round(float(np.mean(xs)) * 1000, 2)}
 
@@ -93,6 +106,7 @@ def main(argv=None):
     itl = [x for r in ok for x in r["itl"]]
     summary = {
         "benchmark": "serving", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": server_device(), "jax_version": importlib.metadata.version("jax"),
         "commit": git_commit(), "command": " ".join(sys.argv), "base_url": args.base_url,
         "num_prompts": args.num_prompts,
         "request_rate": args.request_rate if args.request_rate != float("inf") else "inf", "completed": len(ok), "failed": len(failed),

@@ -271,7 +271,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    help="a Hugging Face model folder or a .gguf file; default: SmolLM2-135M-Instruct (GGUF)")
     p.add_argument("--model-shape", default=None,
                    help="serve random weights at a real model's shape (smollm2-135m, qwen3-0.6b, llama3-8b, ...) "
-                        "with the default tokenizer, for benchmarks; replaces --model")
+                        "with the default model's tokenizer (or --tokenizer), for benchmarks; replaces --model")
     p.add_argument("--tokenizer", default=None, help="a tokenizer folder or file; default: the model's")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -319,7 +319,8 @@ def load_app(args: argparse.Namespace):
                          enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
                          num_gpu_blocks_override=args.num_gpu_blocks_override)
     if args.model_shape:
-        llm, model_path = _random_weights_llm(args.model_shape, dtype, engine_kwargs), f"random:{args.model_shape}"
+        llm = _random_weights_llm(args.model_shape, dtype, engine_kwargs, args.tokenizer)
+        model_path = f"random:{args.model_shape}"
     else:
         llm = LLM(args.model, tokenizer=args.tokenizer, dtype=dtype, **engine_kwargs)
         model_path = str(llm.model)
@@ -356,7 +357,7 @@ class _WrappingTokenizer:
         return self._base.decode(ids, *args, **kwargs)
 
 
-def _random_weights_llm(shape: str, dtype: str, engine_kwargs: dict):
+def _random_weights_llm(shape: str, dtype: str, engine_kwargs: dict, tokenizer: str | None = None):
     import jax
 
     from jaxllm import LLM
@@ -366,7 +367,7 @@ def _random_weights_llm(shape: str, dtype: str, engine_kwargs: dict):
 
     config = model_shape_config(shape, "bfloat16" if dtype == "auto" else dtype)
     params = init_random_weights(config, jax.random.PRNGKey(engine_kwargs["seed"]))
-    tokenizer = _WrappingTokenizer(load_tokenizer(default_model_path()))
+    tokenizer = _WrappingTokenizer(load_tokenizer(tokenizer or default_model_path()))
     return LLM.from_params(params, config, tokenizer, **engine_kwargs)
 
 
