@@ -39,18 +39,32 @@ def check_stop_strings(text: str, new_char_count: int, stop: list[str],
     return None
 
 
+def backend_decoder(tokenizer):
+    """The Rust `tokenizers.Tokenizer.decode` behind a transformers fast tokenizer, where calling it
+    directly gives what `tokenizer.decode` gives: no clean-up of spaces (`spaces_between_special_tokens`
+    only matters to slow tokenizers). transformers' own wrapper costs several times the Rust decode per
+    call, and the detokenizer decodes twice per token. None when the wrapper is needed."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    return backend.decode
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
                  spaces_between_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
+        self.backend_decode = backend_decoder(tokenizer)
         self.token_ids = list(prompt_token_ids[-PROMPT_CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
         self.text = ""
 
     def _decode(self, ids) -> str:
+        if self.backend_decode is not None:
+            return self.backend_decode(ids, skip_special_tokens=self.skip_special_tokens)
         kwargs = {} if self.spaces_between_special_tokens else {"spaces_between_special_tokens": False}
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, **kwargs)
 

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import jaxllm
+from jaxllm.detokenizer import backend_decoder
 from jaxllm.engine import LLMEngine
 from jaxllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, EngineError
 from jaxllm.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
@@ -340,8 +341,11 @@ class _WrappingTokenizer:
     """The default model's tokenizer over a random-weight model of another vocabulary: token ids past its
     vocabulary decode as `id % len(tokenizer)`, so streamed text is never empty (for benchmarks)."""
 
+    backend_tokenizer = None  # the detokenizer must decode through `decode`, which wraps the ids
+
     def __init__(self, base):
         self._base, self._size = base, len(base)
+        self._backend_decode = backend_decoder(base)
 
     def __getattr__(self, name):
         return getattr(self._base, name)
@@ -352,9 +356,11 @@ class _WrappingTokenizer:
     def __call__(self, *args, **kwargs):
         return self._base(*args, **kwargs)
 
-    def decode(self, ids, *args, **kwargs):
-        ids = [int(i) % self._size for i in ids] if isinstance(ids, (list, tuple)) else int(ids) % self._size
-        return self._base.decode(ids, *args, **kwargs)
+    def decode(self, ids, skip_special_tokens: bool = False, **kwargs):
+        ids = [int(i) % self._size for i in ids] if isinstance(ids, (list, tuple)) else [int(ids) % self._size]
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._base.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
 def _random_weights_llm(shape: str, dtype: str, engine_kwargs: dict, tokenizer: str | None = None):
