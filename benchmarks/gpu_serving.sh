@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 python server.py --model-shape qwen3-0.6b --tokenizer .whl/smollm2-tokenizer --max-model-len 2048 --port 8000 \
-  > $OUT/server.log 2>&1 &
+  ${SERVER_ARGS:-} > $OUT/server.log 2>&1 &
 SERVER=$!
 for i in $(seq 1 90); do sleep 2; curl -sf localhost:8000/health > /dev/null && break; done
 grep "ready\|KV blocks\|compiled [0-9]" $OUT/server.log | tail -3
