@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call, fourth session, after the layer-loop change (rope tables once a step, layer index in the
 # carry): GPU correctness, then both engine workloads (jaxllm alone; HF's figures are in earlier runs).
-# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite11.sh`.
+# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite11.sh`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

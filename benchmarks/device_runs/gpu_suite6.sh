@@ -2,7 +2,7 @@
 # Device call for issue 6, third session: the nano-vllm workload against HF transformers in the same run,
 # GPU correctness, start-up cold and warm, and the decode roofline with the layer loop unrolled by 2 and 4
 # (now that GEMMs are cuBLAS, unrolling no longer trades copies for launches). Run as
-# `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite6.sh`.
+# `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite6.sh`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

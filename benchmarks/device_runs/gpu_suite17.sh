@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device call, fourth session, last: kernel checks and the kernel table after the pipeline-depth fix.
-# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite17.sh`.
+# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite17.sh`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

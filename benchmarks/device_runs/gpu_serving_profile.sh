@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call: where the OpenAI server's event-loop thread spends its time with 256 streams at once
 # (cProfile of the main thread, which runs the asyncio loop; the engine runs on its own threads).
-# Run as `bash benchmarks/gpu_serving_profile.sh` with carry [".whl"] (see gpu_serving.sh).
+# Run as `bash benchmarks/device_runs/gpu_serving_profile.sh` with carry [".whl"] (see gpu_serving.sh).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla

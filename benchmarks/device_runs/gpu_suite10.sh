@@ -2,7 +2,7 @@
 # Device call, fourth session: the Llama-3-8B decode step (B=256, L=1k, random cache) with the layer loop
 # recorded into the command buffer (XLA's WHILE command, optionally unrolled into one CUDA graph),
 # against XLA's defaults: roofline (back to back and one at a time) and a profile's idle gaps.
-# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite10.sh`.
+# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite10.sh`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

@@ -2,7 +2,7 @@
 # Device call: the OpenAI server on the GPU under benchmarks/serving.py (vLLM's benchmark_serving shape).
 # The device has no starlette / uvicorn and no default model: carry `.whl` holding their wheels and a
 # tokenizer folder (`load_tokenizer(default_model_path()).save_pretrained(".whl/smollm2-tokenizer")`).
-# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_serving.sh` with carry [".whl"]; $SERVER_ARGS adds
+# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_serving.sh` with carry [".whl"]; $SERVER_ARGS adds
 # server flags, $RATES picks the request rates (default "inf 10"), $TAG names the result files.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

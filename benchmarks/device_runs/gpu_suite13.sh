@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call, fourth session: the decode kernel with two pipeline stages by default (three before).
 # Kernel checks, the full kernel table (with the three-stage kernel beside it), and the decode step.
-# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite13.sh`.
+# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite13.sh`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

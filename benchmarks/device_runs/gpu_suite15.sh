@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device call, fourth session, final code: kernel checks, the Llama-3-8B decode step against its roofline,
-# and both engine workloads (jaxllm alone). Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite15.sh`;
+# and both engine workloads (jaxllm alone). Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite15.sh`;
 # the kernel table is `python benchmarks/kernels.py` on its own.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla XLA_PYTHON_CLIENT_MEM_FRACTION=0.9

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for issue 6: engine correctness vs HF on the GPU, the nano-vllm workload against HF's
 # continuous batching in the same run, and one decode step against its roofline.
-#   device run: bash benchmarks/gpu_suite.sh        (results under $OUT)
+#   device run: bash benchmarks/device_runs/gpu_suite.sh        (results under $OUT)
 # The device copy has no .git: run as `JAXLLM_GIT_COMMIT=<hash> bash ...` to stamp results with the commit.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla XLA_PYTHON_CLIENT_MEM_FRACTION=0.55

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call, fourth session, final code: the full kernel table, then the Llama-3-8B decode roofline three
 # times in separate processes (runs of one process differ by up to 0.5 ms from call to call).
-# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite16.sh`.
+# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite16.sh`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

@@ -2,7 +2,7 @@
 # Device call for issue 6 (and 5), fourth session: the Llama-3-8B decode step (B=256, L=1k) after
 # hoisting rope's tables and carrying the layer index; two XLA options on the GEMMs and the norms; the
 # roofline with back-to-back and one-at-a-time timing; a wider decode-kernel sweep.
-# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite7.sh`.
+# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite7.sh`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call, fourth session: does the KV cache's content change the decode step's speed? The roofline
 # step over a cache of zeros (as allocated) and of random values, and the decode kernel alone both ways.
-# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite8.sh`.
+# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite8.sh`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call, fourth session: the K/V write fused into the decode kernel (and 2 or 3 pipeline stages by
 # the program count). Kernel checks, the Llama-3-8B decode step (roofline and a one-layer timeline), GPU
-# correctness of the engine, and both engine workloads. Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite14.sh`.
+# correctness of the engine, and both engine workloads. Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite14.sh`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

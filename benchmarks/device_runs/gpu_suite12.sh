@@ -2,7 +2,7 @@
 # Device call, fourth session: the multi-item decode kernel (several (token, kv head) items a program,
 # one flat loop over their tiles). Correctness over every kernel check, the sweep of items per program,
 # and the Llama-3-8B decode step (B=256, L=1k) with it as the default.
-# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite12.sh`.
+# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite12.sh`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT

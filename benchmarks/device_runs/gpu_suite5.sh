@@ -2,7 +2,7 @@
 # Device call for issue 6 after the step programs moved to cuBLAS GEMMs (llama.step_compiler_options):
 # the Llama-3-8B decode roofline, the nano-vllm workload (jaxllm only: `a`; with HF in the same run: `hf`),
 # the Llama-3-8B 1,000-request workload with the default batch limits and with 256 seqs / 8192 tokens.
-# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/gpu_suite5.sh [a|hf]`.
+# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite5.sh [a|hf]`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
