@@ -11,6 +11,8 @@ Decode is bound by reading the KV cache: per token of context each kv head costs
 - Flash-decoding: when sequences x kv heads cannot fill the GPU, each sequence's context is cut into
   `num_splits` equal parts whose partial results (output and log-sum-exp) are merged by a small XLA
   epilogue. With one split the kernel writes the final output itself.
+- Triton pipelines the tile loop 2 deep when unsplit programs fill several waves (less shared memory, more
+  programs on an SM), else 3 deep (`choose_num_stages`).
 - Padding tokens (t >= query_start_loc[S]) are zeroed by the kernel, so every output row is written.
 
 Caller contract (`decode_only`): every sequence has 0 (padding) or 1 query token.
