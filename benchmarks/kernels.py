@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 
 TORCH_CEILINGS = r"""
@@ -65,6 +66,7 @@ import numpy as np  # noqa: E402
 from pallas_kernels.decode import paged_decode_attention  # noqa: E402
 from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel  # noqa: E402
 from pallas_kernels.reference import ragged_paged_attention as reference  # noqa: E402
+from profile_step import ProfilerRange  # noqa: E402
 
 MODELS = {"qwen3-0.6b": (16, 8, 128), "llama-3-8b": (32, 8, 128)}
 BLOCK_SIZE = 16
@@ -93,9 +95,6 @@ def time_calls(fn, qs, *rest, execs=5, rounds=3):
 def trace_calls(fn, qs, *rest, label="trace"):
     """The same executable as `time_calls`, run once under jax.profiler: each kernel's device time
     (CUPTI), to set beside the wall-clock figure."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from profile_step import ProfilerRange
-
     many = jax.jit(lambda qs, *rest: tuple(fn(q, *rest) for q in qs))
     jax.block_until_ready(many(qs, *rest))
     with ProfilerRange(os.environ.get("OUT", "/tmp") + "/kernel-trace", label, top=6):

@@ -64,16 +64,10 @@ def matmul(a, b, trans_b: bool = False):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def attend_tile(q, k_ref, v_ref, rows, col0, ok, carry, scale: float, interpret: bool):
-    """One step of the online softmax: the K/V rows `rows` (those with `ok`) of one kv head, columns
-    col0:col0 + D of the flat cache, folded into (acc, m, l) for the query rows q [group_pad, D]."""
+def online_softmax_step(s, v, carry):
+    """Fold one K/V tile into the flash-attention state (acc, m, l): scores s [M, block_k] in log2 units
+    (masked entries NEG_INF), values v [block_k, D]. Shared by the decode and ragged kernels."""
     acc, m, l = carry
-    block_k, head_dim = rows.shape[0], q.shape[1]
-    ok_2d = jnp.broadcast_to(ok[:, None], (block_k, head_dim))
-    k = pltriton.load(tile(k_ref, rows, col0, head_dim, interpret), mask=ok_2d, other=0.0)  # [block_k, D]
-    v = pltriton.load(tile(v_ref, rows, col0, head_dim, interpret), mask=ok_2d, other=0.0)
-    s = matmul(q, k, trans_b=True) * (scale * LOG2E)  # [group_pad, block_k], log2 units
-    s = jnp.where(ok[None, :], s, NEG_INF)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp2(m - m_new)
     prob = jnp.exp2(s - m_new[:, None])
@@ -159,7 +153,11 @@ def _decode_kernel(
             col, within = div_mod(pos, block_size)
             blk = pltriton.load(block_tables_ref.at[seq * max_blocks + col], mask=ok, other=0)
             rows = layer_row0 + blk * block_size + within
-            return attend_tile(q, k_ref, v_ref, rows, col0, ok, carry, scale, interpret)
+            ok_2d = jnp.broadcast_to(ok[:, None], (block_k, head_dim))
+            k = pltriton.load(tile(k_ref, rows, col0, head_dim, interpret), mask=ok_2d, other=0.0)  # [block_k, D]
+            v = pltriton.load(tile(v_ref, rows, col0, head_dim, interpret), mask=ok_2d, other=0.0)
+            s = matmul(q, k, trans_b=True) * (scale * LOG2E)  # [group_pad, block_k], log2 units
+            return online_softmax_step(jnp.where(ok[None, :], s, NEG_INF), v, carry)
 
         acc = jnp.zeros((group_pad, head_dim), jnp.float32)
         m = jnp.full((group_pad,), NEG_INF, jnp.float32)

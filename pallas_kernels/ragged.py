@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.decode import LOG2E, NEG_INF, div_mod, matmul, next_pow2, pltriton, tile
+from pallas_kernels.decode import LOG2E, NEG_INF, div_mod, matmul, next_pow2, online_softmax_step, pltriton, tile
 
 
 def query_tiles(query_start_loc: jax.Array, num_tiles: int, block_q: int):
@@ -76,7 +76,6 @@ def _ragged_kernel(
         col0 = h * head_dim
 
         def body(masked, j, carry):
-            acc, m, l = carry
             pos = j * block_k + offs
             col, within = div_mod(pos, block_size)
             if masked:
@@ -93,12 +92,7 @@ def _ragged_kernel(
             s = matmul(q, k, trans_b=True) * (scale * LOG2E)  # [M, block_k], log2 units
             if masked:
                 s = jnp.where(pos[None, :] <= q_pos[:, None], s, NEG_INF)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            alpha = jnp.exp2(m - m_new)
-            prob = jnp.exp2(s - m_new[:, None])
-            l = l * alpha + prob.sum(axis=1)
-            acc = acc * alpha[:, None] + matmul(prob.astype(v.dtype), v)
-            return acc, m_new, l
+            return online_softmax_step(s, v, carry)
 
         carry = (jnp.zeros((block_m, head_dim), jnp.float32), jnp.full((block_m,), NEG_INF, jnp.float32),
                  jnp.zeros((block_m,), jnp.float32))
