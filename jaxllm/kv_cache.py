@@ -55,7 +55,8 @@ class AttentionMetadata:
 
 
 def write_kv(cache: KVCache, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVCache:
-    """Scatter this step's K/V ([T, num_kv_heads, head_dim]) of one layer into their slots.
+    """Scatter this step's K/V into their slots: one layer's ([T, num_kv_heads, head_dim]) for a scalar
+    `layer`, every layer's ([num_layers, T, num_kv_heads, head_dim]) for `layer=slice(None)`.
 
     Padding slots (-1) are mapped out of range and dropped, so they never touch a real block.
     """

@@ -1,5 +1,5 @@
 """Attention kernels behind one signature: `ragged_paged_attention(q, k_cache, v_cache, layer, block_tables,
-seq_lens, query_start_loc, *, scale, decode_only=False)`.
+seq_lens, query_start_loc, *, scale, decode_only=False, k_new=None, v_new=None)`.
 
 On a CUDA GPU, 16-bit caches go to the Pallas kernels (`decode.py` when the caller promises one query
 token per sequence, `ragged.py` otherwise); everything else, the CPU included, runs the pure-jnp
@@ -45,19 +45,27 @@ def ragged_paged_attention(
     *,
     scale: float,
     decode_only: bool = False,
+    k_new: jax.Array | None = None,  # [T, num_kv_heads, head_dim]
+    v_new: jax.Array | None = None,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]
     """Causal attention of a ragged batch over the paged KV cache (semantics: `reference.py`).
 
     `decode_only` (static) promises that every sequence has 0 or 1 query tokens; it selects the
-    split-K decode kernel on GPU.
+    split-K decode kernel on GPU. With it, the new tokens' K/V may come as `k_new` / `v_new` instead of
+    from the cache, which then holds each sequence's first `seq_lens - 1` tokens.
     """
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new go together")
+    if k_new is not None and not decode_only:
+        raise ValueError("k_new / v_new need decode_only=True (one query token per sequence)")
     args = (q, k_cache, v_cache, layer, block_tables, seq_lens, query_start_loc)
+    new = dict(k_new=k_new, v_new=v_new)
     if kernels_supported(q, k_cache):
         if decode_only:
             from pallas_kernels.decode import paged_decode_attention
 
-            return paged_decode_attention(*args, scale=scale)
+            return paged_decode_attention(*args, scale=scale, **new)
         from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
 
         return ragged_kernel(*args, scale=scale)
-    return reference_ragged_paged_attention(*args, scale=scale)
+    return reference_ragged_paged_attention(*args, scale=scale, **new)

@@ -14,6 +14,10 @@ Decode is bound by reading the KV cache: per token of context each kv head costs
 - Triton pipelines the tile loop 2 deep when unsplit programs fill several waves (less shared memory, more
   programs on an SM), else 3 deep (`choose_num_stages`).
 - Padding tokens (t >= query_start_loc[S]) are zeroed by the kernel, so every output row is written.
+- The new token's K/V may come as inputs (`k_new`, `v_new`) instead of from the cache: the cache then holds
+  each sequence's first `seq_lens - 1` tokens, and split 0 folds the new token in after its tiles. The model
+  uses this to write a step's K/V for all layers in one scatter after the layer loop (no cache write, and
+  no dependency on one, inside the loop).
 
 Caller contract (`decode_only`): every sequence has 0 (padding) or 1 query token.
 """
@@ -105,13 +109,28 @@ def choose_num_stages(num_programs: int, num_splits: int) -> int:
     return 2 if num_splits == 1 and num_programs >= 4 * NUM_SMS_HINT else 3
 
 
+def fold_new_token(q, k_new, v_new, carry, scale, include):
+    """Fold one K/V row (the token not yet in the cache) into the online-softmax state: a dot product per
+    query head, no matmul. `include` False leaves the state as it is (the other splits)."""
+    acc, m, l = carry
+    s = (q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :]).sum(axis=1) * (scale * LOG2E)  # [M]
+    m_new = jnp.where(include, jnp.maximum(m, s), m)
+    alpha = jnp.exp2(m - m_new)
+    prob = jnp.where(include, jnp.exp2(s - m_new), 0.0)
+    acc = acc * alpha[:, None] + prob[:, None] * v_new.astype(jnp.float32)[None, :]
+    return acc, m_new, l * alpha + prob
+
+
 def _decode_kernel(
     layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, q_ref, k_ref, v_ref,  # inputs
-    o_ref, *lse_ref,  # outputs: o [splits * T * Hq, D] (f32 when split, else q dtype); lse [splits * T * Hq]
+    *refs,  # [k_new, v_new: [T * Hkv, D] when has_new]; outputs o [splits * T * Hq, D] (f32 when split,
+    # else q dtype) and, when split, lse [splits * T * Hq]
     num_seqs, num_tokens, num_q_heads, group, group_pad, head_dim, num_blocks, block_size, max_blocks,
-    block_k, num_splits, scale, interpret,
+    block_k, num_splits, scale, has_new, interpret,
 ):
+    k_new_ref, v_new_ref, o_ref, *lse_ref = refs if has_new else (None, None, *refs)
     p, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_kv_heads = num_q_heads // group
     g = jnp.arange(group_pad, dtype=jnp.int32)
     head_ok = g < group
     head_ok_2d = jnp.broadcast_to(head_ok[:, None], (group_pad, head_dim))
@@ -133,7 +152,7 @@ def _decode_kernel(
     seq = jnp.minimum(p, num_seqs - 1)
     token = query_start_loc_ref[seq]
     q_len = query_start_loc_ref[seq + 1] - token
-    ctx = seq_lens_ref[seq]
+    ctx = seq_lens_ref[seq] - (1 if has_new else 0)  # tokens to read from the cache
 
     @pl.when((p < num_seqs) & (q_len > 0))
     def _attend():
@@ -162,8 +181,11 @@ def _decode_kernel(
         acc = jnp.zeros((group_pad, head_dim), jnp.float32)
         m = jnp.full((group_pad,), NEG_INF, jnp.float32)
         l = jnp.zeros((group_pad,), jnp.float32)
-        o, lse = finish(*lax.fori_loop(0, num_tiles, body, (acc, m, l)))
-        store(token, o, lse)
+        carry = lax.fori_loop(0, num_tiles, body, (acc, m, l))
+        if has_new:
+            row = token * num_kv_heads + h
+            carry = fold_new_token(q, k_new_ref[row], v_new_ref[row], carry, scale, include=split == 0)
+        store(token, *finish(*carry))
 
 
 @functools.partial(
@@ -178,13 +200,16 @@ def paged_decode_attention(
     query_start_loc: jax.Array,  # [S + 1] int32
     *,
     scale: float,
+    k_new: jax.Array | None = None,  # [T, num_kv_heads, head_dim]: the new tokens' K/V, not in the cache
+    v_new: jax.Array | None = None,
     num_splits: int | None = None,
     block_k: int = 64,
     num_warps: int = 4,
     num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
-    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference."""
+    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference,
+    `k_new` / `v_new` included."""
     T, num_q_heads, head_dim = q.shape
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
@@ -203,11 +228,15 @@ def paged_decode_attention(
         k_cache.reshape(num_layers * num_blocks * block_size, num_kv_heads * head_dim),
         v_cache.reshape(num_layers * num_blocks * block_size, num_kv_heads * head_dim),
     )
+    has_new = k_new is not None
+    if has_new:
+        inputs += (k_new.astype(q.dtype).reshape(T * num_kv_heads, head_dim),
+                   v_new.astype(q.dtype).reshape(T * num_kv_heads, head_dim))
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(
         _decode_kernel, num_seqs=num_seqs, num_tokens=T, num_q_heads=num_q_heads, group=group,
         group_pad=group_pad, head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
-        max_blocks=max_blocks, block_k=block_k, num_splits=num_splits, scale=scale,
+        max_blocks=max_blocks, block_k=block_k, num_splits=num_splits, scale=scale, has_new=has_new,
         interpret=interpret)
     rows = num_splits * T * num_q_heads
     if num_splits == 1:

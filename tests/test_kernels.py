@@ -76,6 +76,28 @@ DECODE = dict(q_lens=[1, 1, 0, 1, 1], ctx_lens=[1, 8, 0, 17, 70])
 LONG = dict(q_lens=[1, 67, 1, 0, 45, 1, 3, 0], ctx_lens=[30, 67, 9, 0, 101, 52, 21, 0])
 
 
+def take_new_tokens_out(b, poison=50.0):
+    """The decode batch `b` as a deferred-write step sees it: each sequence's last token's K/V move from the
+    cache to `k_new` / `v_new` [T, h, d], and its cache slot is overwritten with `poison` (read by
+    mistake, it would change the output). Padding tokens' rows hold random values. Returns a new dict."""
+    b = dict(b)
+    layer, tables = int(b["layer"]), np.asarray(b["block_tables"])
+    seq_lens, qsl = np.asarray(b["seq_lens"]), np.asarray(b["query_start_loc"])
+    bs = b["k_cache"].shape[2]
+    rng = np.random.default_rng(int(seq_lens.sum()))
+    for name in ("k", "v"):
+        cache = np.array(b[f"{name}_cache"])
+        new = rng.standard_normal((b["q"].shape[0],) + cache.shape[3:]).astype(cache.dtype)
+        for s in range(len(seq_lens)):
+            if qsl[s + 1] > qsl[s]:
+                pos = seq_lens[s] - 1
+                block, off = tables[s, pos // bs], pos % bs
+                new[qsl[s]] = cache[layer, block, off]
+                cache[layer, block, off] = poison
+        b[f"{name}_cache"], b[f"{name}_new"] = jnp.asarray(cache), jnp.asarray(new)
+    return b
+
+
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
@@ -161,3 +183,37 @@ def test_dispatch_uses_reference_on_cpu(decode_only):
     got = pallas_kernels.ragged_paged_attention(*b.values(), scale=0.2, decode_only=decode_only)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(reference(**b, scale=0.2)))
 
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_reference_new_tokens_from_inputs(seed):
+    """Decode with the new tokens' K/V passed in (the model's deferred cache write): the same attention as
+    when they are in the cache, and the poisoned slots are never read. DECODE has a one-token context."""
+    b = random_batch(50 + seed, **DECODE, pad_tokens=3, spare_blocks=4)
+    scale = 32**-0.5
+    want = dense_attention(b, scale)
+    got = np.asarray(jax.jit(functools.partial(reference, scale=scale, kv_chunk_tokens=16))(**take_new_tokens_out(b)))
+    n_real = int(b["query_start_loc"][-1])
+    assert rel_err(got[:n_real], want[:n_real]) < 1e-5
+    assert (got[n_real:] == 0).all()
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_kernel_new_tokens_interpret(num_splits):
+    b = random_batch(60 + num_splits, **DECODE, num_q_heads=8, num_kv_heads=2, dtype=jnp.bfloat16)
+    scale = 32**-0.5
+    want = np.asarray(reference(**b, scale=scale), np.float32)
+    got = np.asarray(paged_decode_attention(**take_new_tokens_out(b), scale=scale, num_splits=num_splits,
+                                            block_k=16, interpret=True), np.float32)
+    n_real = int(b["query_start_loc"][-1])
+    assert np.isfinite(got).all()
+    assert rel_err(got[:n_real], want[:n_real]) < 1e-2
+    assert (got[n_real:] == 0).all()
+
+
+def test_new_tokens_need_decode_only():
+    b = take_new_tokens_out(random_batch(70, **DECODE))
+    with pytest.raises(ValueError, match="decode_only"):
+        pallas_kernels.ragged_paged_attention(*list(b.values())[:7], scale=0.2, k_new=b["k_new"], v_new=b["v_new"])
+    with pytest.raises(ValueError, match="k_new and v_new"):
+        pallas_kernels.ragged_paged_attention(*list(b.values())[:7], scale=0.2, decode_only=True, k_new=b["k_new"])

@@ -64,6 +64,21 @@ def make_case(rng, *, q_lens, ctx_lens, num_q_heads, num_kv_heads, head_dim, blo
     return (q, k, v, jnp.int32(layer), jnp.asarray(tables), jnp.asarray(ctx_lens, jnp.int32), jnp.asarray(qsl))
 
 
+def take_new_tokens_out(args, poison_value=50.0):
+    """Decode args as the model's deferred cache write sees them: each sequence's last token's K/V move to
+    k_new / v_new [T, h, d] and its cache slot holds `poison_value` (read by mistake, the output changes)."""
+    q, k, v, layer, tables, seq_lens, qsl = args
+    S, T, bs, num_blocks = seq_lens.shape[0], q.shape[0], k.shape[2], k.shape[1]
+    has = (qsl[1:] - qsl[:-1]) > 0
+    pos = jnp.maximum(seq_lens - 1, 0)
+    blk = jnp.where(has, tables[jnp.arange(S), pos // bs], num_blocks)  # out of range: dropped
+    tok = jnp.where(has, qsl[:-1], T)
+    new = [jnp.zeros((T,) + c.shape[3:], c.dtype).at[tok].set(c[layer, jnp.minimum(blk, num_blocks - 1), pos % bs],
+                                                             mode="drop") for c in (k, v)]
+    k, v = (c.at[layer, blk, pos % bs].set(poison_value, mode="drop") for c in (k, v))
+    return (q, k, v, layer, tables, seq_lens, qsl), dict(k_new=new[0], v_new=new[1])
+
+
 def poison(nbytes):
     """Leave NaN in freed device memory, so an output row that a kernel forgets to write shows up."""
     x = jnp.full((nbytes // 4 + 1024,), jnp.nan, jnp.float32)
@@ -130,6 +145,11 @@ def main():
                         lambda *x, scale: paged_decode_attention(*x, scale=scale, num_splits=4), args, scale, log)
             ok &= check(name + " [decode kernel, 3 pipeline stages]",
                         lambda *x, scale: paged_decode_attention(*x, scale=scale, num_stages=3), args, scale, log)
+            moved, new = take_new_tokens_out(args)
+            for splits in (None, 4):
+                ok &= check(name + f" [decode kernel, new K/V as inputs, splits {splits or 'auto'}]",
+                            lambda *x, scale, n=splits: paged_decode_attention(*moved, scale=scale, num_splits=n, **new),
+                            args, scale, log)
         ok &= check(name + " [ragged kernel]", ragged_kernel, args, scale, log)
     Path(a.log).parent.mkdir(parents=True, exist_ok=True)
     Path(a.log).write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__,
