@@ -1,5 +1,6 @@
 """Attention kernels behind one signature: `ragged_paged_attention(q, k_cache, v_cache, layer, block_tables,
-seq_lens, query_start_loc, *, scale, decode_only=False, k_new=None, v_new=None)`.
+seq_lens, query_start_loc, *, scale, decode_only=False)`, and `write_kv_and_attend`, which first writes the
+step's new K/V into the cache (fused into the decode kernel on a GPU).
 
 On a CUDA GPU, 16-bit caches go to the Pallas kernels (`decode.py` when the caller promises one query
 token per sequence, `ragged.py` otherwise); everything else, the CPU included, runs the pure-jnp
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.reference import ragged_paged_attention as reference_ragged_paged_attention
+from pallas_kernels.reference import write_kv
 
 
 def kernels_supported(q: jax.Array, k_cache: jax.Array) -> bool:
@@ -45,27 +47,49 @@ def ragged_paged_attention(
     *,
     scale: float,
     decode_only: bool = False,
-    k_new: jax.Array | None = None,  # [T, num_kv_heads, head_dim]
-    v_new: jax.Array | None = None,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]
     """Causal attention of a ragged batch over the paged KV cache (semantics: `reference.py`).
 
     `decode_only` (static) promises that every sequence has 0 or 1 query tokens; it selects the
-    split-K decode kernel on GPU. With it, the new tokens' K/V may come as `k_new` / `v_new` instead of
-    from the cache, which then holds each sequence's first `seq_lens - 1` tokens.
+    split-K decode kernel on GPU.
     """
-    if (k_new is None) != (v_new is None):
-        raise ValueError("k_new and v_new go together")
-    if k_new is not None and not decode_only:
-        raise ValueError("k_new / v_new need decode_only=True (one query token per sequence)")
     args = (q, k_cache, v_cache, layer, block_tables, seq_lens, query_start_loc)
-    new = dict(k_new=k_new, v_new=v_new)
     if kernels_supported(q, k_cache):
         if decode_only:
             from pallas_kernels.decode import paged_decode_attention
 
-            return paged_decode_attention(*args, scale=scale, **new)
+            return paged_decode_attention(*args, scale=scale)
         from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
 
         return ragged_kernel(*args, scale=scale)
-    return reference_ragged_paged_attention(*args, scale=scale, **new)
+    return reference_ragged_paged_attention(*args, scale=scale)
+
+
+def write_kv_and_attend(
+    q: jax.Array,  # [T, num_q_heads, head_dim]
+    k: jax.Array,  # [T, num_kv_heads, head_dim]: this step's keys
+    v: jax.Array,  # [T, num_kv_heads, head_dim]
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: jax.Array | int,
+    slot_mapping: jax.Array,  # [T] int32, -1 for padding
+    block_tables: jax.Array,
+    seq_lens: jax.Array,
+    query_start_loc: jax.Array,
+    *,
+    scale: float,
+    decode_only: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`write_kv` then `ragged_paged_attention`: returns (out, k_cache, v_cache).
+
+    On a GPU a decode step does both in the decode kernel: the kernel writes each token's K/V to its slot
+    and uses it from registers, which saves the two scatter launches of every layer."""
+    if decode_only and kernels_supported(q, k_cache):
+        from pallas_kernels.decode import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, query_start_loc,
+                                      scale=scale, new_kv=(k, v, slot_mapping))
+    k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, slot_mapping)
+    out = ragged_paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, query_start_loc, scale=scale,
+                                 decode_only=decode_only)
+    return out, k_cache, v_cache

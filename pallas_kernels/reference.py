@@ -25,6 +25,21 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
+def write_kv(k_cache: jax.Array, v_cache: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array):
+    """Scatter this step's K/V ([T, num_kv_heads, head_dim]) of one layer into their slots
+    (`block_id * block_size + offset`); padding slots (-1) are mapped out of range and dropped, so they
+    never touch a real block. Returns the updated (k_cache, v_cache), in place when the caller donates them."""
+    num_layers, num_blocks, block_size, h, d = k_cache.shape
+    num_slots = num_blocks * block_size
+    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
+
+    def scatter(cache, new):
+        flat = cache.reshape(num_layers, num_slots, h, d).at[layer, slots].set(new.astype(cache.dtype), mode="drop")
+        return flat.reshape(cache.shape)
+
+    return scatter(k_cache, k), scatter(v_cache, v)
+
+
 def rows_per_item(num_tokens: int, num_seqs: int) -> int:
     """R from the static shapes: the largest power of two with R^2 <= 2 T / S (1 for decode). A step
     gathers about T/R + S contexts and scores T + S R rows against them; R = sqrt(2 T / S) minimises the
@@ -67,10 +82,6 @@ def ragged_paged_attention(
     # and scores in cache, and let the loop stop nearer the longest context: on the CPU, 32 runs the
     # engine's mixed and decode steps 1.5-4x faster than 512, and long single-sequence chunks ~1.3x slower.
     kv_chunk_tokens: int = 32,
-    # Decode only (every sequence brings 0 or 1 query tokens): the new tokens' K/V [T, num_kv_heads,
-    # head_dim], not yet in the cache, which then holds each sequence's first seq_lens - 1 tokens.
-    k_new: jax.Array | None = None,
-    v_new: jax.Array | None = None,
 ) -> jax.Array:  # [T, num_q_heads, head_dim], zeros for padding tokens
     T, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = k_cache.shape
@@ -87,9 +98,6 @@ def ragged_paged_attention(
     qg = (q.astype(jnp.float32) * scale).reshape(T, num_kv_heads, group, head_dim)
     qg = qg[jnp.minimum(token, T - 1)].transpose(0, 2, 1, 3, 4)  # [W, h, R, g, d]: (w, h) batch the matmuls
     tables = block_tables[seq]  # [W, max_blocks]
-    if k_new is not None:
-        new_token = jnp.minimum(token[:, 0], T - 1)
-        new_k, new_v = (x[new_token].astype(jnp.float32) for x in (k_new, v_new))  # [W, h, d]
 
     def chunk(i, carry):
         m, l, acc = carry
@@ -99,10 +107,6 @@ def ragged_paged_attention(
         k = k_cache[layer, blocks].reshape(W, chunk_len, num_kv_heads, head_dim).astype(jnp.float32)
         v = v_cache[layer, blocks].reshape(W, chunk_len, num_kv_heads, head_dim).astype(jnp.float32)
         kv_pos = i * chunk_len + jnp.arange(chunk_len)
-        if k_new is not None:  # an item is one token: its last position comes from k_new / v_new
-            is_new = (kv_pos[None, :] == ctx_len[:, None] - 1)[..., None, None]  # [W, c, 1, 1]
-            k = jnp.where(is_new, new_k[:, None], k)
-            v = jnp.where(is_new, new_v[:, None], v)
         mask = (kv_pos <= q_pos[..., None]) & (kv_pos < ctx_len[:, None, None]) & valid[..., None]  # [W, R, c]
         mask = mask[:, None, :, None, :]  # [W, 1, R, 1, c]
         s = jnp.einsum("whrgd,wchd->whrgc", qg, k)

@@ -76,28 +76,6 @@ DECODE = dict(q_lens=[1, 1, 0, 1, 1], ctx_lens=[1, 8, 0, 17, 70])
 LONG = dict(q_lens=[1, 67, 1, 0, 45, 1, 3, 0], ctx_lens=[30, 67, 9, 0, 101, 52, 21, 0])
 
 
-def take_new_tokens_out(b, poison=50.0):
-    """The decode batch `b` as a deferred-write step sees it: each sequence's last token's K/V move from the
-    cache to `k_new` / `v_new` [T, h, d], and its cache slot is overwritten with `poison` (read by
-    mistake, it would change the output). Padding tokens' rows hold random values. Returns a new dict."""
-    b = dict(b)
-    layer, tables = int(b["layer"]), np.asarray(b["block_tables"])
-    seq_lens, qsl = np.asarray(b["seq_lens"]), np.asarray(b["query_start_loc"])
-    bs = b["k_cache"].shape[2]
-    rng = np.random.default_rng(int(seq_lens.sum()))
-    for name in ("k", "v"):
-        cache = np.array(b[f"{name}_cache"])
-        new = rng.standard_normal((b["q"].shape[0],) + cache.shape[3:]).astype(cache.dtype)
-        for s in range(len(seq_lens)):
-            if qsl[s + 1] > qsl[s]:
-                pos = seq_lens[s] - 1
-                block, off = tables[s, pos // bs], pos % bs
-                new[qsl[s]] = cache[layer, block, off]
-                cache[layer, block, off] = poison
-        b[f"{name}_cache"], b[f"{name}_new"] = jnp.asarray(cache), jnp.asarray(new)
-    return b
-
-
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
@@ -163,6 +141,61 @@ def test_decode_kernel_interpret(num_splits):
     assert (got[n_real:] == 0).all()
 
 
+def new_token_kv(b, seed):
+    """This step's K/V for a decode batch, and each token's slot (its sequence's last position; -1 for
+    padding tokens)."""
+    rng = np.random.default_rng(seed)
+    T, _, d = b["q"].shape
+    hkv, bs = b["k_cache"].shape[3], b["k_cache"].shape[2]
+    qsl, seq_lens, tables = (np.asarray(b[n]) for n in ("query_start_loc", "seq_lens", "block_tables"))
+    slots = np.full(T, -1, np.int32)
+    for s in range(len(seq_lens)):
+        if qsl[s + 1] > qsl[s]:
+            last = seq_lens[s] - 1
+            slots[qsl[s]] = tables[s, last // bs] * bs + last % bs
+    k, v = (jnp.asarray(rng.standard_normal((T, hkv, d)), b["k_cache"].dtype) for _ in range(2))
+    return k, v, jnp.asarray(slots)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_kernel_writes_kv_interpret(num_splits):
+    """The decode kernel with the K/V write fused: same caches as the reference scatter (padding tokens
+    write nothing), and the new token's K/V are attended to (not the stale rows in the cache)."""
+    b = random_batch(60 + num_splits, **DECODE, num_q_heads=8, num_kv_heads=2, dtype=jnp.bfloat16)
+    k, v, slots = new_token_kv(b, 70 + num_splits)
+    scale = 32**-0.5
+    want_k, want_v = reference_module.write_kv(b["k_cache"], b["v_cache"], b["layer"], k, v, slots)
+    want = np.asarray(reference(**{**b, "k_cache": want_k, "v_cache": want_v}, scale=scale), np.float32)
+    stale = np.asarray(reference(**b, scale=scale), np.float32)
+    got, got_k, got_v = paged_decode_attention(**b, scale=scale, num_splits=num_splits, block_k=16,
+                                               new_kv=(k, v, slots), interpret=True)
+    n_real = int(b["query_start_loc"][-1])
+    got = np.asarray(got, np.float32)
+    assert np.array_equal(np.asarray(got_k), np.asarray(want_k)) and np.array_equal(np.asarray(got_v), np.asarray(want_v))
+    assert rel_err(got[:n_real], want[:n_real]) < 1e-2
+    assert rel_err(stale[:n_real], want[:n_real]) > 5e-2  # the check can tell stale rows from new ones
+    assert (got[n_real:] == 0).all()
+
+
+def test_write_kv_and_attend_on_cpu_is_scatter_then_reference():
+    b = random_batch(80, **MIXED)
+    T = b["q"].shape[0]
+    rng = np.random.default_rng(81)
+    k, v = (jnp.asarray(rng.standard_normal((T, 2, 32)), jnp.float32) for _ in range(2))
+    slots = jnp.asarray(rng.permutation(b["k_cache"].shape[1] * b["k_cache"].shape[2])[:T].astype(np.int32))
+    slots = slots.at[-2:].set(-1)
+    out, kc, vc = pallas_kernels.write_kv_and_attend(
+        b["q"], k, v, b["k_cache"], b["v_cache"], b["layer"], slots, b["block_tables"], b["seq_lens"],
+        b["query_start_loc"], scale=0.2)
+    want_k, want_v = reference_module.write_kv(b["k_cache"], b["v_cache"], b["layer"], k, v, slots)
+    np.testing.assert_array_equal(np.asarray(kc), np.asarray(want_k))
+    np.testing.assert_array_equal(np.asarray(vc), np.asarray(want_v))
+    flat = np.asarray(want_k).reshape(2, -1, 2, 32)[int(b["layer"])]
+    np.testing.assert_array_equal(flat[np.asarray(slots[:-2])], np.asarray(k[:-2]))
+    want = reference(**{**b, "k_cache": want_k, "v_cache": want_v}, scale=0.2)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("num_q_heads", [6, 8])  # group 3 (padded to 4) and group 4
 def test_ragged_kernel_interpret(num_q_heads):
     b = random_batch(20 + num_q_heads, **MIXED, num_q_heads=num_q_heads, num_kv_heads=2, dtype=jnp.bfloat16)
@@ -183,37 +216,3 @@ def test_dispatch_uses_reference_on_cpu(decode_only):
     got = pallas_kernels.ragged_paged_attention(*b.values(), scale=0.2, decode_only=decode_only)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(reference(**b, scale=0.2)))
 
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_reference_new_tokens_from_inputs(seed):
-    """Decode with the new tokens' K/V passed in (the model's deferred cache write): the same attention as
-    when they are in the cache, and the poisoned slots are never read. DECODE has a one-token context."""
-    b = random_batch(50 + seed, **DECODE, pad_tokens=3, spare_blocks=4)
-    scale = 32**-0.5
-    want = dense_attention(b, scale)
-    got = np.asarray(jax.jit(functools.partial(reference, scale=scale, kv_chunk_tokens=16))(**take_new_tokens_out(b)))
-    n_real = int(b["query_start_loc"][-1])
-    assert rel_err(got[:n_real], want[:n_real]) < 1e-5
-    assert (got[n_real:] == 0).all()
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_kernel_new_tokens_interpret(num_splits):
-    b = random_batch(60 + num_splits, **DECODE, num_q_heads=8, num_kv_heads=2, dtype=jnp.bfloat16)
-    scale = 32**-0.5
-    want = np.asarray(reference(**b, scale=scale), np.float32)
-    got = np.asarray(paged_decode_attention(**take_new_tokens_out(b), scale=scale, num_splits=num_splits,
-                                            block_k=16, interpret=True), np.float32)
-    n_real = int(b["query_start_loc"][-1])
-    assert np.isfinite(got).all()
-    assert rel_err(got[:n_real], want[:n_real]) < 1e-2
-    assert (got[n_real:] == 0).all()
-
-
-def test_new_tokens_need_decode_only():
-    b = take_new_tokens_out(random_batch(70, **DECODE))
-    with pytest.raises(ValueError, match="decode_only"):
-        pallas_kernels.ragged_paged_attention(*list(b.values())[:7], scale=0.2, k_new=b["k_new"], v_new=b["v_new"])
-    with pytest.raises(ValueError, match="k_new and v_new"):
-        pallas_kernels.ragged_paged_attention(*list(b.values())[:7], scale=0.2, decode_only=True, k_new=b["k_new"])

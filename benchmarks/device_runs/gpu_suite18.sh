@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Device call, fifth session: the deferred K/V write in decode steps. The Llama-3-8B decode step against its
-# roofline, this tree and the previous commit (unpacked in base/: `git archive 3d38116 | tar -x -C base`)
-# alternating in separate processes; one layer's kernel timeline; the kernel and engine checks.
+# Device call, fifth session: the K/V write of decode steps (deferred after the layer loop in f81a189; fused
+# into the decode kernel, with the new token folded in from registers, since). The Llama-3-8B decode step
+# against its roofline, this tree and the fourth session's last commit (unpacked in base/:
+# `git archive 3d38116 | tar -x -C base`) alternating in separate processes; one layer's kernel timeline;
+# the kernel and engine checks; the nano-vllm workload when $WORKLOAD is set.
 # Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite18.sh`. Everything lands in $OUT/all.tgz.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
@@ -25,4 +27,11 @@ grep -c "^PASS" $R/check_kernels.log; grep "^FAIL" $R/check_kernels.log | cut -c
 echo "== check_engine"
 timeout -s KILL 150 python tests/gpu/check_engine.py --log $R/check_engine.json > $R/check_engine.log 2>&1; echo "rc=$?"
 tail -5 $R/check_engine.log
+if [ -n "${WORKLOAD:-}" ]; then
+  echo "== nano-vllm workload"
+  JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla timeout -s KILL 150 python benchmarks/throughput.py --model-shape qwen3-0.6b \
+    --num-prompts 256 --input-len 100:1024 --output-len 100:1024 --max-model-len 2048 \
+    --output-json $R/throughput-qwen3-0.6b.json > $R/throughput-qwen3.log 2>&1; echo "rc=$?"
+  grep "tok/s" $R/throughput-qwen3.log | tail -2
+fi
 tar czf $OUT/all.tgz -C $R .

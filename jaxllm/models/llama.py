@@ -2,10 +2,7 @@
 
 Per-layer weights are stacked on a leading layer axis and the layers run under `lax.scan`: few
 arguments per jitted call, one compiled layer body whatever the depth (see `_scan_unroll`).
-The KV cache rides in the scan carry and is updated in place (the caller donates it). In a decode step
-(`decode_only`: one new token per sequence) the loop only reads the cache: attention takes the new
-token's K/V as inputs, and all layers' new K/V go to the cache in one scatter after the loop. That saves
-two scatter launches a layer, and leaves the loop body free of writes to the 10+ GB cache buffer.
+The KV cache rides in the scan carry and is updated in place (the caller donates it).
 
 Einsum letters: t token, e embedding (hidden), f ffn, v vocab.
 """
@@ -21,7 +18,7 @@ import numpy as np
 
 import pallas_kernels
 from jaxllm.config import ModelConfig
-from jaxllm.kv_cache import AttentionMetadata, KVCache, write_kv
+from jaxllm.kv_cache import AttentionMetadata, KVCache
 
 
 @jax.tree_util.register_dataclass
@@ -93,7 +90,7 @@ def forward_hidden(
     kv_cache: KVCache,
     md: AttentionMetadata,
     config: ModelConfig,
-    decode_only: bool = False,  # static: every sequence brings at most one query token (deferred K/V write)
+    decode_only: bool = False,  # static: every sequence brings at most one query token (the GPU decode kernel)
 ) -> tuple[jax.Array, KVCache]:  # hidden [T, e] after the final norm, updated cache
     T = token_ids.shape[0]
     hd, nq, nkv = config.head_dim, config.num_heads, config.num_kv_heads
@@ -115,27 +112,18 @@ def forward_hidden(
                 q = rms_norm(q, w.q_norm, config.rms_norm_eps)
                 k = rms_norm(k, w.k_norm, config.rms_norm_eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if decode_only:  # K/V reach the cache after the loop; attention takes them as inputs
-                o = pallas_kernels.ragged_paged_attention(
-                    q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=hd**-0.5,
-                    decode_only=True, k_new=k, v_new=v)
-                new_kv = (k, v)
-            else:
-                cache = write_kv(cache, i, k, v, md.slot_mapping)
-                o = pallas_kernels.ragged_paged_attention(
-                    q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=hd**-0.5)
-                new_kv = None
+            o, k_cache, v_cache = pallas_kernels.write_kv_and_attend(
+                q, k, v, cache.k, cache.v, i, md.slot_mapping, md.block_tables, md.seq_lens, md.query_start_loc,
+                scale=hd**-0.5, decode_only=decode_only)
+            cache = KVCache(k_cache, v_cache)
             x = x + o.reshape(T, nq * hd) @ w.wo
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, config.rms_norm_eps)
             gate, up = jnp.split(h @ w.w_gate_up, 2, axis=-1)
             x = x + (jax.nn.silu(gate) * up) @ w.w_down
-        return (x, cache, i + 1), new_kv
+        return (x, cache, i + 1), None
 
-    (x, kv_cache, _), new_kv = jax.lax.scan(
-        layer, (x, kv_cache, jnp.int32(0)), params.layers, unroll=_scan_unroll(config))
-    if decode_only:  # every layer's K/V [L, T, h, d] in one scatter
-        kv_cache = write_kv(kv_cache, slice(None), *new_kv, md.slot_mapping)
+    (x, kv_cache, _), _ = jax.lax.scan(layer, (x, kv_cache, jnp.int32(0)), params.layers, unroll=_scan_unroll(config))
     return rms_norm(x, params.final_norm, config.rms_norm_eps), kv_cache
 
 
