@@ -2,8 +2,7 @@
 
 The cache is a pool of fixed-size blocks shared by every layer's index: block b of sequence s
 lives at `k[layer, block_tables[s, i]]` for every layer. A token's *slot* is
-`block_id * block_size + offset`; new K/V are scattered to their slots, with the cache donated
-(`pallas_kernels.write_kv_and_attend`).
+`block_id * block_size + offset`; new K/V are scattered to their slots, with the cache donated.
 """
 
 from __future__ import annotations
@@ -53,6 +52,19 @@ class AttentionMetadata:
     seq_lens: jax.Array  # [S] int32, context length *including* this step's tokens
     query_start_loc: jax.Array  # [S + 1] int32, cumulative query token counts
     logits_indices: jax.Array  # [S] int32, the token whose logits each sequence samples from
+
+
+def write_kv(cache: KVCache, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVCache:
+    """Scatter this step's K/V ([T, num_kv_heads, head_dim]) of one layer into their slots.
+
+    Padding slots (-1) are mapped out of range and dropped, so they never touch a real block.
+    """
+    num_layers, num_blocks, block_size, h, d = cache.k.shape
+    num_slots = num_blocks * block_size
+    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
+    kf = cache.k.reshape(num_layers, num_slots, h, d).at[layer, slots].set(k.astype(cache.k.dtype), mode="drop")
+    vf = cache.v.reshape(num_layers, num_slots, h, d).at[layer, slots].set(v.astype(cache.v.dtype), mode="drop")
+    return KVCache(k=kf.reshape(cache.k.shape), v=vf.reshape(cache.v.shape))
 
 
 def copy_blocks(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:

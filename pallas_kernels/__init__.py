@@ -1,6 +1,5 @@
 """Attention kernels behind one signature: `ragged_paged_attention(q, k_cache, v_cache, layer, block_tables,
-seq_lens, query_start_loc, *, scale, decode_only=False)`, and `write_kv_and_attend`, which first writes the
-step's new K/V into the cache (fused into the decode kernel on a GPU).
+seq_lens, query_start_loc, *, scale, decode_only=False)`.
 
 On a CUDA GPU, 16-bit caches go to the Pallas kernels (`decode.py` when the caller promises one query
 token per sequence, `ragged.py` otherwise); everything else, the CPU included, runs the pure-jnp
@@ -15,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.reference import ragged_paged_attention as reference_ragged_paged_attention
-from pallas_kernels.reference import write_kv
 
 
 def kernels_supported(q: jax.Array, k_cache: jax.Array) -> bool:
@@ -63,33 +61,3 @@ def ragged_paged_attention(
 
         return ragged_kernel(*args, scale=scale)
     return reference_ragged_paged_attention(*args, scale=scale)
-
-
-def write_kv_and_attend(
-    q: jax.Array,  # [T, num_q_heads, head_dim]
-    k: jax.Array,  # [T, num_kv_heads, head_dim]: this step's keys
-    v: jax.Array,  # [T, num_kv_heads, head_dim]
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    layer: jax.Array | int,
-    slot_mapping: jax.Array,  # [T] int32, -1 for padding
-    block_tables: jax.Array,
-    seq_lens: jax.Array,
-    query_start_loc: jax.Array,
-    *,
-    scale: float,
-    decode_only: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`write_kv` then `ragged_paged_attention`: returns (out, k_cache, v_cache).
-
-    On a GPU a decode step does both in the decode kernel: the kernel writes each token's K/V to its slot
-    and uses it from registers, which saves the two scatter launches of every layer."""
-    if decode_only and kernels_supported(q, k_cache):
-        from pallas_kernels.decode import paged_decode_attention
-
-        return paged_decode_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, query_start_loc,
-                                      scale=scale, new_kv=(k, v, slot_mapping))
-    k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, slot_mapping)
-    out = ragged_paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, query_start_loc, scale=scale,
-                                 decode_only=decode_only)
-    return out, k_cache, v_cache

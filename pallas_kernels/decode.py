@@ -14,11 +14,6 @@ Decode is bound by reading the KV cache: per token of context each kv head costs
 - Triton pipelines the tile loop 2 deep when unsplit programs fill several waves (less shared memory, more
   programs on an SM), else 3 deep (`choose_num_stages`).
 - Padding tokens (t >= query_start_loc[S]) are zeroed by the kernel, so every output row is written.
-- The K/V write can be fused in (`new_kv`): the tiles then stop before the new token's position, split 0
-  folds the new token in from registers after its tiles (a dot product per query head, no per-tile select)
-  and stores it to its slot, in the cache aliased from input to output. That saves the two scatter launches
-  of every layer. The slot belongs to the sequence's last block, which no other sequence reads (the block
-  manager copies shared blocks before a write), and no split of its own sequence reads that position.
 
 Caller contract (`decode_only`): every sequence has 0 (padding) or 1 query token.
 """
@@ -110,31 +105,13 @@ def choose_num_stages(num_programs: int, num_splits: int) -> int:
     return 2 if num_splits == 1 and num_programs >= 4 * NUM_SMS_HINT else 3
 
 
-def fold_new_token(q, k_new, v_new, carry, scale, include):
-    """Fold one K/V row k_new, v_new [1, D] (the token not read from the cache) into the online-softmax
-    state: a dot product per query head, no matmul. `include` False leaves the state as it is."""
-    acc, m, l = carry
-    s = (q.astype(jnp.float32) * k_new.astype(jnp.float32)).sum(axis=1) * (scale * LOG2E)  # [M]
-    m_new = jnp.where(include, jnp.maximum(m, s), m)
-    alpha = jnp.exp2(m - m_new)
-    prob = jnp.where(include, jnp.exp2(s - m_new), 0.0)
-    acc = acc * alpha[:, None] + prob[:, None] * v_new.astype(jnp.float32)
-    return acc, m_new, l * alpha + prob
-
-
 def _decode_kernel(
     layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, q_ref, k_ref, v_ref,  # inputs
-    *refs,  # with write_kv, inputs new k, new v [T * Hkv, D] and slot mapping [T]; outputs: o [splits * T * Hq, D]
-    # (f32 when split, else q dtype), lse [splits * T * Hq] when split, k and v caches with write_kv
+    o_ref, *lse_ref,  # outputs: o [splits * T * Hq, D] (f32 when split, else q dtype); lse [splits * T * Hq]
     num_seqs, num_tokens, num_q_heads, group, group_pad, head_dim, num_blocks, block_size, max_blocks,
-    block_k, num_splits, scale, write_kv, interpret,
+    block_k, num_splits, scale, interpret,
 ):
-    new_k_ref, new_v_ref, slot_ref = refs[:3] if write_kv else (None, None, None)
-    outs = refs[3:] if write_kv else refs
-    o_ref, lse_ref = outs[0], outs[1:2] if num_splits > 1 else ()
-    k_out_ref, v_out_ref = outs[-2:] if write_kv else (None, None)
     p, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_kv_heads = num_q_heads // group
     g = jnp.arange(group_pad, dtype=jnp.int32)
     head_ok = g < group
     head_ok_2d = jnp.broadcast_to(head_ok[:, None], (group_pad, head_dim))
@@ -156,7 +133,7 @@ def _decode_kernel(
     seq = jnp.minimum(p, num_seqs - 1)
     token = query_start_loc_ref[seq]
     q_len = query_start_loc_ref[seq + 1] - token
-    ctx = seq_lens_ref[seq] - (1 if write_kv else 0)  # tokens to read from the cache
+    ctx = seq_lens_ref[seq]
 
     @pl.when((p < num_seqs) & (q_len > 0))
     def _attend():
@@ -185,18 +162,8 @@ def _decode_kernel(
         acc = jnp.zeros((group_pad, head_dim), jnp.float32)
         m = jnp.full((group_pad,), NEG_INF, jnp.float32)
         l = jnp.zeros((group_pad,), jnp.float32)
-        carry = lax.fori_loop(0, num_tiles, body, (acc, m, l))
-        if write_kv:
-            new_row = jnp.full((1,), token * num_kv_heads + h, jnp.int32)
-            new_k = pltriton.load(tile(new_k_ref, new_row, 0, head_dim, interpret))  # [1, D]
-            new_v = pltriton.load(tile(new_v_ref, new_row, 0, head_dim, interpret))
-            carry = fold_new_token(q, new_k, new_v, carry, scale, include=split == 0)
-            slot = slot_ref[token]
-            dst = jnp.full((1,), layer_row0 + slot, jnp.int32)
-            write = jnp.broadcast_to((split == 0) & (slot >= 0), (1, head_dim))
-            pltriton.store(tile(k_out_ref, dst, col0, head_dim, interpret), new_k, mask=write)
-            pltriton.store(tile(v_out_ref, dst, col0, head_dim, interpret), new_v, mask=write)
-        store(token, *finish(*carry))
+        o, lse = finish(*lax.fori_loop(0, num_tiles, body, (acc, m, l)))
+        store(token, o, lse)
 
 
 @functools.partial(
@@ -211,19 +178,13 @@ def paged_decode_attention(
     query_start_loc: jax.Array,  # [S + 1] int32
     *,
     scale: float,
-    new_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     num_splits: int | None = None,
     block_k: int = 64,
     num_warps: int = 4,
     num_stages: int | None = None,
     interpret: bool = False,
-):
-    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference.
-
-    Returns out [T, num_q_heads, head_dim] (zeros for padding tokens). With `new_kv` = (k, v, slot_mapping),
-    this step's K/V ([T, num_kv_heads, head_dim]; slot -1 drops a token) are written into the caches by
-    the same kernel, which then returns (out, k_cache, v_cache): the caches are updated in place when the
-    caller donates them (`reference.write_kv` semantics)."""
+) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
+    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference."""
     T, num_q_heads, head_dim = q.shape
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
@@ -233,50 +194,37 @@ def paged_decode_attention(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks * block_size, block_k)
     if num_stages is None:
         num_stages = choose_num_stages(max(num_seqs, T) * num_kv_heads * num_splits, num_splits)
-    flat_kv = (num_layers * num_blocks * block_size, num_kv_heads * head_dim)
     inputs = (
         jnp.asarray(layer, jnp.int32).reshape(1),
         block_tables.reshape(-1).astype(jnp.int32),
         seq_lens.astype(jnp.int32),
         query_start_loc.astype(jnp.int32),
         q.reshape(T * num_q_heads, head_dim),
-        k_cache.reshape(flat_kv),
-        v_cache.reshape(flat_kv),
+        k_cache.reshape(num_layers * num_blocks * block_size, num_kv_heads * head_dim),
+        v_cache.reshape(num_layers * num_blocks * block_size, num_kv_heads * head_dim),
     )
-    write_kv = new_kv is not None
-    if write_kv:
-        new_k, new_v, slot_mapping = new_kv
-        inputs += (new_k.astype(k_cache.dtype).reshape(T * num_kv_heads, head_dim),
-                   new_v.astype(v_cache.dtype).reshape(T * num_kv_heads, head_dim), slot_mapping.astype(jnp.int32))
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(
         _decode_kernel, num_seqs=num_seqs, num_tokens=T, num_q_heads=num_q_heads, group=group,
         group_pad=group_pad, head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
-        max_blocks=max_blocks, block_k=block_k, num_splits=num_splits, scale=scale, write_kv=write_kv,
+        max_blocks=max_blocks, block_k=block_k, num_splits=num_splits, scale=scale,
         interpret=interpret)
     rows = num_splits * T * num_q_heads
     if num_splits == 1:
-        out_shape = (jax.ShapeDtypeStruct((rows, head_dim), q.dtype),)
+        out_shape = jax.ShapeDtypeStruct((rows, head_dim), q.dtype)
     else:
         out_shape = (jax.ShapeDtypeStruct((rows, head_dim), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.float32))
-    aliases = {}
-    if write_kv:
-        out_shape += (jax.ShapeDtypeStruct(flat_kv, k_cache.dtype), jax.ShapeDtypeStruct(flat_kv, v_cache.dtype))
-        aliases = {5: len(out_shape) - 2, 6: len(out_shape) - 1}
     out = pl.pallas_call(
         kernel,
         grid=(max(num_seqs, T), num_kv_heads, num_splits),
         out_shape=out_shape,
-        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
         name="paged_decode_attention",
     )(*inputs)
-    caches = (out[-2].reshape(k_cache.shape), out[-1].reshape(v_cache.shape)) if write_kv else ()
     if num_splits == 1:
-        o = out[0].reshape(T, num_q_heads, head_dim)
-        return (o, *caches) if write_kv else o
-    o, lse = out[:2]
+        return out.reshape(T, num_q_heads, head_dim)
+    o, lse = out
     o = o.reshape(num_splits, T, num_q_heads, head_dim)
     lse = lse.reshape(num_splits, T, num_q_heads)
     # Elementwise ops and reductions only (no einsum: that would become a batched cuBLAS call), so XLA
@@ -284,4 +232,4 @@ def paged_decode_attention(
     m = lse.max(axis=0)
     w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))  # [splits, T, Hq]; empty splits weigh 0
     o = (w[..., None] * o).sum(axis=0) / jnp.maximum(w.sum(axis=0), 1e-30)[..., None]
-    return (o.astype(q.dtype), *caches) if write_kv else o.astype(q.dtype)
+    return o.astype(q.dtype)

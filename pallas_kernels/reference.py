@@ -25,21 +25,6 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
-def write_kv(k_cache: jax.Array, v_cache: jax.Array, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array):
-    """Scatter this step's K/V ([T, num_kv_heads, head_dim]) of one layer into their slots
-    (`block_id * block_size + offset`); padding slots (-1) are mapped out of range and dropped, so they
-    never touch a real block. Returns the updated (k_cache, v_cache), in place when the caller donates them."""
-    num_layers, num_blocks, block_size, h, d = k_cache.shape
-    num_slots = num_blocks * block_size
-    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
-
-    def scatter(cache, new):
-        flat = cache.reshape(num_layers, num_slots, h, d).at[layer, slots].set(new.astype(cache.dtype), mode="drop")
-        return flat.reshape(cache.shape)
-
-    return scatter(k_cache, k), scatter(v_cache, v)
-
-
 def rows_per_item(num_tokens: int, num_seqs: int) -> int:
     """R from the static shapes: the largest power of two with R^2 <= 2 T / S (1 for decode). A step
     gathers about T/R + S contexts and scores T + S R rows against them; R = sqrt(2 T / S) minimises the

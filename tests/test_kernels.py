@@ -141,61 +141,6 @@ def test_decode_kernel_interpret(num_splits):
     assert (got[n_real:] == 0).all()
 
 
-def new_token_kv(b, seed):
-    """This step's K/V for a decode batch, and each token's slot (its sequence's last position; -1 for
-    padding tokens)."""
-    rng = np.random.default_rng(seed)
-    T, _, d = b["q"].shape
-    hkv, bs = b["k_cache"].shape[3], b["k_cache"].shape[2]
-    qsl, seq_lens, tables = (np.asarray(b[n]) for n in ("query_start_loc", "seq_lens", "block_tables"))
-    slots = np.full(T, -1, np.int32)
-    for s in range(len(seq_lens)):
-        if qsl[s + 1] > qsl[s]:
-            last = seq_lens[s] - 1
-            slots[qsl[s]] = tables[s, last // bs] * bs + last % bs
-    k, v = (jnp.asarray(rng.standard_normal((T, hkv, d)), b["k_cache"].dtype) for _ in range(2))
-    return k, v, jnp.asarray(slots)
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_kernel_writes_kv_interpret(num_splits):
-    """The decode kernel with the K/V write fused: same caches as the reference scatter (padding tokens
-    write nothing), and the new token's K/V are attended to (not the stale rows in the cache)."""
-    b = random_batch(60 + num_splits, **DECODE, num_q_heads=8, num_kv_heads=2, dtype=jnp.bfloat16)
-    k, v, slots = new_token_kv(b, 70 + num_splits)
-    scale = 32**-0.5
-    want_k, want_v = reference_module.write_kv(b["k_cache"], b["v_cache"], b["layer"], k, v, slots)
-    want = np.asarray(reference(**{**b, "k_cache": want_k, "v_cache": want_v}, scale=scale), np.float32)
-    stale = np.asarray(reference(**b, scale=scale), np.float32)
-    got, got_k, got_v = paged_decode_attention(**b, scale=scale, num_splits=num_splits, block_k=16,
-                                               new_kv=(k, v, slots), interpret=True)
-    n_real = int(b["query_start_loc"][-1])
-    got = np.asarray(got, np.float32)
-    assert np.array_equal(np.asarray(got_k), np.asarray(want_k)) and np.array_equal(np.asarray(got_v), np.asarray(want_v))
-    assert rel_err(got[:n_real], want[:n_real]) < 1e-2
-    assert rel_err(stale[:n_real], want[:n_real]) > 5e-2  # the check can tell stale rows from new ones
-    assert (got[n_real:] == 0).all()
-
-
-def test_write_kv_and_attend_on_cpu_is_scatter_then_reference():
-    b = random_batch(80, **MIXED)
-    T = b["q"].shape[0]
-    rng = np.random.default_rng(81)
-    k, v = (jnp.asarray(rng.standard_normal((T, 2, 32)), jnp.float32) for _ in range(2))
-    slots = jnp.asarray(rng.permutation(b["k_cache"].shape[1] * b["k_cache"].shape[2])[:T].astype(np.int32))
-    slots = slots.at[-2:].set(-1)
-    out, kc, vc = pallas_kernels.write_kv_and_attend(
-        b["q"], k, v, b["k_cache"], b["v_cache"], b["layer"], slots, b["block_tables"], b["seq_lens"],
-        b["query_start_loc"], scale=0.2)
-    want_k, want_v = reference_module.write_kv(b["k_cache"], b["v_cache"], b["layer"], k, v, slots)
-    np.testing.assert_array_equal(np.asarray(kc), np.asarray(want_k))
-    np.testing.assert_array_equal(np.asarray(vc), np.asarray(want_v))
-    flat = np.asarray(want_k).reshape(2, -1, 2, 32)[int(b["layer"])]
-    np.testing.assert_array_equal(flat[np.asarray(slots[:-2])], np.asarray(k[:-2]))
-    want = reference(**{**b, "k_cache": want_k, "v_cache": want_v}, scale=0.2)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("num_q_heads", [6, 8])  # group 3 (padded to 4) and group 4
 def test_ragged_kernel_interpret(num_q_heads):
     b = random_batch(20 + num_q_heads, **MIXED, num_q_heads=num_q_heads, num_kv_heads=2, dtype=jnp.bfloat16)

@@ -18,7 +18,7 @@ import numpy as np
 
 import pallas_kernels
 from jaxllm.config import ModelConfig
-from jaxllm.kv_cache import AttentionMetadata, KVCache
+from jaxllm.kv_cache import AttentionMetadata, KVCache, write_kv
 
 
 @jax.tree_util.register_dataclass
@@ -112,10 +112,10 @@ def forward_hidden(
                 q = rms_norm(q, w.q_norm, config.rms_norm_eps)
                 k = rms_norm(k, w.k_norm, config.rms_norm_eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            o, k_cache, v_cache = pallas_kernels.write_kv_and_attend(
-                q, k, v, cache.k, cache.v, i, md.slot_mapping, md.block_tables, md.seq_lens, md.query_start_loc,
-                scale=hd**-0.5, decode_only=decode_only)
-            cache = KVCache(k_cache, v_cache)
+            cache = write_kv(cache, i, k, v, md.slot_mapping)
+            o = pallas_kernels.ragged_paged_attention(
+                q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=hd**-0.5,
+                decode_only=decode_only)
             x = x + o.reshape(T, nq * hd) @ w.wo
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, config.rms_norm_eps)
