@@ -106,12 +106,13 @@ def decode_inputs(config, batch: int, context: int, block_size: int = 16, seed: 
     B, L, bs = batch, context, block_size
     blocks_per_seq = -(-(L + 1) // bs)
     num_blocks = B * blocks_per_seq
-    cache = KVCache.create(config, num_blocks, bs)
-    if fill == "random":
-        layer_shape = cache.k.shape[1:]
+    if fill == "random":  # no zeros first: two caches at once do not fit beside Llama-3-8B on an 80 GB card
+        shape = (config.num_layers, num_blocks, bs, config.num_kv_heads, config.head_dim)
         cache = KVCache(*(
-            jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(seed + i), layer_shape, cache.k.dtype), cache.k.shape)
+            jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(seed + i), shape[1:], config.dtype), shape)
             for i in (1, 2)))
+    else:
+        cache = KVCache.create(config, num_blocks, bs)
     rng = np.random.default_rng(seed)
     tables = rng.permutation(num_blocks).reshape(B, blocks_per_seq).astype(np.int32)
     positions = np.full(B, L, np.int32)  # the new token sits at position L; context after it is L + 1

@@ -181,7 +181,9 @@ def init_random_weights(config: ModelConfig, key: jax.Array, scale: float = 0.02
     ks = iter(jax.random.split(key, 8))
 
     def rnd(*shape):
-        return (scale * jax.random.normal(next(ks), shape, jnp.float32)).astype(dt)
+        # Drawn in the model's dtype: a float32 draw of a stacked weight (15 GB for Llama-3-8B's gate/up)
+        # would set the device's peak memory, from which the engine sizes its KV cache.
+        return jax.random.normal(next(ks), shape, dt) * jnp.asarray(scale, dt)
 
     qkv = config.q_size + 2 * config.kv_size
     layers = LayerWeights(
