@@ -64,6 +64,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.decode import paged_decode_attention  # noqa: E402
+from pallas_kernels.prefill import ragged_paged_attention as prefill_kernel  # noqa: E402
 from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel  # noqa: E402
 from pallas_kernels.reference import ragged_paged_attention as reference  # noqa: E402
 from profile_step import ProfilerRange  # noqa: E402
@@ -175,6 +176,15 @@ def causal_flops(chunk, ctx_before, hq, d):
     return 4 * d * hq * pairs
 
 
+# "ours": the Triton ragged kernel (ragged.py); "mosaic": the Mosaic GPU prefill kernel (prefill.py).
+PREFILL_VARIANTS = {
+    "ours": {}, "ours_again": {},
+    "mosaic": dict(kernel="mosaic"), "mosaic_again": dict(kernel="mosaic"),
+    "mosaic_bkv64_s3": dict(kernel="mosaic", block_kv=64, num_stages=3),
+    "mosaic_bkv64_s4": dict(kernel="mosaic", block_kv=64, num_stages=4),
+}
+
+
 def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=print):
     hq, hkv, d = MODELS[model]
     seqs = max(1, tokens // chunk)
@@ -195,12 +205,12 @@ def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=pri
     flops = seqs * causal_flops(chunk, ctx_before, hq, d)
     rec = dict(kind="prefill", model=model, chunk=chunk, ctx_before=ctx_before, seqs=seqs, tokens=T, flops=flops)
     scale = d**-0.5
-    default_variants = {"ours": {}, "ours_again": {},
-                        "bm64_bk64_w4_s2": dict(block_m=64, block_k=64, num_warps=4, num_stages=2)}
-    for name, kw in (variants or default_variants).items():
+    for name, kw in (variants or PREFILL_VARIANTS).items():
+        kernel = prefill_kernel if kw.get("kernel") == "mosaic" else ragged_kernel
+        params = {key: val for key, val in kw.items() if key != "kernel"}
         try:
-            t = time_calls(lambda q, k, v, bt, sl, qsl, kw=kw: ragged_kernel(
-                q, k, v, 0, bt, sl, qsl, scale=scale, **kw), qs, k, v, tables, seq_lens, qsl)
+            t = time_calls(lambda q, k, v, bt, sl, qsl, params=params, kernel=kernel: kernel(
+                q, k, v, 0, bt, sl, qsl, scale=scale, **params), qs, k, v, tables, seq_lens, qsl)
             rec[name] = dict(us=t * 1e6, TFLOPs=flops / t / 1e12, params=kw)
         except Exception as e:  # noqa: BLE001
             rec[name] = dict(error=repr(e)[:300], params=kw)
@@ -246,6 +256,7 @@ def main():
     ap.add_argument("--fill-check", action="store_true", help="decode over a cache of zeros against random values")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="target cases only")
+    ap.add_argument("--prefill", action="store_true", help="only the prefill cases")
     a = ap.parse_args()
     device = jax.devices()[0].device_kind
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -285,7 +296,7 @@ def main():
         tune_decode(log) if a.tune_decode else tune(log)
         return
     free = 60e9 if "H100" in device else 120e9
-    for model in MODELS:
+    for model in MODELS if not a.prefill else ():
         for batch in (1, 8, 64, 256) if not a.quick else (32, 64):
             for ctx in (512, 2048, 8192, 32768) if not a.quick else (1024, 8192):
                 kv = 2 * batch * ctx * MODELS[model][1] * MODELS[model][2] * 2
@@ -318,10 +329,14 @@ def print_table(results):
                   f"(k4 {us(r, 'bundled_k4'):8.1f}) x{bb / o:4.1f}  ref {us(r, 'reference'):9.1f}"
                   f"{'  l2' if r['l2'] else ''}")
         else:
-            o = us(r, "ours")
+            tflops = lambda k: r["flops"] / us(r, k) / 1e6  # noqa: E731
+            best = min((us(r, k) for k in r if k.startswith("mosaic") and "us" in r[k]), default=nan)
             print(f"prefill {r['model']:11s} chunk={r['chunk']:5d} ctx={r['ctx_before']:5d} x{r['seqs']:2d}: "
-                  f"{o:8.1f} us (again {us(r, 'ours_again'):8.1f}, small tiles {us(r, 'bm64_bk64_w4_s2'):8.1f}) "
-                  f"{r['flops'] / o / 1e6:6.1f} TFLOP/s ({100 * r['flops'] / o / 1e6 / mm:3.0f}%)")
+                  f"triton {us(r, 'ours'):8.1f} us (again {us(r, 'ours_again'):8.1f}) {tflops('ours'):6.1f} TFLOP/s "
+                  f"({100 * tflops('ours') / mm:3.0f}%) | mosaic {us(r, 'mosaic'):8.1f} (again "
+                  f"{us(r, 'mosaic_again'):8.1f}, bkv64 s3 {us(r, 'mosaic_bkv64_s3'):8.1f}, s4 "
+                  f"{us(r, 'mosaic_bkv64_s4'):8.1f}) best {r['flops'] / best / 1e6:6.1f} TFLOP/s "
+                  f"({100 * r['flops'] / best / 1e6 / mm:3.0f}%)")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from throughput import git_commit  # noqa: E402  ($JAXLLM_GIT_COMMIT first: the device copy's .git is stale)
 
 from pallas_kernels.decode import paged_decode_attention
+from pallas_kernels.prefill import ragged_paged_attention as prefill_kernel
 from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
 from pallas_kernels.reference import ragged_paged_attention as reference
 
@@ -110,6 +111,8 @@ def cases(rng):
                                                   pad_seqs=56, num_layers=1)
     yield "prefill 32k tail chunk", "ragged", kw, dict(q_lens=[512], ctx_lens=[32768], num_layers=1)
     yield "prefill 2k fresh x2", "ragged", kw, dict(q_lens=[2048, 2000], ctx_lens=[2048, 2000], num_layers=1)
+    yield "prefill 1k over 3k, 5 seqs, 1 token short of a tile", "ragged", kw, dict(
+        q_lens=[1024, 127, 129, 1, 700], ctx_lens=[4096, 127, 1000, 3000, 700], pad_tokens=9, num_layers=1)
     yield "decode via ragged", "ragged", kw, dict(q_lens=[1] * 9, ctx_lens=[1, 5, 16, 17, 500, 999, 4000, 3, 64],
                                                   pad_tokens=7)
 
@@ -117,20 +120,29 @@ def cases(rng):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--log", default="check_kernels.json")
+    ap.add_argument("--kernels", default="decode,ragged,prefill", help="comma-separated subset to check")
     a = ap.parse_args()
+    kernels = set(a.kernels.split(","))
     rng = np.random.default_rng(int(time.time()))
     log, ok = [], True
     print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
     for name, kind, kw, spec in cases(rng):
         args = make_case(rng, **kw, **spec)
         scale = kw["head_dim"] ** -0.5
-        if kind == "decode":
+        if kind == "decode" and "decode" in kernels:
             ok &= check(name + " [decode kernel]", paged_decode_attention, args, scale, log)
             ok &= check(name + " [decode kernel, 4 splits]",
                         lambda *x, scale: paged_decode_attention(*x, scale=scale, num_splits=4), args, scale, log)
             ok &= check(name + " [decode kernel, 3 pipeline stages]",
                         lambda *x, scale: paged_decode_attention(*x, scale=scale, num_stages=3), args, scale, log)
-        ok &= check(name + " [ragged kernel]", ragged_kernel, args, scale, log)
+        if "ragged" in kernels:
+            ok &= check(name + " [ragged kernel]", ragged_kernel, args, scale, log)
+        if "prefill" in kernels:
+            ok &= check(name + " [prefill kernel]", prefill_kernel, args, scale, log)
+            if kind == "ragged":
+                ok &= check(name + " [prefill kernel, kv tiles of 64, 3 stages]",
+                            lambda *x, scale: prefill_kernel(*x, scale=scale, block_kv=64, num_stages=3),
+                            args, scale, log)
     Path(a.log).parent.mkdir(parents=True, exist_ok=True)
     Path(a.log).write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__,
                                              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
