@@ -91,7 +91,8 @@ def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
+            # o_smem2 is 2-D: a rank-reducing view of an untransformed buffer trips the layout inference.
+            q_smem, o_smem = q_smem2.at[wg], o_smem2.at[pl.ds(wg * block_q, block_q)]
             row0 = q0 + wg * block_q  # this warpgroup's first row, within the chunk
             num_rows = jnp.clip(q_len - row0, 0, block_q)
             first_pos = ctx0 + row0
@@ -282,7 +283,7 @@ def ragged_paged_attention(
                                     num_tiles=num_tiles, max_blocks=max_blocks, scale=scale,
                                     interpret=interpret),
             (smem((COMPUTE_WGS, block_q, head_dim)),
-             plgpu.SMEM((COMPUTE_WGS, block_q, head_dim), dtype),  # output staging, row-sliceable
+             plgpu.SMEM((COMPUTE_WGS * block_q, head_dim), dtype),  # output staging, row-sliceable
              smem((num_stages, block_kv, head_dim)),
              smem((num_stages, block_kv, head_dim))),
             (plgpu.Barrier(num_arrivals=block_kv // block_size, num_barriers=num_stages),
