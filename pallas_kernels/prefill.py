@@ -13,8 +13,8 @@ Prefill is bound by arithmetic, so this is FlashAttention-3's forward pass (the 
 - Causality: tiles wholly at or below a warpgroup's first position run unmasked; only the tiles on the
   diagonal pay for the mask. A warpgroup that needs fewer tiles than its partner (or none: a chunk's last
   tile may fill only one) still releases the remaining slots, so the memory warpgroup never stalls.
-- Rows past a sequence's chunk are computed and dropped: the output is stored with a ladder of TMA copies
-  of 64, 32, ..., 1 rows, so a tile never writes into its neighbour's rows.
+- Rows past a sequence's chunk are computed and dropped: each tile stores whole, into its own rows of a
+  tile-major output, and one XLA gather puts the tokens back in order (no tile writes a neighbour's rows).
 
 Query heads are not folded onto their kv head as in `ragged.py`: each CTA reads its kv head's K/V, and
 the group's CTAs (adjacent in the grid) share those reads through L2. Tiles of one token (decode rows)
@@ -55,10 +55,10 @@ def gpu_interpret_params():
 
 def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_tables_ref, layer_ref,
             q_ref, k_ref, v_ref,  # inputs, GMEM
-            o_ref,  # output [T, Hq, D], GMEM
+            o_ref,  # output [num_tiles * 2 * block_q, Hq, D], GMEM: tile i's rows at i * 2 * block_q
             scoped, *, group, block_q, block_kv, block_size, num_stages, num_tiles, max_blocks, scale,
             interpret):
-    (q_smem2, o_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+    (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
     head, wg = lax.axis_index("heads"), lax.axis_index("wg")
     i = num_tiles - 1 - lax.axis_index("tiles")  # a sequence's last tiles see the most context: first
     seq = tile_seq_ref[i]
@@ -91,22 +91,16 @@ def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            # o_smem2 is 2-D: a rank-reducing view of an untransformed buffer trips the layout inference.
-            q_smem, o_smem = q_smem2.at[wg], o_smem2.at[pl.ds(wg * block_q, block_q)]
+            q_smem = q_smem2.at[wg]  # holds the queries, then the output
             row0 = q0 + wg * block_q  # this warpgroup's first row, within the chunk
             num_rows = jnp.clip(q_len - row0, 0, block_q)
             first_pos = ctx0 + row0
             steps = jnp.where(num_rows > 0, lax.div(first_pos + num_rows + block_kv - 1, jnp.int32(block_kv)), 0)
             full_steps = jnp.where(num_rows > 0, lax.div(first_pos + 1, jnp.int32(block_kv)), 0)
 
-            # The last tile of the batch may reach past q's end: load the block_q rows that end there
-            # instead, and shift the row -> position map by as many rows.
-            q_start = jnp.minimum(first + row0, q_ref.shape[0] - block_q)
-            shift = first + row0 - q_start
-
             @pl.when(num_rows > 0)
             def _():
-                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start, block_q), head], q_smem, q_ready.at[wg])
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first + row0, block_q), head], q_smem, q_ready.at[wg])
                 plgpu.barrier_wait(q_ready.at[wg])
 
             m = as_layout(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -137,7 +131,7 @@ def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
                     rows, cols = iota(0, s.shape), iota(1, s.shape)
-                    s = jnp.where(cols + kv_step * block_kv <= rows + (first_pos - shift), s, -jnp.inf)
+                    s = jnp.where(cols + kv_step * block_kv <= rows + first_pos, s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1) * c)
                 alpha = jnp.exp2(m - m_new)
                 p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -186,20 +180,14 @@ def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_
             pl.when(wg == 0)(take_turn)
 
             acc /= lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), acc.shape, [0])
-            o_smem[...] = acc.astype(dtype)
-            plgpu.commit_smem()
-            # Store exactly num_rows rows: one TMA copy per set bit of num_rows (64, 32, ..., 1).
-            start = 0
-            n = block_q
-            while n:
-                @pl.when(lax.bitwise_and(num_rows, n) != 0)
-                def _(start=start, n=n):
-                    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(shift + start, n)],
-                                           o_ref.at[pl.ds(first + row0 + start, n), head])
 
-                start += lax.bitwise_and(num_rows, n)
-                n //= 2
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            @pl.when(num_rows > 0)
+            def _():
+                q_smem[...] = acc.astype(dtype)
+                plgpu.commit_smem()
+                out_row0 = i * (COMPUTE_WGS * block_q) + wg * block_q
+                plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(out_row0, block_q), head])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         @pl.when(wg == COMPUTE_WGS)
         def _memory():
@@ -269,9 +257,9 @@ def ragged_paged_attention(
     num_tiles = -(-T // tile_tokens) + num_seqs  # each sequence wastes at most one partial tile
     tile_seq, tile_q0 = query_tiles(query_start_loc.astype(jnp.int32), num_tiles, tile_tokens)
     dtype = q.dtype
-    # TMA reads q in tiles of 8 rows and at least block_q of them: other T (never an engine bucket) are
-    # padded.
-    T_in = max(T + -T % 8, block_q)
+    # TMA reads q in tiles of 8 rows: other T (never an engine bucket) are padded. The last tile's rows
+    # may reach past the end, which TMA fills with zeros; the interpreter wants them in bounds.
+    T_in = T + -T % 8 + (tile_tokens if interpret else 0)
     q_in = jnp.pad(q, ((0, T_in - T), (0, 0), (0, 0))) if T_in != T else q
 
     def entry(*refs):
@@ -283,7 +271,6 @@ def ragged_paged_attention(
                                     num_tiles=num_tiles, max_blocks=max_blocks, scale=scale,
                                     interpret=interpret),
             (smem((COMPUTE_WGS, block_q, head_dim)),
-             plgpu.SMEM((COMPUTE_WGS * block_q, head_dim), dtype),  # output staging, row-sliceable
              smem((num_stages, block_kv, head_dim)),
              smem((num_stages, block_kv, head_dim))),
             (plgpu.Barrier(num_arrivals=block_kv // block_size, num_barriers=num_stages),
@@ -296,7 +283,7 @@ def ragged_paged_attention(
 
     out = plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct((T, num_q_heads, head_dim), dtype),
+        out_type=jax.ShapeDtypeStruct((num_tiles * tile_tokens, num_q_heads, head_dim), dtype),
         grid=(num_q_heads, num_tiles),
         grid_names=("heads", "tiles"),
         num_threads=COMPUTE_WGS + 1,
@@ -305,5 +292,15 @@ def ragged_paged_attention(
         interpret=gpu_interpret_params() if interpret else None,
     )(tile_seq, tile_q0, query_start_loc.astype(jnp.int32), seq_lens.astype(jnp.int32),
       block_tables.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q_in, k_cache, v_cache)
-    valid = jnp.arange(T) < query_start_loc[num_seqs]
-    return jnp.where(valid[:, None, None], out, 0).astype(dtype)
+    # Tile-major rows back to tokens: token j of sequence s sits in row j % tile_tokens of the sequence's
+    # (j // tile_tokens)-th tile. Stores of whole tiles keep the kernel free of per-row stores.
+    qsl = query_start_loc.astype(jnp.int32)
+    q_lens = qsl[1:] - qsl[:-1]
+    tiles = (q_lens + tile_tokens - 1) // tile_tokens
+    first_tile = jnp.cumsum(tiles) - tiles
+    t = jnp.arange(T, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(qsl[1:], t, side="right"), num_seqs - 1)
+    j = t - qsl[seq]
+    rows = first_tile[seq] * tile_tokens + j
+    valid = t < qsl[num_seqs]
+    return jnp.where(valid[:, None, None], out[jnp.where(valid, rows, 0)], 0).astype(dtype)
