@@ -91,7 +91,9 @@ def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            q_smem = q_smem2.at[wg]  # holds the queries, then the output
+            # Holds the queries, then the output. A row slice, not q_smem2[wg]: the layout inference must
+            # see that the offset is a multiple of the 8-row tiling.
+            q_smem = q_smem2.at[pl.ds(pl.multiple_of(wg * block_q, block_q), block_q)]
             row0 = q0 + wg * block_q  # this warpgroup's first row, within the chunk
             num_rows = jnp.clip(q_len - row0, 0, block_q)
             first_pos = ctx0 + row0
@@ -270,7 +272,7 @@ def ragged_paged_attention(
                                     block_kv=block_kv, block_size=block_size, num_stages=num_stages,
                                     num_tiles=num_tiles, max_blocks=max_blocks, scale=scale,
                                     interpret=interpret),
-            (smem((COMPUTE_WGS, block_q, head_dim)),
+            (smem((COMPUTE_WGS * block_q, head_dim)),
              smem((num_stages, block_kv, head_dim)),
              smem((num_stages, block_kv, head_dim))),
             (plgpu.Barrier(num_arrivals=block_kv // block_size, num_barriers=num_stages),

@@ -22,3 +22,18 @@ except Exception as e:
     import inspect
     try: print(inspect.getsource(f.f_code)[:3000])
     except Exception: pass
+    # The Mosaic GPU module, with source locations, for the ops that slice shared memory.
+    tb = e.__traceback__
+    while tb:
+        for name, val in tb.tb_frame.f_locals.items():
+            if type(val).__name__ == "Module" and hasattr(val, "operation"):
+                txt = val.operation.get_asm(enable_debug_info=True)
+                for line in txt.splitlines():
+                    if "subview" in line or "slice_smem" in line or "async_store" in line or "async_load" in line:
+                        print("MLIR", line.strip()[:600])
+                tb = None
+                break
+        else:
+            tb = tb.tb_next
+            continue
+        break

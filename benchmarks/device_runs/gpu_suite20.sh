@@ -7,7 +7,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 timeout -s KILL 120 python benchmarks/device_runs/diag_prefill.py > $OUT/diag.log 2>&1
-grep -A80 '^DIAG' $OUT/diag.log | cut -c1-1500 | head -120
+grep '^DIAG\|^   op =\|^   multiple' $OUT/diag.log | cut -c1-600
+grep '^MLIR' $OUT/diag.log | grep -v 'loc(unknown)' | cut -c1-400 | head -40
 grep -q '^DIAG OK' $OUT/diag.log || { tail -30 $OUT/diag.log; exit 0; }
 timeout -s KILL 240 python tests/gpu/check_kernels.py --kernels prefill --log $OUT/check_prefill.json \
   > $OUT/check_prefill.log 2>&1
