@@ -81,8 +81,7 @@ def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_
     @pl.when(seq >= 0)
     def _tile():
         q0 = tile_q0_ref[i]
-        first = query_start_loc_ref[seq]
-        q_len = query_start_loc_ref[seq + 1] - first
+        q_len = query_start_loc_ref[seq + 1] - query_start_loc_ref[seq]
         ctx = seq_lens_ref[seq]
         ctx0 = ctx - q_len  # cached positions before the chunk
         tile_end = jnp.minimum(q0 + COMPUTE_WGS * block_q, q_len)
@@ -93,16 +92,21 @@ def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_
             plgpu.set_max_registers(232, action="increase")
             # Holds the queries, then the output. A row slice, not q_smem2[wg]: the layout inference must
             # see that the offset is a multiple of the 8-row tiling.
-            q_smem = q_smem2.at[pl.ds(pl.multiple_of(wg * block_q, block_q), block_q)]
+            q_row0 = wg * block_q
+            q_smem = q_smem2.at[pl.ds(q_row0 if interpret else pl.multiple_of(q_row0, block_q), block_q)]
             row0 = q0 + wg * block_q  # this warpgroup's first row, within the chunk
             num_rows = jnp.clip(q_len - row0, 0, block_q)
+            # This warpgroup's rows of the tile-major q and output. TMA wants offsets along tiled dims
+            # that provably fall on the 8-row tiling.
+            tile_row0 = i * (COMPUTE_WGS * block_q) + wg * block_q
+            tile_row0 = tile_row0 if interpret else pl.multiple_of(tile_row0, block_q)
             first_pos = ctx0 + row0
             steps = jnp.where(num_rows > 0, lax.div(first_pos + num_rows + block_kv - 1, jnp.int32(block_kv)), 0)
             full_steps = jnp.where(num_rows > 0, lax.div(first_pos + 1, jnp.int32(block_kv)), 0)
 
             @pl.when(num_rows > 0)
             def _():
-                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first + row0, block_q), head], q_smem, q_ready.at[wg])
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(tile_row0, block_q), head], q_smem, q_ready.at[wg])
                 plgpu.barrier_wait(q_ready.at[wg])
 
             m = as_layout(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -187,8 +191,7 @@ def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_
             def _():
                 q_smem[...] = acc.astype(dtype)
                 plgpu.commit_smem()
-                out_row0 = i * (COMPUTE_WGS * block_q) + wg * block_q
-                plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(out_row0, block_q), head])
+                plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(tile_row0, block_q), head])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         @pl.when(wg == COMPUTE_WGS)
@@ -259,10 +262,20 @@ def ragged_paged_attention(
     num_tiles = -(-T // tile_tokens) + num_seqs  # each sequence wastes at most one partial tile
     tile_seq, tile_q0 = query_tiles(query_start_loc.astype(jnp.int32), num_tiles, tile_tokens)
     dtype = q.dtype
-    # TMA reads q in tiles of 8 rows: other T (never an engine bucket) are padded. The last tile's rows
-    # may reach past the end, which TMA fills with zeros; the interpreter wants them in bounds.
-    T_in = T + -T % 8 + (tile_tokens if interpret else 0)
-    q_in = jnp.pad(q, ((0, T_in - T), (0, 0), (0, 0))) if T_in != T else q
+    # Tile-major rows: token j of sequence s sits in row j % tile_tokens of the sequence's
+    # (j // tile_tokens)-th tile. q is gathered into that order and the output gathered back, so every
+    # TMA copy starts on a tile boundary and a tile never touches its neighbour's rows.
+    qsl = query_start_loc.astype(jnp.int32)
+    q_lens = qsl[1:] - qsl[:-1]
+    tiles = (q_lens + tile_tokens - 1) // tile_tokens
+    first_tile = jnp.cumsum(tiles) - tiles
+    t = jnp.arange(T, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(qsl[1:], t, side="right"), num_seqs - 1)
+    row_of_token = first_tile[seq] * tile_tokens + t - qsl[seq]  # [T]
+    r = jnp.arange(num_tiles * tile_tokens, dtype=jnp.int32)
+    r_seq = jnp.maximum(tile_seq[r // tile_tokens], 0)
+    token_of_row = jnp.clip(qsl[r_seq] + tile_q0[r // tile_tokens] + r % tile_tokens, 0, T - 1)  # junk past a chunk
+    q_tiles = q[token_of_row]  # [num_tiles * tile_tokens, Hq, D]
 
     def entry(*refs):
         smem = lambda shape: plgpu.SMEM(
@@ -293,16 +306,6 @@ def ragged_paged_attention(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=gpu_interpret_params() if interpret else None,
     )(tile_seq, tile_q0, query_start_loc.astype(jnp.int32), seq_lens.astype(jnp.int32),
-      block_tables.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q_in, k_cache, v_cache)
-    # Tile-major rows back to tokens: token j of sequence s sits in row j % tile_tokens of the sequence's
-    # (j // tile_tokens)-th tile. Stores of whole tiles keep the kernel free of per-row stores.
-    qsl = query_start_loc.astype(jnp.int32)
-    q_lens = qsl[1:] - qsl[:-1]
-    tiles = (q_lens + tile_tokens - 1) // tile_tokens
-    first_tile = jnp.cumsum(tiles) - tiles
-    t = jnp.arange(T, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(qsl[1:], t, side="right"), num_seqs - 1)
-    j = t - qsl[seq]
-    rows = first_tile[seq] * tile_tokens + j
+      block_tables.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q_tiles, k_cache, v_cache)
     valid = t < qsl[num_seqs]
-    return jnp.where(valid[:, None, None], out[jnp.where(valid, rows, 0)], 0).astype(dtype)
+    return jnp.where(valid[:, None, None], out[jnp.where(valid, row_of_token, 0)], 0).astype(dtype)

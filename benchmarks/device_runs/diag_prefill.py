@@ -25,7 +25,7 @@ except Exception as e:
     # The Mosaic GPU module, with source locations, for the ops that slice shared memory.
     tb = e.__traceback__
     while tb:
-        for name, val in tb.tb_frame.f_locals.items():
+        for name, val in list(tb.tb_frame.f_locals.items()):
             if type(val).__name__ == "Module" and hasattr(val, "operation"):
                 txt = val.operation.get_asm(enable_debug_info=True)
                 for line in txt.splitlines():
