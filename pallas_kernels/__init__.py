@@ -1,9 +1,12 @@
 """Attention kernels behind one signature: `ragged_paged_attention(q, k_cache, v_cache, layer, block_tables,
 seq_lens, query_start_loc, *, scale, decode_only=False)`.
 
-On a CUDA GPU, 16-bit caches go to the Pallas kernels (`decode.py` when the caller promises one query
-token per sequence, `ragged.py` otherwise); everything else, the CPU included, runs the pure-jnp
-reference. Set JAXLLM_ATTENTION=reference to force the reference anywhere.
+On a CUDA GPU, 16-bit caches go to the Pallas kernels: `decode.py` (Triton) when the caller promises
+one query token per sequence; otherwise each sequence by its chunk length, `prefill.py` (Mosaic GPU:
+wgmma + TMA) for chunks of at least PREFILL_MIN_TOKENS and `ragged.py` (Triton) for the rest (decode
+tokens in a mixed step would waste most of a Mosaic tile). Everything else, the CPU included, runs the
+pure-jnp reference. JAXLLM_ATTENTION=reference forces the reference anywhere; JAXLLM_PREFILL=triton
+keeps every chunk on `ragged.py` (for A/B runs).
 """
 
 from __future__ import annotations
@@ -34,6 +37,34 @@ def kernels_supported(q: jax.Array, k_cache: jax.Array) -> bool:
     )
 
 
+PREFILL_MIN_TOKENS = 128  # one whole Mosaic tile (2 warpgroups x 64 rows)
+
+
+def prefill_kernel_supported(q: jax.Array, k_cache: jax.Array) -> bool:
+    """Whether `prefill.py` takes this shape (on top of `kernels_supported`)."""
+    from pallas_kernels.prefill import plgpu
+
+    block_size = k_cache.shape[2]
+    return (plgpu is not None and os.environ.get("JAXLLM_PREFILL") != "triton"
+            and q.shape[-1] % 64 == 0 and 128 % block_size == 0)
+
+
+def _split_by_chunk_length(args, scale: float) -> jax.Array:
+    """Long chunks through the Mosaic prefill kernel, short ones (decode tokens) through the Triton ragged
+    kernel; each kernel gets tiles only for its own sequences."""
+    from pallas_kernels.prefill import ragged_paged_attention as prefill_kernel
+    from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
+
+    q, query_start_loc = args[0], args[6].astype(jnp.int32)
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
+    long = q_lens >= PREFILL_MIN_TOKENS
+    out_long = prefill_kernel(*args, scale=scale, keep=long)
+    out_short = ragged_kernel(*args, scale=scale, keep=~long)
+    t = jnp.arange(q.shape[0], dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right"), q_lens.shape[0] - 1)
+    return jnp.where(long[seq][:, None, None], out_long, out_short)
+
+
 def ragged_paged_attention(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_cache: jax.Array,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
@@ -57,6 +88,8 @@ def ragged_paged_attention(
             from pallas_kernels.decode import paged_decode_attention
 
             return paged_decode_attention(*args, scale=scale)
+        if prefill_kernel_supported(q, k_cache):
+            return _split_by_chunk_length(args, scale)
         from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
 
         return ragged_kernel(*args, scale=scale)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.ragged import query_tiles
+from pallas_kernels.ragged import query_tiles, tiles_per_seq
 
 try:  # Mosaic GPU: in jaxlib since 0.5; imported lazily so the CPU path never needs it
     from jax.experimental import pallas as pl
@@ -249,6 +249,7 @@ def ragged_paged_attention(
     block_kv: int = 128,
     num_stages: int = 2,
     interpret: bool = False,
+    keep: jax.Array | None = None,  # [S] bool: only these sequences (the others' rows hold junk)
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
     """Causal attention of a ragged batch of query chunks over the paged cache; same semantics as the
     reference. Needs head_dim a multiple of 64 and block_size dividing block_kv."""
@@ -260,14 +261,13 @@ def ragged_paged_attention(
                          f"block_q={block_q}, block_kv={block_kv}")
     tile_tokens = COMPUTE_WGS * block_q
     num_tiles = -(-T // tile_tokens) + num_seqs  # each sequence wastes at most one partial tile
-    tile_seq, tile_q0 = query_tiles(query_start_loc.astype(jnp.int32), num_tiles, tile_tokens)
+    tile_seq, tile_q0 = query_tiles(query_start_loc.astype(jnp.int32), num_tiles, tile_tokens, keep)
     dtype = q.dtype
     # Tile-major rows: token j of sequence s sits in row j % tile_tokens of the sequence's
     # (j // tile_tokens)-th tile. q is gathered into that order and the output gathered back, so every
     # TMA copy starts on a tile boundary and a tile never touches its neighbour's rows.
     qsl = query_start_loc.astype(jnp.int32)
-    q_lens = qsl[1:] - qsl[:-1]
-    tiles = (q_lens + tile_tokens - 1) // tile_tokens
+    tiles = tiles_per_seq(qsl, tile_tokens, keep)
     first_tile = jnp.cumsum(tiles) - tiles
     t = jnp.arange(T, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(qsl[1:], t, side="right"), num_seqs - 1)

@@ -27,11 +27,18 @@ from jax.experimental import pallas as pl
 from pallas_kernels.decode import LOG2E, NEG_INF, div_mod, matmul, next_pow2, online_softmax_step, pltriton, tile
 
 
-def query_tiles(query_start_loc: jax.Array, num_tiles: int, block_q: int):
-    """For each of `num_tiles` programs: its sequence (-1 past the last tile) and its first query token
-    within that sequence."""
+def tiles_per_seq(query_start_loc: jax.Array, block_q: int, keep: jax.Array | None = None) -> jax.Array:
+    """[S] query tiles of `block_q` tokens each sequence needs (0 where `keep` [S] bool is False)."""
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
     tiles = (q_lens + block_q - 1) // block_q
+    return tiles if keep is None else jnp.where(keep, tiles, 0)
+
+
+def query_tiles(query_start_loc: jax.Array, num_tiles: int, block_q: int, keep: jax.Array | None = None):
+    """For each of `num_tiles` programs: its sequence (-1 past the last tile) and its first query token
+    within that sequence. Sequences with `keep` False get no tiles."""
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
+    tiles = tiles_per_seq(query_start_loc, block_q, keep)
     ends = jnp.cumsum(tiles)
     i = jnp.arange(num_tiles, dtype=jnp.int32)
     seq = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)
@@ -121,6 +128,7 @@ def ragged_paged_attention(
     num_stages: int = 3,
     longest_first: bool = True,
     interpret: bool = False,
+    keep: jax.Array | None = None,  # [S] bool: only these sequences (the others' rows are left unwritten)
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
     """Causal attention of a ragged batch of query chunks over the paged cache. Same semantics as the
     reference. `block_m` query rows per program = block_q tokens x the (padded) GQA group."""
@@ -132,7 +140,7 @@ def ragged_paged_attention(
     block_m = max(block_m, group_pad, 16)
     block_q = block_m // group_pad
     num_tiles = -(-T // block_q) + num_seqs  # each sequence wastes at most one partial tile
-    tile_seq, tile_q0 = query_tiles(query_start_loc.astype(jnp.int32), num_tiles, block_q)
+    tile_seq, tile_q0 = query_tiles(query_start_loc.astype(jnp.int32), num_tiles, block_q, keep)
 
     kernel = functools.partial(
         _ragged_kernel, num_q_heads=num_q_heads, group=group, group_pad=group_pad, head_dim=head_dim,

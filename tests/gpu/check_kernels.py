@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from throughput import git_commit  # noqa: E402  ($JAXLLM_GIT_COMMIT first: the device copy's .git is stale)
 
 from pallas_kernels.decode import paged_decode_attention
+from pallas_kernels import ragged_paged_attention as dispatch
 from pallas_kernels.prefill import ragged_paged_attention as prefill_kernel
 from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
 from pallas_kernels.reference import ragged_paged_attention as reference
@@ -120,7 +121,7 @@ def cases(rng):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--log", default="check_kernels.json")
-    ap.add_argument("--kernels", default="decode,ragged,prefill", help="comma-separated subset to check")
+    ap.add_argument("--kernels", default="decode,ragged,prefill,dispatch", help="comma-separated subset to check")
     a = ap.parse_args()
     kernels = set(a.kernels.split(","))
     rng = np.random.default_rng(int(time.time()))
@@ -137,6 +138,8 @@ def main():
                         lambda *x, scale: paged_decode_attention(*x, scale=scale, num_stages=3), args, scale, log)
         if "ragged" in kernels:
             ok &= check(name + " [ragged kernel]", ragged_kernel, args, scale, log)
+        if "dispatch" in kernels and kind == "ragged":  # what the engine calls: Mosaic for long chunks
+            ok &= check(name + " [dispatch]", dispatch, args, scale, log)
         if "prefill" in kernels:
             ok &= check(name + " [prefill kernel]", prefill_kernel, args, scale, log)
             if kind == "ragged":
