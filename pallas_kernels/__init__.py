@@ -58,7 +58,7 @@ def _split_by_chunk_length(args, scale: float) -> jax.Array:
     q, query_start_loc = args[0], args[6].astype(jnp.int32)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
     long = q_lens >= PREFILL_MIN_TOKENS
-    out_long = prefill_kernel(*args, scale=scale, keep=long)
+    out_long = prefill_kernel(*args, scale=scale, keep=long, min_q_len=PREFILL_MIN_TOKENS)
     out_short = ragged_kernel(*args, scale=scale, keep=~long)
     t = jnp.arange(q.shape[0], dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right"), q_lens.shape[0] - 1)

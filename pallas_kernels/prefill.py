@@ -234,7 +234,7 @@ def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_
                 plgpu.barrier_wait(v_free.at[slot])
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_kv", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_kv", "num_stages", "interpret", "min_q_len"))
 def ragged_paged_attention(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_cache: jax.Array,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
@@ -250,6 +250,7 @@ def ragged_paged_attention(
     num_stages: int = 2,
     interpret: bool = False,
     keep: jax.Array | None = None,  # [S] bool: only these sequences (the others' rows hold junk)
+    min_q_len: int = 1,  # a promise: every kept sequence has at least this many query tokens
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
     """Causal attention of a ragged batch of query chunks over the paged cache; same semantics as the
     reference. Needs head_dim a multiple of 64 and block_size dividing block_kv."""
@@ -260,7 +261,9 @@ def ragged_paged_attention(
         raise ValueError(f"unsupported shape: head_dim={head_dim}, block_size={block_size}, "
                          f"block_q={block_q}, block_kv={block_kv}")
     tile_tokens = COMPUTE_WGS * block_q
-    num_tiles = -(-T // tile_tokens) + num_seqs  # each sequence wastes at most one partial tile
+    # Each kept sequence wastes at most one partial tile, and there are at most T // min_q_len of them:
+    # the bound sizes the grid and the tile-major q and output, so it is kept tight.
+    num_tiles = -(-T // tile_tokens) + min(num_seqs, T // max(min_q_len, 1))
     tile_seq, tile_q0 = query_tiles(query_start_loc.astype(jnp.int32), num_tiles, tile_tokens, keep)
     dtype = q.dtype
     # Tile-major rows: token j of sequence s sits in row j % tile_tokens of the sequence's
