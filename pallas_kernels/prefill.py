@@ -234,6 +234,27 @@ def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_
                 plgpu.barrier_wait(v_free.at[slot])
 
 
+def tile_major_rows(query_start_loc: jax.Array, num_tokens: int, num_tiles: int, tile_tokens: int,
+                    keep: jax.Array | None = None):
+    """The tile-major order of the kernel's q and output: token j of sequence s sits in row
+    j % tile_tokens of the sequence's (j // tile_tokens)-th tile, so every TMA copy starts on a tile
+    boundary and a tile never touches its neighbour's rows. Returns each tile's sequence (-1 unused) and
+    first token [num_tiles], each token's row [T] (junk for padding and for sequences not kept), and each
+    row's token [num_tiles * tile_tokens] (a clipped junk token past a chunk's end)."""
+    qsl = query_start_loc.astype(jnp.int32)
+    num_seqs = qsl.shape[0] - 1
+    tile_seq, tile_q0 = query_tiles(qsl, num_tiles, tile_tokens, keep)
+    tiles = tiles_per_seq(qsl, tile_tokens, keep)
+    first_tile = jnp.cumsum(tiles) - tiles
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(qsl[1:], t, side="right"), num_seqs - 1)
+    row_of_token = first_tile[seq] * tile_tokens + t - qsl[seq]
+    r = jnp.arange(num_tiles * tile_tokens, dtype=jnp.int32)
+    tile = r // tile_tokens
+    token_of_row = jnp.clip(qsl[jnp.maximum(tile_seq[tile], 0)] + tile_q0[tile] + r % tile_tokens, 0, num_tokens - 1)
+    return tile_seq, tile_q0, row_of_token, token_of_row
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_kv", "num_stages", "interpret", "min_q_len"))
 def ragged_paged_attention(
     q: jax.Array,  # [T, num_q_heads, head_dim]
@@ -264,20 +285,8 @@ def ragged_paged_attention(
     # Each kept sequence wastes at most one partial tile, and there are at most T // min_q_len of them:
     # the bound sizes the grid and the tile-major q and output, so it is kept tight.
     num_tiles = -(-T // tile_tokens) + min(num_seqs, T // max(min_q_len, 1))
-    tile_seq, tile_q0 = query_tiles(query_start_loc.astype(jnp.int32), num_tiles, tile_tokens, keep)
     dtype = q.dtype
-    # Tile-major rows: token j of sequence s sits in row j % tile_tokens of the sequence's
-    # (j // tile_tokens)-th tile. q is gathered into that order and the output gathered back, so every
-    # TMA copy starts on a tile boundary and a tile never touches its neighbour's rows.
-    qsl = query_start_loc.astype(jnp.int32)
-    tiles = tiles_per_seq(qsl, tile_tokens, keep)
-    first_tile = jnp.cumsum(tiles) - tiles
-    t = jnp.arange(T, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(qsl[1:], t, side="right"), num_seqs - 1)
-    row_of_token = first_tile[seq] * tile_tokens + t - qsl[seq]  # [T]
-    r = jnp.arange(num_tiles * tile_tokens, dtype=jnp.int32)
-    r_seq = jnp.maximum(tile_seq[r // tile_tokens], 0)
-    token_of_row = jnp.clip(qsl[r_seq] + tile_q0[r // tile_tokens] + r % tile_tokens, 0, T - 1)  # junk past a chunk
+    tile_seq, tile_q0, row_of_token, token_of_row = tile_major_rows(query_start_loc, T, num_tiles, tile_tokens, keep)
     q_tiles = q[token_of_row]  # [num_tiles * tile_tokens, Hq, D]
 
     def entry(*refs):
@@ -310,5 +319,5 @@ def ragged_paged_attention(
         interpret=gpu_interpret_params() if interpret else None,
     )(tile_seq, tile_q0, query_start_loc.astype(jnp.int32), seq_lens.astype(jnp.int32),
       block_tables.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q_tiles, k_cache, v_cache)
-    valid = t < qsl[num_seqs]
+    valid = jnp.arange(T) < query_start_loc[num_seqs]
     return jnp.where(valid[:, None, None], out[jnp.where(valid, row_of_token, 0)], 0).astype(dtype)
