@@ -13,12 +13,14 @@ Prefill is bound by arithmetic, so this is FlashAttention-3's forward pass (the 
 - Causality: tiles wholly at or below a warpgroup's first position run unmasked; only the tiles on the
   diagonal pay for the mask. A warpgroup that needs fewer tiles than its partner (or none: a chunk's last
   tile may fill only one) still releases the remaining slots, so the memory warpgroup never stalls.
-- Rows past a sequence's chunk are computed and dropped: each tile stores whole, into its own rows of a
-  tile-major output, and one XLA gather puts the tokens back in order (no tile writes a neighbour's rows).
+- q and the output are tile-major (`tile_major_rows`): XLA gathers q into tiles of 128 rows and gathers
+  the output back. Every TMA copy then starts on a tile boundary (jax 0.11.2's layout inference demands
+  offsets provably on the 8-row tiling; a ragged chunk starts anywhere), and rows past a chunk's end are
+  computed and dropped without touching a neighbour's rows.
 
 Query heads are not folded onto their kv head as in `ragged.py`: each CTA reads its kv head's K/V, and
 the group's CTAs (adjacent in the grid) share those reads through L2. Tiles of one token (decode rows)
-waste most of a CTA here; `__init__.py` sends such batches to the Triton kernels.
+waste most of a CTA here; `__init__.py` sends such sequences to the Triton ragged kernel.
 
 Caller contract: cache slots the block tables reach hold finite values (the engine zero-initialises its
 cache): masked scores get probability 0, and 0 x NaN would still poison a row.
