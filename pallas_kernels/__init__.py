@@ -54,14 +54,14 @@ def _split_by_chunk_length(args, scale: float) -> jax.Array:
     kernel; each kernel gets tiles only for its own sequences."""
     from pallas_kernels.prefill import ragged_paged_attention as prefill_kernel
     from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
+    from pallas_kernels.ragged import seq_of_token
 
     q, query_start_loc = args[0], args[6].astype(jnp.int32)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
     long = q_lens >= PREFILL_MIN_TOKENS
     out_long = prefill_kernel(*args, scale=scale, keep=long, min_q_len=PREFILL_MIN_TOKENS)
     out_short = ragged_kernel(*args, scale=scale, keep=~long)
-    t = jnp.arange(q.shape[0], dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right"), q_lens.shape[0] - 1)
+    seq = seq_of_token(query_start_loc, q.shape[0])
     return jnp.where(long[seq][:, None, None], out_long, out_short)
 
 

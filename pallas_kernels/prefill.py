@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.ragged import query_tiles, tiles_per_seq
+from pallas_kernels.ragged import query_tiles, seq_of_token, tiles_per_seq
 
 try:  # Mosaic GPU: in jaxlib since 0.5; imported lazily so the CPU path never needs it
     from jax.experimental import pallas as pl
@@ -58,7 +58,7 @@ def gpu_interpret_params():
 def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_tables_ref, layer_ref,
             q_ref, k_ref, v_ref,  # inputs, GMEM
             o_ref,  # output [num_tiles * 2 * block_q, Hq, D], GMEM: tile i's rows at i * 2 * block_q
-            scoped, *, group, block_q, block_kv, block_size, num_stages, num_tiles, max_blocks, scale,
+            scoped, *, group, block_q, block_kv, block_size, num_stages, num_tiles, scale,
             interpret):
     (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
     head, wg = lax.axis_index("heads"), lax.axis_index("wg")
@@ -244,13 +244,11 @@ def tile_major_rows(query_start_loc: jax.Array, num_tokens: int, num_tiles: int,
     first token [num_tiles], each token's row [T] (junk for padding and for sequences not kept), and each
     row's token [num_tiles * tile_tokens] (a clipped junk token past a chunk's end)."""
     qsl = query_start_loc.astype(jnp.int32)
-    num_seqs = qsl.shape[0] - 1
     tile_seq, tile_q0 = query_tiles(qsl, num_tiles, tile_tokens, keep)
     tiles = tiles_per_seq(qsl, tile_tokens, keep)
     first_tile = jnp.cumsum(tiles) - tiles
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(qsl[1:], t, side="right"), num_seqs - 1)
-    row_of_token = first_tile[seq] * tile_tokens + t - qsl[seq]
+    seq = seq_of_token(qsl, num_tokens)
+    row_of_token = first_tile[seq] * tile_tokens + jnp.arange(num_tokens, dtype=jnp.int32) - qsl[seq]
     r = jnp.arange(num_tiles * tile_tokens, dtype=jnp.int32)
     tile = r // tile_tokens
     token_of_row = jnp.clip(qsl[jnp.maximum(tile_seq[tile], 0)] + tile_q0[tile] + r % tile_tokens, 0, num_tokens - 1)
@@ -279,7 +277,7 @@ def ragged_paged_attention(
     reference. Needs head_dim a multiple of 64 and block_size dividing block_kv."""
     T, num_q_heads, head_dim = q.shape
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    num_seqs, max_blocks = block_tables.shape
+    num_seqs = block_tables.shape[0]
     if head_dim % 64 or block_kv % block_size or block_q != 64:
         raise ValueError(f"unsupported shape: head_dim={head_dim}, block_size={block_size}, "
                          f"block_q={block_q}, block_kv={block_kv}")
@@ -297,7 +295,7 @@ def ragged_paged_attention(
         pl.run_scoped(
             lambda *scoped: _kernel(*refs, scoped, group=num_q_heads // num_kv_heads, block_q=block_q,
                                     block_kv=block_kv, block_size=block_size, num_stages=num_stages,
-                                    num_tiles=num_tiles, max_blocks=max_blocks, scale=scale,
+                                    num_tiles=num_tiles, scale=scale,
                                     interpret=interpret),
             (smem((COMPUTE_WGS * block_q, head_dim)),
              smem((num_stages, block_kv, head_dim)),

@@ -34,6 +34,13 @@ def tiles_per_seq(query_start_loc: jax.Array, block_q: int, keep: jax.Array | No
     return tiles if keep is None else jnp.where(keep, tiles, 0)
 
 
+def seq_of_token(query_start_loc: jax.Array, num_tokens: int) -> jax.Array:
+    """[T] the sequence each query token belongs to (padding tokens: the last sequence)."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    num_seqs = query_start_loc.shape[0] - 1
+    return jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right"), num_seqs - 1).astype(jnp.int32)
+
+
 def query_tiles(query_start_loc: jax.Array, num_tiles: int, block_q: int, keep: jax.Array | None = None):
     """For each of `num_tiles` programs: its sequence (-1 past the last tile) and its first query token
     within that sequence. Sequences with `keep` False get no tiles."""

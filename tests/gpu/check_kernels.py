@@ -124,6 +124,8 @@ def main():
     ap.add_argument("--kernels", default="decode,ragged,prefill,dispatch", help="comma-separated subset to check")
     a = ap.parse_args()
     kernels = set(a.kernels.split(","))
+    if unknown := kernels - {"decode", "ragged", "prefill", "dispatch"}:
+        ap.error(f"--kernels: unknown kernel(s) {sorted(unknown)}; choose from decode, ragged, prefill, dispatch")
     rng = np.random.default_rng(int(time.time()))
     log, ok = [], True
     print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
