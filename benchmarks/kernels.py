@@ -262,7 +262,8 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     results = dict(device=device, date=datetime.datetime.now().isoformat(timespec="seconds"), jax=jax.__version__,
-                   git_commit=os.environ.get("JAXLLM_GIT_COMMIT") or commit or "unknown", cases=[])
+                   git_commit=os.environ.get("JAXLLM_GIT_COMMIT") or commit or "unknown",
+                   command=" ".join(["python"] + sys.argv), cases=[])
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"kernels-{device.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
