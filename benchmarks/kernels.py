@@ -176,7 +176,9 @@ def causal_flops(chunk, ctx_before, hq, d):
     return 4 * d * hq * pairs
 
 
-# "ours": the Triton ragged kernel (ragged.py); "mosaic": the Mosaic GPU prefill kernel (prefill.py).
+# "ours": the Triton ragged kernel (ragged.py); "mosaic": the Mosaic GPU prefill kernel (prefill.py);
+# "baseline": another prefill.py given with --baseline-prefill (an A/B across commits in one run).
+PREFILL_KERNELS = {"triton": ragged_kernel, "mosaic": prefill_kernel}
 PREFILL_VARIANTS = {
     "ours": {}, "ours_again": {},
     "mosaic": dict(kernel="mosaic"), "mosaic_again": dict(kernel="mosaic"),
@@ -206,7 +208,7 @@ def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=pri
     rec = dict(kind="prefill", model=model, chunk=chunk, ctx_before=ctx_before, seqs=seqs, tokens=T, flops=flops)
     scale = d**-0.5
     for name, kw in (variants or PREFILL_VARIANTS).items():
-        kernel = prefill_kernel if kw.get("kernel") == "mosaic" else ragged_kernel
+        kernel = PREFILL_KERNELS[kw.get("kernel", "triton")]
         params = {key: val for key, val in kw.items() if key != "kernel"}
         try:
             t = time_calls(lambda q, k, v, bt, sl, qsl, params=params, kernel=kernel: kernel(
@@ -257,7 +259,17 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="target cases only")
     ap.add_argument("--prefill", action="store_true", help="only the prefill cases")
+    ap.add_argument("--baseline-prefill", default=None, metavar="FILE",
+                    help="another version of pallas_kernels/prefill.py, timed beside ours as 'baseline'")
     a = ap.parse_args()
+    if a.baseline_prefill:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("baseline_prefill", a.baseline_prefill)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        PREFILL_KERNELS["baseline"] = module.ragged_paged_attention
+        PREFILL_VARIANTS.update(baseline=dict(kernel="baseline"), baseline_again=dict(kernel="baseline"))
     device = jax.devices()[0].device_kind
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
@@ -337,7 +349,9 @@ def print_table(results):
                   f"({100 * tflops('ours') / mm:3.0f}%) | mosaic {us(r, 'mosaic'):8.1f} (again "
                   f"{us(r, 'mosaic_again'):8.1f}, bkv64 s3 {us(r, 'mosaic_bkv64_s3'):8.1f}, s4 "
                   f"{us(r, 'mosaic_bkv64_s4'):8.1f}) best {r['flops'] / best / 1e6:6.1f} TFLOP/s "
-                  f"({100 * r['flops'] / best / 1e6 / mm:3.0f}%)")
+                  f"({100 * r['flops'] / best / 1e6 / mm:3.0f}%)"
+                  + (f" | baseline {us(r, 'baseline'):8.1f} (again {us(r, 'baseline_again'):8.1f})"
+                     if "baseline" in r else ""))
 
 
 if __name__ == "__main__":

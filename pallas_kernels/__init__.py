@@ -59,7 +59,7 @@ def _split_by_chunk_length(args, scale: float) -> jax.Array:
     q, query_start_loc = args[0], args[6].astype(jnp.int32)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
     long = q_lens >= PREFILL_MIN_TOKENS
-    out_long = prefill_kernel(*args, scale=scale, keep=long, min_q_len=PREFILL_MIN_TOKENS)
+    out_long = prefill_kernel(*args, scale=scale, keep=long)
     out_short = ragged_kernel(*args, scale=scale, keep=~long)
     seq = seq_of_token(query_start_loc, q.shape[0])
     return jnp.where(long[seq][:, None, None], out_long, out_short)

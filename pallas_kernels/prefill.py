@@ -3,20 +3,21 @@
 Prefill is bound by arithmetic, so this is FlashAttention-3's forward pass (the layout of JAX's
 `ops/gpu/attention_mgpu.py`) taught to read a ragged batch out of the paged cache:
 
-- A CTA owns one query head and one tile of 2 x `block_q` query tokens of one sequence; an XLA prologue
-  lists the tiles (sequence, first token) of the whole batch, longest context first, and CTAs past the
-  last tile return at once. Two compute warpgroups take `block_q` rows each and take turns on the tensor
-  cores (a schedule barrier), so one's softmax overlaps the other's matmuls.
+- A CTA owns one query head and one tile of 2 x `block_q` rows of the flat token array, in place: q is
+  read and the output written by TMA at the tile's own rows, so XLA never gathers or scatters either.
+  A tile may hold the end of one chunk and the start of the next; the CTA runs one pass over the K/V of
+  each sequence it holds (a *segment*), masking the rows that are not that sequence's. Tiles are taken
+  in an order computed by an XLA prologue, the most context first.
+- Two compute warpgroups take `block_q` rows each and take turns on the tensor cores (a schedule
+  barrier), so one's softmax overlaps the other's matmuls.
 - A third, memory warpgroup streams K/V tiles of `block_kv` tokens into a ring of `num_stages` shared-
   memory slots: each tile is `block_kv / block_size` TMA copies of one cache block (`block_size` rows of
-  one kv head), found through the block table. The cache is never copied or gathered by XLA.
+  one kv head), found through the block table. The cache is never copied or gathered by XLA. The ring
+  runs on across segments.
 - Causality: tiles wholly at or below a warpgroup's first position run unmasked; only the tiles on the
-  diagonal pay for the mask. A warpgroup that needs fewer tiles than its partner (or none: a chunk's last
-  tile may fill only one) still releases the remaining slots, so the memory warpgroup never stalls.
-- q and the output are tile-major (`tile_major_rows`): XLA gathers q into tiles of 128 rows and gathers
-  the output back. Every TMA copy then starts on a tile boundary (jax 0.11.2's layout inference demands
-  offsets provably on the 8-row tiling; a ragged chunk starts anywhere), and rows past a chunk's end are
-  computed and dropped without touching a neighbour's rows.
+  diagonal, and the passes of a warpgroup that holds rows of two sequences, pay for the mask. A
+  warpgroup that needs fewer tiles than its partner (or none) still releases the remaining slots, so
+  the memory warpgroup never stalls.
 
 Query heads are not folded onto their kv head as in `ragged.py`: each CTA reads its kv head's K/V, and
 the group's CTAs (adjacent in the grid) share those reads through L2. Tiles of one token (decode rows)
@@ -34,8 +35,6 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from pallas_kernels.ragged import query_tiles, seq_of_token, tiles_per_seq
 
 try:  # Mosaic GPU: in jaxlib since 0.5; imported lazily so the CPU path never needs it
     from jax.experimental import pallas as pl
@@ -55,15 +54,15 @@ def gpu_interpret_params():
     return InterpretGPUParams()
 
 
-def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_tables_ref, layer_ref,
-            q_ref, k_ref, v_ref,  # inputs, GMEM
-            o_ref,  # output [num_tiles * 2 * block_q, Hq, D], GMEM: tile i's rows at i * 2 * block_q
-            scoped, *, group, block_q, block_kv, block_size, num_stages, num_tiles, scale,
-            interpret):
+def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block_tables_ref,
+            layer_ref, q_ref, k_ref, v_ref,  # inputs, GMEM
+            o_ref,  # output [T, Hq, D], GMEM
+            scoped, *, group, block_q, block_kv, block_size, num_stages, scale, interpret):
     (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
     head, wg = lax.axis_index("heads"), lax.axis_index("wg")
-    i = num_tiles - 1 - lax.axis_index("tiles")  # a sequence's last tiles see the most context: first
-    seq = tile_seq_ref[i]
+    tile = tile_order_ref[lax.axis_index("tiles")]
+    tile_row0 = tile * (COMPUTE_WGS * block_q)  # the tile's first row of the flat token array
+    first_seq, last_seq = tile_seqs_ref[0, tile], tile_seqs_ref[1, tile]
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
     c = scale * LOG2E  # scores in log2 units
@@ -80,182 +79,187 @@ def _kernel(tile_seq_ref, tile_q0_ref, query_start_loc_ref, seq_lens_ref, block_
         plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(turn)
 
-    @pl.when(seq >= 0)
-    def _tile():
-        q0 = tile_q0_ref[i]
-        q_len = query_start_loc_ref[seq + 1] - query_start_loc_ref[seq]
-        ctx = seq_lens_ref[seq]
-        ctx0 = ctx - q_len  # cached positions before the chunk
-        tile_end = jnp.minimum(q0 + COMPUTE_WGS * block_q, q_len)
-        max_steps = lax.div(ctx0 + tile_end + block_kv - 1, jnp.int32(block_kv))
+    def segment(s, row0, num_rows):
+        """Sequence s's part of the tile: (rows lo..hi of the flat array within [row0, row0 + num_rows),
+        position of flat row 0, K/V tiles the last of those rows needs)."""
+        start = query_start_loc_ref[s]
+        lo = jnp.maximum(start, row0)
+        hi = jnp.maximum(jnp.minimum(start + seg_lens_ref[s], row0 + num_rows), lo)
+        q_len = query_start_loc_ref[s + 1] - start
+        pos0 = seq_lens_ref[s] - q_len - start  # flat row r sits at position pos0 + r
+        steps = jnp.where(hi > lo, lax.div(pos0 + hi + block_kv - 1, jnp.int32(block_kv)), 0)
+        return lo, hi, pos0, steps
 
-        @pl.when(wg < COMPUTE_WGS)
-        def _compute():
-            plgpu.set_max_registers(232, action="increase")
-            # Holds the queries, then the output. A row slice, not q_smem2[wg]: the layout inference must
-            # see that the offset is a multiple of the 8-row tiling.
-            q_row0 = wg * block_q
-            q_smem = q_smem2.at[pl.ds(q_row0 if interpret else pl.multiple_of(q_row0, block_q), block_q)]
-            row0 = q0 + wg * block_q  # this warpgroup's first row, within the chunk
-            num_rows = jnp.clip(q_len - row0, 0, block_q)
-            # This warpgroup's rows of the tile-major q and output. TMA wants offsets along tiled dims
-            # that provably fall on the 8-row tiling.
-            tile_row0 = i * (COMPUTE_WGS * block_q) + wg * block_q
-            tile_row0 = tile_row0 if interpret else pl.multiple_of(tile_row0, block_q)
-            first_pos = ctx0 + row0
-            steps = jnp.where(num_rows > 0, lax.div(first_pos + num_rows + block_kv - 1, jnp.int32(block_kv)), 0)
-            full_steps = jnp.where(num_rows > 0, lax.div(first_pos + 1, jnp.int32(block_kv)), 0)
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        # This warpgroup's rows, in place in q and the output. TMA wants offsets along tiled dimensions
+        # that provably fall on the 8-row tiling; q_smem holds the queries, then the output.
+        row0 = tile_row0 + wg * block_q
+        row0 = row0 if interpret else pl.multiple_of(row0, block_q)
+        q_row0 = wg * block_q
+        q_smem = q_smem2.at[pl.ds(q_row0 if interpret else pl.multiple_of(q_row0, block_q), block_q)]
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, block_q), head], q_smem, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
 
-            @pl.when(num_rows > 0)
-            def _():
-                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(tile_row0, block_q), head], q_smem, q_ready.at[wg])
-                plgpu.barrier_wait(q_ready.at[wg])
+        def step(kv_step, carry, *, base, lo, hi, pos0, steps, masked: bool):
+            acc, m, l = carry
+            slot = lax.rem(base + kv_step, jnp.int32(num_stages))
 
-            m = as_layout(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l = as_layout(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            acc = as_layout(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+            if interpret:  # the interpreter's wgmma takes no transposed operand: a plain dot
+                s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+                take_turn()
+            else:
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    take_turn()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            if masked:  # causal, and rows of other sequences see nothing (they stay at m = -inf, l = 0)
+                rows = iota(0, s.shape) + row0
+                pos = jnp.where((rows >= lo) & (rows < hi), rows + pos0, -1)
+                s = jnp.where(iota(1, s.shape) + kv_step * block_kv <= pos, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1) * c)
+            m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # no -inf - -inf
+            alpha = jnp.exp2(m - m_sub)
+            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_sub, s.shape, [0]))
+            acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l = l * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+            plgpu.barrier_arrive(turn)  # softmax done
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(turn)  # the tensor cores are ours again
+
+            def wait_next_k():
+                nxt = kv_step + 1
+
+                @pl.when(nxt < steps)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(base + nxt, jnp.int32(num_stages))])
+
+            if interpret:  # no run_state in the interpreter: a plain dot
+                acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+                wait_next_k()
+            else:
+                def pv(acc_ref):  # the wgmma accumulates into acc's registers
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    wait_next_k()
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l
+
+        def release(kv_step, _, *, base):  # the partner still needs this tile: hand the slot back unread
+            slot = lax.rem(base + kv_step, jnp.int32(num_stages))
+            # Waiting for the data we skip costs nothing (we are done) and keeps every barrier phase
+            # observed by every warpgroup that waits on it, as the GPU interpreter demands.
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            take_turn()
+            take_turn()
+
+        def one_segment(s, carry):
+            base, acc, m, l = carry
+            max_steps = segment(s, tile_row0, COMPUTE_WGS * block_q)[3]  # what the memory warpgroup loads
+            lo, hi, pos0, steps = segment(s, row0, block_q)
+            # Unmasked: tiles wholly at or below the first row's position, when all rows are this sequence's.
+            full_steps = jnp.where((lo == row0) & (hi == row0 + block_q),
+                                   lax.div(pos0 + row0 + 1, jnp.int32(block_kv)), 0)
+            geometry = dict(base=base, lo=lo, hi=hi, pos0=pos0, steps=steps)
 
             @pl.when(steps > 0)
             def _():
-                plgpu.barrier_wait(k_ready.at[0])
+                plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(num_stages))])
 
-            pl.when(wg == 1)(take_turn)
+            carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False, **geometry), (acc, m, l))
+            acc, m, l = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True, **geometry), carry)
+            lax.fori_loop(steps, max_steps, functools.partial(release, base=base), None)
+            return base + max_steps, acc, m, l
 
-            def step(kv_step, carry, masked: bool):
-                acc, m, l = carry
-                slot = lax.rem(kv_step, jnp.int32(num_stages))
+        m = as_layout(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l = as_layout(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = as_layout(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+        pl.when(wg == 1)(take_turn)
+        _, acc, m, l = lax.fori_loop(first_seq, last_seq + 1, one_segment, (jnp.int32(0), acc, m, l))
+        pl.when(wg == 0)(take_turn)
 
-                if interpret:  # the interpreter's wgmma takes no transposed operand: a plain dot
-                    s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
-                    take_turn()
-                else:
-                    def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                        take_turn()
-                        return acc_ref[...]
+        # Rows no segment covered (other kernels' sequences, padding) have l = 0 and come out as zeros.
+        acc /= lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), acc.shape, [0])
+        q_smem[...] = acc.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(row0, block_q), head])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-                    s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                if masked:
-                    rows, cols = iota(0, s.shape), iota(1, s.shape)
-                    s = jnp.where(cols + kv_step * block_kv <= rows + first_pos, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=1) * c)
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l = l * alpha + p.sum(axis=1)
-                p16 = p.astype(dtype)
-                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-                plgpu.barrier_arrive(turn)  # softmax done
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_wait(turn)  # the tensor cores are ours again
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, jnp.int32(group))
+        layer = layer_ref[0]
+        per_tile = block_kv // block_size
 
-                def wait_next_k():
-                    nxt = kv_step + 1
+        def load(src_ref, dst_smem, ready, blocks, slot):
+            for b, blk in enumerate(blocks):
+                plgpu.copy_gmem_to_smem(src_ref.at[layer, blk, :, kv_head],
+                                        dst_smem.at[slot, pl.ds(b * block_size, block_size)], ready.at[slot])
 
-                    @pl.when(nxt < steps)
-                    def _():
-                        plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(num_stages))])
+        def one_segment(s, base):
+            max_steps = segment(s, tile_row0, COMPUTE_WGS * block_q)[3]
+            last_block = lax.div(seq_lens_ref[s] - 1, jnp.int32(block_size))
 
-                if interpret:  # no run_state in the interpreter: a plain dot
-                    acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
-                                                preferred_element_type=jnp.float32)
-                    wait_next_k()
-                else:
-                    def pv(acc_ref):  # the wgmma accumulates into acc's registers
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                        wait_next_k()
-
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
-
-            def release(kv_step, _):  # the partner still needs this tile: hand the slot back unread
-                slot = lax.rem(kv_step, jnp.int32(num_stages))
-                # Waiting for the data we skip costs nothing (we are done) and keeps every barrier phase
-                # observed by every warpgroup that waits on it, as the GPU interpreter demands.
-                plgpu.barrier_wait(k_ready.at[slot])
-                plgpu.barrier_arrive(k_free.at[slot])
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
-                take_turn()
-                take_turn()
-
-            carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), (acc, m, l))
-            acc, m, l = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), carry)
-            lax.fori_loop(steps, max_steps, release, None)
-            pl.when(wg == 0)(take_turn)
-
-            acc /= lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), acc.shape, [0])
-
-            @pl.when(num_rows > 0)
-            def _():
-                q_smem[...] = acc.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(tile_row0, block_q), head])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-        @pl.when(wg == COMPUTE_WGS)
-        def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-            kv_head = lax.div(head, jnp.int32(group))
-            layer = layer_ref[0]
-            last_block = lax.div(ctx - 1, jnp.int32(block_size))
-            per_tile = block_kv // block_size
-
-            def blocks_of(kv_step):  # past the context, repeat the last block: its rows are masked anyway
-                return [block_tables_ref[seq, jnp.minimum(kv_step * per_tile + b, last_block)]
-                        for b in range(per_tile)]
-
-            def load(src_ref, dst_smem, ready, blocks, slot):
-                for b, blk in enumerate(blocks):
-                    plgpu.copy_gmem_to_smem(src_ref.at[layer, blk, :, kv_head],
-                                            dst_smem.at[slot, pl.ds(b * block_size, block_size)], ready.at[slot])
-
-            for s in range(num_stages):
-                @pl.when(s < max_steps)
-                def _(s=s):
-                    blocks = blocks_of(jnp.int32(s))
-                    load(k_ref, k_smem, k_ready, blocks, s)
-                    load(v_ref, v_smem, v_ready, blocks, s)
-
-            @pl.loop(0, jnp.maximum(max_steps - num_stages, 0))
+            @pl.loop(0, max_steps)
             def _(kv_step):
-                slot = lax.rem(kv_step, jnp.int32(num_stages))
-                blocks = blocks_of(kv_step + num_stages)
-                plgpu.barrier_wait(k_free.at[slot])
+                n = base + kv_step  # the ring runs on across segments
+                slot = lax.rem(n, jnp.int32(num_stages))
+                # Past the context, repeat the last block: its rows are masked anyway.
+                blocks = [block_tables_ref[s, jnp.minimum(kv_step * per_tile + b, last_block)]
+                          for b in range(per_tile)]
+                pl.when(n >= num_stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
                 load(k_ref, k_smem, k_ready, blocks, slot)
-                plgpu.barrier_wait(v_free.at[slot])
+                pl.when(n >= num_stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
                 load(v_ref, v_smem, v_ready, blocks, slot)
 
-            @pl.loop(jnp.maximum(max_steps - num_stages, 0), max_steps)
-            def _(kv_step):  # drain: the last tiles' releases (see `release`)
-                slot = lax.rem(kv_step, jnp.int32(num_stages))
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
+            return base + max_steps
+
+        total = lax.fori_loop(first_seq, last_seq + 1, one_segment, jnp.int32(0))
+
+        @pl.loop(jnp.maximum(total - num_stages, 0), total)
+        def _(n):  # drain: the last tiles' releases (see `release`)
+            slot = lax.rem(n, jnp.int32(num_stages))
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
 
 
-def tile_major_rows(query_start_loc: jax.Array, num_tokens: int, num_tiles: int, tile_tokens: int,
-                    keep: jax.Array | None = None):
-    """The tile-major order of the kernel's q and output: token j of sequence s sits in row
-    j % tile_tokens of the sequence's (j // tile_tokens)-th tile, so every TMA copy starts on a tile
-    boundary and a tile never touches its neighbour's rows. Returns each tile's sequence (-1 unused) and
-    first token [num_tiles], each token's row [T] (junk for padding and for sequences not kept), and each
-    row's token [num_tiles * tile_tokens] (a clipped junk token past a chunk's end)."""
+def flat_tiles(query_start_loc: jax.Array, seg_lens: jax.Array, seq_lens: jax.Array, num_tiles: int,
+               tile_tokens: int):
+    """The kernel's schedule over tiles of `tile_tokens` rows of the flat token array: the sequences each
+    tile holds rows of ([2, num_tiles]: first and last; first > last for tiles with no query row), and
+    the order to take the tiles in: the most K/V to read first (longest-processing-time first), tiles with
+    nothing to do last. `seg_lens` [S] counts the query rows this kernel computes per sequence (0 for a
+    sequence left to another kernel)."""
     qsl = query_start_loc.astype(jnp.int32)
-    tile_seq, tile_q0 = query_tiles(qsl, num_tiles, tile_tokens, keep)
-    tiles = tiles_per_seq(qsl, tile_tokens, keep)
-    first_tile = jnp.cumsum(tiles) - tiles
-    seq = seq_of_token(qsl, num_tokens)
-    row_of_token = first_tile[seq] * tile_tokens + jnp.arange(num_tokens, dtype=jnp.int32) - qsl[seq]
-    r = jnp.arange(num_tiles * tile_tokens, dtype=jnp.int32)
-    tile = r // tile_tokens
-    token_of_row = jnp.clip(qsl[jnp.maximum(tile_seq[tile], 0)] + tile_q0[tile] + r % tile_tokens, 0, num_tokens - 1)
-    return tile_seq, tile_q0, row_of_token, token_of_row
+    num_seqs = seg_lens.shape[0]
+    rows0 = jnp.arange(num_tiles, dtype=jnp.int32) * tile_tokens
+    last_row = jnp.minimum(rows0 + tile_tokens, qsl[num_seqs]) - 1
+    first_seq = jnp.searchsorted(qsl[1:], rows0, side="right").astype(jnp.int32)
+    last_seq = jnp.minimum(jnp.searchsorted(qsl[1:], last_row, side="right"), num_seqs - 1).astype(jnp.int32)
+    # K/V tiles to stream: the position each segment's last row reaches, summed over the tile's segments.
+    s = jnp.arange(num_seqs, dtype=jnp.int32)
+    held = (s[None, :] >= first_seq[:, None]) & (s[None, :] <= last_seq[:, None])  # [tiles, S]
+    seg_end = jnp.minimum(qsl[:-1] + seg_lens, rows0[:, None] + tile_tokens)  # [tiles, S]
+    reach = jnp.where(held & (seg_end > jnp.maximum(qsl[:-1], rows0[:, None])),
+                      seq_lens - (qsl[1:] - qsl[:-1]) + seg_end - qsl[:-1], 0)
+    order = jnp.argsort(-reach.sum(axis=1), stable=True).astype(jnp.int32)
+    return order, jnp.stack([first_seq, last_seq])
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_kv", "num_stages", "interpret", "min_q_len"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_kv", "num_stages", "interpret"))
 def ragged_paged_attention(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_cache: jax.Array,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
@@ -270,24 +274,25 @@ def ragged_paged_attention(
     block_kv: int = 128,
     num_stages: int = 2,
     interpret: bool = False,
-    keep: jax.Array | None = None,  # [S] bool: only these sequences (the others' rows hold junk)
-    min_q_len: int = 1,  # a promise: every kept sequence has at least this many query tokens
+    keep: jax.Array | None = None,  # [S] bool: only these sequences (the others' rows come out as zeros)
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
     """Causal attention of a ragged batch of query chunks over the paged cache; same semantics as the
     reference. Needs head_dim a multiple of 64 and block_size dividing block_kv."""
     T, num_q_heads, head_dim = q.shape
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    num_seqs = block_tables.shape[0]
     if head_dim % 64 or block_kv % block_size or block_q != 64:
         raise ValueError(f"unsupported shape: head_dim={head_dim}, block_size={block_size}, "
                          f"block_q={block_q}, block_kv={block_kv}")
     tile_tokens = COMPUTE_WGS * block_q
-    # Each kept sequence wastes at most one partial tile, and there are at most T // min_q_len of them:
-    # the bound sizes the grid and the tile-major q and output, so it is kept tight.
-    num_tiles = -(-T // tile_tokens) + min(num_seqs, T // max(min_q_len, 1))
+    num_tiles = -(-T // tile_tokens)
+    if T % tile_tokens:  # whole tiles only (the engine's token buckets from 256 up are whole already)
+        q = jnp.pad(q, ((0, num_tiles * tile_tokens - T), (0, 0), (0, 0)))
     dtype = q.dtype
-    tile_seq, tile_q0, row_of_token, token_of_row = tile_major_rows(query_start_loc, T, num_tiles, tile_tokens, keep)
-    q_tiles = q[token_of_row]  # [num_tiles * tile_tokens, Hq, D]
+    qsl = query_start_loc.astype(jnp.int32)
+    seg_lens = qsl[1:] - qsl[:-1]
+    if keep is not None:
+        seg_lens = jnp.where(keep, seg_lens, 0)
+    tile_order, tile_seqs = flat_tiles(qsl, seg_lens, seq_lens.astype(jnp.int32), num_tiles, tile_tokens)
 
     def entry(*refs):
         smem = lambda shape: plgpu.SMEM(
@@ -295,8 +300,7 @@ def ragged_paged_attention(
         pl.run_scoped(
             lambda *scoped: _kernel(*refs, scoped, group=num_q_heads // num_kv_heads, block_q=block_q,
                                     block_kv=block_kv, block_size=block_size, num_stages=num_stages,
-                                    num_tiles=num_tiles, scale=scale,
-                                    interpret=interpret),
+                                    scale=scale, interpret=interpret),
             (smem((COMPUTE_WGS * block_q, head_dim)),
              smem((num_stages, block_kv, head_dim)),
              smem((num_stages, block_kv, head_dim))),
@@ -310,14 +314,13 @@ def ragged_paged_attention(
 
     out = plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct((num_tiles * tile_tokens, num_q_heads, head_dim), dtype),
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         grid=(num_q_heads, num_tiles),
         grid_names=("heads", "tiles"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=gpu_interpret_params() if interpret else None,
-    )(tile_seq, tile_q0, query_start_loc.astype(jnp.int32), seq_lens.astype(jnp.int32),
-      block_tables.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q_tiles, k_cache, v_cache)
-    valid = jnp.arange(T) < query_start_loc[num_seqs]
-    return jnp.where(valid[:, None, None], out[jnp.where(valid, row_of_token, 0)], 0).astype(dtype)
+    )(tile_order, tile_seqs, qsl, seg_lens, seq_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
+      jnp.asarray(layer, jnp.int32).reshape(1), q, k_cache, v_cache)
+    return out[:T]

@@ -170,25 +170,32 @@ from pallas_kernels import prefill  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_prefill_tile_major_rows_cover_each_kept_token_once(seed):
+def test_prefill_flat_tiles_hold_each_kept_row_once(seed):
+    """Each tile's sequence range covers exactly the sequences with rows in the tile, and the order takes
+    every tile once, the most K/V first."""
     rng = np.random.default_rng(seed)
     S, tile = int(rng.integers(1, 9)), 16
     q_lens = rng.integers(0, 70, S)
     keep = rng.random(S) < 0.7
+    seq_lens = q_lens + rng.integers(0, 100, S)
     qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    T = int(qsl[-1]) + int(rng.integers(0, 5))  # padding tokens at the end
-    num_tiles = -(-T // tile) + S
-    tile_seq, tile_q0, row_of_token, token_of_row = map(np.asarray, prefill.tile_major_rows(
-        jnp.asarray(qsl), T, num_tiles, tile, jnp.asarray(keep)))
-    kept = [t for s in range(S) if keep[s] for t in range(qsl[s], qsl[s + 1])]
-    rows = row_of_token[kept]
-    assert len(set(rows.tolist())) == len(kept)  # no two tokens share a row
-    assert (rows < num_tiles * tile).all()
-    assert (token_of_row[rows] == kept).all()  # the q gather and the output gather are inverses
-    for s in range(S):  # each kept sequence's tiles, in order, each starting where its row says
-        mine = np.nonzero(tile_seq == s)[0]
-        assert len(mine) == (-(-q_lens[s] // tile) if keep[s] else 0)
-        assert (tile_q0[mine] == tile * np.arange(len(mine))).all()
+    T = int(qsl[-1]) + int(rng.integers(0, 40))  # padding tokens at the end
+    num_tiles = -(-T // tile)
+    seg_lens = np.where(keep, q_lens, 0)
+    order, seqs = map(np.asarray, prefill.flat_tiles(jnp.asarray(qsl), jnp.asarray(seg_lens, jnp.int32),
+                                                     jnp.asarray(seq_lens, jnp.int32), num_tiles, tile))
+    assert sorted(order.tolist()) == list(range(num_tiles))
+    reach = np.zeros(num_tiles)
+    for g in range(num_tiles):
+        rows = range(g * tile, (g + 1) * tile)
+        holders = {s for s in range(S) if any(qsl[s] <= r < qsl[s + 1] for r in rows)}
+        held = set(range(seqs[0, g], seqs[1, g] + 1))
+        assert holders <= held and all(q_lens[s] == 0 for s in held - holders)
+        for s in holders:
+            end = min(qsl[s] + seg_lens[s], (g + 1) * tile)
+            if end > max(qsl[s], g * tile):
+                reach[g] += seq_lens[s] - q_lens[s] + end - qsl[s]
+    assert (np.diff(reach[order]) <= 0).all()
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,block_size", [(4, 2, 128, 16), (8, 8, 64, 32)])
@@ -202,15 +209,65 @@ def test_prefill_kernel_lowers_to_mosaic_gpu(num_q_heads, num_kv_heads, head_dim
     assert "mosaic_gpu" in text
 
 
+INTERPRET_CASES = {  # q_lens, context lengths, keep
+    "a tile holding two sequences": ([150, 37], [170, 37], None),
+    "kept and left sequences, an empty one": ([40, 1, 200, 0, 60], [300, 90, 200, 5, 61],
+                                              [True, False, True, False, True]),
+    "whole tiles over context": ([128, 128], [128, 300], None),
+}
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 4 and not os.environ.get("JAXLLM_MGPU_INTERPRET"),
                     reason="the Mosaic GPU interpreter runs each warpgroup on a thread blocked in XLA host "
-                           "callbacks; with 2 cores XLA's callback threads can all be held and it deadlocks")
-def test_prefill_kernel_interpret():
-    b = random_batch(50, [150, 37], [170, 37], num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                           "callbacks, and XLA sizes its thread pool by the cores it may use; with 2 it "
+                           "deadlocks (test_prefill_kernel_interpret_in_a_wider_process runs it anyway)")
+@pytest.mark.parametrize("case", INTERPRET_CASES)
+def test_prefill_kernel_interpret(case):
+    q_lens, ctx_lens, keep = INTERPRET_CASES[case]
+    b = random_batch(50, q_lens, ctx_lens, num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
                      dtype=jnp.bfloat16)
     want = np.asarray(reference(**b, scale=0.125), np.float32)
-    got = np.asarray(prefill.ragged_paged_attention(**b, scale=0.125, block_kv=64, interpret=True), np.float32)
-    n_real = int(b["query_start_loc"][-1])
+    got = np.asarray(prefill.ragged_paged_attention(
+        **b, scale=0.125, block_kv=64, interpret=True, keep=None if keep is None else jnp.asarray(keep)),
+        np.float32)
+    qsl = np.asarray(b["query_start_loc"])
+    mine = np.zeros(got.shape[0], bool)
+    for s in range(len(q_lens)):
+        mine[qsl[s]:qsl[s + 1]] = keep is None or keep[s]
     assert np.isfinite(got).all()
-    assert rel_err(got[:n_real], want[:n_real]) < 1e-2
-    assert (got[n_real:] == 0).all()
+    assert rel_err(got[mine], want[mine]) < 1e-2
+    assert (got[~mine] == 0).all()  # other kernels' rows and padding
+
+
+AFFINITY_SHIM = r"""
+#define _GNU_SOURCE
+#include <sched.h>
+#include <string.h>
+int sched_getaffinity(pid_t pid, size_t size, cpu_set_t *mask) {
+  memset(mask, 0, size);
+  for (int i = 0; i < 8; i++) CPU_SET_S(i, size, mask);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) >= 4 or os.environ.get("JAXLLM_MGPU_INTERPRET") is not None,
+                    reason="test_prefill_kernel_interpret runs in this process")
+def test_prefill_kernel_interpret_in_a_wider_process(tmp_path):
+    """On a machine of fewer than 4 cores: the interpreter test in a child process told it may use 8
+    (a preloaded sched_getaffinity), so XLA's thread pool has a thread for each warpgroup."""
+    import shutil
+    import subprocess
+    import sys
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the affinity shim")
+    (tmp_path / "shim.c").write_text(AFFINITY_SHIM)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", tmp_path / "shim.so", tmp_path / "shim.c"], check=True)
+    env = dict(os.environ, LD_PRELOAD=str(tmp_path / "shim.so"), JAXLLM_MGPU_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "test_prefill_kernel_interpret and not wider"], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"{len(INTERPRET_CASES)} passed" in run.stdout
