@@ -54,15 +54,12 @@ def _split_by_chunk_length(args, scale: float) -> jax.Array:
     kernel; each kernel gets tiles only for its own sequences."""
     from pallas_kernels.prefill import ragged_paged_attention as prefill_kernel
     from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
-    from pallas_kernels.ragged import seq_of_token
 
-    q, query_start_loc = args[0], args[6].astype(jnp.int32)
+    query_start_loc = args[6].astype(jnp.int32)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
     long = q_lens >= PREFILL_MIN_TOKENS
-    out_long = prefill_kernel(*args, scale=scale, keep=long)
-    out_short = ragged_kernel(*args, scale=scale, keep=~long)
-    seq = seq_of_token(query_start_loc, q.shape[0])
-    return jnp.where(long[seq][:, None, None], out_long, out_short)
+    out_long = prefill_kernel(*args, scale=scale, keep=long)  # zeros in the short sequences' rows
+    return ragged_kernel(*args, scale=scale, keep=~long, into=out_long)  # which it writes in place
 
 
 def ragged_paged_attention(

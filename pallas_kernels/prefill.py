@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.ragged import searchsorted
+
 try:  # Mosaic GPU: in jaxlib since 0.5; imported lazily so the CPU path never needs it
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -247,8 +249,8 @@ def flat_tiles(query_start_loc: jax.Array, seg_lens: jax.Array, seq_lens: jax.Ar
     num_seqs = seg_lens.shape[0]
     rows0 = jnp.arange(num_tiles, dtype=jnp.int32) * tile_tokens
     last_row = jnp.minimum(rows0 + tile_tokens, qsl[num_seqs]) - 1
-    first_seq = jnp.searchsorted(qsl[1:], rows0, side="right").astype(jnp.int32)
-    last_seq = jnp.minimum(jnp.searchsorted(qsl[1:], last_row, side="right"), num_seqs - 1).astype(jnp.int32)
+    first_seq = searchsorted(qsl[1:], rows0).astype(jnp.int32)
+    last_seq = jnp.minimum(searchsorted(qsl[1:], last_row), num_seqs - 1).astype(jnp.int32)
     # K/V tiles to stream: the position each segment's last row reaches, summed over the tile's segments.
     s = jnp.arange(num_seqs, dtype=jnp.int32)
     held = (s[None, :] >= first_seq[:, None]) & (s[None, :] <= last_seq[:, None])  # [tiles, S]

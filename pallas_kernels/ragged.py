@@ -34,11 +34,19 @@ def tiles_per_seq(query_start_loc: jax.Array, block_q: int, keep: jax.Array | No
     return tiles if keep is None else jnp.where(keep, tiles, 0)
 
 
+def searchsorted(sorted_values: jax.Array, x: jax.Array) -> jax.Array:
+    """For each x, how many of the sorted values are <= x (searchsorted, side right), as one fused
+    compare-and-sum kernel. JAX's default method is a while loop of tiny kernels with device copies
+    between them; run in every layer of an engine step, it cost more than the prefill kernel saved
+    (H200 profile, seventh session, benchmarks/NOTES.md). The arrays here are at most tokens x sequences."""
+    return jnp.searchsorted(sorted_values, x, side="right", method="compare_all")
+
+
 def seq_of_token(query_start_loc: jax.Array, num_tokens: int) -> jax.Array:
     """[T] the sequence each query token belongs to (padding tokens: the last sequence)."""
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     num_seqs = query_start_loc.shape[0] - 1
-    return jnp.minimum(jnp.searchsorted(query_start_loc[1:], t, side="right"), num_seqs - 1).astype(jnp.int32)
+    return jnp.minimum(searchsorted(query_start_loc[1:], t), num_seqs - 1).astype(jnp.int32)
 
 
 def query_tiles(query_start_loc: jax.Array, num_tiles: int, block_q: int, keep: jax.Array | None = None):
@@ -48,7 +56,7 @@ def query_tiles(query_start_loc: jax.Array, num_tiles: int, block_q: int, keep: 
     tiles = tiles_per_seq(query_start_loc, block_q, keep)
     ends = jnp.cumsum(tiles)
     i = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)
+    seq = searchsorted(ends, i).astype(jnp.int32)
     seq_c = jnp.minimum(seq, q_lens.shape[0] - 1)
     q0 = (i - (ends[seq_c] - tiles[seq_c])) * block_q
     return jnp.where(i < ends[-1], seq_c, -1).astype(jnp.int32), q0.astype(jnp.int32)
@@ -57,10 +65,11 @@ def query_tiles(query_start_loc: jax.Array, num_tiles: int, block_q: int, keep: 
 def _ragged_kernel(
     layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, tile_seq_ref, tile_q0_ref,
     q_ref, k_ref, v_ref,  # inputs
-    o_ref,  # output [T * Hq, D]
-    *, num_q_heads, group, group_pad, head_dim, num_blocks, block_size, max_blocks, block_q, block_k,
+    *o_refs,  # output [T * Hq, D], last; before it, `into` when given (aliased to the output, not read)
+    num_q_heads, group, group_pad, head_dim, num_blocks, block_size, max_blocks, block_q, block_k,
     scale, interpret, num_tiles_total, longest_first,
 ):
+    o_ref = o_refs[-1]
     i, h = pl.program_id(0), pl.program_id(1)
     if longest_first:  # a sequence's last tiles see the most context: start them first
         i = num_tiles_total - 1 - i
@@ -135,10 +144,15 @@ def ragged_paged_attention(
     num_stages: int = 3,
     longest_first: bool = True,
     interpret: bool = False,
-    keep: jax.Array | None = None,  # [S] bool: only these sequences (the others' rows are left unwritten)
+    keep: jax.Array | None = None,  # [S] bool: only these sequences
+    into: jax.Array | None = None,  # [T, num_q_heads, head_dim], donated: the output starts as this
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
     """Causal attention of a ragged batch of query chunks over the paged cache. Same semantics as the
-    reference. `block_m` query rows per program = block_q tokens x the (padded) GQA group."""
+    reference. `block_m` query rows per program = block_q tokens x the (padded) GQA group.
+
+    With `keep`, the other sequences' rows are left unwritten: given `into` (another kernel's output for
+    them), the result is `into` with the kept rows written in place, with no merge pass; without it they
+    are zeros."""
     T, num_q_heads, head_dim = q.shape
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
@@ -154,14 +168,7 @@ def ragged_paged_attention(
         num_blocks=num_blocks, block_size=block_size, max_blocks=max_blocks, block_q=block_q,
         block_k=block_k, scale=scale, interpret=interpret, num_tiles_total=num_tiles, longest_first=longest_first)
     flat_kv = (num_layers * num_blocks * block_size, num_kv_heads * head_dim)
-    out = pl.pallas_call(
-        kernel,
-        grid=(num_tiles, num_kv_heads),
-        out_shape=jax.ShapeDtypeStruct((T * num_q_heads, head_dim), q.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="ragged_paged_attention",
-    )(
+    inputs = [
         jnp.asarray(layer, jnp.int32).reshape(1),
         block_tables.reshape(-1).astype(jnp.int32),
         seq_lens.astype(jnp.int32),
@@ -171,6 +178,21 @@ def ragged_paged_attention(
         q.reshape(T * num_q_heads, head_dim),
         k_cache.reshape(flat_kv),
         v_cache.reshape(flat_kv),
-    )
+    ]
+    if into is not None:
+        inputs.append(into.astype(q.dtype).reshape(T * num_q_heads, head_dim))
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_tiles, num_kv_heads),
+        out_shape=jax.ShapeDtypeStruct((T * num_q_heads, head_dim), q.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="ragged_paged_attention",
+        input_output_aliases={len(inputs) - 1: 0} if into is not None else {},
+    )(*inputs).reshape(T, num_q_heads, head_dim)
+    if into is not None:
+        return out
     valid = jnp.arange(T) < query_start_loc[num_seqs]
-    return jnp.where(valid[:, None, None], out.reshape(T, num_q_heads, head_dim), 0).astype(q.dtype)
+    if keep is not None:
+        valid &= keep[seq_of_token(query_start_loc.astype(jnp.int32), T)]
+    return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
