@@ -2,9 +2,10 @@
 seq_lens, query_start_loc, *, scale, decode_only=False)`.
 
 On a CUDA GPU, 16-bit caches go to the Pallas kernels: `decode.py` (Triton) when the caller promises
-one query token per sequence; otherwise each sequence by its chunk length, `prefill.py` (Mosaic GPU:
-wgmma + TMA) for chunks of at least PREFILL_MIN_TOKENS and `ragged.py` (Triton) for the rest (decode
-tokens in a mixed step would waste most of a Mosaic tile). Everything else, the CPU included, runs the
+one query token per sequence; otherwise each sequence by its chunk length: `prefill.py` (Mosaic GPU:
+wgmma + TMA) for chunks of at least PREFILL_MIN_TOKENS, `ragged.py` (Triton) for shorter ones, and
+`decode.py` for the single tokens of a mixed step (a Mosaic or ragged tile would compute 64 tokens' worth
+for each). Everything else, the CPU included, runs the
 pure-jnp reference. JAXLLM_ATTENTION=reference forces the reference anywhere; JAXLLM_PREFILL=triton
 keeps every chunk on `ragged.py` (for A/B runs).
 """
@@ -50,16 +51,21 @@ def prefill_kernel_supported(q: jax.Array, k_cache: jax.Array) -> bool:
 
 
 def _split_by_chunk_length(args, scale: float) -> jax.Array:
-    """Long chunks through the Mosaic prefill kernel, short ones (decode tokens) through the Triton ragged
-    kernel; each kernel gets tiles only for its own sequences."""
+    """Long chunks through the Mosaic prefill kernel, short ones through the Triton ragged kernel, single
+    tokens (decodes in a mixed step) through the decode kernel, which reads each K/V tile once for a
+    handful of rows where a ragged tile would compute 64 tokens' worth. Each kernel works only on its
+    own sequences and writes their rows into one buffer, in place."""
     from pallas_kernels.prefill import ragged_paged_attention as prefill_kernel
     from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
+
+    from pallas_kernels.decode import paged_decode_attention as decode_kernel
 
     query_start_loc = args[6].astype(jnp.int32)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
     long = q_lens >= PREFILL_MIN_TOKENS
-    out_long = prefill_kernel(*args, scale=scale, keep=long)  # zeros in the short sequences' rows
-    return ragged_kernel(*args, scale=scale, keep=~long, into=out_long)  # which it writes in place
+    out = prefill_kernel(*args, scale=scale, keep=long)  # zeros in the other sequences' rows...
+    out = ragged_kernel(*args, scale=scale, keep=(q_lens > 1) & ~long, into=out)  # ...written in place
+    return decode_kernel(*args, scale=scale, keep=q_lens == 1, into=out)
 
 
 def ragged_paged_attention(

@@ -106,11 +106,13 @@ def choose_num_stages(num_programs: int, num_splits: int) -> int:
 
 
 def _decode_kernel(
-    layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, q_ref, k_ref, v_ref,  # inputs
-    o_ref, *lse_ref,  # outputs: o [splits * T * Hq, D] (f32 when split, else q dtype); lse [splits * T * Hq]
+    layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, keep_ref, q_ref, k_ref, v_ref,  # inputs
+    *out_refs,  # outputs: o [splits * T * Hq, D] (f32 when split, else q dtype), then lse [splits * T * Hq]
+    # when split; before them, `into` when given (aliased to o, not read)
     num_seqs, num_tokens, num_q_heads, group, group_pad, head_dim, num_blocks, block_size, max_blocks,
-    block_k, num_splits, scale, interpret,
+    block_k, num_splits, scale, interpret, zero_padding,
 ):
+    o_ref, *lse_ref = out_refs[-2:] if num_splits > 1 else out_refs[-1:]
     p, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g = jnp.arange(group_pad, dtype=jnp.int32)
     head_ok = g < group
@@ -126,16 +128,17 @@ def _decode_kernel(
 
     num_real_tokens = query_start_loc_ref[num_seqs]
 
-    @pl.when((p >= num_real_tokens) & (p < num_tokens))
-    def _zero_padding_token():
-        store(p, jnp.zeros((group_pad, head_dim), jnp.float32), jnp.zeros((group_pad,), jnp.float32))
+    if zero_padding:
+        @pl.when((p >= num_real_tokens) & (p < num_tokens))
+        def _zero_padding_token():
+            store(p, jnp.zeros((group_pad, head_dim), jnp.float32), jnp.zeros((group_pad,), jnp.float32))
 
     seq = jnp.minimum(p, num_seqs - 1)
     token = query_start_loc_ref[seq]
     q_len = query_start_loc_ref[seq + 1] - token
     ctx = seq_lens_ref[seq]
 
-    @pl.when((p < num_seqs) & (q_len > 0))
+    @pl.when((p < num_seqs) & (q_len > 0) & (keep_ref[seq] != 0))
     def _attend():
         layer_row0 = layer_ref[0] * (num_blocks * block_size)
         q_rows = token * num_q_heads + h * group + g
@@ -183,13 +186,20 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
     interpret: bool = False,
+    keep: jax.Array | None = None,  # [S] bool: only these sequences, each with exactly one query token
+    into: jax.Array | None = None,  # [T, num_q_heads, head_dim], donated: the output starts as this
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
-    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference."""
+    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference.
+
+    In a mixed step, `keep` picks the single-token sequences and `into` (the other kernels' output)
+    receives their rows in place: one program per sequence, unsplit, nothing else written."""
     T, num_q_heads, head_dim = q.shape
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
     group = num_q_heads // num_kv_heads
     group_pad = max(16, next_pow2(group))
+    if into is not None:
+        num_splits = 1  # a split would need its own merge pass over all T rows
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks * block_size, block_k)
     if num_stages is None:
@@ -199,16 +209,19 @@ def paged_decode_attention(
         block_tables.reshape(-1).astype(jnp.int32),
         seq_lens.astype(jnp.int32),
         query_start_loc.astype(jnp.int32),
+        (jnp.ones((num_seqs,), jnp.int32) if keep is None else keep.astype(jnp.int32)),
         q.reshape(T * num_q_heads, head_dim),
         k_cache.reshape(num_layers * num_blocks * block_size, num_kv_heads * head_dim),
         v_cache.reshape(num_layers * num_blocks * block_size, num_kv_heads * head_dim),
     )
+    if into is not None:
+        inputs += (into.astype(q.dtype).reshape(T * num_q_heads, head_dim),)
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     kernel = functools.partial(
         _decode_kernel, num_seqs=num_seqs, num_tokens=T, num_q_heads=num_q_heads, group=group,
         group_pad=group_pad, head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
         max_blocks=max_blocks, block_k=block_k, num_splits=num_splits, scale=scale,
-        interpret=interpret)
+        interpret=interpret, zero_padding=into is None)
     rows = num_splits * T * num_q_heads
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((rows, head_dim), q.dtype)
@@ -216,11 +229,12 @@ def paged_decode_attention(
         out_shape = (jax.ShapeDtypeStruct((rows, head_dim), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.float32))
     out = pl.pallas_call(
         kernel,
-        grid=(max(num_seqs, T), num_kv_heads, num_splits),
+        grid=(num_seqs if into is not None else max(num_seqs, T), num_kv_heads, num_splits),
         out_shape=out_shape,
         compiler_params=params,
         interpret=interpret,
         name="paged_decode_attention",
+        input_output_aliases={len(inputs) - 1: 0} if into is not None else {},
     )(*inputs)
     if num_splits == 1:
         return out.reshape(T, num_q_heads, head_dim)

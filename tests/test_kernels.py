@@ -154,21 +154,23 @@ def test_ragged_kernel_interpret(num_q_heads):
     assert (got[n_real:] == 0).all()
 
 
-@pytest.mark.parametrize("with_into", [False, True])
-def test_ragged_kernel_keep_writes_only_kept_rows(with_into):
-    """The dispatch's second kernel: sequences outside `keep` are another kernel's; their rows come out as
-    zeros, or, given `into` (that kernel's output), as into's values, written around in place."""
+@pytest.mark.parametrize("kernel,with_into", [("ragged", False), ("ragged", True), ("decode", True)])
+def test_kernel_keep_writes_only_kept_rows(kernel, with_into):
+    """The dispatch's second and third kernels: sequences outside `keep` are another kernel's; their rows
+    come out as zeros, or, given `into` (that kernel's output), as into's values, written around in place.
+    The ragged kernel takes the short chunks of a mixed batch, the decode kernel its single tokens."""
     b = random_batch(31, **MIXED)
     q_lens = np.diff(np.asarray(b["query_start_loc"]))
-    keep = q_lens < 4
+    keep = (q_lens > 1) & (q_lens < 10) if kernel == "ragged" else q_lens == 1
     assert keep.any() and (~keep & (q_lens > 0)).any()
     qsl = np.asarray(b["query_start_loc"])
     mine = np.zeros(b["q"].shape[0], bool)
     for s in np.nonzero(keep)[0]:
         mine[qsl[s]:qsl[s + 1]] = True
     into = jnp.asarray(np.random.default_rng(0).standard_normal(b["q"].shape), b["q"].dtype)
-    got = np.asarray(ragged_kernel(**b, scale=0.2, block_m=16, block_k=16, interpret=True, keep=jnp.asarray(keep),
-                                   into=into if with_into else None))
+    run = (functools.partial(ragged_kernel, block_m=16) if kernel == "ragged" else paged_decode_attention)
+    got = np.asarray(run(**b, scale=0.2, block_k=16, interpret=True, keep=jnp.asarray(keep),
+                         into=into if with_into else None))
     want = np.asarray(reference(**b, scale=0.2))
     assert rel_err(got[mine], want[mine]) < 1e-2
     np.testing.assert_array_equal(got[~mine], np.asarray(into)[~mine] if with_into else 0)
