@@ -17,8 +17,8 @@ XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 LOG=throughput-qwen3.log PAT="tok/s\|ratio\|
   --max-model-len 2048 --compare-hf generate_batch --output-json $R/throughput-qwen3-0.6b.json
 tar czf $OUT/all.tgz -C $R .
 export JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla-startup XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-LOG=startup-cold.log PAT="ready\|s$" LIMIT=90 TAILN=2 step "startup cold" python benchmarks/startup.py --label cold --output-json $R/startup-cold.json
-LOG=startup-warm.log PAT="ready\|s$" LIMIT=60 TAILN=2 step "startup warm" python benchmarks/startup.py --label warm --output-json $R/startup-warm.json
+LOG=startup-cold.log PAT="" LIMIT=90 TAILN=2 step "startup cold" python benchmarks/startup.py --label cold --output-json $R/startup-cold.json
+LOG=startup-warm.log PAT="" LIMIT=60 TAILN=2 step "startup warm" python benchmarks/startup.py --label warm --output-json $R/startup-warm.json
 tar czf $OUT/all.tgz -C $R .
 LOG=check_engine.log PAT="" LIMIT=120 TAILN=8 step check_engine python tests/gpu/check_engine.py --log $R/check_engine.json
 tar czf $OUT/all.tgz -C $R .
