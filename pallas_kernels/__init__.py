@@ -3,9 +3,9 @@ seq_lens, query_start_loc, *, scale, decode_only=False)`.
 
 On a CUDA GPU, 16-bit caches go to the Pallas kernels: `decode.py` (Triton) when the caller promises
 one query token per sequence; otherwise each sequence by its chunk length: `prefill.py` (Mosaic GPU:
-wgmma + TMA) for chunks of at least PREFILL_MIN_TOKENS, `ragged.py` (Triton) for shorter ones, and
-`decode.py` for the single tokens of a mixed step (a Mosaic or ragged tile would compute 64 tokens' worth
-for each). Everything else, the CPU included, runs the
+wgmma + TMA) for chunks of at least PREFILL_MIN_TOKENS in steps of at least PREFILL_MIN_BUCKET tokens,
+`ragged.py` (Triton) for the other chunks, and `decode.py` for the single tokens of a mixed step (a
+Mosaic or ragged tile would compute 64 tokens' worth for each). Everything else, the CPU included, runs the
 pure-jnp reference. JAXLLM_ATTENTION=reference forces the reference anywhere; JAXLLM_PREFILL=triton
 keeps every chunk on `ragged.py` (for A/B runs).
 """
@@ -39,6 +39,11 @@ def kernels_supported(q: jax.Array, k_cache: jax.Array) -> bool:
 
 
 PREFILL_MIN_TOKENS = 128  # one whole Mosaic tile (2 warpgroups x 64 rows)
+# Mosaic GPU compiles each kernel when XLA loads the program, and keeps it in memory only: a persistent
+# compilation cache does not cover it, and every token bucket is its own kernel (shapes are baked in).
+# Smaller steps stay on Triton, so a start compiles a handful of Mosaic kernels, not one per bucket (with
+# one per bucket, start to ready took 57 s on an H100, cold or warm).
+PREFILL_MIN_BUCKET = 4096
 
 
 def prefill_kernel_supported(q: jax.Array, k_cache: jax.Array) -> bool:
@@ -51,19 +56,22 @@ def prefill_kernel_supported(q: jax.Array, k_cache: jax.Array) -> bool:
 
 
 def _split_by_chunk_length(args, scale: float) -> jax.Array:
-    """Long chunks through the Mosaic prefill kernel, short ones through the Triton ragged kernel, single
-    tokens (decodes in a mixed step) through the decode kernel, which reads each K/V tile once for a
-    handful of rows where a ragged tile would compute 64 tokens' worth. Each kernel works only on its
-    own sequences and writes their rows into one buffer, in place."""
+    """Long chunks through the Mosaic prefill kernel (in steps of at least PREFILL_MIN_BUCKET tokens),
+    short ones through the Triton ragged kernel, single tokens (decodes in a mixed step) through the
+    decode kernel, which reads each K/V tile once for a handful of rows where a ragged tile would compute
+    64 tokens' worth. Each kernel works only on its own sequences and writes their rows into one buffer,
+    in place."""
+    from pallas_kernels.decode import paged_decode_attention as decode_kernel
     from pallas_kernels.prefill import ragged_paged_attention as prefill_kernel
     from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
 
-    from pallas_kernels.decode import paged_decode_attention as decode_kernel
-
-    query_start_loc = args[6].astype(jnp.int32)
+    q, k_cache, query_start_loc = args[0], args[1], args[6].astype(jnp.int32)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
-    long = q_lens >= PREFILL_MIN_TOKENS
-    out = prefill_kernel(*args, scale=scale, keep=long)  # zeros in the other sequences' rows...
+    if q.shape[0] >= PREFILL_MIN_BUCKET and prefill_kernel_supported(q, k_cache):
+        long = q_lens >= PREFILL_MIN_TOKENS
+        out = prefill_kernel(*args, scale=scale, keep=long)  # zeros in the other sequences' rows...
+    else:
+        long, out = jnp.zeros_like(q_lens, bool), jnp.zeros_like(q)
     out = ragged_kernel(*args, scale=scale, keep=(q_lens > 1) & ~long, into=out)  # ...written in place
     return decode_kernel(*args, scale=scale, keep=q_lens == 1, into=out)
 
@@ -91,9 +99,5 @@ def ragged_paged_attention(
             from pallas_kernels.decode import paged_decode_attention
 
             return paged_decode_attention(*args, scale=scale)
-        if prefill_kernel_supported(q, k_cache):
-            return _split_by_chunk_length(args, scale)
-        from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
-
-        return ragged_kernel(*args, scale=scale)
+        return _split_by_chunk_length(args, scale)
     return reference_ragged_paged_attention(*args, scale=scale)

@@ -176,6 +176,20 @@ def test_kernel_keep_writes_only_kept_rows(kernel, with_into):
     np.testing.assert_array_equal(got[~mine], np.asarray(into)[~mine] if with_into else 0)
 
 
+@pytest.mark.parametrize("num_tokens", [300, pallas_kernels.PREFILL_MIN_BUCKET])
+def test_dispatch_lowers_for_cuda_with_mosaic_only_in_big_steps(num_tokens):
+    """What an engine step runs per layer on the GPU: the Mosaic prefill kernel only in steps of at least
+    PREFILL_MIN_BUCKET tokens (its kernels are compiled at every start), and no while loop in the
+    bookkeeping (a searchsorted scan there cost more than the kernel saved)."""
+    b = random_batch(1, [num_tokens - 10, 1, 1, 6], [num_tokens, 40, 60, 200], num_q_heads=4, num_kv_heads=2,
+                     head_dim=64, block_size=16, dtype=jnp.bfloat16)
+    step = jax.jit(lambda *a: pallas_kernels._split_by_chunk_length(a, 0.1))
+    text = step.trace(*b.values()).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("mosaic_gpu" in text) == (num_tokens >= pallas_kernels.PREFILL_MIN_BUCKET)
+    assert text.count("triton") >= 2  # the ragged and the decode kernels
+    assert "stablehlo.while" not in text
+
+
 @pytest.mark.parametrize("decode_only", [False, True])
 def test_dispatch_uses_reference_on_cpu(decode_only):
     assert jax.default_backend() == "cpu"

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from throughput import git_commit  # noqa: E402  ($JAXLLM_GIT_COMMIT first: the device copy's .git is stale)
 
 from pallas_kernels.decode import paged_decode_attention
+import pallas_kernels
 from pallas_kernels import ragged_paged_attention as dispatch
 from pallas_kernels.prefill import ragged_paged_attention as prefill_kernel
 from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
@@ -92,6 +93,15 @@ def check(name, fn, args, scale, log):
     return ok
 
 
+def dispatch_mosaic_always(*args, scale):
+    """The dispatch with PREFILL_MIN_BUCKET lifted, so these small cases reach the Mosaic kernel too."""
+    saved, pallas_kernels.PREFILL_MIN_BUCKET = pallas_kernels.PREFILL_MIN_BUCKET, 0
+    try:
+        return dispatch(*args, scale=scale)
+    finally:
+        pallas_kernels.PREFILL_MIN_BUCKET = saved
+
+
 def cases(rng):
     heads = [(16, 8, 128), (32, 8, 128), (28, 4, 128), (8, 8, 64), (64, 8, 128)]
     for hq, hkv, d in heads:
@@ -142,6 +152,7 @@ def main():
             ok &= check(name + " [ragged kernel]", ragged_kernel, args, scale, log)
         if "dispatch" in kernels and kind == "ragged":  # what the engine calls: Mosaic for long chunks
             ok &= check(name + " [dispatch]", dispatch, args, scale, log)
+            ok &= check(name + " [dispatch, Mosaic at any step size]", dispatch_mosaic_always, args, scale, log)
         if "prefill" in kernels:
             ok &= check(name + " [prefill kernel]", prefill_kernel, args, scale, log)
             if kind == "ragged":
