@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Device call, seventh session: the prefill kernel reading q and writing its output in place (flat tiles,
 # no XLA gathers), checked through the kernel and the dispatch, timed beside the sixth session's
-# tile-major kernel (f1ab836, carried untracked as baseline_prefill_f1ab836.py) in one run, then the
-# prefill-heavy engine A/B and the nano-vllm workload.
-# Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite23.sh`.
+# tile-major kernel (f1ab836) in one run, then the prefill-heavy engine A/B.
+# First `git show f1ab836:pallas_kernels/prefill.py > benchmarks/device_runs/baseline_prefill_f1ab836.py` (left
+# untracked: it travels with the call), then `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite23.sh`.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD JAXLLM_COMPILATION_CACHE=/tmp/jaxllm-xla XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
