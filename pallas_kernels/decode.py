@@ -198,6 +198,8 @@ def paged_decode_attention(
     num_seqs, max_blocks = block_tables.shape
     group = num_q_heads // num_kv_heads
     group_pad = max(16, next_pow2(group))
+    if keep is not None and into is None:
+        into = jnp.zeros_like(q)  # the other sequences' rows: zeros
     if into is not None:
         num_splits = 1  # a split would need its own merge pass over all T rows
     if num_splits is None:

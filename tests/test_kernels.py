@@ -154,7 +154,7 @@ def test_ragged_kernel_interpret(num_q_heads):
     assert (got[n_real:] == 0).all()
 
 
-@pytest.mark.parametrize("kernel,with_into", [("ragged", False), ("ragged", True), ("decode", True)])
+@pytest.mark.parametrize("kernel,with_into", [("ragged", False), ("ragged", True), ("decode", False), ("decode", True)])
 def test_kernel_keep_writes_only_kept_rows(kernel, with_into):
     """The dispatch's second and third kernels: sequences outside `keep` are another kernel's; their rows
     come out as zeros, or, given `into` (that kernel's output), as into's values, written around in place.
