@@ -265,6 +265,9 @@ def main():
     if a.baseline_prefill:
         import importlib.util
 
+        if not Path(a.baseline_prefill).is_file():
+            ap.error(f"--baseline-prefill: no such file: {a.baseline_prefill}")
+
         spec = importlib.util.spec_from_file_location("baseline_prefill", a.baseline_prefill)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

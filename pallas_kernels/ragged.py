@@ -42,13 +42,6 @@ def searchsorted(sorted_values: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.searchsorted(sorted_values, x, side="right", method="compare_all")
 
 
-def seq_of_token(query_start_loc: jax.Array, num_tokens: int) -> jax.Array:
-    """[T] the sequence each query token belongs to (padding tokens: the last sequence)."""
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    num_seqs = query_start_loc.shape[0] - 1
-    return jnp.minimum(searchsorted(query_start_loc[1:], t), num_seqs - 1).astype(jnp.int32)
-
-
 def query_tiles(query_start_loc: jax.Array, num_tiles: int, block_q: int, keep: jax.Array | None = None):
     """For each of `num_tiles` programs: its sequence (-1 past the last tile) and its first query token
     within that sequence. Sequences with `keep` False get no tiles."""
@@ -151,8 +144,8 @@ def ragged_paged_attention(
     reference. `block_m` query rows per program = block_q tokens x the (padded) GQA group.
 
     With `keep`, the other sequences' rows are left unwritten: given `into` (another kernel's output for
-    them), the result is `into` with the kept rows written in place, with no merge pass; without it they
-    are zeros."""
+    them), the result is `into` with the kept rows written in place, with no merge pass; without it, a
+    buffer of zeros."""
     T, num_q_heads, head_dim = q.shape
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
@@ -179,6 +172,8 @@ def ragged_paged_attention(
         k_cache.reshape(flat_kv),
         v_cache.reshape(flat_kv),
     ]
+    if keep is not None and into is None:
+        into = jnp.zeros_like(q)  # the other sequences' rows: zeros
     if into is not None:
         inputs.append(into.astype(q.dtype).reshape(T * num_q_heads, head_dim))
     out = pl.pallas_call(
@@ -193,6 +188,4 @@ def ragged_paged_attention(
     if into is not None:
         return out
     valid = jnp.arange(T) < query_start_loc[num_seqs]
-    if keep is not None:
-        valid &= keep[seq_of_token(query_start_loc.astype(jnp.int32), T)]
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
