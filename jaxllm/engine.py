@@ -75,9 +75,14 @@ class LLMEngine:
         on_gpu = jax.default_backend() != "cpu"
         if on_gpu and engine_config.num_gpu_blocks is None:
             # Size the cache from what is left after a step of the largest bucket has run.
+            t0 = time.perf_counter()
             self.runner = ModelRunner(model_config, engine_config, params, engine_config.max_blocks_per_seq + 1)
-            self.runner.run_dummy_step(engine_config.token_buckets[-1], decode_only=False, random_rows=True)
+            # Without the Mosaic prefill kernel: its memory is the Triton path's, and with this cache's
+            # shape it would be one more kernel for Mosaic to compile at every start.
+            self.runner.run_dummy_step(engine_config.token_buckets[-1], decode_only=False, random_rows=True,
+                                       prefill_kernel=False)
             self.runner.resize_kv_cache(self._num_kv_blocks())
+            logger.info("warm-up step of %d tokens in %.1fs", engine_config.token_buckets[-1], time.perf_counter() - t0)
         else:
             self.runner = ModelRunner(model_config, engine_config, params, self._num_kv_blocks())
         num_blocks = self.runner.kv_cache.num_blocks

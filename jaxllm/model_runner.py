@@ -40,6 +40,7 @@ import numpy as np
 from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.core.request import Request
 from jaxllm.core.scheduler import SchedulerOutput
+from jaxllm.executable_cache import ExecutableCache
 from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks
 from jaxllm.models import llama
 from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
@@ -47,19 +48,22 @@ from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
 logger = logging.getLogger("jaxllm")
 
 
-STEP_STATIC_ARGS = ("config", "decode_only", "random_rows", "use_filters", "num_logprobs", "num_prompt_logprobs")
+STEP_STATIC_ARGS = ("config", "decode_only", "prefill_kernel", "random_rows", "use_filters", "num_logprobs",
+                    "num_prompt_logprobs")
 
 
 @functools.partial(jax.jit, static_argnames=STEP_STATIC_ARGS,
                    donate_argnames=("kv_cache", "penalty_state"), compiler_options=llama.step_compiler_options())
 def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, last_sampled, token_ids, prev_rows,
           positions, md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets, config: ModelConfig,
-          decode_only: bool, random_rows: bool, use_filters: bool, num_logprobs: int, num_prompt_logprobs: int):
+          decode_only: bool, prefill_kernel: bool, random_rows: bool, use_filters: bool, num_logprobs: int,
+          num_prompt_logprobs: int):
     """token_ids/prev_rows/positions/prompt_targets [T], sample_indices [R]: the query token each row samples
     after. A token still being sampled by the previous step when this one was scheduled has
     prev_rows >= 0: it is read from that step's samples, `last_sampled` [R_max], without a host round trip."""
     token_ids = jnp.where(prev_rows >= 0, last_sampled[jnp.maximum(prev_rows, 0)], token_ids)
-    hidden, kv_cache = llama.forward_hidden(params, token_ids, positions, kv_cache, md, config, decode_only)
+    hidden, kv_cache = llama.forward_hidden(params, token_ids, positions, kv_cache, md, config, decode_only,
+                                            prefill_kernel)
     logits = llama.compute_logits(params, hidden[sample_indices])  # [R, V]
     out, penalty_state = sample(logits, st, penalty_state, random_rows=random_rows, use_filters=use_filters,
                                 num_logprobs=num_logprobs)
@@ -142,6 +146,9 @@ class ModelRunner:
             self.mixed_seqs_follow_tokens = True
         self.compiled_buckets: set[tuple] = set()
         self._executables: dict[tuple, object] = {}  # bucket -> the step compiled ahead of time (precompile)
+        self.executable_cache = ExecutableCache.from_jax_config()
+        leaf = next(iter(jax.tree_util.tree_leaves(params)), None)
+        self.device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]
         self.penalty_state: PenaltyState | None = None  # created on the first penalised request
         self.last_sampled = jnp.zeros(engine_config.seq_buckets[-1], jnp.int32)  # the previous step's samples
         self.prepare_seconds = 0.0  # host time spent building step inputs
@@ -270,8 +277,8 @@ class ModelRunner:
             if s.samples:
                 s.request.pending_row = i
         args = dict(token_ids=token_ids, prev_rows=prev_rows, positions=positions, md=md,
-                    sample_indices=sample_indices, st=st,
-                    prompt_targets=prompt_targets, decode_only=decode_only, random_rows=random_rows,
+                    sample_indices=sample_indices, st=st, prompt_targets=prompt_targets, decode_only=decode_only,
+                    prefill_kernel=self._prefill_kernel(T, decode_only), random_rows=random_rows,
                     use_filters=use_filters, num_logprobs=num_logprobs, num_prompt_logprobs=num_prompt_logprobs)
         bucket = (T, S, R, B, decode_only, random_rows, use_filters, bool(penalty_rows), st.bias_ids.shape[1],
                   st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs)
@@ -351,6 +358,12 @@ class ModelRunner:
         self.kv_cache = None  # free the old pool first
         self.kv_cache = KVCache.create(self.model_config, num_blocks, self.block_size)
 
+    def _prefill_kernel(self, num_tokens: int, decode_only: bool) -> bool:
+        """Whether a step's long chunks go to the Mosaic prefill kernel (where it runs): in the largest
+        token bucket only, where prefill-heavy steps land. Each step shape with it costs every start ~2 s
+        of Mosaic compilation that no cache keeps (pallas_kernels.PREFILL_MIN_BUCKET's note)."""
+        return not decode_only and num_tokens == self.config.token_buckets[-1]
+
     def _mixed_seqs(self, num_tokens: int, num_seqs: int) -> int:
         """S of a mixed (not decode-only) step. On a GPU it follows the token bucket T (a step of T tokens
         has at most T sequences), so it adds no programs; on a CPU it is bucketed on its own."""
@@ -358,9 +371,12 @@ class ModelRunner:
             return min(num_tokens, self.config.seq_buckets[-1])
         return _bucket(num_seqs, self.config.seq_buckets)
 
-    def _dummy_step_args(self, num_tokens: int, decode_only: bool, random_rows: bool):
+    def _dummy_step_args(self, num_tokens: int, decode_only: bool, random_rows: bool,
+                         prefill_kernel: bool | None = None):
         """An all-padding step of a bucket (nothing is written: every slot is -1): (_step's keyword
-        arguments, the bucket)."""
+        arguments, the bucket). `prefill_kernel` None: as a real step of that bucket."""
+        if prefill_kernel is None:
+            prefill_kernel = self._prefill_kernel(num_tokens, decode_only)
         T, B = num_tokens, self.block_buckets[-1]
         S = T if decode_only else self._mixed_seqs(T, 1)
         md = AttentionMetadata(slot_mapping=np.full(T, -1, np.int32), block_tables=np.zeros((S, B), np.int32),
@@ -370,15 +386,36 @@ class ModelRunner:
         zeros = np.zeros(T, np.int32)
         args = dict(token_ids=zeros, prev_rows=np.full(T, -1, np.int32), positions=zeros, md=md,
                     sample_indices=np.zeros(S, np.int32), st=st, prompt_targets=zeros, decode_only=decode_only,
-                    random_rows=random_rows, use_filters=False, num_logprobs=-1, num_prompt_logprobs=-1)
+                    prefill_kernel=prefill_kernel, random_rows=random_rows, use_filters=False, num_logprobs=-1, num_prompt_logprobs=-1)
         bucket = (T, S, S, B, decode_only, random_rows, False, False, st.bias_ids.shape[1], 0, -1, -1)
         return args, bucket
 
-    def run_dummy_step(self, num_tokens: int, decode_only: bool, random_rows: bool = False) -> None:
-        """Run one all-padding step of a bucket. Compiles it."""
-        args, bucket = self._dummy_step_args(num_tokens, decode_only, random_rows)
-        res, _, self.kv_cache, _, self.last_sampled = _step(
-            self.params, self.kv_cache, None, self.last_sampled, config=self.model_config, **args)
+    def _compile_step(self, args: dict) -> tuple[jax.stages.Compiled, bool]:
+        """(the step program for these arguments, whether it came from the executable cache): loaded from
+        the cache when it holds it, else traced, compiled and stored there."""
+        cache, key = self.executable_cache, None
+        if cache is not None:
+            statics = {k: args[k] for k in STEP_STATIC_ARGS if k in args} | {"config": self.model_config}
+            arrays = {k: v for k, v in args.items() if k not in STEP_STATIC_ARGS}
+            key = cache.key(self.device, statics, (self.params, self.kv_cache, None, self.last_sampled, arrays))
+            if (executable := cache.load(key, self.device)) is not None:
+                return executable, True
+        lowered = _step.lower(self.params, self.kv_cache, None, self.last_sampled, config=self.model_config, **args)
+        executable = lowered.compile()
+        if cache is not None:
+            cache.store(key, executable)
+        return executable, False
+
+    def _call_compiled(self, executable, args: dict, penalty_state):
+        arrays = {k: v for k, v in args.items() if k not in STEP_STATIC_ARGS}
+        return executable(self.params, self.kv_cache, penalty_state, self.last_sampled, **arrays)
+
+    def run_dummy_step(self, num_tokens: int, decode_only: bool, random_rows: bool = False,
+                       prefill_kernel: bool | None = None) -> None:
+        """Run one all-padding step of a bucket (compiled, or loaded from the executable cache)."""
+        args, bucket = self._dummy_step_args(num_tokens, decode_only, random_rows, prefill_kernel)
+        executable, _ = self._compile_step(args)
+        res, _, self.kv_cache, _, self.last_sampled = self._call_compiled(executable, args, None)
         jax.block_until_ready(res)
         self.compiled_buckets.add(bucket)
 
@@ -386,7 +423,8 @@ class ModelRunner:
         """Compile every ordinary step at start, in parallel: one program per decode batch bucket and one
         per token bucket, each for all-greedy batches and for batches with random rows (requests with
         top-k/p or min-p, penalties, logprobs or allowed_token_ids may still add programs later). The
-        executables are kept and called directly by `_launch`."""
+        executables are kept and called directly by `_launch`; a second start loads them from the
+        executable cache without tracing."""
         from tqdm.auto import tqdm
 
         shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
@@ -394,19 +432,19 @@ class ModelRunner:
 
         def compile_one(shape):
             args, bucket = self._dummy_step_args(*shape)
-            lowered = _step.lower(self.params, self.kv_cache, None, self.last_sampled, config=self.model_config,
-                                  **args)
-            return bucket, lowered.compile()
+            return bucket, *self._compile_step(args)
 
-        start = time.perf_counter()
+        start, loaded = time.perf_counter(), 0
         with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="jaxllm-compile") as pool:
             futures = [pool.submit(compile_one, shape) for shape in shapes]
             for future in tqdm(as_completed(futures), total=len(futures), desc="Compiling buckets",
                                dynamic_ncols=True):
-                bucket, executable = future.result()
+                bucket, executable, cached = future.result()
                 self._executables[bucket] = executable
                 self.compiled_buckets.add(bucket)
-        logger.info("compiled %d step programs in %.1fs", len(shapes), time.perf_counter() - start)
+                loaded += cached
+        logger.info("compiled %d step programs in %.1fs (%d loaded from the executable cache)", len(shapes),
+                    time.perf_counter() - start, loaded)
 
     # -- device side ----------------------------------------------------------------------------
     def dispatch(self, out: SchedulerOutput) -> "InFlightStep":
@@ -433,9 +471,7 @@ class ModelRunner:
         state = self.penalty_state if use_penalties else None
         executable = self._executables.get(bucket)
         if executable is not None:  # compiled ahead of time: takes only the array arguments
-            arrays = {k: v for k, v in args.items() if k not in STEP_STATIC_ARGS}
-            res, prompt, self.kv_cache, state, self.last_sampled = executable(
-                self.params, self.kv_cache, state, self.last_sampled, **arrays)
+            res, prompt, self.kv_cache, state, self.last_sampled = self._call_compiled(executable, args, state)
         else:
             res, prompt, self.kv_cache, state, self.last_sampled = _step(
                 self.params, self.kv_cache, state, self.last_sampled, config=self.model_config, **args)

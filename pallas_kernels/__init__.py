@@ -3,8 +3,8 @@ seq_lens, query_start_loc, *, scale, decode_only=False)`.
 
 On a CUDA GPU, 16-bit caches go to the Pallas kernels: `decode.py` (Triton) when the caller promises
 one query token per sequence; otherwise each sequence by its chunk length: `prefill.py` (Mosaic GPU:
-wgmma + TMA) for chunks of at least PREFILL_MIN_TOKENS in steps of at least PREFILL_MIN_BUCKET tokens,
-`ragged.py` (Triton) for the other chunks, and `decode.py` for the single tokens of a mixed step (a
+wgmma + TMA) for chunks of at least PREFILL_MIN_TOKENS where the caller asks for it (`prefill_kernel`;
+by default in steps of at least PREFILL_MIN_BUCKET tokens), `ragged.py` (Triton) for the other chunks, and `decode.py` for the single tokens of a mixed step (a
 Mosaic or ragged tile would compute 64 tokens' worth for each). Everything else, the CPU included, runs the
 pure-jnp reference. JAXLLM_ATTENTION=reference forces the reference anywhere; JAXLLM_PREFILL=triton
 keeps every chunk on `ragged.py` (for A/B runs).
@@ -39,10 +39,11 @@ def kernels_supported(q: jax.Array, k_cache: jax.Array) -> bool:
 
 
 PREFILL_MIN_TOKENS = 128  # one whole Mosaic tile (2 warpgroups x 64 rows)
-# Mosaic GPU compiles each kernel when XLA loads the program, and keeps it in memory only: a persistent
-# compilation cache does not cover it, and every token bucket is its own kernel (shapes are baked in).
-# Smaller steps stay on Triton, so a start compiles a handful of Mosaic kernels, not one per bucket (with
-# one per bucket, start to ready took 57 s on an H100, cold or warm).
+# Mosaic GPU compiles each kernel when XLA loads the program, one kernel at a time (under a process-wide
+# lock) and into memory only: no persistent cache covers it, and every step shape is its own kernel
+# (shapes are baked in). That is ~2 s of every start per shape on an H100 (57 s from start to ready with
+# one per token bucket), so the engine asks for it in its largest token bucket only, where
+# prefill-heavy steps land; a caller that does not say gets it in steps of at least this many tokens.
 PREFILL_MIN_BUCKET = 4096
 
 
@@ -55,21 +56,23 @@ def prefill_kernel_supported(q: jax.Array, k_cache: jax.Array) -> bool:
             and q.shape[-1] % 64 == 0 and 128 % block_size == 0)
 
 
-def _split_by_chunk_length(args, scale: float) -> jax.Array:
-    """Long chunks through the Mosaic prefill kernel (in steps of at least PREFILL_MIN_BUCKET tokens),
-    short ones through the Triton ragged kernel, single tokens (decodes in a mixed step) through the
-    decode kernel, which reads each K/V tile once for a handful of rows where a ragged tile would compute
-    64 tokens' worth. Each kernel works only on its own sequences and writes their rows into one buffer,
-    in place."""
+def _split_by_chunk_length(args, scale: float, prefill_kernel: bool | None = None) -> jax.Array:
+    """Long chunks through the Mosaic prefill kernel (if `prefill_kernel`; None: in steps of at least
+    PREFILL_MIN_BUCKET tokens), short ones through the Triton ragged kernel, single tokens (decodes in a
+    mixed step) through the decode kernel, which reads each K/V tile once for a handful of rows where a
+    ragged tile would compute 64 tokens' worth. Each kernel works only on its own sequences and writes
+    their rows into one buffer, in place."""
     from pallas_kernels.decode import paged_decode_attention as decode_kernel
-    from pallas_kernels.prefill import ragged_paged_attention as prefill_kernel
+    from pallas_kernels.prefill import ragged_paged_attention as mosaic_kernel
     from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
 
     q, k_cache, query_start_loc = args[0], args[1], args[6].astype(jnp.int32)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
-    if q.shape[0] >= PREFILL_MIN_BUCKET and prefill_kernel_supported(q, k_cache):
+    if prefill_kernel is None:
+        prefill_kernel = q.shape[0] >= PREFILL_MIN_BUCKET
+    if prefill_kernel and prefill_kernel_supported(q, k_cache):
         long = q_lens >= PREFILL_MIN_TOKENS
-        out = prefill_kernel(*args, scale=scale, keep=long)  # zeros in the other sequences' rows...
+        out = mosaic_kernel(*args, scale=scale, keep=long)  # zeros in the other sequences' rows...
     else:
         long, out = jnp.zeros_like(q_lens, bool), jnp.zeros_like(q)
     out = ragged_kernel(*args, scale=scale, keep=(q_lens > 1) & ~long, into=out)  # ...written in place
@@ -87,11 +90,13 @@ def ragged_paged_attention(
     *,
     scale: float,
     decode_only: bool = False,
+    prefill_kernel: bool | None = None,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]
     """Causal attention of a ragged batch over the paged KV cache (semantics: `reference.py`).
 
     `decode_only` (static) promises that every sequence has 0 or 1 query tokens; it selects the
-    split-K decode kernel on GPU.
+    split-K decode kernel on GPU. `prefill_kernel` (static) puts chunks of at least PREFILL_MIN_TOKENS
+    on the Mosaic prefill kernel where it runs (None: in steps of at least PREFILL_MIN_BUCKET tokens).
     """
     args = (q, k_cache, v_cache, layer, block_tables, seq_lens, query_start_loc)
     if kernels_supported(q, k_cache):
@@ -99,5 +104,5 @@ def ragged_paged_attention(
             from pallas_kernels.decode import paged_decode_attention
 
             return paged_decode_attention(*args, scale=scale)
-        return _split_by_chunk_length(args, scale)
+        return _split_by_chunk_length(args, scale, prefill_kernel)
     return reference_ragged_paged_attention(*args, scale=scale)

@@ -175,6 +175,108 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     assert [token_ids(o) for o in ahead] == [token_ids(o) for o in lazy]
 
 
+def _gpu_style(llm, cache_dir):
+    from jaxllm.executable_cache import ExecutableCache
+
+    runner = llm.llm_engine.runner
+    runner.mixed_seqs_follow_tokens = True
+    runner.block_buckets = runner.block_buckets[-1:]
+    runner.executable_cache = ExecutableCache(cache_dir)
+    return runner
+
+
+class _CountingStep:
+    """Stands in for model_runner._step: counts traces (`lower`), delegates everything."""
+
+    def __init__(self, step):
+        self.step, self.lowered = step, 0
+
+    def lower(self, *args, **kwargs):
+        self.lowered += 1
+        return self.step.lower(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.step(*args, **kwargs)
+
+
+LEGACY_CPU_RUNTIME = "--xla_cpu_use_thunk_runtime=false"
+
+
+def test_second_start_loads_step_programs_without_tracing(tmp_path):
+    """Two starts, each its own process (as in use): the first compiles every program and stores it in the
+    executable cache; the second loads them without tracing `_step` (an unreadable entry aside, which
+    is dropped and compiled again) and generates the same tokens. The children run XLA's older CPU
+    runtime: jaxlib 0.10.2 cannot run an executable of its thunk runtime loaded back ("Function ... not
+    found"). The GPU has no such limit, and the CPU engine does not use the cache."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {LEGACY_CPU_RUNTIME}",
+               CACHE_TEST_DIR=str(tmp_path))
+    for phase in ("store", "load"):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               f"{__file__}::test_executable_cache_phase"], env=dict(env, CACHE_TEST_PHASE=phase),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0 and "1 passed" in proc.stdout, (phase, proc.stdout[-3000:] + proc.stderr[-2000:])
+
+
+def test_executable_cache_phase(make_llm, smol_tokenizer, monkeypatch):
+    """One start of the test above (skipped when run on its own)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from jaxllm import model_runner
+
+    phase, cache_dir = os.environ.get("CACHE_TEST_PHASE"), Path(os.environ.get("CACHE_TEST_DIR", "."))
+    if phase is None:
+        pytest.skip("one phase of test_second_start_loads_step_programs_without_tracing")
+    prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=6, ignore_eos=True)]
+    counting = _CountingStep(model_runner._step)
+    monkeypatch.setattr(model_runner, "_step", counting)
+    if phase == "load":
+        sorted(cache_dir.glob("*.pkl"))[0].write_bytes(b"truncated")
+    llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
+    runner = _gpu_style(llm, cache_dir)
+    runner.precompile(num_threads=2)
+    num_programs = len(runner._executables)
+    assert counting.lowered == (num_programs if phase == "store" else 1)  # only the unreadable entry again...
+    assert len(list(cache_dir.glob("*.pkl"))) == num_programs  # ...and it is stored again
+    got = [token_ids(llm.generate(prompts, p, use_tqdm=False)) for p in params]
+    assert counting.lowered == (num_programs if phase == "store" else 1)  # generation found every program
+    if phase == "store":
+        (cache_dir / "tokens.json").write_text(json.dumps(got))
+    else:
+        assert got == json.loads((cache_dir / "tokens.json").read_text())
+
+
+def test_executable_cache_key_follows_what_decides_the_program(tiny_model, monkeypatch):
+    import jax
+    import numpy as np
+
+    from jaxllm.executable_cache import ExecutableCache
+
+    config = tiny_model[0]
+    device = jax.devices()[0]
+    arrays = (np.zeros((4, 8), np.float32), {"a": np.zeros(3, np.int32)})
+    key = ExecutableCache.key(device, {"config": config, "decode_only": False}, arrays)
+    assert key == ExecutableCache.key(device, {"decode_only": False, "config": config}, arrays)
+    others = [
+        ExecutableCache.key(device, {"config": config, "decode_only": True}, arrays),
+        ExecutableCache.key(device, {"config": config.replace(num_layers=3), "decode_only": False}, arrays),
+        ExecutableCache.key(device, {"config": config, "decode_only": False},
+                            (np.zeros((4, 9), np.float32), {"a": np.zeros(3, np.int32)})),
+        ExecutableCache.key(device, {"config": config, "decode_only": False},
+                            (np.zeros((4, 8), np.float16), {"a": np.zeros(3, np.int32)})),
+    ]
+    monkeypatch.setenv("JAXLLM_PREFILL", "triton")
+    others.append(ExecutableCache.key(device, {"config": config, "decode_only": False}, arrays))
+    assert len({key, *others}) == len(others) + 1
+
+
 def test_fine_token_buckets_pad_at_most_a_third():
     from jaxllm.config import fine_buckets
 

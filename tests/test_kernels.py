@@ -176,16 +176,19 @@ def test_kernel_keep_writes_only_kept_rows(kernel, with_into):
     np.testing.assert_array_equal(got[~mine], np.asarray(into)[~mine] if with_into else 0)
 
 
-@pytest.mark.parametrize("num_tokens", [300, pallas_kernels.PREFILL_MIN_BUCKET])
-def test_dispatch_lowers_for_cuda_with_mosaic_only_in_big_steps(num_tokens):
-    """What an engine step runs per layer on the GPU: the Mosaic prefill kernel only in steps of at least
-    PREFILL_MIN_BUCKET tokens (its kernels are compiled at every start), and no while loop in the
-    bookkeeping (a searchsorted scan there cost more than the kernel saved)."""
+@pytest.mark.parametrize("num_tokens, prefill_kernel", [(300, None), (pallas_kernels.PREFILL_MIN_BUCKET, None),
+                                                          (300, True), (pallas_kernels.PREFILL_MIN_BUCKET, False)])
+def test_dispatch_lowers_for_cuda_with_mosaic_where_asked(num_tokens, prefill_kernel):
+    """What an engine step runs per layer on the GPU: the Mosaic prefill kernel where the caller asks
+    (the engine: its largest token bucket; its kernels are compiled at every start), by default in steps
+    of at least PREFILL_MIN_BUCKET tokens; no while loop in the bookkeeping (a searchsorted scan there
+    cost more than the kernel saved)."""
     b = random_batch(1, [num_tokens - 10, 1, 1, 6], [num_tokens, 40, 60, 200], num_q_heads=4, num_kv_heads=2,
                      head_dim=64, block_size=16, dtype=jnp.bfloat16)
-    step = jax.jit(lambda *a: pallas_kernels._split_by_chunk_length(a, 0.1))
+    step = jax.jit(lambda *a: pallas_kernels._split_by_chunk_length(a, 0.1, prefill_kernel))
     text = step.trace(*b.values()).lower(lowering_platforms=("cuda",)).as_text()
-    assert ("mosaic_gpu" in text) == (num_tokens >= pallas_kernels.PREFILL_MIN_BUCKET)
+    want = num_tokens >= pallas_kernels.PREFILL_MIN_BUCKET if prefill_kernel is None else prefill_kernel
+    assert ("mosaic_gpu" in text) == want
     assert text.count("triton") >= 2  # the ragged and the decode kernels
     assert "stablehlo.while" not in text
 

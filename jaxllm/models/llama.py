@@ -91,6 +91,7 @@ def forward_hidden(
     md: AttentionMetadata,
     config: ModelConfig,
     decode_only: bool = False,  # static: every sequence brings at most one query token (the GPU decode kernel)
+    prefill_kernel: bool | None = None,  # static: long chunks on the Mosaic prefill kernel (None: by step size)
 ) -> tuple[jax.Array, KVCache]:  # hidden [T, e] after the final norm, updated cache
     T = token_ids.shape[0]
     hd, nq, nkv = config.head_dim, config.num_heads, config.num_kv_heads
@@ -115,7 +116,7 @@ def forward_hidden(
             cache = write_kv(cache, i, k, v, md.slot_mapping)
             o = pallas_kernels.ragged_paged_attention(
                 q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=hd**-0.5,
-                decode_only=decode_only)
+                decode_only=decode_only, prefill_kernel=prefill_kernel)
             x = x + o.reshape(T, nq * hd) @ w.wo
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, config.rms_norm_eps)
