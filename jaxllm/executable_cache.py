@@ -98,12 +98,20 @@ class ExecutableCache:
             return None
         try:
             serialized, in_tree, out_tree = pickle.loads(blob)
-            return deserialize_and_load(serialized, in_tree, out_tree, backend=device.client,
-                                        execution_devices=[device])
-        except Exception as e:  # a truncated file, or one a different jaxlib wrote: compile it again
+        except Exception as e:  # a truncated file: compile it again
             logger.warning("executable cache: dropping %s (%s: %s); compiling", path, type(e).__name__, e)
             path.unlink(missing_ok=True)
             return None
+        for attempt in range(2):
+            try:
+                return deserialize_and_load(serialized, in_tree, out_tree, backend=device.client,
+                                            execution_devices=[device])
+            except Exception as e:
+                # Loading compiles the program's Mosaic GPU kernels, and that failed once in 42 loads on an
+                # H100 ("Failed to materialize symbols"), then passed: so once more, then compile.
+                logger.warning("executable cache: loading %s failed (%s: %s); %s", path, type(e).__name__,
+                               str(e)[:300], "trying again" if attempt == 0 else "compiling")
+        return None
 
     def store(self, key: str, compiled: jax.stages.Compiled) -> None:
         """Write the program (atomically: a reader never sees half a file). Failures are logged only."""

@@ -147,6 +147,7 @@ class ModelRunner:
         self.compiled_buckets: set[tuple] = set()
         self._executables: dict[tuple, object] = {}  # bucket -> the step compiled ahead of time (precompile)
         self.executable_cache = ExecutableCache.from_jax_config()
+        self.last_dummy_step_temp_bytes: int | None = None  # XLA's scratch for the last run_dummy_step
         leaf = next(iter(jax.tree_util.tree_leaves(params)), None)
         self.device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]
         self.penalty_state: PenaltyState | None = None  # created on the first penalised request
@@ -418,6 +419,8 @@ class ModelRunner:
         res, _, self.kv_cache, _, self.last_sampled = self._call_compiled(executable, args, None)
         jax.block_until_ready(res)
         self.compiled_buckets.add(bucket)
+        stats = executable.memory_analysis()
+        self.last_dummy_step_temp_bytes = None if stats is None else stats.temp_size_in_bytes
 
     def precompile(self, num_threads: int = 8) -> None:
         """Compile every ordinary step at start, in parallel: one program per decode batch bucket and one

@@ -212,8 +212,9 @@ def test_second_start_loads_step_programs_without_tracing(tmp_path):
     import subprocess
     import sys
 
+    # JAX's own cache off: its CPU entries do not load back under the older runtime either.
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {LEGACY_CPU_RUNTIME}",
-               CACHE_TEST_DIR=str(tmp_path))
+               CACHE_TEST_DIR=str(tmp_path), JAXLLM_COMPILATION_CACHE="")
     for phase in ("store", "load"):
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                f"{__file__}::test_executable_cache_phase"], env=dict(env, CACHE_TEST_PHASE=phase),
@@ -308,6 +309,16 @@ def test_random_weights_are_drawn_without_a_float32_copy():
     config = model_shape_config("qwen3-0.6b", "bfloat16")
     init = lambda key: init_random_weights(config, key)  # noqa: E731
     largest = max(x.size for x in jax.tree.leaves(jax.eval_shape(init, jax.random.PRNGKey(0))))
-    jaxpr = jax.make_jaxpr(init)(jax.random.PRNGKey(0))
-    f32_sizes = [v.aval.size for eqn in jaxpr.eqns for v in eqn.outvars if getattr(v.aval, "dtype", None) == jnp.float32]
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    def eqns(jaxpr):  # every equation, those of the jitted body and other sub-programs included
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for p in eqn.params.values():
+                if isinstance(p, (ClosedJaxpr, Jaxpr)):
+                    yield from eqns(p.jaxpr if isinstance(p, ClosedJaxpr) else p)
+
+    all_eqns = list(eqns(jax.make_jaxpr(init)(jax.random.PRNGKey(0)).jaxpr))
+    assert sum(e.primitive.name == "random_bits" for e in all_eqns) == 5  # embed, qkv, o, gate_up, down (tied head)
+    f32_sizes = [v.aval.size for e in all_eqns for v in e.outvars if getattr(v.aval, "dtype", None) == jnp.float32]
     assert max(f32_sizes, default=0) < largest // 100
