@@ -216,6 +216,18 @@ def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=pri
             rec[name] = dict(us=t * 1e6, TFLOPs=flops / t / 1e12, params=kw)
         except Exception as e:  # noqa: BLE001
             rec[name] = dict(error=repr(e)[:300], params=kw)
+    if ctx_before == 0 and jax.default_backend() == "gpu":
+        # The peer on fresh chunks: cuDNN's fused flash attention (jax.nn.dot_product_attention on Hopper),
+        # dense [seqs, chunk] batches with the same heads, causal. Not paged, so it reads K/V contiguously.
+        kd, vd = (jax.random.normal(kk, (seqs, chunk, hkv, d), jnp.bfloat16) for kk in (k1, k2))
+        try:
+            t = time_calls(lambda q, kd, vd: jax.nn.dot_product_attention(
+                q.reshape(seqs, chunk, hq, d), kd, vd, scale=scale, is_causal=True, implementation="cudnn"),
+                qs, kd, vd)
+            rec["cudnn"] = dict(us=t * 1e6, TFLOPs=flops / t / 1e12, params={"peer": "cudnn dense causal"})
+        except Exception as e:  # noqa: BLE001
+            rec["cudnn"] = dict(error=repr(e)[:300])
+        del kd, vd
     log(rec)
     return rec
 
@@ -354,7 +366,9 @@ def print_table(results):
                   f"{us(r, 'mosaic_bkv64_s4'):8.1f}) best {r['flops'] / best / 1e6:6.1f} TFLOP/s "
                   f"({100 * r['flops'] / best / 1e6 / mm:3.0f}%)"
                   + (f" | baseline {us(r, 'baseline'):8.1f} (again {us(r, 'baseline_again'):8.1f})"
-                     if "baseline" in r else ""))
+                     if "baseline" in r else "")
+                  + (f" | cudnn dense {us(r, 'cudnn'):8.1f} us {tflops('cudnn'):6.1f} TFLOP/s "
+                     f"({100 * tflops('cudnn') / mm:3.0f}%)" if "cudnn" in r else ""))
 
 
 if __name__ == "__main__":

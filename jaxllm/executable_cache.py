@@ -102,16 +102,13 @@ class ExecutableCache:
             logger.warning("executable cache: dropping %s (%s: %s); compiling", path, type(e).__name__, e)
             path.unlink(missing_ok=True)
             return None
-        for attempt in range(2):
-            try:
-                return deserialize_and_load(serialized, in_tree, out_tree, backend=device.client,
-                                            execution_devices=[device])
-            except Exception as e:
-                # Loading compiles the program's Mosaic GPU kernels, and that failed once in 42 loads on an
-                # H100 ("Failed to materialize symbols"), then passed: so once more, then compile.
-                logger.warning("executable cache: loading %s failed (%s: %s); %s", path, type(e).__name__,
-                               str(e)[:300], "trying again" if attempt == 0 else "compiling")
-        return None
+        try:
+            return deserialize_and_load(serialized, in_tree, out_tree, backend=device.client,
+                                        execution_devices=[device])
+        except Exception as e:  # e.g. a Mosaic GPU kernel whose runtime is missing: compile (and store) again
+            logger.warning("executable cache: loading %s failed (%s: %s); compiling", path, type(e).__name__,
+                           str(e)[:300])
+            return None
 
     def store(self, key: str, compiled: jax.stages.Compiled) -> None:
         """Write the program (atomically: a reader never sees half a file). Failures are logged only."""

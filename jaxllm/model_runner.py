@@ -45,6 +45,8 @@ from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks
 from jaxllm.models import llama
 from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
 
+import pallas_kernels
+
 logger = logging.getLogger("jaxllm")
 
 
@@ -147,6 +149,8 @@ class ModelRunner:
         self.compiled_buckets: set[tuple] = set()
         self._executables: dict[tuple, object] = {}  # bucket -> the step compiled ahead of time (precompile)
         self.executable_cache = ExecutableCache.from_jax_config()
+        if self.executable_cache is not None:
+            pallas_kernels.prepare_to_load_programs()
         self.last_dummy_step_temp_bytes: int | None = None  # XLA's scratch for the last run_dummy_step
         leaf = next(iter(jax.tree_util.tree_leaves(params)), None)
         self.device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]

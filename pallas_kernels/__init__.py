@@ -47,6 +47,15 @@ PREFILL_MIN_TOKENS = 128  # one whole Mosaic tile (2 warpgroups x 64 rows)
 PREFILL_MIN_BUCKET = 4096
 
 
+def prepare_to_load_programs() -> None:
+    """Call before loading compiled programs from disk (the engine's executable cache). Loading one that
+    holds a Mosaic GPU kernel compiles that kernel's host code and links it against Mosaic GPU's runtime
+    library, which jax names (MOSAIC_GPU_RUNTIME_LIB_PATH) when its Mosaic GPU module is imported. A
+    start that loads everything traces nothing and never imported it: every such load failed on an H100
+    ("Failed to materialize symbols: entry_mosaic_gpu") until something else had."""
+    from pallas_kernels import prefill  # noqa: F401  (imports Mosaic GPU where jaxlib has it)
+
+
 def prefill_kernel_supported(q: jax.Array, k_cache: jax.Array) -> bool:
     """Whether `prefill.py` takes this shape (on top of `kernels_supported`)."""
     from pallas_kernels.prefill import plgpu

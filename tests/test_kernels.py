@@ -193,6 +193,18 @@ def test_dispatch_lowers_for_cuda_with_mosaic_where_asked(num_tokens, prefill_ke
     assert "stablehlo.while" not in text
 
 
+def test_prepare_to_load_programs_imports_mosaic_gpu():
+    """A warm start loads programs without tracing; their Mosaic GPU kernels link against a runtime that
+    jax names only when its Mosaic GPU module is imported. A fresh process, since this one has it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pallas_kernels; assert 'jax.experimental.mosaic.gpu' not in sys.modules; "
+            "pallas_kernels.prepare_to_load_programs(); print('jax.experimental.mosaic.gpu' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stdout + proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("decode_only", [False, True])
 def test_dispatch_uses_reference_on_cpu(decode_only):
     assert jax.default_backend() == "cpu"
