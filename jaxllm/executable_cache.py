@@ -6,7 +6,8 @@ engine's ~40 programs, which the compile threads cannot share out. This cache ke
 decides it before tracing: the source of `jaxllm` and `pallas_kernels`, the jax and jaxlib versions,
 the device, the model config, the step's static arguments and the shapes and dtypes of its arrays. An
 entry is the executable serialized by `jax.experimental.serialize_executable`, beside the JAX cache
-(`<jax_compilation_cache_dir>/jaxllm-steps/`); JAXLLM_COMPILATION_CACHE="" turns both off.
+(`<jax_compilation_cache_dir>/jaxllm-steps/<version>/`, one directory per jaxllm source and jax
+version; only the KEEP_VERSIONS most recently used stay). JAXLLM_COMPILATION_CACHE="" turns both off.
 
 A stale or unreadable entry is never fatal: it is logged, dropped and compiled again.
 """
@@ -18,6 +19,7 @@ import hashlib
 import logging
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import jax
@@ -50,11 +52,34 @@ def _avals(tree) -> str:
     return repr(treedef) + repr([(tuple(x.shape), str(x.dtype)) for x in leaves])
 
 
+def version_tag() -> str:
+    """The code and jax that compiled an entry: entries of other versions can never be hit again."""
+    return hashlib.sha256(f"{source_digest()} {jax.__version__} {jaxlib.__version__}".encode()).hexdigest()[:16]
+
+
+KEEP_VERSIONS = 3
+
+
 class ExecutableCache:
-    """`load(key)` / `store(key, compiled)` of `jax.stages.Compiled` objects under `directory`."""
+    """`load(key)` / `store(key, compiled)` of `jax.stages.Compiled` objects under `directory/<version>/`.
+    Opening it marks this version's directory as used and deletes all but the KEEP_VERSIONS most recently
+    used ones (each holds ~13 MB for the Qwen3-0.6B shape's 42 programs)."""
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
+        self.root = Path(directory)
+        self.directory = self.root / version_tag()
+        self._prune()
+
+    def _prune(self) -> None:
+        try:
+            if self.directory.is_dir():
+                os.utime(self.directory)
+            others = sorted((d for d in self.root.iterdir() if d.is_dir() and d != self.directory),
+                            key=lambda d: d.stat().st_mtime, reverse=True)
+        except OSError:  # no cache yet, or one we cannot read: nothing to prune
+            return
+        for stale in others[KEEP_VERSIONS - 1:]:
+            shutil.rmtree(stale, ignore_errors=True)
 
     @classmethod
     def from_jax_config(cls) -> ExecutableCache | None:
@@ -77,7 +102,8 @@ class ExecutableCache:
                      if k.startswith(_ENV_PREFIXES) and k not in _ENV_IGNORED)
         parts = (source_digest(), jax.__version__, jaxlib.__version__,
                  device.platform, device.device_kind, device.id, device.client.platform_version,
-                 jax.config.jax_default_matmul_precision, jax.config.jax_enable_x64, env,
+                 jax.config.jax_default_matmul_precision, jax.config.jax_enable_x64,
+                 jax.config.jax_default_prng_impl, jax.config.jax_threefry_partitionable, env,
                  pallas_kernels.PREFILL_MIN_BUCKET, sorted(statics.items(), key=lambda kv: kv[0]), _avals(arrays))
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:40]
 

@@ -239,19 +239,37 @@ def test_executable_cache_phase(make_llm, smol_tokenizer, monkeypatch):
     counting = _CountingStep(model_runner._step)
     monkeypatch.setattr(model_runner, "_step", counting)
     if phase == "load":
-        sorted(cache_dir.glob("*.pkl"))[0].write_bytes(b"truncated")
+        sorted(cache_dir.rglob("*.pkl"))[0].write_bytes(b"truncated")
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
     runner = _gpu_style(llm, cache_dir)
     runner.precompile(num_threads=2)
     num_programs = len(runner._executables)
     assert counting.lowered == (num_programs if phase == "store" else 1)  # only the unreadable entry again...
-    assert len(list(cache_dir.glob("*.pkl"))) == num_programs  # ...and it is stored again
+    assert len(list(cache_dir.rglob("*.pkl"))) == num_programs  # ...and it is stored again
     got = [token_ids(llm.generate(prompts, p, use_tqdm=False)) for p in params]
     assert counting.lowered == (num_programs if phase == "store" else 1)  # generation found every program
     if phase == "store":
         (cache_dir / "tokens.json").write_text(json.dumps(got))
     else:
         assert got == json.loads((cache_dir / "tokens.json").read_text())
+
+
+def test_executable_cache_keeps_the_most_recently_used_versions(tmp_path):
+    import os
+
+    from jaxllm.executable_cache import KEEP_VERSIONS, ExecutableCache, version_tag
+
+    old = [tmp_path / f"old{i}" for i in range(KEEP_VERSIONS + 1)]
+    for i, d in enumerate(old):  # old0 used last
+        d.mkdir()
+        (d / "x.pkl").write_bytes(b"x")
+        os.utime(d, (1e9 - i * 1000, 1e9 - i * 1000))
+    mine = tmp_path / version_tag()
+    mine.mkdir()
+    os.utime(mine, (1e8, 1e8))  # used long ago, but opened now
+    cache = ExecutableCache(tmp_path)
+    assert cache.directory == mine
+    assert sorted(d.name for d in tmp_path.iterdir()) == sorted([mine.name] + [d.name for d in old[:KEEP_VERSIONS - 1]])
 
 
 def test_executable_cache_key_follows_what_decides_the_program(tiny_model, monkeypatch):
