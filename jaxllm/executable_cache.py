@@ -9,7 +9,9 @@ entry is the executable serialized by `jax.experimental.serialize_executable`, b
 (`<jax_compilation_cache_dir>/jaxllm-steps/<version>/`, one directory per jaxllm source and jax
 version; only the KEEP_VERSIONS most recently used stay). JAXLLM_COMPILATION_CACHE="" turns both off.
 
-A stale or unreadable entry is never fatal: it is logged, dropped and compiled again.
+A stale or unreadable entry is never fatal: it is logged, dropped and compiled again. Entries are
+pickles that load compiled code, so the directory must be as trusted as the code itself (it is the
+user's own cache, as JAX's is).
 """
 
 from __future__ import annotations

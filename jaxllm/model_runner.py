@@ -391,7 +391,8 @@ class ModelRunner:
         zeros = np.zeros(T, np.int32)
         args = dict(token_ids=zeros, prev_rows=np.full(T, -1, np.int32), positions=zeros, md=md,
                     sample_indices=np.zeros(S, np.int32), st=st, prompt_targets=zeros, decode_only=decode_only,
-                    prefill_kernel=prefill_kernel, random_rows=random_rows, use_filters=False, num_logprobs=-1, num_prompt_logprobs=-1)
+                    prefill_kernel=prefill_kernel, random_rows=random_rows, use_filters=False, num_logprobs=-1,
+                    num_prompt_logprobs=-1)
         bucket = (T, S, S, B, decode_only, random_rows, False, False, st.bias_ids.shape[1], 0, -1, -1)
         return args, bucket
 
