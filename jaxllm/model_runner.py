@@ -236,16 +236,23 @@ class ModelRunner:
         t = 0
         for i, s in enumerate(sched):
             req, n = s.request, s.num_new_tokens
-            start = s.start
-            pos = np.arange(start, start + n, dtype=np.int32)
-            table = np.asarray(s.block_ids, np.int32)
+            start, blocks = s.start, s.block_ids
             known = min(n, req.num_tokens - start)  # the rest (at most one) is still being sampled
-            token_ids[t:t + known] = req.all_token_ids[start:start + known]
-            if known < n:
-                prev_rows[t + known] = req.pending_row
-            positions[t:t + n] = pos
-            slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
-            block_tables[i, :len(table)] = table
+            if n == 1:  # a decode row, most rows of a step: plain ints, no numpy call on a 1-element array
+                if known:
+                    token_ids[t] = req.all_token_ids[start]
+                else:
+                    prev_rows[t] = req.pending_row
+                positions[t] = start
+                slot_mapping[t] = blocks[start // bs] * bs + start % bs
+            else:
+                pos = np.arange(start, start + n, dtype=np.int32)
+                token_ids[t:t + known] = req.all_token_ids[start:start + known]
+                if known < n:
+                    prev_rows[t + known] = req.pending_row
+                positions[t:t + n] = pos
+                slot_mapping[t:t + n] = np.asarray(blocks, np.int32)[pos // bs] * bs + pos % bs
+            block_tables[i, :len(blocks)] = blocks
             seq_lens[i] = start + n
             if req.wants_prompt_logprobs:
                 # Position p scores prompt token p + 1; only positions not scored before (a preempted
