@@ -9,6 +9,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 run() { timeout -s KILL 85 python benchmarks/throughput.py --model-shape qwen3-0.6b --num-prompts 256 --input-len 100:1024 \
   --output-len 100:1024 --max-model-len 2048 --output-json $OUT/throughput-qwen3-0.6b-$1.json > $OUT/$1.log 2>&1
   echo "== $1 rc=$?"; grep "tok/s" $OUT/$1.log | tail -1; }
+cp benchmarks/device_runs/model_runner_0ed2cf6.py.txt /tmp/model_runner_0ed2cf6.py
 run new-prepare
-git show HEAD~1:jaxllm/model_runner.py > jaxllm/model_runner.py
+cp /tmp/model_runner_0ed2cf6.py jaxllm/model_runner.py  # ee70634's parent, shipped beside this script
 run old-prepare
