@@ -357,6 +357,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         holders = [0] * manager.num_blocks
         for request_id in self.tokens:
             table = manager.get_block_ids(request_id)
+            assert table == [b.block_id for b in manager.req_to_blocks.get(request_id, ())]  # the id copy is in step
             assert len(table) == len(set(table))
             for block_id in table:
                 holders[block_id] += 1

@@ -54,6 +54,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.block_pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # The same tables as block ids, kept beside them: every step reads each running request's table,
+        # and building it from the blocks each time cost work that grew with the context.
+        self.req_to_block_ids: dict[str, list[int]] = {}
         # How many leading blocks of each request are full and hashed.
         self.num_cached_blocks: dict[str, int] = {}
         self.pending_copies: list[tuple[int, int]] = []
@@ -138,18 +141,26 @@ class KVCacheManager:
         if blocks is None:
             self.block_pool.touch(computed_blocks)
             blocks = self.req_to_blocks[request_id] = list(computed_blocks)
+            self.req_to_block_ids[request_id] = [b.block_id for b in computed_blocks]
+        ids = self.req_to_block_ids[request_id]
         if needs_copy:
             src = blocks[write_index]
             [dst] = self.block_pool.get_new_blocks(1)
             blocks[write_index] = dst
+            ids[write_index] = dst.block_id
             self.block_pool.free_blocks([src])
             self.pending_copies.append((src.block_id, dst.block_id))
-        new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
-        blocks.extend(new_blocks)
+        new_ids = []
+        if num_new_blocks:  # most calls (a decode token inside its last block) take no block
+            new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
+            blocks.extend(new_blocks)
+            new_ids = [b.block_id for b in new_blocks]
+            ids.extend(new_ids)
         self.num_cached_blocks[request_id] = num_cached_blocks
-        if self.enable_prefix_caching:
-            self._cache_full_blocks(request_id, token_ids, min(num_tokens, len(token_ids)) // self.block_size)
-        return [b.block_id for b in new_blocks]
+        num_full_blocks = min(num_tokens, len(token_ids)) // self.block_size
+        if self.enable_prefix_caching and num_full_blocks > num_cached_blocks:
+            self._cache_full_blocks(request_id, token_ids, num_full_blocks)
+        return new_ids
 
     def _cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_full_blocks: int) -> None:
         blocks = self.req_to_blocks[request_id]
@@ -164,6 +175,7 @@ class KVCacheManager:
         An unknown id is a no-op. Pending copies into blocks freed here are dropped: such a block may be
         handed out again this step, and two copies into one block would race on the device."""
         blocks = self.req_to_blocks.pop(request_id, None)
+        self.req_to_block_ids.pop(request_id, None)
         self.num_cached_blocks.pop(request_id, None)
         if blocks is None:
             return
@@ -180,11 +192,12 @@ class KVCacheManager:
         blocks = self.req_to_blocks[parent_id]
         self.block_pool.touch(blocks)
         self.req_to_blocks[child_id] = list(blocks)
+        self.req_to_block_ids[child_id] = list(self.req_to_block_ids[parent_id])
         self.num_cached_blocks[child_id] = self.num_cached_blocks[parent_id]
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        """The request's block table (empty for an unknown id)."""
-        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+        """The request's block table (empty for an unknown id): a copy, which later allocations leave alone."""
+        return list(self.req_to_block_ids.get(request_id, ()))
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """The (src_block_id, dst_block_id) copies queued by copy-on-write since the last call."""
