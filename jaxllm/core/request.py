@@ -18,7 +18,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self._value_ in _FINISHED  # read for every running request each step: a set lookup
+
+
+_FINISHED = frozenset({"stop", "length", "abort"})
 
 
 @dataclass(eq=False)
