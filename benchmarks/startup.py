@@ -29,6 +29,8 @@ def main():
                     help="another run's result: its greedy tokens must equal this run's (a warm start runs "
                          "programs loaded from the executable cache, a cold one programs it just compiled)")
     args = ap.parse_args()
+    if args.same_tokens_as and not os.path.isfile(args.same_tokens_as):
+        ap.error(f"--same-tokens-as: no such file: {args.same_tokens_as}")
     import logging
 
     import jax
@@ -71,6 +73,8 @@ def main():
               "command": " ".join(sys.argv)}
     print(json.dumps(result))
     write_result(result, args.output_json, f"startup-{args.model_shape}-{args.label or 'run'}.json")
+    if same is False:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

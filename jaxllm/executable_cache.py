@@ -98,15 +98,13 @@ class ExecutableCache:
         """A program's key: everything that decides what it compiles to, none of which needs a trace.
         `statics` are the jit's static arguments (the model config among them), `arrays` the pytree of
         its array arguments (only shapes and dtypes count)."""
-        import pallas_kernels
-
         env = sorted((k, v) for k, v in os.environ.items()
                      if k.startswith(_ENV_PREFIXES) and k not in _ENV_IGNORED)
         parts = (source_digest(), jax.__version__, jaxlib.__version__,
                  device.platform, device.device_kind, device.id, device.client.platform_version,
                  jax.config.jax_default_matmul_precision, jax.config.jax_enable_x64,
                  jax.config.jax_default_prng_impl, jax.config.jax_threefry_partitionable, env,
-                 pallas_kernels.PREFILL_MIN_BUCKET, sorted(statics.items(), key=lambda kv: kv[0]), _avals(arrays))
+                 sorted(statics.items(), key=lambda kv: kv[0]), _avals(arrays))
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:40]
 
     def _path(self, key: str) -> Path:

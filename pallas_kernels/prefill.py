@@ -20,8 +20,9 @@ Prefill is bound by arithmetic, so this is FlashAttention-3's forward pass (the 
   the memory warpgroup never stalls.
 
 Query heads are not folded onto their kv head as in `ragged.py`: each CTA reads its kv head's K/V, and
-the group's CTAs (adjacent in the grid) share those reads through L2. Tiles of one token (decode rows)
-waste most of a CTA here; `__init__.py` sends such sequences to the Triton ragged kernel.
+the group's CTAs (adjacent in the grid) share those reads through L2. Short chunks would waste most of
+a CTA here: `__init__.py` keeps this kernel to chunks of at least 128 tokens (`keep`) and sends the
+others to the Triton ragged kernel, single tokens to the decode kernel.
 
 Caller contract: cache slots the block tables reach hold finite values (the engine zero-initialises its
 cache): masked scores get probability 0, and 0 x NaN would still poison a row.

@@ -153,15 +153,25 @@ def test_async_scheduling_gives_the_same_outputs_as_sync(make_llm, smol_tokenize
     assert asyn.llm_engine.kv_cache_manager.num_free_blocks == 10
 
 
+def _gpu_style(llm, cache_dir=None):
+    """The GPU engine's layout on a CPU: mixed steps sized from their token bucket, one table width, and
+    the executable cache at `cache_dir` (the CPU engine keeps it off)."""
+    from jaxllm.executable_cache import ExecutableCache
+
+    runner = llm.llm_engine.runner
+    runner.mixed_seqs_follow_tokens = True
+    runner.block_buckets = runner.block_buckets[-1:]
+    runner.executable_cache = ExecutableCache(cache_dir) if cache_dir is not None else None
+    return runner
+
+
 def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smol_tokenizer):
     """The GPU path on a CPU: every bucket compiled ahead of time in parallel, mixed steps sized from
     their token bucket; generation then compiles nothing and gives the tokens of the lazily-compiled path."""
     from jaxllm.model_runner import _step
 
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
-    runner = llm.llm_engine.runner
-    runner.mixed_seqs_follow_tokens = True
-    runner.block_buckets = runner.block_buckets[-1:]
+    runner = _gpu_style(llm)
     runner.precompile(num_threads=2)
     assert len(runner._executables) == 2 * (len(runner.config.seq_buckets) + len(runner.config.token_buckets))
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=7)
@@ -175,14 +185,6 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     assert [token_ids(o) for o in ahead] == [token_ids(o) for o in lazy]
 
 
-def _gpu_style(llm, cache_dir):
-    from jaxllm.executable_cache import ExecutableCache
-
-    runner = llm.llm_engine.runner
-    runner.mixed_seqs_follow_tokens = True
-    runner.block_buckets = runner.block_buckets[-1:]
-    runner.executable_cache = ExecutableCache(cache_dir)
-    return runner
 
 
 class _CountingStep:

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from throughput import git_commit  # noqa: E402  ($JAXLLM_GIT_COMMIT first: the device copy's .git is stale)
 
 from pallas_kernels.decode import paged_decode_attention
-import pallas_kernels
 from pallas_kernels import ragged_paged_attention as dispatch
 from pallas_kernels.prefill import ragged_paged_attention as prefill_kernel
 from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
@@ -94,12 +93,9 @@ def check(name, fn, args, scale, log):
 
 
 def dispatch_mosaic_always(*args, scale):
-    """The dispatch with PREFILL_MIN_BUCKET lifted, so these small cases reach the Mosaic kernel too."""
-    saved, pallas_kernels.PREFILL_MIN_BUCKET = pallas_kernels.PREFILL_MIN_BUCKET, 0
-    try:
-        return dispatch(*args, scale=scale)
-    finally:
-        pallas_kernels.PREFILL_MIN_BUCKET = saved
+    """The dispatch asked for the Mosaic kernel (as the engine asks in its largest bucket), so these
+    small cases reach it too."""
+    return dispatch(*args, scale=scale, prefill_kernel=True)
 
 
 def cases(rng):
