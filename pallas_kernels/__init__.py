@@ -62,7 +62,7 @@ def prefill_kernel_supported(q: jax.Array, k_cache: jax.Array) -> bool:
 
     block_size = k_cache.shape[2]
     return (plgpu is not None and os.environ.get("JAXLLM_PREFILL") != "triton"
-            and q.shape[-1] % 64 == 0 and 128 % block_size == 0)
+            and q.shape[-1] in (64, 128) and 128 % block_size == 0)
 
 
 def _split_by_chunk_length(args, scale: float, prefill_kernel: bool | None = None) -> jax.Array:

@@ -60,18 +60,18 @@ def gpu_interpret_params():
 def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block_tables_ref,
             layer_ref, q_ref, k_ref, v_ref,  # inputs, GMEM
             o_ref,  # output [T, Hq, D], GMEM
-            scoped, *, group, block_q, block_kv, block_size, num_stages, scale, interpret):
-    (q_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
-    head, wg = lax.axis_index("heads"), lax.axis_index("wg")
-    tile = tile_order_ref[lax.axis_index("tiles")]
-    tile_row0 = tile * (COMPUTE_WGS * block_q)  # the tile's first row of the flat token array
-    first_seq, last_seq = tile_seqs_ref[0, tile], tile_seqs_ref[1, tile]
+            scoped, *, num_items, num_heads, group, block_q, block_kv, block_size, num_stages, scale, interpret):
+    (q_smem3, k_smem, v_smem, zeros_smem), (k_ready, v_ready, q_ready), (k_free, v_free, q_free), turn = scoped
+    cta, num_ctas, wg = lax.axis_index("ctas"), lax.axis_size("ctas"), lax.axis_index("wg")
+    my_items = lax.div(num_items - cta + num_ctas - 1, num_ctas)  # items cta, cta + num_ctas, ...
+    tile_tokens = COMPUTE_WGS * block_q
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
     c = scale * LOG2E  # scores in log2 units
 
     # Register layouts are hints for the Mosaic GPU compiler; the interpreter takes plain arrays.
     as_layout = (lambda x, layout: x) if interpret else plgpu.layout_cast
+    aligned = (lambda x, m: x) if interpret else pl.multiple_of
 
     def iota(dim, shape):
         if interpret:
@@ -81,6 +81,15 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
     def take_turn():  # the two compute warpgroups alternate on the tensor cores
         plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(turn)
+
+    def work_item(i):
+        """This CTA's i-th item: (query head, first row of its tile, first and last sequence it holds,
+        whether it reads any K/V). Items are (tile, head) pairs, tiles in the prologue's order and heads
+        innermost, so the CTAs at work at one time share their tiles' K/V through L2."""
+        item = cta + i * num_ctas
+        tile = tile_order_ref[lax.div(item, jnp.int32(num_heads))]
+        return (lax.rem(item, jnp.int32(num_heads)), tile * tile_tokens, tile_seqs_ref[0, tile],
+                tile_seqs_ref[1, tile], tile_seqs_ref[2, tile] > 0)
 
     def segment(s, row0, num_rows):
         """Sequence s's part of the tile: (rows lo..hi of the flat array within [row0, row0 + num_rows),
@@ -96,155 +105,197 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        # This warpgroup's rows, in place in q and the output. TMA wants offsets along tiled dimensions
-        # that provably fall on the 8-row tiling; q_smem holds the queries, then the output.
-        row0 = tile_row0 + wg * block_q
-        row0 = row0 if interpret else pl.multiple_of(row0, block_q)
-        q_row0 = wg * block_q
-        q_smem = q_smem2.at[pl.ds(q_row0 if interpret else pl.multiple_of(q_row0, block_q), block_q)]
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, block_q), head], q_smem, q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
-
-        def step(kv_step, carry, *, base, lo, hi, pos0, steps, masked: bool):
-            acc, m, l = carry
-            slot = lax.rem(base + kv_step, jnp.int32(num_stages))
-
-            if interpret:  # the interpreter's wgmma takes no transposed operand: a plain dot
-                s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-                take_turn()
-            else:
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    take_turn()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            if masked:  # causal, and rows of other sequences see nothing (they stay at m = -inf, l = 0)
-                rows = iota(0, s.shape) + row0
-                pos = jnp.where((rows >= lo) & (rows < hi), rows + pos0, -1)
-                s = jnp.where(iota(1, s.shape) + kv_step * block_kv <= pos, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1) * c)
-            m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # no -inf - -inf
-            alpha = jnp.exp2(m - m_sub)
-            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_sub, s.shape, [0]))
-            acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l = l * alpha + p.sum(axis=1)
-            p16 = p.astype(dtype)
-            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-            plgpu.barrier_arrive(turn)  # softmax done
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_wait(turn)  # the tensor cores are ours again
-
-            def wait_next_k():
-                nxt = kv_step + 1
-
-                @pl.when(nxt < steps)
-                def _():
-                    plgpu.barrier_wait(k_ready.at[lax.rem(base + nxt, jnp.int32(num_stages))])
-
-            if interpret:  # no run_state in the interpreter: a plain dot
-                acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
-                wait_next_k()
-            else:
-                def pv(acc_ref):  # the wgmma accumulates into acc's registers
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                    wait_next_k()
-
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m_new, l
-
-        def release(kv_step, _, *, base):  # the partner still needs this tile: hand the slot back unread
-            slot = lax.rem(base + kv_step, jnp.int32(num_stages))
-            # Waiting for the data we skip costs nothing (we are done) and keeps every barrier phase
-            # observed by every warpgroup that waits on it, as the GPU interpreter demands.
-            plgpu.barrier_wait(k_ready.at[slot])
-            plgpu.barrier_arrive(k_free.at[slot])
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_arrive(v_free.at[slot])
-            take_turn()
-            take_turn()
-
-        def one_segment(s, carry):
-            base, acc, m, l = carry
-            max_steps = segment(s, tile_row0, COMPUTE_WGS * block_q)[3]  # what the memory warpgroup loads
-            lo, hi, pos0, steps = segment(s, row0, block_q)
-            # Unmasked: tiles wholly at or below the first row's position, when all rows are this sequence's.
-            full_steps = jnp.where((lo == row0) & (hi == row0 + block_q),
-                                   lax.div(pos0 + row0 + 1, jnp.int32(block_kv)), 0)
-            geometry = dict(base=base, lo=lo, hi=hi, pos0=pos0, steps=steps)
-
-            @pl.when(steps > 0)
-            def _():
-                plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(num_stages))])
-
-            carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False, **geometry), (acc, m, l))
-            acc, m, l = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True, **geometry), carry)
-            lax.fori_loop(steps, max_steps, functools.partial(release, base=base), None)
-            return base + max_steps, acc, m, l
-
-        m = as_layout(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l = as_layout(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = as_layout(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
-        pl.when(wg == 1)(take_turn)
-        _, acc, m, l = lax.fori_loop(first_seq, last_seq + 1, one_segment, (jnp.int32(0), acc, m, l))
-        pl.when(wg == 0)(take_turn)
-
-        # Rows no segment covered (other kernels' sequences, padding) have l = 0 and come out as zeros.
-        acc /= lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), acc.shape, [0])
-        q_smem[...] = acc.astype(dtype)
+        q_row0 = aligned(wg * block_q, block_q)  # this warpgroup's rows within the tile
+        zeros_smem[...] = as_layout(jnp.zeros((block_q, head_dim), dtype), plgpu.Layout.WGMMA)  # both: same
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(row0, block_q), head])
+
+        def one_item(i, carry):
+            base, busy_items = carry
+            head, tile_row0, first_seq, last_seq, busy = work_item(i)
+            row0 = aligned(tile_row0 + q_row0, block_q)  # in place in q and the output
+            qslot = lax.rem(busy_items, jnp.int32(2))
+            q_smem = q_smem3.at[qslot, pl.ds(q_row0, block_q)]  # the queries, then the output
+            pl.when(busy)(lambda: plgpu.barrier_wait(q_ready.at[qslot]))
+
+            def step(kv_step, carry, *, base, lo, hi, pos0, steps, masked: bool):
+                acc, m, l = carry
+                slot = lax.rem(base + kv_step, jnp.int32(num_stages))
+
+                if interpret:  # the interpreter's wgmma takes no transposed operand: a plain dot
+                    s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+                    take_turn()
+                else:
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                        take_turn()
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:  # causal, and rows of other sequences see nothing (they stay at m = -inf, l = 0)
+                    rows = iota(0, s.shape) + row0
+                    pos = jnp.where((rows >= lo) & (rows < hi), rows + pos0, -1)
+                    s = jnp.where(iota(1, s.shape) + kv_step * block_kv <= pos, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1) * c)
+                m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # no -inf - -inf
+                alpha = jnp.exp2(m - m_sub)
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_sub, s.shape, [0]))
+                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l = l * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                plgpu.barrier_arrive(turn)  # softmax done
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(turn)  # the tensor cores are ours again
+
+                def wait_next_k():
+                    nxt = kv_step + 1
+
+                    @pl.when(nxt < steps)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[lax.rem(base + nxt, jnp.int32(num_stages))])
+
+                if interpret:  # no run_state in the interpreter: a plain dot
+                    acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
+                                                preferred_element_type=jnp.float32)
+                    wait_next_k()
+                else:
+                    def pv(acc_ref):  # the wgmma accumulates into acc's registers
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        wait_next_k()
+
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            def release(kv_step, _, *, base):  # the partner still needs this tile: hand the slot back unread
+                slot = lax.rem(base + kv_step, jnp.int32(num_stages))
+                # Waiting for the data we skip costs nothing (we are done) and keeps every barrier phase
+                # observed by every warpgroup that waits on it, as the GPU interpreter demands.
+                plgpu.barrier_wait(k_ready.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                take_turn()
+                take_turn()
+
+            def one_segment(s, carry):
+                base, acc, m, l = carry
+                max_steps = segment(s, tile_row0, tile_tokens)[3]  # what the memory warpgroup loads
+                lo, hi, pos0, steps = segment(s, row0, block_q)
+                # Unmasked: tiles wholly at or below the first row's position, when all rows are this
+                # sequence's.
+                full_steps = jnp.where((lo == row0) & (hi == row0 + block_q),
+                                       lax.div(pos0 + row0 + 1, jnp.int32(block_kv)), 0)
+                geometry = dict(base=base, lo=lo, hi=hi, pos0=pos0, steps=steps)
+
+                @pl.when(steps > 0)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(num_stages))])
+
+                carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False, **geometry),
+                                      (acc, m, l))
+                acc, m, l = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True, **geometry),
+                                          carry)
+                lax.fori_loop(steps, max_steps, functools.partial(release, base=base), None)
+                return base + max_steps, acc, m, l
+
+            m = as_layout(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l = as_layout(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = as_layout(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+            base, acc, m, l = lax.fori_loop(first_seq, last_seq + 1, one_segment, (base, acc, m, l))
+
+            @pl.when(busy)
+            def _():  # rows no segment covered (other kernels' sequences, padding) have l = 0: zeros
+                q_smem[...] = (acc / lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), acc.shape, [0])).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(row0, block_q), head])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.barrier_arrive(q_free.at[qslot])  # the memory warpgroup may load the busy item after next
+
+            # An item that reads no K/V (a tile of padding, or of other kernels' sequences, all ordered
+            # last) takes no query slot: its warpgroups must not wait for a slot, because the partner of
+            # a ping-pong waits at its last step for this warpgroup's next turn.
+            pl.when(~busy)(lambda: plgpu.copy_smem_to_gmem(zeros_smem, o_ref.at[pl.ds(row0, block_q), head]))
+            return base, busy_items + busy.astype(jnp.int32)
+
+        pl.when(wg == 1)(take_turn)
+        lax.fori_loop(0, my_items, one_item, (jnp.int32(0), jnp.int32(0)))
+        pl.when(wg == 0)(take_turn)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(head, jnp.int32(group))
         layer = layer_ref[0]
         per_tile = block_kv // block_size
 
-        def load(src_ref, dst_smem, ready, blocks, slot):
+        def load(src_ref, dst_smem, ready, blocks, slot, kv_head):
             for b, blk in enumerate(blocks):
                 plgpu.copy_gmem_to_smem(src_ref.at[layer, blk, :, kv_head],
                                         dst_smem.at[slot, pl.ds(b * block_size, block_size)], ready.at[slot])
 
-        def one_segment(s, base):
-            max_steps = segment(s, tile_row0, COMPUTE_WGS * block_q)[3]
-            last_block = lax.div(seq_lens_ref[s] - 1, jnp.int32(block_size))
+        def one_item(i, carry):
+            base, busy_items = carry
+            head, tile_row0, first_seq, last_seq, busy = work_item(i)
+            kv_head = lax.div(head, jnp.int32(group))
+            qslot = lax.rem(busy_items, jnp.int32(2))
 
-            @pl.loop(0, max_steps)
-            def _(kv_step):
-                n = base + kv_step  # the ring runs on across segments
-                slot = lax.rem(n, jnp.int32(num_stages))
-                # Past the context, repeat the last block: its rows are masked anyway.
-                blocks = [block_tables_ref[s, jnp.minimum(kv_step * per_tile + b, last_block)]
-                          for b in range(per_tile)]
-                pl.when(n >= num_stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
-                load(k_ref, k_smem, k_ready, blocks, slot)
-                pl.when(n >= num_stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
-                load(v_ref, v_smem, v_ready, blocks, slot)
+            @pl.when(busy)
+            def _():
+                # The queries go into the slot the busy item before last wrote its output from, as soon as
+                # that store has read it: the next item's queries and first K/V arrive while the compute
+                # warpgroups finish this one.
+                pl.when(busy_items >= 2)(lambda: plgpu.barrier_wait(q_free.at[qslot]))
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(aligned(tile_row0, tile_tokens), tile_tokens), head],
+                                        q_smem3.at[qslot], q_ready.at[qslot])
 
-            return base + max_steps
+            def one_segment(s, base):
+                max_steps = segment(s, tile_row0, tile_tokens)[3]
+                last_block = lax.div(seq_lens_ref[s] - 1, jnp.int32(block_size))
 
-        total = lax.fori_loop(first_seq, last_seq + 1, one_segment, jnp.int32(0))
+                @pl.loop(0, max_steps)
+                def _(kv_step):
+                    n = base + kv_step  # the ring runs on across segments and items
+                    slot = lax.rem(n, jnp.int32(num_stages))
+                    # Past the context, repeat the last block: its rows are masked anyway.
+                    blocks = [block_tables_ref[s, jnp.minimum(kv_step * per_tile + b, last_block)]
+                              for b in range(per_tile)]
+                    pl.when(n >= num_stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+                    load(k_ref, k_smem, k_ready, blocks, slot, kv_head)
+                    pl.when(n >= num_stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+                    load(v_ref, v_smem, v_ready, blocks, slot, kv_head)
 
+                return base + max_steps
+
+            return lax.fori_loop(first_seq, last_seq + 1, one_segment, base), busy_items + busy.astype(jnp.int32)
+
+        total, busy_items = lax.fori_loop(0, my_items, one_item, (jnp.int32(0), jnp.int32(0)))
+
+        # Drain: wait for the last releases of K/V slots and query slots (see `release`).
         @pl.loop(jnp.maximum(total - num_stages, 0), total)
-        def _(n):  # drain: the last tiles' releases (see `release`)
+        def _(n):
             slot = lax.rem(n, jnp.int32(num_stages))
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
+
+        @pl.loop(jnp.maximum(busy_items - 2, 0), busy_items)
+        def _(i):
+            plgpu.barrier_wait(q_free.at[lax.rem(i, jnp.int32(2))])
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the default device (132 on an H100 SXM; the CPU says nothing)."""
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 def flat_tiles(query_start_loc: jax.Array, seg_lens: jax.Array, seq_lens: jax.Array, num_tiles: int,
                tile_tokens: int):
     """The kernel's schedule over tiles of `tile_tokens` rows of the flat token array: the sequences each
-    tile holds rows of ([2, num_tiles]: first and last; first > last for tiles with no query row), and
-    the order to take the tiles in: the most K/V to read first (longest-processing-time first), tiles with
-    nothing to do last. `seg_lens` [S] counts the query rows this kernel computes per sequence (0 for a
+    tile holds rows of and whether it reads any K/V ([3, num_tiles]: first, last, busy; first > last for
+    tiles with no query row), and the order to take the tiles in: the most K/V to read first (longest-
+    processing-time first), tiles with nothing to do last. `seg_lens` [S] counts the query rows this kernel computes per sequence (0 for a
     sequence left to another kernel)."""
     qsl = query_start_loc.astype(jnp.int32)
     num_seqs = seg_lens.shape[0]
@@ -258,11 +309,12 @@ def flat_tiles(query_start_loc: jax.Array, seg_lens: jax.Array, seq_lens: jax.Ar
     seg_end = jnp.minimum(qsl[:-1] + seg_lens, rows0[:, None] + tile_tokens)  # [tiles, S]
     reach = jnp.where(held & (seg_end > jnp.maximum(qsl[:-1], rows0[:, None])),
                       seq_lens - (qsl[1:] - qsl[:-1]) + seg_end - qsl[:-1], 0)
-    order = jnp.argsort(-reach.sum(axis=1), stable=True).astype(jnp.int32)
-    return order, jnp.stack([first_seq, last_seq])
+    reach = reach.sum(axis=1)
+    order = jnp.argsort(-reach, stable=True).astype(jnp.int32)
+    return order, jnp.stack([first_seq, last_seq, (reach > 0).astype(jnp.int32)])
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_kv", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_kv", "num_stages", "num_ctas", "interpret"))
 def ragged_paged_attention(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_cache: jax.Array,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
@@ -276,14 +328,16 @@ def ragged_paged_attention(
     block_q: int = 64,
     block_kv: int = 128,
     num_stages: int = 2,
+    num_ctas: int | None = None,  # persistent CTAs; None: one per SM (2 under the interpreter)
     interpret: bool = False,
     keep: jax.Array | None = None,  # [S] bool: only these sequences (the others' rows come out as zeros)
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
     """Causal attention of a ragged batch of query chunks over the paged cache; same semantics as the
-    reference. Needs head_dim a multiple of 64 and block_size dividing block_kv."""
+    reference. Needs head_dim 64 or 128 (shared memory holds two items' queries and the K/V ring) and
+    block_size dividing block_kv."""
     T, num_q_heads, head_dim = q.shape
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    if head_dim % 64 or block_kv % block_size or block_q != 64:
+    if head_dim % 64 or head_dim > 128 or block_kv % block_size or block_q != 64:
         raise ValueError(f"unsupported shape: head_dim={head_dim}, block_size={block_size}, "
                          f"block_q={block_q}, block_kv={block_kv}")
     tile_tokens = COMPUTE_WGS * block_q
@@ -297,20 +351,26 @@ def ragged_paged_attention(
         seg_lens = jnp.where(keep, seg_lens, 0)
     tile_order, tile_seqs = flat_tiles(qsl, seg_lens, seq_lens.astype(jnp.int32), num_tiles, tile_tokens)
 
+    num_items = num_tiles * num_q_heads
+    num_ctas = min(num_items, num_ctas or (2 if interpret else num_sms()))
+
     def entry(*refs):
         smem = lambda shape: plgpu.SMEM(
             shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
         pl.run_scoped(
-            lambda *scoped: _kernel(*refs, scoped, group=num_q_heads // num_kv_heads, block_q=block_q,
-                                    block_kv=block_kv, block_size=block_size, num_stages=num_stages,
-                                    scale=scale, interpret=interpret),
-            (smem((COMPUTE_WGS * block_q, head_dim)),
+            lambda *scoped: _kernel(*refs, scoped, num_items=num_items, num_heads=num_q_heads,
+                                    group=num_q_heads // num_kv_heads, block_q=block_q, block_kv=block_kv,
+                                    block_size=block_size, num_stages=num_stages, scale=scale,
+                                    interpret=interpret),
+            (smem((2, tile_tokens, head_dim)),  # two items' queries (then outputs)
              smem((num_stages, block_kv, head_dim)),
-             smem((num_stages, block_kv, head_dim))),
+             smem((num_stages, block_kv, head_dim)),
+             smem((block_q, head_dim))),  # zeros, the output of items that read no K/V
             (plgpu.Barrier(num_arrivals=block_kv // block_size, num_barriers=num_stages),
              plgpu.Barrier(num_arrivals=block_kv // block_size, num_barriers=num_stages),
-             plgpu.Barrier(num_barriers=COMPUTE_WGS)),
-            (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=num_stages),) * 2,
+             plgpu.Barrier(num_barriers=2)),
+            (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=num_stages),) * 2
+            + (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS),
             collective_axes="wg",
         )
@@ -318,8 +378,8 @@ def ragged_paged_attention(
     out = plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(num_q_heads, num_tiles),
-        grid_names=("heads", "tiles"),
+        grid=(num_ctas,),
+        grid_names=("ctas",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

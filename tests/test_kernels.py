@@ -247,6 +247,7 @@ def test_prefill_flat_tiles_hold_each_kept_row_once(seed):
             if end > max(qsl[s], g * tile):
                 reach[g] += seq_lens[s] - q_lens[s] + end - qsl[s]
     assert (np.diff(reach[order]) <= 0).all()
+    assert (seqs[2] == (reach > 0)).all()  # busy: the tile reads K/V
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,block_size", [(4, 2, 128, 16), (8, 8, 64, 32)])
@@ -265,6 +266,9 @@ INTERPRET_CASES = {  # q_lens, context lengths, keep
     "kept and left sequences, an empty one": ([40, 1, 200, 0, 60], [300, 90, 200, 5, 61],
                                               [True, False, True, False, True]),
     "whole tiles over context": ([128, 128], [128, 300], None),
+    # Tiles holding only rows of other kernels' sequences read no K/V and take no query slot; with two
+    # persistent CTAs each walks several items, so query slots are reused around them.
+    "tiles left to other kernels": ([100, 400, 3], [150, 400, 20], [True, False, True]),
 }
 
 
