@@ -111,28 +111,32 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
 
         def one_item(i, carry):
             base, busy_items = carry
-            head, tile_row0, first_seq, last_seq, busy = work_item(i)
-            row0 = aligned(tile_row0 + q_row0, block_q)  # in place in q and the output
-            qslot = lax.rem(busy_items, jnp.int32(2))
-            q_smem = q_smem3.at[qslot, pl.ds(q_row0, block_q)]  # the queries, then the output
-            pl.when(busy)(lambda: plgpu.barrier_wait(q_ready.at[qslot]))
+            with jax.named_scope("item_start"):
+                head, tile_row0, first_seq, last_seq, busy = work_item(i)
+                row0 = aligned(tile_row0 + q_row0, block_q)  # in place in q and the output
+                qslot = lax.rem(busy_items, jnp.int32(2))
+                q_smem = q_smem3.at[qslot, pl.ds(q_row0, block_q)]  # the queries, then the output
+                pl.when(busy)(lambda: plgpu.barrier_wait(q_ready.at[qslot]))
 
             def step(kv_step, carry, *, base, lo, hi, pos0, steps, masked: bool):
                 acc, m, l = carry
                 slot = lax.rem(base + kv_step, jnp.int32(num_stages))
 
-                if interpret:  # the interpreter's wgmma takes no transposed operand: a plain dot
-                    s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
-                    take_turn()
-                else:
-                    def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                with jax.named_scope("qk"):
+                    if interpret:  # the interpreter's wgmma takes no transposed operand: a plain dot
+                        s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
                         take_turn()
-                        return acc_ref[...]
+                    else:
+                        def qk(acc_ref):
+                            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                            take_turn()
+                            return acc_ref[...]
 
-                    s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
+                        s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                softmax_scope = jax.named_scope("softmax_masked" if masked else "softmax")
+                softmax_scope.__enter__()
                 if masked:  # causal, and rows of other sequences see nothing (they stay at m = -inf, l = 0)
                     rows = iota(0, s.shape) + row0
                     pos = jnp.where((rows >= lo) & (rows < hi), rows + pos0, -1)
@@ -146,8 +150,10 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
                 p16 = p.astype(dtype)
                 acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                 plgpu.barrier_arrive(turn)  # softmax done
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_wait(turn)  # the tensor cores are ours again
+                softmax_scope.__exit__(None, None, None)
+                with jax.named_scope("wait_v_turn"):
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    plgpu.barrier_wait(turn)  # the tensor cores are ours again
 
                 def wait_next_k():
                     nxt = kv_step + 1
@@ -156,19 +162,21 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
                     def _():
                         plgpu.barrier_wait(k_ready.at[lax.rem(base + nxt, jnp.int32(num_stages))])
 
-                if interpret:  # no run_state in the interpreter: a plain dot
-                    acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
-                                                preferred_element_type=jnp.float32)
-                    wait_next_k()
-                else:
-                    def pv(acc_ref):  # the wgmma accumulates into acc's registers
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                with jax.named_scope("pv"):
+                    if interpret:  # no run_state in the interpreter: a plain dot
+                        acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
+                                                    preferred_element_type=jnp.float32)
                         wait_next_k()
+                    else:
+                        def pv(acc_ref):  # the wgmma accumulates into acc's registers
+                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                            wait_next_k()
 
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l
 
+            @jax.named_scope("release")
             def release(kv_step, _, *, base):  # the partner still needs this tile: hand the slot back unread
                 slot = lax.rem(base + kv_step, jnp.int32(num_stages))
                 # Waiting for the data we skip costs nothing (we are done) and keeps every barrier phase
@@ -182,17 +190,18 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
 
             def one_segment(s, carry):
                 base, acc, m, l = carry
-                max_steps = segment(s, tile_row0, tile_tokens)[3]  # what the memory warpgroup loads
-                lo, hi, pos0, steps = segment(s, row0, block_q)
-                # Unmasked: tiles wholly at or below the first row's position, when all rows are this
-                # sequence's.
-                full_steps = jnp.where((lo == row0) & (hi == row0 + block_q),
-                                       lax.div(pos0 + row0 + 1, jnp.int32(block_kv)), 0)
-                geometry = dict(base=base, lo=lo, hi=hi, pos0=pos0, steps=steps)
+                with jax.named_scope("segment_start"):
+                    max_steps = segment(s, tile_row0, tile_tokens)[3]  # what the memory warpgroup loads
+                    lo, hi, pos0, steps = segment(s, row0, block_q)
+                    # Unmasked: tiles wholly at or below the first row's position, when all rows are this
+                    # sequence's.
+                    full_steps = jnp.where((lo == row0) & (hi == row0 + block_q),
+                                           lax.div(pos0 + row0 + 1, jnp.int32(block_kv)), 0)
+                    geometry = dict(base=base, lo=lo, hi=hi, pos0=pos0, steps=steps)
 
-                @pl.when(steps > 0)
-                def _():
-                    plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(num_stages))])
+                    @pl.when(steps > 0)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(num_stages))])
 
                 carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False, **geometry),
                                       (acc, m, l))
@@ -207,6 +216,7 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
             base, acc, m, l = lax.fori_loop(first_seq, last_seq + 1, one_segment, (base, acc, m, l))
 
             @pl.when(busy)
+            @jax.named_scope("epilogue")
             def _():  # rows no segment covered (other kernels' sequences, padding) have l = 0: zeros
                 q_smem[...] = (acc / lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), acc.shape, [0])).astype(dtype)
                 plgpu.commit_smem()
@@ -243,6 +253,7 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
             qslot = lax.rem(busy_items, jnp.int32(2))
 
             @pl.when(busy)
+            @jax.named_scope("load_q")
             def _():
                 # The queries go into the slot the busy item before last wrote its output from, as soon as
                 # that store has read it: the next item's queries and first K/V arrive while the compute
@@ -260,12 +271,17 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
                     n = base + kv_step  # the ring runs on across segments and items
                     slot = lax.rem(n, jnp.int32(num_stages))
                     # Past the context, repeat the last block: its rows are masked anyway.
-                    blocks = [block_tables_ref[s, jnp.minimum(kv_step * per_tile + b, last_block)]
-                              for b in range(per_tile)]
-                    pl.when(n >= num_stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
-                    load(k_ref, k_smem, k_ready, blocks, slot, kv_head)
-                    pl.when(n >= num_stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
-                    load(v_ref, v_smem, v_ready, blocks, slot, kv_head)
+                    with jax.named_scope("block_table"):
+                        blocks = [block_tables_ref[s, jnp.minimum(kv_step * per_tile + b, last_block)]
+                                  for b in range(per_tile)]
+                    with jax.named_scope("wait_k_free"):
+                        pl.when(n >= num_stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+                    with jax.named_scope("load_k"):
+                        load(k_ref, k_smem, k_ready, blocks, slot, kv_head)
+                    with jax.named_scope("wait_v_free"):
+                        pl.when(n >= num_stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+                    with jax.named_scope("load_v"):
+                        load(v_ref, v_smem, v_ready, blocks, slot, kv_head)
 
                 return base + max_steps
 
@@ -314,7 +330,8 @@ def flat_tiles(query_start_loc: jax.Array, seg_lens: jax.Array, seq_lens: jax.Ar
     return order, jnp.stack([first_seq, last_seq, (reach > 0).astype(jnp.int32)])
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_kv", "num_stages", "num_ctas", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_kv", "num_stages", "num_ctas", "interpret",
+                                             "profile"))
 def ragged_paged_attention(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_cache: jax.Array,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
@@ -331,6 +348,7 @@ def ragged_paged_attention(
     num_ctas: int | None = None,  # persistent CTAs; None: one per SM (2 under the interpreter)
     interpret: bool = False,
     keep: jax.Array | None = None,  # [S] bool: only these sequences (the others' rows come out as zeros)
+    profile: tuple[str, int] | None = None,  # (directory, ranges per warpgroup): Mosaic GPU's in-kernel trace
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
     """Causal attention of a ragged batch of query chunks over the paged cache; same semantics as the
     reference. Needs head_dim 64 or 128 (shared memory holds two items' queries and the K/V ring) and
@@ -382,7 +400,8 @@ def ragged_paged_attention(
         grid_names=("ctas",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, **(
+            dict(profile_dir=profile[0], profile_space=profile[1]) if profile else {})),
         interpret=gpu_interpret_params() if interpret else None,
     )(tile_order, tile_seqs, qsl, seg_lens, seq_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
       jnp.asarray(layer, jnp.int32).reshape(1), q, k_cache, v_cache)
