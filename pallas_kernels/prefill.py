@@ -57,13 +57,18 @@ def gpu_interpret_params():
     return InterpretGPUParams()
 
 
-def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block_tables_ref,
+def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block_tables_ref,
             layer_ref, q_ref, k_ref, v_ref,  # inputs, GMEM
             o_ref,  # output [T, Hq, D], GMEM
             scoped, *, num_items, num_heads, group, block_q, block_kv, block_size, num_stages, scale, interpret):
     (q_smem3, k_smem, v_smem, zeros_smem), (k_ready, v_ready, q_ready), (k_free, v_free, q_free), turn = scoped
     cta, num_ctas, wg = lax.axis_index("ctas"), lax.axis_size("ctas"), lax.axis_index("wg")
-    my_items = lax.div(num_items - cta + num_ctas - 1, num_ctas)  # items cta, cta + num_ctas, ...
+
+    def item_index(i):  # round i of the schedule, in snake order
+        return i * num_ctas + jnp.where(lax.rem(i, 2) == 0, cta, num_ctas - 1 - cta)
+
+    full_rounds = lax.div(jnp.int32(num_items), num_ctas)
+    my_items = full_rounds + (item_index(full_rounds) < num_items).astype(jnp.int32)
     tile_tokens = COMPUTE_WGS * block_q
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
@@ -85,11 +90,13 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
     def work_item(i):
         """This CTA's i-th item: (query head, first row of its tile, first and last sequence it holds,
         whether it reads any K/V). Items are (tile, head) pairs, tiles in the prologue's order and heads
-        innermost, so the CTAs at work at one time share their tiles' K/V through L2."""
-        item = cta + i * num_ctas
-        tile = tile_order_ref[lax.div(item, jnp.int32(num_heads))]
-        return (lax.rem(item, jnp.int32(num_heads)), tile * tile_tokens, tile_seqs_ref[0, tile],
-                tile_seqs_ref[1, tile], tile_seqs_ref[2, tile] > 0)
+        innermost, so the CTAs at work at one time share their tiles' K/V through L2. Each round gives
+        every CTA one item, in snake order (the CTA with a round's last item takes the next round's
+        first), which evens out the sums of longest-first items. One load from the schedule, no chain."""
+        item = item_index(i)
+        t = lax.div(item, jnp.int32(num_heads))  # the t-th tile in the schedule's order
+        return (lax.rem(item, jnp.int32(num_heads)), schedule_ref[0, t] * tile_tokens, schedule_ref[1, t],
+                schedule_ref[2, t], schedule_ref[3, t] > 0)
 
     def segment(s, row0, num_rows):
         """Sequence s's part of the tile: (rows lo..hi of the flat array within [row0, row0 + num_rows),
@@ -109,14 +116,21 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
         zeros_smem[...] = as_layout(jnp.zeros((block_q, head_dim), dtype), plgpu.Layout.WGMMA)  # both: same
         plgpu.commit_smem()
 
+        def release_last_slot(busy_items):
+            """Hand the last busy item's query slot back once its output store has read it. Done at the
+            start of the next item, not in the epilogue, so the store's read overlaps the item's start."""
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.barrier_arrive(q_free.at[lax.rem(busy_items - 1, jnp.int32(2))])
+
         def one_item(i, carry):
-            base, busy_items = carry
+            base, busy_items, unreleased = carry
             with jax.named_scope("item_start"):
                 head, tile_row0, first_seq, last_seq, busy = work_item(i)
                 row0 = aligned(tile_row0 + q_row0, block_q)  # in place in q and the output
                 qslot = lax.rem(busy_items, jnp.int32(2))
                 q_smem = q_smem3.at[qslot, pl.ds(q_row0, block_q)]  # the queries, then the output
                 pl.when(busy)(lambda: plgpu.barrier_wait(q_ready.at[qslot]))
+                pl.when(unreleased)(lambda: release_last_slot(busy_items))
 
             def step(kv_step, carry, *, base, lo, hi, pos0, steps, masked: bool):
                 acc, m, l = carry
@@ -135,22 +149,20 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
 
                         s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
                     plgpu.barrier_arrive(k_free.at[slot])
-                softmax_scope = jax.named_scope("softmax_masked" if masked else "softmax")
-                softmax_scope.__enter__()
-                if masked:  # causal, and rows of other sequences see nothing (they stay at m = -inf, l = 0)
-                    rows = iota(0, s.shape) + row0
-                    pos = jnp.where((rows >= lo) & (rows < hi), rows + pos0, -1)
-                    s = jnp.where(iota(1, s.shape) + kv_step * block_kv <= pos, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=1) * c)
-                m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # no -inf - -inf
-                alpha = jnp.exp2(m - m_sub)
-                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_sub, s.shape, [0]))
-                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l = l * alpha + p.sum(axis=1)
-                p16 = p.astype(dtype)
-                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-                plgpu.barrier_arrive(turn)  # softmax done
-                softmax_scope.__exit__(None, None, None)
+                with jax.named_scope("softmax_masked" if masked else "softmax"):
+                    if masked:  # causal; rows of other sequences see nothing (they stay at m = -inf, l = 0)
+                        rows = iota(0, s.shape) + row0
+                        pos = jnp.where((rows >= lo) & (rows < hi), rows + pos0, -1)
+                        s = jnp.where(iota(1, s.shape) + kv_step * block_kv <= pos, s, -jnp.inf)
+                    m_new = jnp.maximum(m, s.max(axis=1) * c)
+                    m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # no -inf - -inf
+                    alpha = jnp.exp2(m - m_sub)
+                    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_sub, s.shape, [0]))
+                    acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l = l * alpha + p.sum(axis=1)
+                    p16 = p.astype(dtype)
+                    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                    plgpu.barrier_arrive(turn)  # softmax done
                 with jax.named_scope("wait_v_turn"):
                     plgpu.barrier_wait(v_ready.at[slot])
                     plgpu.barrier_wait(turn)  # the tensor cores are ours again
@@ -221,18 +233,17 @@ def _kernel(tile_order_ref, tile_seqs_ref, query_start_loc_ref, seg_lens_ref, se
                 q_smem[...] = (acc / lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), acc.shape, [0])).astype(dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(row0, block_q), head])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                plgpu.barrier_arrive(q_free.at[qslot])  # the memory warpgroup may load the busy item after next
 
             # An item that reads no K/V (a tile of padding, or of other kernels' sequences, all ordered
             # last) takes no query slot: its warpgroups must not wait for a slot, because the partner of
             # a ping-pong waits at its last step for this warpgroup's next turn.
             pl.when(~busy)(lambda: plgpu.copy_smem_to_gmem(zeros_smem, o_ref.at[pl.ds(row0, block_q), head]))
-            return base, busy_items + busy.astype(jnp.int32)
+            return base, busy_items + busy.astype(jnp.int32), busy
 
         pl.when(wg == 1)(take_turn)
-        lax.fori_loop(0, my_items, one_item, (jnp.int32(0), jnp.int32(0)))
+        _, busy_items, unreleased = lax.fori_loop(0, my_items, one_item, (jnp.int32(0), jnp.int32(0), False))
         pl.when(wg == 0)(take_turn)
+        pl.when(unreleased)(lambda: release_last_slot(busy_items))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -368,6 +379,7 @@ def ragged_paged_attention(
     if keep is not None:
         seg_lens = jnp.where(keep, seg_lens, 0)
     tile_order, tile_seqs = flat_tiles(qsl, seg_lens, seq_lens.astype(jnp.int32), num_tiles, tile_tokens)
+    schedule = jnp.concatenate([tile_order[None], tile_seqs[:, tile_order]])  # [4, tiles]: tile, first, last, busy
 
     num_items = num_tiles * num_q_heads
     num_ctas = min(num_items, num_ctas or (2 if interpret else num_sms()))
@@ -403,6 +415,6 @@ def ragged_paged_attention(
         compiler_params=plgpu.CompilerParams(approx_math=True, **(
             dict(profile_dir=profile[0], profile_space=profile[1]) if profile else {})),
         interpret=gpu_interpret_params() if interpret else None,
-    )(tile_order, tile_seqs, qsl, seg_lens, seq_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
+    )(schedule, qsl, seg_lens, seq_lens.astype(jnp.int32), block_tables.astype(jnp.int32),
       jnp.asarray(layer, jnp.int32).reshape(1), q, k_cache, v_cache)
     return out[:T]
