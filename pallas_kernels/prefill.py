@@ -322,8 +322,8 @@ def flat_tiles(query_start_loc: jax.Array, seg_lens: jax.Array, seq_lens: jax.Ar
     """The kernel's schedule over tiles of `tile_tokens` rows of the flat token array: the sequences each
     tile holds rows of and whether it reads any K/V ([3, num_tiles]: first, last, busy; first > last for
     tiles with no query row), and the order to take the tiles in: the most K/V to read first (longest-
-    processing-time first), tiles with nothing to do last. `seg_lens` [S] counts the query rows this kernel computes per sequence (0 for a
-    sequence left to another kernel)."""
+    processing-time first), tiles with nothing to do last. `seg_lens` [S] counts the query rows this
+    kernel computes per sequence (0 for a sequence left to another kernel)."""
     qsl = query_start_loc.astype(jnp.int32)
     num_seqs = seg_lens.shape[0]
     rows0 = jnp.arange(num_tiles, dtype=jnp.int32) * tile_tokens
