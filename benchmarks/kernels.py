@@ -271,6 +271,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="target cases only")
     ap.add_argument("--prefill", action="store_true", help="only the prefill cases")
+    ap.add_argument("--decode", action="store_true", help="only the decode cases")
     ap.add_argument("--baseline-prefill", default=None, metavar="FILE",
                     help="another version of pallas_kernels/prefill.py, timed beside ours as 'baseline'")
     a = ap.parse_args()
@@ -336,7 +337,7 @@ def main():
                     results["cases"].append(dict(kind="decode", model=model, batch=batch, ctx=ctx, skipped="memory"))
                     continue
                 bench_decode(model, batch, ctx, reps=16, with_ref=batch * ctx <= 64 * 2048, log=log)
-    for model in MODELS:
+    for model in MODELS if not a.decode else ():
         for chunk in (512, 2048):
             for ctx_before in (0, 4096):
                 bench_prefill(model, chunk, ctx_before, tokens=8192, reps=4, log=log)
