@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import glob
 import json
 import os
@@ -93,7 +94,8 @@ def main():
         profiled(*args).block_until_ready()
     jax.effects_barrier()
     traces = sorted(glob.glob(os.path.join(trace_dir, "*-trace.json")))
-    rec = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, model=a.model, chunk=a.chunk, ctx=a.ctx,
+    rec = dict(device=jax.devices()[0].device_kind, date=datetime.date.today().isoformat(), jax=jax.__version__,
+               command=" ".join(["python"] + sys.argv), model=a.model, chunk=a.chunk, ctx=a.ctx,
                tokens=a.tokens, kernel_us_unprofiled=round(us, 1),
                git_commit=os.environ.get("JAXLLM_GIT_COMMIT", "unknown"), roles=summarize(traces[-1]))
     json.dump(rec, open(a.out, "w"), indent=1)

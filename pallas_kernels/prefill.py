@@ -3,24 +3,31 @@
 Prefill is bound by arithmetic, so this is FlashAttention-3's forward pass (the layout of JAX's
 `ops/gpu/attention_mgpu.py`) taught to read a ragged batch out of the paged cache:
 
-- A CTA owns one query head and one tile of 2 x `block_q` rows of the flat token array, in place: q is
-  read and the output written by TMA at the tile's own rows, so XLA never gathers or scatters either.
-  A tile may hold the end of one chunk and the start of the next; the CTA runs one pass over the K/V of
-  each sequence it holds (a *segment*), masking the rows that are not that sequence's. Tiles are taken
-  in an order computed by an XLA prologue, the most context first.
+- Work comes in *items*: one query head over one tile of 2 x `block_q` rows of the flat token array, in
+  place: q is read and the output written by TMA at the tile's own rows, so XLA never gathers or
+  scatters either. A tile may hold the end of one chunk and the start of the next; the item runs one
+  pass over the K/V of each sequence it holds (a *segment*), masking the rows that are not that
+  sequence's. An XLA prologue orders the tiles, the most context first (`flat_tiles`).
+- The kernel is persistent: one CTA per SM walks its items (rounds of one item per CTA, in snake
+  order). Each CTA has two query slots, so the memory warpgroup loads the next item's queries and first
+  K/V while the compute warpgroups finish the current one, and an output store's read of its slot
+  overlaps the next item's start. Items that read no K/V (padding, other kernels' sequences) store
+  zeros and take no slot.
 - Two compute warpgroups take `block_q` rows each and take turns on the tensor cores (a schedule
   barrier), so one's softmax overlaps the other's matmuls.
 - A third, memory warpgroup streams K/V tiles of `block_kv` tokens into a ring of `num_stages` shared-
   memory slots: each tile is `block_kv / block_size` TMA copies of one cache block (`block_size` rows of
   one kv head), found through the block table. The cache is never copied or gathered by XLA. The ring
-  runs on across segments.
+  runs on across segments and items.
 - Causality: tiles wholly at or below a warpgroup's first position run unmasked; only the tiles on the
   diagonal, and the passes of a warpgroup that holds rows of two sequences, pay for the mask. A
   warpgroup that needs fewer tiles than its partner (or none) still releases the remaining slots, so
   the memory warpgroup never stalls.
 
-Query heads are not folded onto their kv head as in `ragged.py`: each CTA reads its kv head's K/V, and
-the group's CTAs (adjacent in the grid) share those reads through L2. Short chunks would waste most of
+Query heads are not folded onto their kv head as in `ragged.py`: each item reads its kv head's K/V, and
+a group's items (adjacent in the order, so running at the same time) share those reads through L2.
+The `jax.named_scope`s mark the phases that Mosaic GPU's in-kernel profiler times (`profile=`;
+`benchmarks/profile_prefill.py`). Short chunks would waste most of
 a CTA here: `__init__.py` keeps this kernel to chunks of at least 128 tokens (`keep`) and sends the
 others to the Triton ragged kernel, single tokens to the decode kernel.
 
