@@ -68,7 +68,7 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             layer_ref, q_ref, k_ref, v_ref,  # inputs, GMEM
             o_ref,  # output [T, Hq, D], GMEM
             scoped, *, num_items, num_heads, group, block_q, block_kv, block_size, num_stages, scale, interpret):
-    (q_smem3, k_smem, v_smem, zeros_smem), (k_ready, v_ready, q_ready), (k_free, v_free, q_free), turn = scoped
+    (q_slots, k_smem, v_smem, zeros_smem), (k_ready, v_ready, q_ready), (k_free, v_free, q_free), turn = scoped
     cta, num_ctas, wg = lax.axis_index("ctas"), lax.axis_size("ctas"), lax.axis_index("wg")
 
     def item_index(i):  # round i of the schedule, in snake order
@@ -135,7 +135,7 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
                 head, tile_row0, first_seq, last_seq, busy = work_item(i)
                 row0 = aligned(tile_row0 + q_row0, block_q)  # in place in q and the output
                 qslot = lax.rem(busy_items, jnp.int32(2))
-                q_smem = q_smem3.at[qslot, pl.ds(q_row0, block_q)]  # the queries, then the output
+                q_smem = q_slots.at[qslot, pl.ds(q_row0, block_q)]  # the queries, then the output
                 pl.when(busy)(lambda: plgpu.barrier_wait(q_ready.at[qslot]))
                 pl.when(unreleased)(lambda: release_last_slot(busy_items))
 
@@ -278,7 +278,7 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
                 # warpgroups finish this one.
                 pl.when(busy_items >= 2)(lambda: plgpu.barrier_wait(q_free.at[qslot]))
                 plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(aligned(tile_row0, tile_tokens), tile_tokens), head],
-                                        q_smem3.at[qslot], q_ready.at[qslot])
+                                        q_slots.at[qslot], q_ready.at[qslot])
 
             def one_segment(s, base):
                 max_steps = segment(s, tile_row0, tile_tokens)[3]
