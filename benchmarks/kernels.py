@@ -187,23 +187,30 @@ PREFILL_VARIANTS = {
 }
 
 
-def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=print):
+def prefill_inputs(model, chunk, ctx_before, tokens, reps):
+    """`tokens // chunk` sequences, each a chunk over `ctx_before` tokens of context, in a paged cache of
+    random bf16 values with shuffled block tables: (`reps` query arrays, k, v, block tables, seq_lens,
+    query_start_loc)."""
     hq, hkv, d = MODELS[model]
     seqs = max(1, tokens // chunk)
     total = ctx_before + chunk
     blocks_per_seq = -(-total // BLOCK_SIZE)
     num_blocks = seqs * blocks_per_seq + 1
-    key = jax.random.key(chunk + ctx_before)
-    k1, k2, k3, k4 = jax.random.split(key, 4)
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(chunk + ctx_before), 4)
     shape = (1, num_blocks, BLOCK_SIZE, hkv, d)
     k = jax.random.normal(k1, shape, jnp.bfloat16)
     v = jax.random.normal(k2, shape, jnp.bfloat16)
     tables = jax.random.permutation(k3, num_blocks - 1)[: seqs * blocks_per_seq].reshape(seqs, blocks_per_seq)
-    tables = tables.astype(jnp.int32)
     seq_lens = jnp.full((seqs,), total, jnp.int32)
     qsl = (jnp.arange(seqs + 1) * chunk).astype(jnp.int32)
-    T = seqs * chunk
-    qs = [jax.random.normal(jax.random.fold_in(k4, i), (T, hq, d), jnp.bfloat16) for i in range(reps)]
+    qs = [jax.random.normal(jax.random.fold_in(k4, i), (seqs * chunk, hq, d), jnp.bfloat16) for i in range(reps)]
+    return qs, k, v, tables.astype(jnp.int32), seq_lens, qsl
+
+
+def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=print):
+    hq, hkv, d = MODELS[model]
+    qs, k, v, tables, seq_lens, qsl = prefill_inputs(model, chunk, ctx_before, tokens, reps)
+    seqs, T = seq_lens.shape[0], qs[0].shape[0]
     flops = seqs * causal_flops(chunk, ctx_before, hq, d)
     rec = dict(kind="prefill", model=model, chunk=chunk, ctx_before=ctx_before, seqs=seqs, tokens=T, flops=flops)
     scale = d**-0.5
@@ -219,7 +226,8 @@ def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=pri
     if ctx_before == 0 and jax.default_backend() == "gpu":
         # The peer on fresh chunks: cuDNN's fused flash attention (jax.nn.dot_product_attention on Hopper),
         # dense [seqs, chunk] batches with the same heads, causal. Not paged, so it reads K/V contiguously.
-        kd, vd = (jax.random.normal(kk, (seqs, chunk, hkv, d), jnp.bfloat16) for kk in (k1, k2))
+        kd, vd = (jax.random.normal(kk, (seqs, chunk, hkv, d), jnp.bfloat16)
+                  for kk in jax.random.split(jax.random.key(chunk + ctx_before + 1)))
         try:
             t = time_calls(lambda q, kd, vd: jax.nn.dot_product_attention(
                 q.reshape(seqs, chunk, hq, d), kd, vd, scale=scale, is_causal=True, implementation="cudnn"),
@@ -270,8 +278,9 @@ def main():
     ap.add_argument("--fill-check", action="store_true", help="decode over a cache of zeros against random values")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="target cases only")
-    ap.add_argument("--prefill", action="store_true", help="only the prefill cases")
-    ap.add_argument("--decode", action="store_true", help="only the decode cases")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--prefill", action="store_true", help="only the prefill cases")
+    only.add_argument("--decode", action="store_true", help="only the decode cases")
     ap.add_argument("--baseline-prefill", default=None, metavar="FILE",
                     help="another version of pallas_kernels/prefill.py, timed beside ours as 'baseline'")
     a = ap.parse_args()

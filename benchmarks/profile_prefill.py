@@ -22,29 +22,20 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
+from kernels import MODELS, prefill_inputs  # noqa: E402  (benchmarks/kernels.py)
 from pallas_kernels.prefill import ragged_paged_attention  # noqa: E402
 
-MODELS = {"llama-3-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}
 ROLES = ("compute 0", "compute 1", "memory")
 
 
-def inputs(model, chunk, ctx, tokens, block_size=16):
-    hq, hkv, d = MODELS[model]
-    seqs = max(1, tokens // chunk)
-    total = ctx + chunk
-    per_seq = -(-total // block_size)
-    num_blocks = seqs * per_seq + 1
-    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
-    shape = (1, num_blocks, block_size, hkv, d)
-    k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in (k1, k2))
-    tables = jax.random.permutation(k3, num_blocks - 1)[: seqs * per_seq].reshape(seqs, per_seq).astype(jnp.int32)
-    q = jax.random.normal(k4, (seqs * chunk, hq, d), jnp.bfloat16)
-    return (q, k, v, 0, tables, jnp.full((seqs,), total, jnp.int32),
-            (jnp.arange(seqs + 1) * chunk).astype(jnp.int32)), d**-0.5
+def inputs(model, chunk, ctx, tokens):
+    """kernels.py's prefill case (one query array): the kernel's arguments and its scale."""
+    qs, k, v, tables, seq_lens, qsl = prefill_inputs(model, chunk, ctx, tokens, reps=1)
+    return (qs[0], k, v, 0, tables, seq_lens, qsl), MODELS[model][2] ** -0.5
 
 
 def summarize(trace_file):

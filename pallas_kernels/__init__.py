@@ -6,8 +6,9 @@ one query token per sequence; otherwise each sequence by its chunk length: `pref
 wgmma + TMA) for chunks of at least PREFILL_MIN_TOKENS where the caller asks for it (`prefill_kernel`;
 by default in steps of at least PREFILL_MIN_BUCKET tokens), `ragged.py` (Triton) for the other chunks,
 and `decode.py` for the single tokens of a mixed step (a Mosaic or ragged tile would compute 64 tokens'
-worth for each). Everything else, the CPU included, runs the pure-jnp reference. JAXLLM_ATTENTION=reference forces the reference anywhere; JAXLLM_PREFILL=triton
-keeps every chunk on `ragged.py` (for A/B runs).
+worth for each). Everything else, the CPU included, runs the pure-jnp reference.
+JAXLLM_ATTENTION=reference forces the reference anywhere; JAXLLM_PREFILL=triton keeps every chunk on
+`ragged.py` (for A/B runs).
 """
 
 from __future__ import annotations

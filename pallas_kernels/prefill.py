@@ -54,6 +54,7 @@ except ImportError:  # pragma: no cover
 
 LOG2E = math.log2(math.e)
 COMPUTE_WGS = 2
+QUERY_SLOTS = 2  # per CTA: one item's queries (then output) while the next item's arrive
 
 
 def gpu_interpret_params():
@@ -127,14 +128,14 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             """Hand the last busy item's query slot back once its output store has read it. Done at the
             start of the next item, not in the epilogue, so the store's read overlaps the item's start."""
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            plgpu.barrier_arrive(q_free.at[lax.rem(busy_items - 1, jnp.int32(2))])
+            plgpu.barrier_arrive(q_free.at[lax.rem(busy_items - 1, jnp.int32(QUERY_SLOTS))])
 
         def one_item(i, carry):
             base, busy_items, unreleased = carry
             with jax.named_scope("item_start"):
                 head, tile_row0, first_seq, last_seq, busy = work_item(i)
                 row0 = aligned(tile_row0 + q_row0, block_q)  # in place in q and the output
-                qslot = lax.rem(busy_items, jnp.int32(2))
+                qslot = lax.rem(busy_items, jnp.int32(QUERY_SLOTS))
                 q_smem = q_slots.at[qslot, pl.ds(q_row0, block_q)]  # the queries, then the output
                 pl.when(busy)(lambda: plgpu.barrier_wait(q_ready.at[qslot]))
                 pl.when(unreleased)(lambda: release_last_slot(busy_items))
@@ -268,7 +269,7 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             base, busy_items = carry
             head, tile_row0, first_seq, last_seq, busy = work_item(i)
             kv_head = lax.div(head, jnp.int32(group))
-            qslot = lax.rem(busy_items, jnp.int32(2))
+            qslot = lax.rem(busy_items, jnp.int32(QUERY_SLOTS))
 
             @pl.when(busy)
             @jax.named_scope("load_q")
@@ -276,7 +277,7 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
                 # The queries go into the slot the busy item before last wrote its output from, as soon as
                 # that store has read it: the next item's queries and first K/V arrive while the compute
                 # warpgroups finish this one.
-                pl.when(busy_items >= 2)(lambda: plgpu.barrier_wait(q_free.at[qslot]))
+                pl.when(busy_items >= QUERY_SLOTS)(lambda: plgpu.barrier_wait(q_free.at[qslot]))
                 plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(aligned(tile_row0, tile_tokens), tile_tokens), head],
                                         q_slots.at[qslot], q_ready.at[qslot])
 
@@ -314,9 +315,9 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
 
-        @pl.loop(jnp.maximum(busy_items - 2, 0), busy_items)
+        @pl.loop(jnp.maximum(busy_items - QUERY_SLOTS, 0), busy_items)
         def _(i):
-            plgpu.barrier_wait(q_free.at[lax.rem(i, jnp.int32(2))])
+            plgpu.barrier_wait(q_free.at[lax.rem(i, jnp.int32(QUERY_SLOTS))])
 
 
 def num_sms() -> int:
@@ -373,6 +374,8 @@ def ragged_paged_attention(
     block_size dividing block_kv."""
     T, num_q_heads, head_dim = q.shape
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    if num_ctas is not None and num_ctas < 1:
+        raise ValueError(f"num_ctas must be at least 1 (or None: one per SM), got {num_ctas}")
     if head_dim % 64 or head_dim > 128 or block_kv % block_size or block_q != 64:
         raise ValueError(f"unsupported shape: head_dim={head_dim}, block_size={block_size}, "
                          f"block_q={block_q}, block_kv={block_kv}")
@@ -399,15 +402,15 @@ def ragged_paged_attention(
                                     group=num_q_heads // num_kv_heads, block_q=block_q, block_kv=block_kv,
                                     block_size=block_size, num_stages=num_stages, scale=scale,
                                     interpret=interpret),
-            (smem((2, tile_tokens, head_dim)),  # two items' queries (then outputs)
+            (smem((QUERY_SLOTS, tile_tokens, head_dim)),  # items' queries (then outputs)
              smem((num_stages, block_kv, head_dim)),
              smem((num_stages, block_kv, head_dim)),
              smem((block_q, head_dim))),  # zeros, the output of items that read no K/V
             (plgpu.Barrier(num_arrivals=block_kv // block_size, num_barriers=num_stages),
              plgpu.Barrier(num_arrivals=block_kv // block_size, num_barriers=num_stages),
-             plgpu.Barrier(num_barriers=2)),
+             plgpu.Barrier(num_barriers=QUERY_SLOTS)),
             (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=num_stages),) * 2
-            + (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),),
+            + (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=QUERY_SLOTS),),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS),
             collective_axes="wg",
         )

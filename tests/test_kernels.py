@@ -261,6 +261,14 @@ def test_prefill_kernel_lowers_to_mosaic_gpu(num_q_heads, num_kv_heads, head_dim
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("kwargs, named", [(dict(num_ctas=0), "num_ctas"), (dict(num_ctas=-3), "num_ctas")])
+def test_prefill_kernel_rejects_bad_arguments(kwargs, named):
+    b = random_batch(41, [150], [150], num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                     dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=named):
+        prefill.ragged_paged_attention(**b, scale=0.1, **kwargs)
+
+
 INTERPRET_CASES = {  # q_lens, context lengths, keep
     "a tile holding two sequences": ([150, 37], [170, 37], None),
     "kept and left sequences, an empty one": ([40, 1, 200, 0, 60], [300, 90, 200, 5, 61],
