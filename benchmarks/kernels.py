@@ -177,7 +177,8 @@ def causal_flops(chunk, ctx_before, hq, d):
 
 
 # "ours": the Triton ragged kernel (ragged.py); "mosaic": the Mosaic GPU prefill kernel (prefill.py);
-# "baseline": another prefill.py given with --baseline-prefill (an A/B across commits in one run).
+# Other versions of prefill.py given with --baseline-prefill (A/B across commits in one run) are timed
+# under their file's stem (prefill_5b92ccf.py.txt: "prefill_5b92ccf").
 PREFILL_KERNELS = {"triton": ragged_kernel, "mosaic": prefill_kernel}
 PREFILL_VARIANTS = {
     "ours": {}, "ours_again": {},
@@ -281,24 +282,35 @@ def main():
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--prefill", action="store_true", help="only the prefill cases")
     only.add_argument("--decode", action="store_true", help="only the decode cases")
-    ap.add_argument("--baseline-prefill", default=None, metavar="FILE",
-                    help="another version of pallas_kernels/prefill.py, timed beside ours as 'baseline'")
+    ap.add_argument("--baseline-prefill", action="append", default=[], metavar="FILE",
+                    help="another version of pallas_kernels/prefill.py, timed beside ours under its file's "
+                         "stem (repeatable)")
+    ap.add_argument("--prefill-variants", default=None, metavar="NAMES",
+                    help=f"comma-separated prefill variants to time, of {', '.join(PREFILL_VARIANTS)} "
+                         "(default all); the --baseline-prefill files are always timed")
     a = ap.parse_args()
-    if a.baseline_prefill:
+    if a.prefill_variants is not None:
+        names = a.prefill_variants.split(",")
+        if unknown := [n for n in names if n not in PREFILL_VARIANTS]:
+            ap.error(f"--prefill-variants: unknown {unknown}; choose from {list(PREFILL_VARIANTS)}")
+        for n in set(PREFILL_VARIANTS) - set(names):
+            del PREFILL_VARIANTS[n]
+    baselines = []
+    for file in a.baseline_prefill:
+        import importlib.machinery
         import importlib.util
 
-        if not Path(a.baseline_prefill).is_file():
-            ap.error(f"--baseline-prefill: no such file: {a.baseline_prefill}")
-
-        import importlib.machinery
-
+        if not Path(file).is_file():
+            ap.error(f"--baseline-prefill: no such file: {file}")
+        name = Path(file).name.split(".")[0]
         # Any file name (device_runs keeps old versions as .py.txt, out of pytest's and ruff's way).
-        loader = importlib.machinery.SourceFileLoader("baseline_prefill", a.baseline_prefill)
-        spec = importlib.util.spec_from_file_location("baseline_prefill", a.baseline_prefill, loader=loader)
+        loader = importlib.machinery.SourceFileLoader(name, file)
+        spec = importlib.util.spec_from_file_location(name, file, loader=loader)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        PREFILL_KERNELS["baseline"] = module.ragged_paged_attention
-        PREFILL_VARIANTS.update(baseline=dict(kernel="baseline"), baseline_again=dict(kernel="baseline"))
+        PREFILL_KERNELS[name] = module.ragged_paged_attention
+        PREFILL_VARIANTS.update({name: dict(kernel=name), f"{name}_again": dict(kernel=name)})
+        baselines.append(name)
     device = jax.devices()[0].device_kind
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
@@ -379,8 +391,7 @@ def print_table(results):
                   f"{us(r, 'mosaic_again'):8.1f}, bkv64 s3 {us(r, 'mosaic_bkv64_s3'):8.1f}, s4 "
                   f"{us(r, 'mosaic_bkv64_s4'):8.1f}) best {r['flops'] / best / 1e6:6.1f} TFLOP/s "
                   f"({100 * r['flops'] / best / 1e6 / mm:3.0f}%)"
-                  + (f" | baseline {us(r, 'baseline'):8.1f} (again {us(r, 'baseline_again'):8.1f})"
-                     if "baseline" in r else "")
+                  + "".join(f" | {b} {us(r, b):8.1f} (again {us(r, b + '_again'):8.1f})" for b in baselines)
                   + (f" | cudnn dense {us(r, 'cudnn'):8.1f} us {tflops('cudnn'):6.1f} TFLOP/s "
                      f"({100 * tflops('cudnn') / mm:3.0f}%)" if "cudnn" in r else ""))
 

@@ -286,34 +286,29 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
                 plgpu.copy_gmem_to_smem(src_ref.at[layer, blk, :, kv_head],
                                         dst_smem.at[slot, pl.ds(b * block_size, block_size)], ready.at[slot])
 
-        @jax.named_scope("load_q")
-        def load_q(i, n):
-            """Item i's queries, the n-th busy item's, into query slot n % 2: the slot busy item n - 2 wrote
-            its output from, once that store has read it (the compute warpgroups hand it back at the start
-            of item n - 1)."""
-            head, tile_row0 = work_item(i)[:2]
-            qslot = lax.rem(n, jnp.int32(QUERY_SLOTS))
-            pl.when(n >= QUERY_SLOTS)(lambda: plgpu.barrier_wait(q_free.at[qslot]))
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(aligned(tile_row0, tile_tokens), tile_tokens), head],
-                                    q_slots.at[qslot], q_ready.at[qslot])
-
         def one_item(i, carry):
             base, busy_items = carry
             head, tile_row0, first_seq, last_seq, busy = work_item(i)
             kv_head = lax.div(head, jnp.int32(group))
-            # This item's queries were loaded during the item before (or before the loop). The next
-            # item's go right after this item's first K/V tile: they arrive while the compute warpgroups
-            # work through this item, not after its last K/V as when loaded at the next item's start.
-            # (Busy items come first, so after an idle item no busy one follows.)
-            next_q = (i + 1 < my_items) & work_item(i + 1)[4]
-            next_n = busy_items + busy.astype(jnp.int32)
+            qslot = lax.rem(busy_items, jnp.int32(QUERY_SLOTS))
 
-            def one_segment(s, carry):
-                base, next_q = carry
+            @pl.when(busy)
+            @jax.named_scope("load_q")
+            def _():
+                # The queries go into the slot the busy item before last wrote its output from, as soon as
+                # that store has read it: the next item's queries and first K/V arrive while the compute
+                # warpgroups finish this one. (Loading them earlier, after this item's first K/V tile, lost:
+                # the wait for the slot held up the K/V stream behind it.)
+                pl.when(busy_items >= QUERY_SLOTS)(lambda: plgpu.barrier_wait(q_free.at[qslot]))
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(aligned(tile_row0, tile_tokens), tile_tokens), head],
+                                        q_slots.at[qslot], q_ready.at[qslot])
+
+            def one_segment(s, base):
                 max_steps = segment(sequence(s), tile_row0, tile_tokens)[3]
                 last_block = lax.div(seq_lens_ref[s] - 1, jnp.int32(block_size))
 
-                def kv_step_loads(kv_step, next_q):
+                @pl.loop(0, max_steps)
+                def _(kv_step):
                     n = base + kv_step  # the ring runs on across segments and items
                     slot = lax.rem(n, jnp.int32(num_stages))
                     # Past the context, repeat the last block: its rows are masked anyway.
@@ -328,16 +323,11 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
                         pl.when(n >= num_stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
                     with jax.named_scope("load_v"):
                         load(v_ref, v_smem, v_ready, blocks, slot, kv_head)
-                    pl.when(next_q)(lambda: load_q(i + 1, next_n))
-                    return jnp.zeros_like(next_q)
 
-                return base + max_steps, lax.fori_loop(0, max_steps, kv_step_loads, next_q)
+                return base + max_steps
 
-            base, next_q = lax.fori_loop(first_seq, last_seq + 1, one_segment, (base, next_q))
-            pl.when(next_q)(lambda: load_q(i + 1, next_n))  # an item with no K/V (none is followed by a busy one)
-            return base, next_n
+            return lax.fori_loop(first_seq, last_seq + 1, one_segment, base), busy_items + busy.astype(jnp.int32)
 
-        pl.when((my_items > 0) & work_item(0)[4])(lambda: load_q(0, jnp.int32(0)))
         total, busy_items = lax.fori_loop(0, my_items, one_item, (jnp.int32(0), jnp.int32(0)))
 
         # Drain: wait for the last releases of K/V slots and query slots (see `release`).
