@@ -288,6 +288,9 @@ def main():
     ap.add_argument("--prefill-variants", default=None, metavar="NAMES",
                     help=f"comma-separated prefill variants to time, of {', '.join(PREFILL_VARIANTS)} "
                          "(default all); the --baseline-prefill files are always timed")
+    ap.add_argument("--prefill-cases", default=None, metavar="CHUNK:CTX,...",
+                    help="only these prefill cases, e.g. 512:0,2048:0 (default: chunks 512 and 2048 over "
+                         "contexts 0 and 4096)")
     a = ap.parse_args()
     if a.prefill_variants is not None:
         names = a.prefill_variants.split(",")
@@ -311,12 +314,20 @@ def main():
         PREFILL_KERNELS[name] = module.ragged_paged_attention
         PREFILL_VARIANTS.update({name: dict(kernel=name), f"{name}_again": dict(kernel=name)})
         baselines.append(name)
+    prefill_cases = [(c, x) for c in (512, 2048) for x in (0, 4096)]
+    if a.prefill_cases is not None:
+        try:
+            prefill_cases = [tuple(int(v) for v in case.split(":")) for case in a.prefill_cases.split(",")]
+        except ValueError:
+            ap.error(f"--prefill-cases: want CHUNK:CTX pairs such as 512:0,2048:4096, got {a.prefill_cases!r}")
+        if any(len(case) != 2 or case[0] < 1 or case[1] < 0 for case in prefill_cases):
+            ap.error(f"--prefill-cases: want CHUNK:CTX pairs such as 512:0,2048:4096, got {a.prefill_cases!r}")
     device = jax.devices()[0].device_kind
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     results = dict(device=device, date=datetime.datetime.now().isoformat(timespec="seconds"), jax=jax.__version__,
                    git_commit=os.environ.get("JAXLLM_GIT_COMMIT") or commit or "unknown",
-                   command=" ".join(["python"] + sys.argv), cases=[])
+                   command=" ".join(["python"] + sys.argv), baselines=baselines, cases=[])
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"kernels-{device.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -359,9 +370,8 @@ def main():
                     continue
                 bench_decode(model, batch, ctx, reps=16, with_ref=batch * ctx <= 64 * 2048, log=log)
     for model in MODELS if not a.decode else ():
-        for chunk in (512, 2048):
-            for ctx_before in (0, 4096):
-                bench_prefill(model, chunk, ctx_before, tokens=8192, reps=4, log=log)
+        for chunk, ctx_before in prefill_cases:
+            bench_prefill(model, chunk, ctx_before, tokens=8192, reps=4, log=log)
     print_table(results)
 
 
@@ -391,7 +401,8 @@ def print_table(results):
                   f"{us(r, 'mosaic_again'):8.1f}, bkv64 s3 {us(r, 'mosaic_bkv64_s3'):8.1f}, s4 "
                   f"{us(r, 'mosaic_bkv64_s4'):8.1f}) best {r['flops'] / best / 1e6:6.1f} TFLOP/s "
                   f"({100 * r['flops'] / best / 1e6 / mm:3.0f}%)"
-                  + "".join(f" | {b} {us(r, b):8.1f} (again {us(r, b + '_again'):8.1f})" for b in baselines)
+                  + "".join(f" | {b} {us(r, b):8.1f} (again {us(r, b + '_again'):8.1f})"
+                            for b in results.get("baselines", ()))
                   + (f" | cudnn dense {us(r, 'cudnn'):8.1f} us {tflops('cudnn'):6.1f} TFLOP/s "
                      f"({100 * tflops('cudnn') / mm:3.0f}%)" if "cudnn" in r else ""))
 

@@ -101,24 +101,19 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
         innermost, so the CTAs at work at one time share their tiles' K/V through L2. Each round gives
         every CTA one item, in snake order (the CTA with a round's last item takes the next round's
         first), which evens out the sums of longest-first items. One load from the schedule, no chain."""
-        item = jnp.minimum(item_index(i), num_items - 1)  # past this CTA's last item: a valid, unused load
+        item = item_index(i)
         t = lax.div(item, jnp.int32(num_heads))  # the t-th tile in the schedule's order
         return (lax.rem(item, jnp.int32(num_heads)), schedule_ref[0, t] * tile_tokens, schedule_ref[1, t],
                 schedule_ref[2, t], schedule_ref[3, t] > 0)
 
-    def sequence(s):
-        """Sequence s's (first flat row, rows this kernel computes, position of flat row 0: flat row r
-        sits at position pos0 + r). Loaded once per segment."""
+    def segment(s, row0, num_rows):
+        """Sequence s's part of the tile: (rows lo..hi of the flat array within [row0, row0 + num_rows),
+        position of flat row 0, K/V tiles the last of those rows needs)."""
         start = query_start_loc_ref[s]
-        pos0 = seq_lens_ref[s] - (query_start_loc_ref[s + 1] - start) - start
-        return start, seg_lens_ref[s], pos0
-
-    def segment(seq, row0, num_rows):
-        """The sequence's part of rows [row0, row0 + num_rows): (rows lo..hi of the flat array, pos0,
-        K/V tiles the last of those rows needs)."""
-        start, seg_len, pos0 = seq
         lo = jnp.maximum(start, row0)
-        hi = jnp.maximum(jnp.minimum(start + seg_len, row0 + num_rows), lo)
+        hi = jnp.maximum(jnp.minimum(start + seg_lens_ref[s], row0 + num_rows), lo)
+        q_len = query_start_loc_ref[s + 1] - start
+        pos0 = seq_lens_ref[s] - q_len - start  # flat row r sits at position pos0 + r
         steps = jnp.where(hi > lo, lax.div(pos0 + hi + block_kv - 1, jnp.int32(block_kv)), 0)
         return lo, hi, pos0, steps
 
@@ -136,17 +131,16 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             plgpu.barrier_arrive(q_free.at[lax.rem(busy_items - 1, jnp.int32(QUERY_SLOTS))])
 
         def one_item(i, carry):
-            base, busy_items, unreleased, this_item = carry
+            base, busy_items, unreleased = carry
             with jax.named_scope("item_start"):
-                head, tile_row0, first_seq, last_seq, busy = this_item
-                next_item = work_item(i + 1)  # loaded now, used a whole item later: no wait at its start
+                head, tile_row0, first_seq, last_seq, busy = work_item(i)
                 row0 = aligned(tile_row0 + q_row0, block_q)  # in place in q and the output
                 qslot = lax.rem(busy_items, jnp.int32(QUERY_SLOTS))
                 q_smem = q_slots.at[qslot, pl.ds(q_row0, block_q)]  # the queries, then the output
                 pl.when(busy)(lambda: plgpu.barrier_wait(q_ready.at[qslot]))
                 pl.when(unreleased)(lambda: release_last_slot(busy_items))
 
-            def step(kv_step, carry, *, base, lo, hi, pos0, steps, mask: str | None):
+            def step(kv_step, carry, *, base, lo, hi, pos0, steps, masked: bool):
                 acc, m, l = carry
                 slot = lax.rem(base + kv_step, jnp.int32(num_stages))
 
@@ -163,22 +157,13 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
 
                         s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
                     plgpu.barrier_arrive(k_free.at[slot])
-                with jax.named_scope(f"softmax_{mask}" if mask else "softmax"):
-                    if mask:
-                        # Causal: column j of this K/V tile sits at position kv_step * block_kv + j, row r of
-                        # the warpgroup's at pos0 + row0 + r, so it is visible where j - r <= delta, one
-                        # scalar: a subtraction, a compare and a select a score.
-                        delta = pos0 + row0 - kv_step * block_kv
-                        visible = iota(1, s.shape) - iota(0, s.shape) <= delta
-                        if mask == "ragged":  # rows of other sequences see nothing (m stays -inf, l 0)
-                            rows = iota(0, s.shape) + row0
-                            visible &= (rows >= lo) & (rows < hi)
-                        s = jnp.where(visible, s, -jnp.inf)
+                with jax.named_scope("softmax_masked" if masked else "softmax"):
+                    if masked:  # causal; rows of other sequences see nothing (they stay at m = -inf, l = 0)
+                        rows = iota(0, s.shape) + row0
+                        pos = jnp.where((rows >= lo) & (rows < hi), rows + pos0, -1)
+                        s = jnp.where(iota(1, s.shape) + kv_step * block_kv <= pos, s, -jnp.inf)
                     m_new = jnp.maximum(m, s.max(axis=1) * c)
-                    # A row that has seen nothing yet has m = -inf: keep -inf - -inf out of exp2. Only rows
-                    # of other sequences can: a warpgroup whose rows are all the segment's starts at K/V
-                    # tile 0, where every row sees at least position 0.
-                    m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if mask == "ragged" else m_new
+                    m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # no -inf - -inf
                     alpha = jnp.exp2(m - m_sub)
                     p = jnp.exp2(s * c - lax.broadcast_in_dim(m_sub, s.shape, [0]))
                     acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -226,26 +211,22 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             def one_segment(s, carry):
                 base, acc, m, l = carry
                 with jax.named_scope("segment_start"):
-                    seq = sequence(s)
-                    max_steps = segment(seq, tile_row0, tile_tokens)[3]  # what the memory warpgroup loads
-                    lo, hi, pos0, steps = segment(seq, row0, block_q)
-                    # When all the warpgroup's rows are this sequence's: tiles wholly at or below the first
-                    # row's position run unmasked, the rest with the causal mask. Otherwise every tile
-                    # also masks the rows of other sequences ("ragged").
-                    mine = (lo == row0) & (hi == row0 + block_q)
-                    full_steps = jnp.where(mine, lax.div(pos0 + row0 + 1, jnp.int32(block_kv)), 0)
-                    causal_end = jnp.where(mine, steps, 0)
+                    max_steps = segment(s, tile_row0, tile_tokens)[3]  # what the memory warpgroup loads
+                    lo, hi, pos0, steps = segment(s, row0, block_q)
+                    # Unmasked: tiles wholly at or below the first row's position, when all rows are this
+                    # sequence's.
+                    full_steps = jnp.where((lo == row0) & (hi == row0 + block_q),
+                                           lax.div(pos0 + row0 + 1, jnp.int32(block_kv)), 0)
                     geometry = dict(base=base, lo=lo, hi=hi, pos0=pos0, steps=steps)
 
                     @pl.when(steps > 0)
                     def _():
                         plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(num_stages))])
 
-                carry = (acc, m, l)
-                for mask, start, end in ((None, 0, full_steps), ("causal", full_steps, causal_end),
-                                         ("ragged", causal_end, steps)):
-                    carry = lax.fori_loop(start, end, functools.partial(step, mask=mask, **geometry), carry)
-                acc, m, l = carry
+                carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False, **geometry),
+                                      (acc, m, l))
+                acc, m, l = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True, **geometry),
+                                          carry)
                 lax.fori_loop(steps, max_steps, functools.partial(release, base=base), None)
                 return base + max_steps, acc, m, l
 
@@ -257,8 +238,7 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             @pl.when(busy)
             @jax.named_scope("epilogue")
             def _():  # rows no segment covered (other kernels' sequences, padding) have l = 0: zeros
-                inv_l = 1.0 / jnp.where(l == 0, 1.0, l)  # one reciprocal a row, then multiplies
-                q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
+                q_smem[...] = (acc / lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), acc.shape, [0])).astype(dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(row0, block_q), head])
 
@@ -266,11 +246,10 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             # last) takes no query slot: its warpgroups must not wait for a slot, because the partner of
             # a ping-pong waits at its last step for this warpgroup's next turn.
             pl.when(~busy)(lambda: plgpu.copy_smem_to_gmem(zeros_smem, o_ref.at[pl.ds(row0, block_q), head]))
-            return base, busy_items + busy.astype(jnp.int32), busy, next_item
+            return base, busy_items + busy.astype(jnp.int32), busy
 
         pl.when(wg == 1)(take_turn)
-        _, busy_items, unreleased, _ = lax.fori_loop(0, my_items, one_item,
-                                                     (jnp.int32(0), jnp.int32(0), False, work_item(0)))
+        _, busy_items, unreleased = lax.fori_loop(0, my_items, one_item, (jnp.int32(0), jnp.int32(0), False))
         pl.when(wg == 0)(take_turn)
         pl.when(unreleased)(lambda: release_last_slot(busy_items))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -297,14 +276,13 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             def _():
                 # The queries go into the slot the busy item before last wrote its output from, as soon as
                 # that store has read it: the next item's queries and first K/V arrive while the compute
-                # warpgroups finish this one. (Loading them earlier, after this item's first K/V tile, lost:
-                # the wait for the slot held up the K/V stream behind it.)
+                # warpgroups finish this one.
                 pl.when(busy_items >= QUERY_SLOTS)(lambda: plgpu.barrier_wait(q_free.at[qslot]))
                 plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(aligned(tile_row0, tile_tokens), tile_tokens), head],
                                         q_slots.at[qslot], q_ready.at[qslot])
 
             def one_segment(s, base):
-                max_steps = segment(sequence(s), tile_row0, tile_tokens)[3]
+                max_steps = segment(s, tile_row0, tile_tokens)[3]
                 last_block = lax.div(seq_lens_ref[s] - 1, jnp.int32(block_size))
 
                 @pl.loop(0, max_steps)
