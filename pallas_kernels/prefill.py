@@ -231,7 +231,9 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
                                       (acc, m, l))
                 # The last tile is often half useful: a warpgroup whose last row sits in the first half of
                 # it (warpgroup 0 on the diagonal of an aligned chunk) multiplies only that half.
+                # (The PV wgmma needs the half tile to be a multiple of 64 tokens.)
                 half = (steps > full_steps) & (pos0 + hi - 1 - (steps - 1) * block_kv < block_kv // 2)
+                half &= block_kv % 128 == 0
                 last_full = steps - half.astype(jnp.int32)
                 carry = lax.fori_loop(full_steps, last_full, functools.partial(step, masked=True, **geometry), carry)
                 acc, m, l = lax.fori_loop(last_full, steps, functools.partial(step, masked=True, half=True, **geometry),
