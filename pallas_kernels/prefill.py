@@ -140,26 +140,22 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
                 pl.when(busy)(lambda: plgpu.barrier_wait(q_ready.at[qslot]))
                 pl.when(unreleased)(lambda: release_last_slot(busy_items))
 
-            def step(kv_step, carry, *, base, lo, hi, pos0, steps, masked: bool, half: bool = False):
-                """One K/V tile: S = QK^T, online softmax, acc += PV. `half`: only the tile's first half,
-                for a last tile whose second half lies past every row's position."""
+            def step(kv_step, carry, *, base, lo, hi, pos0, steps, masked: bool):
                 acc, m, l = carry
                 slot = lax.rem(base + kv_step, jnp.int32(num_stages))
-                kv_len = block_kv // 2 if half else block_kv
-                k_tile, v_tile = (ring.at[slot, pl.ds(0, kv_len)] if half else ring.at[slot] for ring in (k_smem, v_smem))
 
                 with jax.named_scope("qk"):
                     if interpret:  # the interpreter's wgmma takes no transposed operand: a plain dot
-                        s = lax.dot_general(q_smem[...], k_tile[...], (((1,), (1,)), ((), ())),
+                        s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
                                             preferred_element_type=jnp.float32)
                         take_turn()
                     else:
                         def qk(acc_ref):
-                            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_tile, (1, 0)))
+                            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                             take_turn()
                             return acc_ref[...]
 
-                        s = pl.run_scoped(qk, plgpu.ACC((block_q, kv_len), jnp.float32))
+                        s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
                     plgpu.barrier_arrive(k_free.at[slot])
                 with jax.named_scope("softmax_masked" if masked else "softmax"):
                     if masked:  # causal; rows of other sequences see nothing (they stay at m = -inf, l = 0)
@@ -188,12 +184,12 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
 
                 with jax.named_scope("pv"):
                     if interpret:  # no run_state in the interpreter: a plain dot
-                        acc = acc + lax.dot_general(p16, v_tile[...], (((1,), (0,)), ((), ())),
+                        acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
                                                     preferred_element_type=jnp.float32)
                         wait_next_k()
                     else:
                         def pv(acc_ref):  # the wgmma accumulates into acc's registers
-                            plgpu.wgmma(acc_ref, p16, v_tile)
+                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
                             wait_next_k()
 
                         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
@@ -229,14 +225,7 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
 
                 carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False, **geometry),
                                       (acc, m, l))
-                # The last tile is often half useful: a warpgroup whose last row sits in the first half of
-                # it (warpgroup 0 on the diagonal of an aligned chunk) multiplies only that half.
-                # (The PV wgmma needs the half tile to be a multiple of 64 tokens.)
-                half = (steps > full_steps) & (pos0 + hi - 1 - (steps - 1) * block_kv < block_kv // 2)
-                half &= block_kv % 128 == 0
-                last_full = steps - half.astype(jnp.int32)
-                carry = lax.fori_loop(full_steps, last_full, functools.partial(step, masked=True, **geometry), carry)
-                acc, m, l = lax.fori_loop(last_full, steps, functools.partial(step, masked=True, half=True, **geometry),
+                acc, m, l = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True, **geometry),
                                           carry)
                 lax.fori_loop(steps, max_steps, functools.partial(release, base=base), None)
                 return base + max_steps, acc, m, l
