@@ -139,6 +139,7 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
                 q_smem = q_slots.at[qslot, pl.ds(q_row0, block_q)]  # the queries, then the output
                 pl.when(busy)(lambda: plgpu.barrier_wait(q_ready.at[qslot]))
                 pl.when(unreleased)(lambda: release_last_slot(busy_items))
+                pl.when(i > 0)(lambda: plgpu.barrier_wait(turn))  # the partner is past the last item's end
 
             def step(kv_step, carry, *, base, lo, hi, pos0, steps, masked: bool):
                 acc, m, l = carry
@@ -234,6 +235,12 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             l = as_layout(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc = as_layout(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
             base, acc, m, l = lax.fori_loop(first_seq, last_seq + 1, one_segment, (base, acc, m, l))
+            # The ping-pong starts afresh at each item: this arrival hands the tensor cores over (warpgroup 0's
+            # ends the partner's last turn, warpgroup 1's is its opening turn of the next item, as `take_turn`
+            # before the loop was for the first), and its wait is at the next item's start. So each
+            # warpgroup's epilogue and item start run while the partner finishes its last PV, instead of the
+            # partner's last PV waiting for them.
+            plgpu.barrier_arrive(turn)
 
             @pl.when(busy)
             @jax.named_scope("epilogue")
@@ -250,6 +257,7 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
 
         pl.when(wg == 1)(take_turn)
         _, busy_items, unreleased = lax.fori_loop(0, my_items, one_item, (jnp.int32(0), jnp.int32(0), False))
+        pl.when(my_items > 0)(lambda: plgpu.barrier_wait(turn))
         pl.when(wg == 0)(take_turn)
         pl.when(unreleased)(lambda: release_last_slot(busy_items))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
