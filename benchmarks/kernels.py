@@ -272,6 +272,26 @@ def tune(log):
     bench_prefill("llama-3-8b", 512, 0, tokens=8192, reps=4, variants=pre, log=log)
 
 
+def load_prefill_version(file, name):
+    """Another version of pallas_kernels/prefill.py as a module. Any file name: device_runs keeps old
+    versions as .py.txt, out of pytest's and ruff's way."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader(name, file)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, file, loader=loader))
+    loader.exec_module(module)
+    return module
+
+
+def parse_prefill_cases(text):
+    """"512:0,2048:4096" -> [(512, 0), (2048, 4096)]: (chunk, context before it); ValueError if malformed."""
+    cases = [tuple(int(v) for v in case.split(":")) for case in text.split(",")]
+    if any(len(case) != 2 or case[0] < 1 or case[1] < 0 for case in cases):
+        raise ValueError(text)
+    return cases
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
@@ -300,27 +320,19 @@ def main():
             del PREFILL_VARIANTS[n]
     baselines = []
     for file in a.baseline_prefill:
-        import importlib.machinery
-        import importlib.util
-
         if not Path(file).is_file():
             ap.error(f"--baseline-prefill: no such file: {file}")
         name = Path(file).name.split(".")[0]
-        # Any file name (device_runs keeps old versions as .py.txt, out of pytest's and ruff's way).
-        loader = importlib.machinery.SourceFileLoader(name, file)
-        spec = importlib.util.spec_from_file_location(name, file, loader=loader)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        PREFILL_KERNELS[name] = module.ragged_paged_attention
+        if name in PREFILL_KERNELS:
+            ap.error(f"--baseline-prefill: two versions named {name!r}")
+        PREFILL_KERNELS[name] = load_prefill_version(file, name).ragged_paged_attention
         PREFILL_VARIANTS.update({name: dict(kernel=name), f"{name}_again": dict(kernel=name)})
         baselines.append(name)
     prefill_cases = [(c, x) for c in (512, 2048) for x in (0, 4096)]
     if a.prefill_cases is not None:
         try:
-            prefill_cases = [tuple(int(v) for v in case.split(":")) for case in a.prefill_cases.split(",")]
+            prefill_cases = parse_prefill_cases(a.prefill_cases)
         except ValueError:
-            ap.error(f"--prefill-cases: want CHUNK:CTX pairs such as 512:0,2048:4096, got {a.prefill_cases!r}")
-        if any(len(case) != 2 or case[0] < 1 or case[1] < 0 for case in prefill_cases):
             ap.error(f"--prefill-cases: want CHUNK:CTX pairs such as 512:0,2048:4096, got {a.prefill_cases!r}")
     device = jax.devices()[0].device_kind
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
