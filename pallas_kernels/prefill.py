@@ -259,7 +259,7 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
 
         pl.when(wg == 1)(take_turn)
         _, busy_items, unreleased = lax.fori_loop(0, my_items, one_item, (jnp.int32(0), jnp.int32(0), False))
-        pl.when(my_items > 0)(lambda: plgpu.barrier_wait(turn))
+        pl.when(my_items > 0)(lambda: plgpu.barrier_wait(turn))  # the last item's hand-over
         pl.when(wg == 0)(take_turn)
         pl.when(unreleased)(lambda: release_last_slot(busy_items))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
