@@ -180,6 +180,7 @@ def causal_flops(chunk, ctx_before, hq, d):
 # Other versions of prefill.py given with --baseline-prefill (A/B across commits in one run) are timed
 # under their file's stem (prefill_5b92ccf.py.txt: "prefill_5b92ccf").
 PREFILL_KERNELS = {"triton": ragged_kernel, "mosaic": prefill_kernel}
+PREFILL_LABELS = {"ours": "triton", "cudnn": "cudnn dense"}
 PREFILL_VARIANTS = {
     "ours": {}, "ours_again": {},
     "mosaic": dict(kernel="mosaic"), "mosaic_again": dict(kernel="mosaic"),
@@ -404,20 +405,16 @@ def print_table(results):
                   f"({100 * r['kv_bytes'] / o / 1e6 / copy:3.0f}%)  bundled {us(r, 'bundled'):8.1f} "
                   f"(k4 {us(r, 'bundled_k4'):8.1f}) x{bb / o:4.1f}  ref {us(r, 'reference'):9.1f}"
                   f"{'  l2' if r['l2'] else ''}")
-        else:
-            tflops = lambda k: r["flops"] / us(r, k) / 1e6  # noqa: E731
-            best = min((us(r, k) for k in r if k.startswith("mosaic") and "us" in r[k]), default=nan)
-            print(f"prefill {r['model']:11s} chunk={r['chunk']:5d} ctx={r['ctx_before']:5d} x{r['seqs']:2d}: "
-                  f"triton {us(r, 'ours'):8.1f} us (again {us(r, 'ours_again'):8.1f}) {tflops('ours'):6.1f} TFLOP/s "
-                  f"({100 * tflops('ours') / mm:3.0f}%) | mosaic {us(r, 'mosaic'):8.1f} (again "
-                  f"{us(r, 'mosaic_again'):8.1f}, bkv64 s3 {us(r, 'mosaic_bkv64_s3'):8.1f}, s4 "
-                  f"{us(r, 'mosaic_bkv64_s4'):8.1f}) best {r['flops'] / best / 1e6:6.1f} TFLOP/s "
-                  f"({100 * r['flops'] / best / 1e6 / mm:3.0f}%)"
-                  + "".join(f" | {b} {us(r, b):8.1f} (again {us(r, b + '_again'):8.1f})"
-                            for b in results.get("baselines", ()))
-                  + (f" | cudnn dense {us(r, 'cudnn'):8.1f} us {tflops('cudnn'):6.1f} TFLOP/s "
-                     f"({100 * tflops('cudnn') / mm:3.0f}%)" if "cudnn" in r else ""))
-
+        else:  # every timing the case holds (variants, baselines, cuDNN): time, repeat, share of the matmul rate
+            pct = lambda t: 100 * r["flops"] / t / 1e6 / mm  # noqa: E731
+            timed = {k: v["us"] for k, v in r.items() if isinstance(v, dict) and "us" in v}
+            parts = [f"{PREFILL_LABELS.get(k, k)} {t:8.1f}"
+                     + (f" (again {timed[k + '_again']:8.1f})" if k + "_again" in timed else "")
+                     + f" {pct(min(t, timed.get(k + '_again', t))):3.0f}%"
+                     for k, t in timed.items() if not k.endswith("_again")]
+            parts += [f"{k} failed" for k, v in r.items() if isinstance(v, dict) and "error" in v]
+            print(f"prefill {r['model']:11s} chunk={r['chunk']:5d} ctx={r['ctx_before']:5d} x{r['seqs']:2d} (us): "
+                  + " | ".join(parts))
 
 if __name__ == "__main__":
     main()

@@ -185,8 +185,6 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     assert [token_ids(o) for o in ahead] == [token_ids(o) for o in lazy]
 
 
-
-
 class _CountingStep:
     """Stands in for model_runner._step: counts traces (`lower`), delegates everything."""
 
