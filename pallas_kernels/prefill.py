@@ -235,8 +235,10 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
                             s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # the PV stays in flight
                             plgpu.barrier_arrive(k_free.at[slot])
                         with jax.named_scope("softmax_masked" if masked else "softmax"):
-                            p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = softmax(
-                                s, m_ref[...], l_ref[...], kv_step, masked=masked, **geometry)
+                            # The barrier keeps the softmax before the wait for the PV that ends the scope
+                            # (the compiler would otherwise be free to move it past that wait).
+                            p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = lax.optimization_barrier(
+                                softmax(s, m_ref[...], l_ref[...], kv_step, masked=masked, **geometry))
 
                     zeros_s = as_layout(jnp.zeros((block_q, block_kv), jnp.float32), plgpu.Layout.WGMMA)
                     acc, _, m, l, p16, alpha = pl.run_state(body)(
