@@ -93,13 +93,9 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
-    # The two compute warpgroups take turns on the tensor cores: each waits for its turn before issuing
-    # its matmuls and hands the turn to the partner once they are issued (`turn.at[w]` is warpgroup w's).
-    def wait_turn():
-        plgpu.barrier_wait(turn.at[wg])
-
-    def pass_turn():
-        plgpu.barrier_arrive(turn.at[1 - wg])
+    def take_turn():  # the two compute warpgroups alternate on the tensor cores
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
 
     def work_item(i):
         """This CTA's i-th item: (query head, first row of its tile, first and last sequence it holds,
@@ -145,120 +141,75 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
                 q_smem = q_slots.at[qslot, pl.ds(q_row0, block_q)]  # the queries, then the output
                 pl.when(busy)(lambda: plgpu.barrier_wait(q_ready.at[qslot]))
                 pl.when(unreleased)(lambda: release_last_slot(busy_items))
+                pl.when(i > 0)(lambda: plgpu.barrier_wait(turn))  # the partner is past the last item's end
 
-            def softmax(s, m, l, kv_step, *, lo, hi, pos0, masked: bool):
-                """Online softmax of one K/V tile's scores: (probabilities, new max, new sum, the factor
-                that rescales what the accumulator holds)."""
-                if masked:  # causal; rows of other sequences see nothing (they stay at m = -inf, l = 0)
-                    rows = iota(0, s.shape) + row0
-                    pos = jnp.where((rows >= lo) & (rows < hi), rows + pos0, -1)
-                    s = jnp.where(iota(1, s.shape) + kv_step * block_kv <= pos, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=1) * c)
-                m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # no -inf - -inf
-                alpha = jnp.exp2(m - m_sub)
-                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_sub, s.shape, [0]))
-                return p.astype(dtype), m_new, l * alpha + p.sum(axis=1), alpha
-
-            def rescale(acc, alpha):
-                return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-            def qk_only(slot):  # the scores of one K/V tile, waited for
-                if interpret:  # the interpreter's wgmma takes no transposed operand: a plain dot
-                    pass_turn()
-                    return lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
-
-                def qk(s_ref):
-                    plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    pass_turn()
-                    return s_ref[...]
-
-                return pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
-
-            def pv_only(acc, p16, slot):  # the last tile's PV, waited for
-                if interpret:
-                    pass_turn()
-                    return acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
-                                                 preferred_element_type=jnp.float32)
-
-                def pv(o_ref):
-                    plgpu.wgmma(o_ref, p16, v_smem.at[slot])
-                    pass_turn()
-
-                return pl.run_state(pv)(plgpu.ACC.init(acc))
-
-            def wait_ready(kv_step, *, base, steps):
-                """Before the next round: this tile's V (for its PV then) and the next tile's K."""
-                plgpu.barrier_wait(v_ready.at[lax.rem(base + kv_step, jnp.int32(num_stages))])
-
-                @pl.when(kv_step + 1 < steps)
-                def _():
-                    plgpu.barrier_wait(k_ready.at[lax.rem(base + kv_step + 1, jnp.int32(num_stages))])
-
-            def first_round(carry, *, base, steps, masked, **geometry):
-                """Round 0 of a segment: QK of its first tile and the softmax (no PV yet)."""
+            def step(kv_step, carry, *, base, lo, hi, pos0, steps, masked: bool):
                 acc, m, l = carry
-                slot = lax.rem(base, jnp.int32(num_stages))
-                with jax.named_scope("first_qk"):
-                    wait_turn()
-                    s = qk_only(slot)
+                slot = lax.rem(base + kv_step, jnp.int32(num_stages))
+
+                with jax.named_scope("qk"):
+                    if interpret:  # the interpreter's wgmma takes no transposed operand: a plain dot
+                        s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+                        take_turn()
+                    else:
+                        def qk(acc_ref):
+                            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                            take_turn()
+                            return acc_ref[...]
+
+                        s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
                     plgpu.barrier_arrive(k_free.at[slot])
                 with jax.named_scope("softmax_masked" if masked else "softmax"):
-                    p16, m, l, alpha = softmax(s, m, l, 0, masked=masked, **geometry)
-                    acc = rescale(acc, alpha)
-                wait_ready(0, base=base, steps=steps)
-                return acc, m, l, p16
+                    if masked:  # causal; rows of other sequences see nothing (they stay at m = -inf, l = 0)
+                        rows = iota(0, s.shape) + row0
+                        pos = jnp.where((rows >= lo) & (rows < hi), rows + pos0, -1)
+                        s = jnp.where(iota(1, s.shape) + kv_step * block_kv <= pos, s, -jnp.inf)
+                    m_new = jnp.maximum(m, s.max(axis=1) * c)
+                    m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # no -inf - -inf
+                    alpha = jnp.exp2(m - m_sub)
+                    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_sub, s.shape, [0]))
+                    acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    l = l * alpha + p.sum(axis=1)
+                    p16 = p.astype(dtype)
+                    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                    plgpu.barrier_arrive(turn)  # softmax done
+                with jax.named_scope("wait_v_turn"):
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    plgpu.barrier_wait(turn)  # the tensor cores are ours again
 
-            def round_(kv_step, carry, *, base, steps, masked: bool, **geometry):
-                """Round k: QK of tile k and PV of tile k - 1 issued together; tile k's softmax runs while
-                that PV (and the partner's matmuls) are on the tensor cores (FlashAttention-3's overlap
-                within a warpgroup); then the accumulator is rescaled."""
-                acc, m, l, p_prev = carry
-                slot = lax.rem(base + kv_step, jnp.int32(num_stages))
-                prev = lax.rem(base + kv_step - 1, jnp.int32(num_stages))
-                wait_turn()
-                if interpret:  # plain dots, in the same order
-                    s = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
-                    acc = acc + lax.dot_general(p_prev, v_smem.at[prev][...], (((1,), (0,)), ((), ())),
-                                                preferred_element_type=jnp.float32)
-                    pass_turn()
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    p16, m, l, alpha = softmax(s, m, l, kv_step, masked=masked, **geometry)
-                else:
-                    def body(refs):
-                        o_ref, s_ref, m_ref, l_ref, p_ref, alpha_ref = refs
-                        with jax.named_scope("qk_pv"):
-                            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                            plgpu.wgmma(o_ref, p_prev, v_smem.at[prev])
-                            pass_turn()
-                            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # the PV stays in flight
-                            plgpu.barrier_arrive(k_free.at[slot])
-                        with jax.named_scope("softmax_masked" if masked else "softmax"):
-                            # The barrier keeps the softmax before the wait for the PV that ends the scope
-                            # (the compiler would otherwise be free to move it past that wait).
-                            p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = lax.optimization_barrier(
-                                softmax(s, m_ref[...], l_ref[...], kv_step, masked=masked, **geometry))
+                def wait_next_k():
+                    nxt = kv_step + 1
 
-                    zeros_s = as_layout(jnp.zeros((block_q, block_kv), jnp.float32), plgpu.Layout.WGMMA)
-                    acc, _, m, l, p16, alpha = pl.run_state(body)(
-                        (plgpu.ACC.init(acc), plgpu.ACC.init(zeros_s), m, l, p_prev, jnp.zeros_like(m)))
-                plgpu.barrier_arrive(v_free.at[prev])
-                acc = rescale(acc, alpha)
-                wait_ready(kv_step, base=base, steps=steps)
-                return acc, m, l, p16
+                    @pl.when(nxt < steps)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[lax.rem(base + nxt, jnp.int32(num_stages))])
+
+                with jax.named_scope("pv"):
+                    if interpret:  # no run_state in the interpreter: a plain dot
+                        acc = acc + lax.dot_general(p16, v_smem.at[slot][...], (((1,), (0,)), ((), ())),
+                                                    preferred_element_type=jnp.float32)
+                        wait_next_k()
+                    else:
+                        def pv(acc_ref):  # the wgmma accumulates into acc's registers
+                            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                            wait_next_k()
+
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
 
             @jax.named_scope("release")
             def release(kv_step, _, *, base):  # the partner still needs this tile: hand the slot back unread
                 slot = lax.rem(base + kv_step, jnp.int32(num_stages))
-                wait_turn()
-                pass_turn()
                 # Waiting for the data we skip costs nothing (we are done) and keeps every barrier phase
                 # observed by every warpgroup that waits on it, as the GPU interpreter demands.
                 plgpu.barrier_wait(k_ready.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_wait(v_ready.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
+                take_turn()
+                take_turn()
 
             def one_segment(s, carry):
                 base, acc, m, l = carry
@@ -269,32 +220,16 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
                     # sequence's.
                     full_steps = jnp.where((lo == row0) & (hi == row0 + block_q),
                                            lax.div(pos0 + row0 + 1, jnp.int32(block_kv)), 0)
-                    geometry = dict(base=base, steps=steps, lo=lo, hi=hi, pos0=pos0)
+                    geometry = dict(base=base, lo=lo, hi=hi, pos0=pos0, steps=steps)
 
-                def run(carry):  # this warpgroup's tiles of the segment, in a pipeline one tile deep
-                    acc, m, l = carry
-                    plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(num_stages))])
-                    carry = lax.cond(full_steps > 0, functools.partial(first_round, masked=False, **geometry),
-                                     functools.partial(first_round, masked=True, **geometry), (acc, m, l))
-                    carry = lax.fori_loop(1, full_steps, functools.partial(round_, masked=False, **geometry),
-                                          carry)
-                    acc, m, l, p16 = lax.fori_loop(jnp.maximum(full_steps, 1), steps,
-                                                   functools.partial(round_, masked=True, **geometry), carry)
-                    with jax.named_scope("last_pv"):
-                        wait_turn()
-                        last = lax.rem(base + steps - 1, jnp.int32(num_stages))
-                        acc = pv_only(acc, p16, last)
-                        plgpu.barrier_arrive(v_free.at[last])
-                    return acc, m, l
-
-                def idle(carry):  # no rows of this segment: the round the partner's last PV takes
-                    @pl.when(max_steps > 0)
+                    @pl.when(steps > 0)
                     def _():
-                        wait_turn()
-                        pass_turn()
-                    return carry
+                        plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(num_stages))])
 
-                acc, m, l = lax.cond(steps > 0, run, idle, (acc, m, l))
+                carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False, **geometry),
+                                      (acc, m, l))
+                acc, m, l = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True, **geometry),
+                                          carry)
                 lax.fori_loop(steps, max_steps, functools.partial(release, base=base), None)
                 return base + max_steps, acc, m, l
 
@@ -302,6 +237,12 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             l = as_layout(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc = as_layout(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
             base, acc, m, l = lax.fori_loop(first_seq, last_seq + 1, one_segment, (base, acc, m, l))
+            # The ping-pong starts afresh at each item: this arrival hands the tensor cores over (warpgroup 0's
+            # ends the partner's last turn, warpgroup 1's is its opening turn of the next item, as `take_turn`
+            # before the loop was for the first), and its wait is at the next item's start. So each
+            # warpgroup's epilogue and item start run while the partner finishes its last PV, instead of the
+            # partner's last PV waiting for them.
+            plgpu.barrier_arrive(turn)
 
             @pl.when(busy)
             @jax.named_scope("epilogue")
@@ -316,9 +257,10 @@ def _kernel(schedule_ref, query_start_loc_ref, seg_lens_ref, seq_lens_ref, block
             pl.when(~busy)(lambda: plgpu.copy_smem_to_gmem(zeros_smem, o_ref.at[pl.ds(row0, block_q), head]))
             return base, busy_items + busy.astype(jnp.int32), busy
 
-        pl.when(wg == 1)(pass_turn)  # warpgroup 0 goes first
+        pl.when(wg == 1)(take_turn)
         _, busy_items, unreleased = lax.fori_loop(0, my_items, one_item, (jnp.int32(0), jnp.int32(0), False))
-        pl.when(wg == 0)(wait_turn)  # that opening hand-over, the one turn nobody else waits for
+        pl.when(my_items > 0)(lambda: plgpu.barrier_wait(turn))  # the last item's hand-over
+        pl.when(wg == 0)(take_turn)
         pl.when(unreleased)(lambda: release_last_slot(busy_items))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -479,7 +421,7 @@ def ragged_paged_attention(
              plgpu.Barrier(num_barriers=QUERY_SLOTS)),
             (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=num_stages),) * 2
             + (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=QUERY_SLOTS),),
-            plgpu.Barrier(num_barriers=COMPUTE_WGS),  # the turns
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS),
             collective_axes="wg",
         )
 
