@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call, eleventh session, H200: the prefill kernel as the session leaves it (8900d04's, turns restarted
 # at each item) on an H200, all eight cases, with our Triton ragged kernel and cuDNN in the same run (the
-# README's H200 prefill row still had the seventh session's figures); then the decode target cases.
+# README's H200 prefill row still had the seventh session's figures), and the prefill checks first.
 # Run as `JAXLLM_GIT_COMMIT=<hash> bash benchmarks/device_runs/gpu_suite57.sh`. Everything lands in $OUT.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
