@@ -16,7 +16,8 @@ Prefill is bound by arithmetic, so this is FlashAttention-3's forward pass (the 
 - Two compute warpgroups take `block_q` rows each and take turns on the tensor cores (a schedule
   barrier), so one's softmax overlaps the other's matmuls. The turns start afresh at each item: a
   warpgroup hands the tensor cores over before its epilogue, so its epilogue and next item's start
-  overlap the partner's last matmul instead of holding it up.
+  overlap the partner's last matmul instead of holding it up. (FlashAttention-3's other overlap, the next
+  tile's QK issued before this tile's softmax, was tried and lost here: pallas_kernels/NOTES.md.)
 - A third, memory warpgroup streams K/V tiles of `block_kv` tokens into a ring of `num_stages` shared-
   memory slots: each tile is `block_kv / block_size` TMA copies of one cache block (`block_size` rows of
   one kv head), found through the block table. The cache is never copied or gathered by XLA. The ring
