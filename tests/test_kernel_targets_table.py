@@ -23,7 +23,7 @@ def run_results(copy_tbps=3.0, matmul=800.0):
     return dict(device="GPU", date="2026-11-21", jax="0.11.2", git_commit="abc1234", command="python kernels.py",
                 ceiling_copy_TBps=copy_tbps, ceiling_matmul_TFLOPs=matmul, cases=[
                     # 2.4 TB/s = 80% of copy; the bundled kernel (its faster setting, k4) 1.6x slower
-                    dict(kind="decode", model="llama-3-8b", batch=64, ctx=2048, kv_bytes=kv, l2=False,
+                    dict(kind="decode", model="llama-3-8b", batch=64, ctx=2048, kv_bytes=kv, l2=False, reference=us(900.0),
                          ours=us(kv / 2.4e6), ours_again=us(kv / 2.3e6), bundled=us(kv / 1.2e6),
                          bundled_k4=us(kv / 1.5e6)),
                     dict(kind="decode", model="llama-3-8b", batch=8, ctx=2048, kv_bytes=kv // 8, l2=True,
@@ -48,7 +48,8 @@ def test_decode_targets_apply_from_batch_32_and_1k_context_and_name_the_miss():
     assert "| 80% |" in target_case and "copy: met" in target_case
     # against the bundled kernel's faster setting: 2.4 / 1.5 = 1.6x; 2x of it would be 3.0 TB/s = 100% of copy
     assert "2x: missed, 1.60x (2x would be 100% of copy)" in target_case
-    assert small_case.endswith("| - |")  # batch 8: no target
+    assert "| 900.0 |" in target_case  # the jnp reference where it ran
+    assert small_case.endswith("| - | - |")  # batch 8: no reference timed, no target
     assert "32768" not in table  # skipped cases stay out
 
 
@@ -79,7 +80,7 @@ def test_table_flag_names_a_missing_file(tmp_path):
     assert r.returncode == 2 and "--table: no such file" in r.stderr
 
 
-@pytest.mark.parametrize("name", ["kernels-decode-NVIDIA_H100", "kernels-prefill-v11-NVIDIA_H200"])
+@pytest.mark.parametrize("name", ["kernels-targets-NVIDIA_H100", "kernels-decode-NVIDIA_H100", "kernels-prefill-v11-NVIDIA_H200"])
 def test_committed_tables_match_their_json(name):
     """The .md tables in benchmarks/results are what the code makes of the JSON beside them."""
     results = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
