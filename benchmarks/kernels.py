@@ -425,6 +425,7 @@ def print_table(results):
             print(f"prefill {r['model']:11s} chunk={r['chunk']:5d} ctx={r['ctx_before']:5d} x{r['seqs']:2d} (us): "
                   + " | ".join(parts))
 
+
 # The issue's targets (issue 5): decode at batch >= 32 and context >= 1k reads the cache at >= 75% of the
 # copy rate and at >= 2x the bundled kernel's rate; prefill chunks >= 512 run at >= 50% of the matmul rate.
 DECODE_COPY_SHARE, DECODE_VS_BUNDLED, PREFILL_MATMUL_SHARE = 0.75, 2.0, 0.50
@@ -465,11 +466,11 @@ def targets_table(results):
             share, ratio = tbps / copy, bundled / ours
             verdict = "-"
             if r["batch"] >= 32 and r["ctx"] >= 1024:
-                verdict = "; ".join([
-                    f"copy: {'met' if share >= DECODE_COPY_SHARE else f'missed, {points_short(share, DECODE_COPY_SHARE)}'}",
-                    f"2x: {'met' if ratio >= DECODE_VS_BUNDLED else f'missed, {ratio:.2f}x'}"
-                    + ("" if ratio >= DECODE_VS_BUNDLED else
-                       f" (2x would be {DECODE_VS_BUNDLED * r['kv_bytes'] / bundled / 1e6 / copy:.0%} of copy)")])
+                twice = DECODE_VS_BUNDLED * r["kv_bytes"] / bundled / 1e6 / copy  # as a share of copy
+                verdict = "copy: " + ("met" if share >= DECODE_COPY_SHARE
+                                      else f"missed, {points_short(share, DECODE_COPY_SHARE)}")
+                verdict += "; 2x: " + ("met" if ratio >= DECODE_VS_BUNDLED
+                                       else f"missed, {ratio:.2f}x (2x would be {twice:.0%} of copy)")
             ref = best_us(r, "reference")
             lines.append(f"| {r['model']} | {r['batch']} | {r['ctx']} | {ours:.1f} | {tbps:.2f} | {share:.0%} "
                          f"| {bundled:.1f} | {ratio:.2f}x | {f'{ref:.1f}' if ref == ref else '-'} | {verdict} |")
@@ -482,7 +483,8 @@ def targets_table(results):
                   "Peers in the same run: cuDNN's fused attention on dense inputs (fresh chunks only) and our "
                   "Triton ragged kernel.",
                   "",
-                  "| model | chunk | context | ours (us) | TFLOP/s | of matmul | cuDNN (us, share) | Triton ragged (us, share) | target |",
+                  "| model | chunk | context | ours (us) | TFLOP/s | of matmul | cuDNN (us, share) "
+                  "| Triton ragged (us, share) | target |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in prefill:
             share = lambda t: r["flops"] / t / 1e6 / mm  # noqa: E731
