@@ -254,6 +254,20 @@ def tune_decode(log):
         bench_decode(model, batch, ctx, reps=16, with_ref=False, variants=variants, log=log)
 
 
+def tune_decode_targets(log):
+    """Decode sweep on the target cases at their smallest (batch 32 and 64 over 1k and 8k, Qwen3-0.6B heads):
+    split-K, tile, warps and pipeline depth, with the defaults' choice timed beside them."""
+    variants = {"default": {}}
+    for splits in (1, 2, 4):
+        for bk in (64, 128):
+            for nw in (4, 8):
+                for ns in (2, 3, 4):
+                    variants[f"sp{splits}_bk{bk}_w{nw}_s{ns}"] = dict(
+                        num_splits=splits, block_k=bk, num_warps=nw, num_stages=ns)
+    for batch, ctx in ((32, 1024), (64, 1024), (32, 8192)):
+        bench_decode("qwen3-0.6b", batch, ctx, reps=16, with_ref=False, variants=variants, log=log)
+
+
 def tune(log):
     dec = {}
     for cfg in ((128, 8, 3), (64, 4, 3), (64, 4, 2), (128, 4, 2), (64, 8, 3)):
@@ -298,6 +312,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--tune-decode", action="store_true", help="only the wider decode sweep")
+    ap.add_argument("--tune-decode-targets", action="store_true",
+                    help="decode sweep (split-K too) on the smallest target cases")
     ap.add_argument("--fill-check", action="store_true", help="decode over a cache of zeros against random values")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="target cases only")
@@ -377,6 +393,9 @@ def main():
             trace_calls(lambda q, k, v, bt, sl, qsl: paged_decode_attention(q, k, v, 0, bt, sl, qsl, scale=d**-0.5),
                         qs, k, v, tables, seq_lens, qsl, label=f"decode-{batch}-{ctx}")
             del qs, k, v
+        return
+    if a.tune_decode_targets:
+        tune_decode_targets(log)
         return
     if a.tune or a.tune_decode:
         tune_decode(log) if a.tune_decode else tune(log)
