@@ -146,7 +146,8 @@ def bench_decode(model, batch, ctx, reps, with_ref, variants=None, log=print, ze
         rec["cache"] = "zeros"
     scale = d**-0.5
     for name, kw in (variants or {"ours": {}, "ours_again": {}, "stages2": dict(num_stages=2),
-                                      "stages3": dict(num_stages=3)}).items():
+                                      "stages3": dict(num_stages=3), "bk64": dict(block_k=64),
+                                      "bk128": dict(block_k=128)}).items():
         try:
             t = time_calls(lambda q, k, v, bt, sl, qsl, kw=kw: paged_decode_attention(
                 q, k, v, 0, bt, sl, qsl, scale=scale, **kw), qs, k, v, tables, seq_lens, qsl)

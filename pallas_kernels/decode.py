@@ -12,7 +12,8 @@ Decode is bound by reading the KV cache: per token of context each kv head costs
   `num_splits` equal parts whose partial results (output and log-sum-exp) are merged by a small XLA
   epilogue. With one split the kernel writes the final output itself.
 - Triton pipelines the tile loop 2 deep when unsplit programs fill several waves (less shared memory, more
-  programs on an SM), else 3 deep (`choose_num_stages`).
+  programs on an SM), else 3 deep (`choose_num_stages`). Tiles are 64 tokens, or 128 when unsplit
+  programs are at most two an SM (`choose_block_k`).
 - Padding tokens (t >= query_start_loc[S]) are zeroed by the kernel, so every output row is written.
 
 Caller contract (`decode_only`): every sequence has 0 (padding) or 1 query token.
@@ -94,6 +95,15 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_
     want = -(-4 * NUM_SMS_HINT // programs)
     most = max(1, max_context // (2 * block_k))
     return int(max(1, min(want, most, 32)))
+
+
+def choose_block_k(num_programs: int, num_splits: int, head_dim: int) -> int:
+    """Tokens a K/V tile: 128 when unsplit programs are at most two an SM (each then streams its context
+    alone, and a longer tile keeps more bytes in flight), else 64. Measured (H200, Qwen3-0.6B shape,
+    `benchmarks/results/kernels-decode-tune-targets-NVIDIA_H200.json`): B=32 (256 programs) at 1k context
+    42.0 us with 128 against 45.6 with 64, at 8k 254 against 283; B=64 (512 programs) at 1k 79.8 against
+    72.8. head_dim 256 keeps 64 (shared memory)."""
+    return 128 if num_splits == 1 and num_programs <= 2 * NUM_SMS_HINT and head_dim <= 128 else 64
 
 
 def choose_num_stages(num_programs: int, num_splits: int) -> int:
@@ -182,7 +192,7 @@ def paged_decode_attention(
     *,
     scale: float,
     num_splits: int | None = None,
-    block_k: int = 64,
+    block_k: int | None = None,  # None: `choose_block_k`
     num_warps: int = 4,
     num_stages: int | None = None,
     interpret: bool = False,
@@ -203,7 +213,9 @@ def paged_decode_attention(
     if into is not None:
         num_splits = 1  # a split would need its own merge pass over all T rows
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks * block_size, block_k)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks * block_size, block_k or 64)
+    if block_k is None:
+        block_k = choose_block_k(max(num_seqs, T) * num_kv_heads * num_splits, num_splits, head_dim)
     if num_stages is None:
         num_stages = choose_num_stages(max(num_seqs, T) * num_kv_heads * num_splits, num_splits)
     inputs = (

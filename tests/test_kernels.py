@@ -142,6 +142,25 @@ def test_decode_kernel_interpret(num_splits):
     assert (got[n_real:] == 0).all()
 
 
+def test_decode_kernel_default_tiles_where_few_programs():
+    """At two unsplit programs an SM or fewer the kernel picks 128-token tiles by itself (measured faster
+    on an H200): that choice is exact too, over contexts not multiples of the tile."""
+    from pallas_kernels.decode import NUM_SMS_HINT, choose_block_k, choose_num_splits
+
+    num_seqs, num_kv_heads = 100, 2  # 200 programs: unsplit, under 2 an SM
+    assert choose_num_splits(num_seqs, num_kv_heads, 512, 64) == 1
+    assert choose_block_k(num_seqs * num_kv_heads, 1, 32) == 128
+    assert choose_block_k(2 * NUM_SMS_HINT + 8, 1, 32) == 64  # more programs than two an SM
+    assert choose_block_k(200, 2, 32) == choose_block_k(200, 1, 256) == 64  # split; head_dim 256
+    rng = np.random.default_rng(7)
+    b = random_batch(7, [1] * num_seqs, list(rng.integers(1, 300, num_seqs)), num_q_heads=4,
+                     num_kv_heads=num_kv_heads, head_dim=32, block_size=16, dtype=jnp.bfloat16)
+    want = np.asarray(reference(**b, scale=0.2), np.float32)
+    got = np.asarray(paged_decode_attention(**b, scale=0.2, interpret=True), np.float32)
+    assert rel_err(got[:num_seqs], want[:num_seqs]) < 1e-2
+    assert (got[num_seqs:] == 0).all()
+
+
 @pytest.mark.parametrize("num_q_heads", [6, 8])  # group 3 (padded to 4) and group 4
 def test_ragged_kernel_interpret(num_q_heads):
     b = random_batch(20 + num_q_heads, **MIXED, num_q_heads=num_q_heads, num_kv_heads=2, dtype=jnp.bfloat16)

@@ -116,6 +116,9 @@ def cases(rng):
     yield "decode 32k x4", "decode", kw, dict(q_lens=[1] * 4, ctx_lens=[32768, 32760, 20001, 9], num_layers=1)
     yield "decode batch 200", "decode", kw, dict(q_lens=[1] * 200, ctx_lens=list(rng.integers(1, 3000, 200)),
                                                   pad_seqs=56, num_layers=1)
+    # 32 sequences x 8 kv heads: unsplit, 128-token tiles (`choose_block_k`)
+    yield "decode batch 32, 128-token tiles", "decode", kw, dict(
+        q_lens=[1] * 32, ctx_lens=list(rng.integers(1, 9000, 32)), num_layers=1)
     yield "prefill 32k tail chunk", "ragged", kw, dict(q_lens=[512], ctx_lens=[32768], num_layers=1)
     yield "prefill 2k fresh x2", "ragged", kw, dict(q_lens=[2048, 2000], ctx_lens=[2048, 2000], num_layers=1)
     yield "prefill 1k over 3k, 5 seqs, 1 token short of a tile", "ragged", kw, dict(
