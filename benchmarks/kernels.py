@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import subprocess
@@ -258,13 +259,9 @@ def tune_decode(log):
 def tune_decode_targets(log):
     """Decode sweep on the target cases at their smallest (batch 32 and 64 over 1k and 8k, Qwen3-0.6B heads):
     split-K, tile, warps and pipeline depth, with the defaults' choice timed beside them."""
-    variants = {"default": {}}
-    for splits in (1, 2, 4):
-        for bk in (64, 128):
-            for nw in (4, 8):
-                for ns in (2, 3, 4):
-                    variants[f"sp{splits}_bk{bk}_w{nw}_s{ns}"] = dict(
-                        num_splits=splits, block_k=bk, num_warps=nw, num_stages=ns)
+    variants = {"default": {}} | {
+        f"sp{splits}_bk{bk}_w{nw}_s{ns}": dict(num_splits=splits, block_k=bk, num_warps=nw, num_stages=ns)
+        for splits, bk, nw, ns in itertools.product((1, 2, 4), (64, 128), (4, 8), (2, 3, 4))}
     for batch, ctx in ((32, 1024), (64, 1024), (32, 8192)):
         bench_decode("qwen3-0.6b", batch, ctx, reps=16, with_ref=False, variants=variants, log=log)
 

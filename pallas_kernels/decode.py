@@ -214,10 +214,11 @@ def paged_decode_attention(
         num_splits = 1  # a split would need its own merge pass over all T rows
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks * block_size, block_k or 64)
+    num_programs = max(num_seqs, T) * num_kv_heads * num_splits
     if block_k is None:
-        block_k = choose_block_k(max(num_seqs, T) * num_kv_heads * num_splits, num_splits, head_dim)
+        block_k = choose_block_k(num_programs, num_splits, head_dim)
     if num_stages is None:
-        num_stages = choose_num_stages(max(num_seqs, T) * num_kv_heads * num_splits, num_splits)
+        num_stages = choose_num_stages(num_programs, num_splits)
     inputs = (
         jnp.asarray(layer, jnp.int32).reshape(1),
         block_tables.reshape(-1).astype(jnp.int32),
