@@ -287,8 +287,9 @@ def tune(log):
 
 
 def load_prefill_version(file, name):
-    """Another version of pallas_kernels/prefill.py as a module. Any file name: device_runs keeps old
-    versions as .py.txt, out of pytest's and ruff's way."""
+    """Another version of pallas_kernels/prefill.py as a module, for A/B runs in one process. Any file
+    name, e.g. `git show 5b92ccf:pallas_kernels/prefill.py > /tmp/prefill_5b92ccf.py.txt` (a .txt name keeps it
+    out of pytest's and ruff's way)."""
     import importlib.machinery
     import importlib.util
 

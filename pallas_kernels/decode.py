@@ -100,7 +100,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_
 def choose_block_k(num_programs: int, num_splits: int, head_dim: int) -> int:
     """Tokens a K/V tile: 128 when unsplit programs are at most two an SM (each then streams its context
     alone, and a longer tile keeps more bytes in flight), else 64. Measured (H200, Qwen3-0.6B shape,
-    `benchmarks/results/kernels-decode-tune-targets-NVIDIA_H200.json`): B=32 (256 programs) at 1k context
+    `benchmarks/results/kernels-decode-tune-targets-NVIDIA_H200.json` in f5d8eeb): B=32 (256 programs) at 1k context
     42.0 us with 128 against 45.6 with 64, at 8k 254 against 283; B=64 (512 programs) at 1k 79.8 against
     72.8. head_dim 256 keeps 64 (shared memory)."""
     return 128 if num_splits == 1 and num_programs <= 2 * NUM_SMS_HINT and head_dim <= 128 else 64
@@ -109,7 +109,7 @@ def choose_block_k(num_programs: int, num_splits: int, head_dim: int) -> int:
 def choose_num_stages(num_programs: int, num_splits: int) -> int:
     """Pipeline depth: 2 when unsplit programs fill several waves (a shallower pipeline takes less shared
     memory, so more programs fit on an SM), else 3. Measured (H200, Llama-3-8B shape,
-    benchmarks/results/kernels-NVIDIA_H200.json, "stages2" / "stages3"): B=256 at 2k context 497 us with 2
+    benchmarks/results/kernels-NVIDIA_H200.json in 9ca4707, "stages2" / "stages3"): B=256 at 2k context 497 us with 2
     stages against 512 us with 3; split-K programs stream long stretches and want the deeper pipeline
     (B=8 at 32k: 326 us against 266 us); B=64 at 2k is even (134 / 132 us)."""
     return 2 if num_splits == 1 and num_programs >= 4 * NUM_SMS_HINT else 3

@@ -38,7 +38,7 @@ def searchsorted(sorted_values: jax.Array, x: jax.Array) -> jax.Array:
     """For each x, how many of the sorted values are <= x (searchsorted, side right), as one fused
     compare-and-sum kernel. JAX's default method is a while loop of tiny kernels with device copies
     between them; run in every layer of an engine step, it cost more than the prefill kernel saved
-    (H200 profile, seventh session, benchmarks/NOTES.md). The arrays here are at most tokens x sequences."""
+    (H200 profile at 027be3b, benchmarks/NOTES.md). The arrays here are at most tokens x sequences."""
     return jnp.searchsorted(sorted_values, x, side="right", method="compare_all")
 
 

@@ -154,7 +154,7 @@ def step_compiler_options() -> dict:
     and the step takes 16.3 ms with nothing else changed; the engine went from 6.5k to 8.2k output
     tok/s on the Llama-3-8B workload. It also compiles in seconds instead of autotuning Triton configs.
     (A Pallas GEMM that reads `w[layer]` in place was written first; cuBLAS made it unnecessary:
-    results/layer-matmul-llama3-8b-H200.json.)
+    benchmarks/results/layer-matmul-llama3-8b-H200.json in 7c6b2b2.)
     JAXLLM_TRITON_GEMM=1 gives XLA its default back. The option is ignored off the GPU.
     """
     if os.environ.get("JAXLLM_TRITON_GEMM") == "1":
