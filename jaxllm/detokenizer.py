@@ -16,6 +16,8 @@ more than min_tokens tokens were generated.
 
 from __future__ import annotations
 
+import tokenizers
+
 INCOMPLETE = "\ufffd"
 PROMPT_CONTEXT = 5  # prompt tokens kept in the first window so the first output token is decoded in context
 
@@ -45,7 +47,7 @@ def backend_decoder(tokenizer):
     only matters to slow tokenizers). transformers' own wrapper costs several times the Rust decode per
     call, and the detokenizer decodes twice per token. None when the wrapper is needed."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+    if not isinstance(backend, tokenizers.Tokenizer) or getattr(tokenizer, "clean_up_tokenization_spaces", True):
         return None
     return backend.decode
 
