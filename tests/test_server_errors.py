@@ -386,3 +386,12 @@ def test_sigterm_shuts_down_cleanly(server):  # last: it stops the module's serv
     out = server.log.read_text()
     assert "Traceback" not in out and "ERROR" not in out, out
     assert "Application shutdown complete" in out and "engine loop stopped" in out, out
+
+
+def test_a_broken_chat_template_is_refused_at_start_by_name(tmp_path):
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m.content }}")  # no endfor
+    for path, why in ((bad, "not a valid Jinja template"), (tmp_path / "missing.jinja", "No such file")):
+        r = subprocess.run([sys.executable, "server.py", "--chat-template", str(path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--chat-template" in r.stderr and why in r.stderr, r.stderr

@@ -28,7 +28,7 @@ from jaxllm.engine import LLMEngine
 from jaxllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, EngineError
 from jaxllm.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from jaxllm.entrypoints.protocol import APIError, error_dict
-from jaxllm.entrypoints.serving import OpenAIServing
+from jaxllm.entrypoints.serving import OpenAIServing, check_chat_template
 
 logger = logging.getLogger("jaxllm.server")
 
@@ -384,6 +384,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.model and args.model_shape:
         parser.error("pass --model or --model-shape, not both")
+    if args.chat_template:  # before the model loads: a bad template file is named at once
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                check_chat_template(f.read())
+        except (OSError, ValueError) as e:
+            parser.error(f"--chat-template: {e}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("jaxllm").setLevel(args.log_level.upper())
     app = load_app(args)

@@ -12,11 +12,21 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+import jinja2
+
 from jaxllm.core.request import Request
 from jaxllm.entrypoints import protocol
 from jaxllm.entrypoints.async_engine import AsyncLLMEngine
 from jaxllm.entrypoints.protocol import APIError
 from jaxllm.outputs import RequestOutput
+
+
+def check_chat_template(template: str) -> None:
+    """Refuse a chat template that is not valid Jinja when the server starts, not on every chat request."""
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template is not a valid Jinja template (line {e.lineno}): {e.message}") from None
 
 
 class OpenAIServing:
@@ -25,6 +35,8 @@ class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], chat_template: str | None = None):
         self.engine = engine
         self.served_model_names = served_model_names
+        if chat_template is not None:
+            check_chat_template(chat_template)
         self.chat_template = chat_template
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.config.max_model_len
