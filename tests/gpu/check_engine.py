@@ -1,4 +1,4 @@
-"""The engine on the GPU against HF transformers on the same GPU (run through the device tool).
+"""The engine on the GPU against HF transformers on the same GPU (run on a CUDA machine).
 
 1. float32: greedy tokens of a random-weight Qwen3-shaped model through the whole engine (scheduler,
    paged cache, chunked prefill, reference attention) equal HF's greedy tokens, token for token.
