@@ -1,5 +1,6 @@
 """The repository reads as a product: every declared runtime dependency is used by the package, and no file
-speaks of the development's own sittings ("the eighth session's kernel"): figures are named by date and commit."""
+speaks of the development's own sittings (the numbered diary of who measured what when): figures are named
+by date and commit."""
 
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def test_diary_word_pattern():
 def test_no_file_speaks_of_development_sessions():
     found = []
     for path in tracked_files():
+        if path == Path(__file__).resolve():  # the pattern's own examples
+            continue
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):
