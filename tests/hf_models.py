@@ -98,7 +98,9 @@ def hf_greedy(model: torch.nn.Module, prompt, max_new_tokens: int, return_logits
 @functools.cache
 def smollm2_hf_model(path: str) -> torch.nn.Module:
     """transformers' own load of a GGUF file, dequantized to float32, eager attention.
-    (transformers needs the `accelerate` package to load a GGUF.)"""
+    (transformers needs the `accelerate` package to load a GGUF: imported here, so its absence is named.)"""
+    import accelerate  # noqa: F401
+
     path = Path(path)
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager").eval()

@@ -30,11 +30,11 @@ def tracked_files() -> list[Path]:
     return [ROOT / name for name in out.decode().split("\0") if name]
 
 
-def imported_modules() -> set[str]:
-    """Top-level names of every module the package's sources import."""
+def imported_modules(folders) -> set[str]:
+    """Top-level names of every module that the Python files under `folders` import."""
     names = set()
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
+    for folder in folders:
+        for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.Import):
                     names.update(alias.name.split(".")[0] for alias in node.names)
@@ -43,19 +43,30 @@ def imported_modules() -> set[str]:
     return names
 
 
+def unused(requirements: list[str], imported: set[str]) -> list[str]:
+    """The requirements none of whose top-level modules is imported."""
+    modules_of = importlib.metadata.packages_distributions()  # top-level module -> distributions providing it
+    canonical = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+    left = []
+    for requirement in requirements:
+        dist = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)
+        provided = {module for module, dists in modules_of.items()
+                    if any(canonical(d) == canonical(dist) for d in dists)}
+        if not provided & imported:
+            left.append(dist)
+    return left
+
+
 def test_every_runtime_dependency_is_imported_by_the_package():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    imported = imported_modules()
-    modules_of = importlib.metadata.packages_distributions()  # top-level module -> distributions providing it
-    unused = []
-    for requirement in declared:
-        dist = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)
-        canonical = re.sub(r"[-_.]+", "-", dist).lower()
-        provided = {module for module, dists in modules_of.items()
-                    if any(re.sub(r"[-_.]+", "-", d).lower() == canonical for d in dists)}
-        if not provided & imported:
-            unused.append(dist)
-    assert not unused, f"declared in pyproject.toml but imported nowhere in {PACKAGES}: {unused}"
+    left = unused(declared, imported_modules(PACKAGES))
+    assert not left, f"declared in pyproject.toml but imported nowhere in {PACKAGES}: {left}"
+
+
+def test_every_dev_dependency_is_imported_by_the_tests_or_benchmarks():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    left = unused(declared, imported_modules(("tests", "benchmarks", "examples")))
+    assert not left, f"declared as dev dependencies but imported nowhere in tests, benchmarks or examples: {left}"
 
 
 def test_diary_word_pattern():
