@@ -99,6 +99,11 @@ class LLMEngine:
         self._sent: dict[str, tuple[int, int]] = {}  # per sample: (tokens, chars) already sent, for DELTA
         self._token_text: dict[int, str] = {}  # decoded_token of logprobs, by token id
         self._in_flight = None  # the step launched last, whose results are not read yet
+        # Failure isolation (see _recover): requests set aside after a failed step, let back one at a time.
+        self._held: list[Request] = []
+        self._probe: Request | None = None  # the request let back last
+        self._probe_ran = False  # a step that ran the probe came back without error
+        self.failures: dict[str, str] = {}  # request_id -> why the engine failed it (read once by the caller)
         self.step_times = StepTimes()
         self._seed_rng = random.Random(engine_config.seed)
         self._arrivals = itertools.count()
@@ -252,20 +257,32 @@ class LLMEngine:
                     sample.status = RequestStatus.FINISHED_ABORTED  # a sibling not forked yet
             self.runner.free_request(sample.request_id)
         req.pending_children = []
+        self._held = [h for h in self._held if h.parent is not req.parent]
         self._release(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None or bool(self._held)
 
     # -- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every prompt one of whose samples got a new token.
+
+        A step that raises fails no request but the one that caused it (see `_recover`): that request
+        finishes with finish_reason "abort" and its reason in `failures[request_id]`.
 
         With async scheduling (the default) the step is scheduled and launched *before* the previous
         step's results are read back: the device runs it while the host processes those results, and
         tokens still being sampled are read on the device. The outputs returned are the previous step's.
         The price: a request that stops on EOS or a stop string computes one token more, which is dropped.
         """
+        try:
+            return self._step()
+        except Exception as error:  # noqa: BLE001 - one request's failure must not end the others
+            logger.exception("engine step failed; isolating the request that caused it")
+            return self._recover(error)
+
+    def _step(self) -> list[RequestOutput]:
+        self._let_back_held()
         t0 = time.perf_counter()
         sched_out = self.scheduler.schedule()
         t1 = time.perf_counter()
@@ -293,6 +310,8 @@ class LLMEngine:
                 if arrays is not None:
                     self._add_prompt_logprobs(sched.request, *arrays)
         touched: dict[str, ParentRequest] = {}
+        if self._probe is not None and any(s.request is self._probe for s in sched_out.scheduled):
+            self._probe_ran = True
         for req, row in self.scheduler.update_from_output(sched_out, result.sampled):
             self._add_logprobs(req, row, result)
             finished = req.status.finished
@@ -312,6 +331,62 @@ class LLMEngine:
             if parent.finished:
                 self._release(parent.samples[0])
         return outputs
+
+    # -- failure isolation ----------------------------------------------------------------------------
+    def _recover(self, error: Exception) -> list[RequestOutput]:
+        """A step raised. Every request it was running is set back to be recomputed, as if preempted
+        (recompute gives the same tokens). If the requests of one prompt alone were running, that prompt
+        caused the failure: it is finished with the error. Otherwise they are all set aside and let back
+        one at a time (`_let_back_held`), so that a repeated failure names its cause while the rest go on.
+        Prompts that finished in the failed step still get their final output."""
+        self._in_flight = None  # its results, if any, are dropped: its requests are recomputed
+        scheduler = self.scheduler
+        running = list(scheduler.running)
+        parents = list({id(r.parent): r.parent for r in running}.values())
+        if not parents and scheduler.waiting:
+            parents = [scheduler.waiting[0].parent]  # nothing ran: the head of the queue could not be scheduled
+        for req in running:
+            scheduler.kv.free(req.request_id)
+            self.runner.free_request(req.request_id)
+            req.status, req.num_computed_tokens, req.num_pending, req.forks_scheduled = (
+                RequestStatus.PREEMPTED, 0, 0, False)
+            req.num_preemptions += 1
+        scheduler.running.clear()
+        outputs = []
+        if len(parents) == 1:
+            parent = parents[0]
+            self.failures[parent.request_id] = f"{type(error).__name__}: {error}"
+            for sample in parent.samples:
+                if sample in scheduler.waiting:
+                    scheduler.waiting.remove(sample)
+                sample.status = RequestStatus.FINISHED_ABORTED
+            parent.samples[0].pending_children = []
+            self._held = [h for h in self._held if h.parent is not parent]
+            if self._probe is not None and self._probe.parent is parent:
+                self._probe = None
+        else:
+            self._held.extend(r for r in running if r.parent not in (None,))
+            self._held.sort(key=lambda r: r.arrival)
+            self._probe = None
+        for first in list(self.requests.values()):
+            if first.parent.finished:
+                out = self._make_output(first.parent)
+                if out is not None:
+                    outputs.append(out)
+                for sample in first.parent.samples:
+                    self.runner.free_request(sample.request_id)
+                self._release(first)
+        return outputs
+
+    def _let_back_held(self) -> None:
+        """Let the next held request back once the one let back before has run a step without error."""
+        if not self._held:
+            self._probe = None
+            return
+        if self._probe is not None and not self._probe_ran and not self._probe.status.finished:
+            return
+        self._probe, self._probe_ran = self._held.pop(0), False
+        self.scheduler.waiting.appendleft(self._probe)
 
     # -- logprobs -----------------------------------------------------------------------------------
     def _decoded(self, token_id: int, params: SamplingParams) -> str | None:

@@ -162,6 +162,7 @@ class LLM:
     def _run_engine(self, requests, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         finished: dict[str, RequestOutput] = {}
+        failed: dict[str, str] = {}  # the engine failed these (the others still ran to the end)
         bar = None
         if use_tqdm and requests:
             from tqdm.auto import tqdm
@@ -172,6 +173,8 @@ class LLM:
                 for out in engine.step():
                     if out.finished:
                         finished[out.request_id] = out
+                        if out.request_id in engine.failures:
+                            failed[out.request_id] = engine.failures.pop(out.request_id)
                         if bar is not None:
                             bar.update(1)
         except BaseException:
@@ -181,4 +184,21 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [finished[r.request_id] for r in requests]
+        outputs = [finished[r.request_id] for r in requests]
+        if failed:
+            bad = [i for i, r in enumerate(requests) if r.request_id in failed]
+            raise RequestFailedError(
+                f"the engine failed on prompts {bad}: {failed[requests[bad[0]].request_id]} (the other prompts "
+                f"completed: their outputs are in this error's `outputs`)", outputs, bad)
+        return outputs
+
+
+class RequestFailedError(RuntimeError):
+    """Some prompts of a generate() call failed in the engine; the others completed.
+
+    `outputs`: every prompt's RequestOutput (a failed one has finish_reason "abort"); `failed`: the
+    indices of the prompts that failed."""
+
+    def __init__(self, message: str, outputs: list[RequestOutput], failed: list[int]):
+        super().__init__(message)
+        self.outputs, self.failed = outputs, failed

@@ -8,8 +8,8 @@ into the same steps (continuous batching); nothing waits for another request to 
 
 A request's stream is an async generator: when its consumer stops early (a client disconnects, a
 handler is cancelled), its `finally` queues an abort, which the loop applies between steps so the
-request's KV blocks are freed. If a step raises, only the requests that step was running fail (their
-streams raise EngineError) and are aborted; the loop carries on with the rest.
+request's KV blocks are freed. If a step raises, the engine finds the request that caused it and
+finishes only that one (its stream raises EngineError); the others are recomputed and carry on.
 """
 
 from __future__ import annotations
@@ -163,13 +163,19 @@ class AsyncLLMEngine:
             for request_id in unfinished:
                 self.abort(request_id)
             if unfinished and self.on_abort is not None:
-                self.on_abort(len(unfinished))
+                self.on_abort(1)  # one client request, however many prompts it had
 
     def abort(self, request_id: str) -> None:
         """Abort a request (applied between steps; unknown ids are ignored)."""
         if self._to_add.pop(request_id, None) is None:
             self._to_abort.add(request_id)
             self._work.set()
+
+    def end_all(self, error: EngineError) -> None:
+        """End every request in flight now with `error` (shutdown after the drain time)."""
+        for request_id, stream in list(self._streams.items()):
+            self.abort(request_id)
+            stream.queue.put_nowait((stream.index, error))
 
     @property
     def num_in_flight(self) -> int:
@@ -243,7 +249,11 @@ class AsyncLLMEngine:
         now = time.monotonic()
         for out in outputs:
             stream = self._streams.get(out.request_id)
+            failure = self.engine.failures.pop(out.request_id, None)
             if stream is None:  # aborted by its client while the step ran
+                continue
+            if failure is not None:
+                stream.queue.put_nowait((stream.index, EngineError(f"the engine failed on this request: {failure}")))
                 continue
             times = stream.times
             num_new = sum(len(o.token_ids) for o in out.outputs) - times.num_output_tokens

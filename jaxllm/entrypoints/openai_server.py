@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -27,7 +28,7 @@ from jaxllm.detokenizer import backend_decoder
 from jaxllm.engine import LLMEngine
 from jaxllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, EngineError
 from jaxllm.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
-from jaxllm.entrypoints.protocol import APIError, error_dict
+from jaxllm.entrypoints.protocol import APIError, error_dict, find_lone_surrogate
 from jaxllm.entrypoints.serving import OpenAIServing, check_chat_template
 
 logger = logging.getLogger("jaxllm.server")
@@ -38,6 +39,61 @@ OPEN_PATHS = ("/health", "/version", "/metrics")  # reachable without the API ke
 
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.to_dict(), status_code=error.status)
+
+
+def _parse_int(text: str):
+    # Python refuses to convert integers of over 4,300 digits (a ValueError deep in json.loads); such a
+    # number is past every range anyway, so it becomes infinity and the field's own check refuses it.
+    if len(text) <= 4000:
+        return int(text)
+    return float("-inf") if text.startswith("-") else float("inf")
+
+
+def parse_json(body: bytes) -> dict:
+    """The request body as a JSON object; a 400 for anything else, naming the field of a lone surrogate."""
+    try:
+        data = json.loads(body, parse_int=_parse_int)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise APIError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError("the request body must be a JSON object")
+    field = find_lone_surrogate(data)
+    if field is not None:
+        raise APIError(f"'{field}' holds a lone surrogate, which is not valid Unicode", param=field)
+    return data
+
+
+def _engine_error(e: EngineError) -> APIError:
+    if isinstance(e, EngineDeadError):
+        return APIError(str(e), status=503, code="server_shutting_down")
+    return APIError(str(e), status=500)
+
+
+class Lifecycle:
+    """Admission and shutdown: on SIGTERM the server stops admitting (503), lets the requests in flight
+    run for `shutdown_timeout` seconds, then ends every one still running cleanly (streams with an
+    error event and `data: [DONE]`, others with an OpenAI-shaped 503)."""
+
+    def __init__(self, async_engine: AsyncLLMEngine, shutdown_timeout: float):
+        self.async_engine, self.shutdown_timeout = async_engine, shutdown_timeout
+        self.draining = False
+        self._task: asyncio.Task | None = None
+
+    def begin_drain(self) -> None:
+        """Called on the event loop when the shutdown signal arrives."""
+        if self.draining:
+            return
+        self.draining = True
+        logger.info("shutting down: no new requests; %d in flight get up to %.1f s",
+                    self.async_engine.num_in_flight, self.shutdown_timeout)
+        self._task = asyncio.get_running_loop().create_task(self._end_after_timeout())
+
+    async def _end_after_timeout(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.async_engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.async_engine.end_all(EngineDeadError("the server is shutting down: the request did not finish "
+                                                  "within the shutdown timeout"))
 
 
 class _ClientGone(Exception):
@@ -80,7 +136,8 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
         async for chunk in chunks:
             yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
     except EngineError as e:
-        yield f"data: {json.dumps(error_dict(str(e), 500))}\n\n"
+        error = _engine_error(e)
+        yield f"data: {json.dumps(error_dict(error.message, error.status, code=error.code))}\n\n"
     finally:
         await chunks.aclose()
     yield "data: [DONE]\n\n"
@@ -91,7 +148,8 @@ async def _json_lines(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
         async for chunk in chunks:
             yield json.dumps(chunk, ensure_ascii=False) + "\n"
     except EngineError as e:
-        yield json.dumps(error_dict(str(e), 500)) + "\n"
+        error = _engine_error(e)
+        yield json.dumps(error_dict(error.message, error.status, code=error.code)) + "\n"
     finally:
         await chunks.aclose()
 
@@ -123,7 +181,7 @@ class _Guard:
 
 def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None, model_path: str | None = None,
               api_key: str | None = None, chat_template: str | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES):
+              max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 10.0):
     """An ASGI app serving `engine`. The engine loop starts and stops with the app's lifespan; `app.state`
     holds `async_engine` and `metrics`.
 
@@ -133,27 +191,36 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None,
         api_key: when set, every route but /health, /version and /metrics needs `Authorization: Bearer KEY`.
         chat_template: a Jinja chat template (text) that replaces the tokenizer's.
         max_body_bytes: larger request bodies get a 413.
+        shutdown_timeout: seconds the requests in flight may run after SIGTERM before they are ended.
     """
     names = list(served_model_names or ["jaxllm"])
     metrics = ServerMetrics(engine, names[0])
     async_engine = AsyncLLMEngine(engine, on_output=metrics.observe, on_abort=metrics.observe_abort)
     serving = OpenAIServing(async_engine, names, chat_template)
+    lifecycle = Lifecycle(async_engine, shutdown_timeout)
+    # Parsing, validating and tokenizing run here, off the event loop; two workers so that one huge
+    # body does not hold up the small requests behind it.
+    host_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jaxllm-host")
     created = int(time.time())
 
-    async def read_json(request: Request) -> dict:
+    async def read_body(request: Request) -> bytes:
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > max_body_bytes:
                 raise APIError(f"the request body is over the limit of {max_body_bytes} bytes", status=413,
                                code="request_too_large")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise APIError(f"the request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise APIError("the request body must be a JSON object")
-        return data
+        return bytes(body)
+
+    async def prepared(request: Request, prepare):
+        """Read the body, then parse, validate and tokenize it in a worker thread: a 15 MiB prompt takes
+        seconds of host work, and the event loop must keep serving (/health, the streams in flight)."""
+        if lifecycle.draining:
+            raise APIError("the server is shutting down and admits no new requests", status=503,
+                           code="server_shutting_down")
+        body = await read_body(request)
+        return await asyncio.get_running_loop().run_in_executor(
+            host_pool, lambda: prepare(parse_json(body)))
 
     async def respond(request: Request, work: Awaitable) -> Response:
         try:
@@ -161,8 +228,7 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None,
         except _ClientGone:
             return Response(status_code=499)  # nobody is listening; the engine requests are aborted
         except EngineError as e:
-            status = 503 if isinstance(e, EngineDeadError) else 500
-            return error_response(APIError(str(e), status=status))
+            return error_response(_engine_error(e))
 
     def stream(chunks: AsyncIterator[dict], sse: bool = True) -> Response:
         if sse:
@@ -171,36 +237,42 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None,
         return _ClosingStreamingResponse(_json_lines(chunks), media_type="application/x-ndjson")
 
     async def completions(request: Request) -> Response:
-        req, groups, texts = serving.prepare_completion(await read_json(request))
-        if req.stream:
-            return stream(serving.completion_stream(req, groups, texts))
-        return await respond(request, serving.completion(req, groups, texts))
+        prep = await prepared(request, serving.prepare_completion)
+        if prep.req.stream:
+            return stream(serving.completion_stream(prep))
+        return await respond(request, serving.completion(prep))
 
     async def chat_completions(request: Request) -> Response:
-        req, children = serving.prepare_chat(await read_json(request))
-        if req.stream:
-            return stream(serving.chat_stream(req, children))
-        return await respond(request, serving.chat(req, children))
+        prep = await prepared(request, serving.prepare_chat)
+        if prep.req.stream:
+            return stream(serving.chat_stream(prep))
+        return await respond(request, serving.chat(prep))
 
     async def generate(request: Request) -> Response:
-        kind, args = serving.prepare_generate(await read_json(request))
-        if kind == "beam":
-            return await respond(request, serving.beam_search(*args))
-        if kind == "stream":
-            return stream(serving.generate_stream(*args), sse=False)
-        return await respond(request, serving.generate(*args))
+        prep = await prepared(request, serving.prepare_generate)
+        if prep.req.stream:
+            return stream(serving.generate_stream(prep), sse=False)
+        return await respond(request, serving.generate(prep))
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "jaxllm",
+                "root": model_path or name, "parent": None, "max_model_len": engine.config.max_model_len,
+                "permission": []}
 
     async def models(request: Request) -> Response:
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "jaxllm",
-                 "root": model_path or name, "parent": None, "max_model_len": engine.config.max_model_len,
-                 "permission": []} for name in names]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [model_card(name) for name in names]})
+
+    async def model(request: Request) -> Response:
+        name = request.path_params["model_id"]
+        if name not in names:
+            raise APIError(f"The model `{name}` does not exist.", status=404, param="model", code="model_not_found")
+        return JSONResponse(model_card(name))
 
     async def tokenize(request: Request) -> Response:
-        return JSONResponse(serving.tokenize(await read_json(request)))
+        return JSONResponse(await prepared(request, serving.tokenize))
 
     async def detokenize(request: Request) -> Response:
-        return JSONResponse(serving.detokenize(await read_json(request)))
+        return JSONResponse(await prepared(request, serving.detokenize))
 
     async def health(request: Request) -> Response:
         return Response(status_code=503 if async_engine.dead else 200)
@@ -231,6 +303,7 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None,
             yield
         finally:
             await async_engine.shutdown()
+            host_pool.shutdown(wait=False, cancel_futures=True)
 
     routes = [
         Route("/v1/models", models, methods=["GET"]),
@@ -239,7 +312,9 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None,
         Route("/generate", generate, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/v1/models/{model_id:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/ping", health, methods=["GET", "POST"]),
         Route("/version", version, methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
     ]
@@ -247,6 +322,7 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None,
                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_error})
     app.state.async_engine = async_engine
     app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
     app.state.served_model_names = names
     guarded = _Guard(app, api_key, max_body_bytes)
     guarded.state = app.state
@@ -302,7 +378,36 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    help="log level of jaxllm and uvicorn")
     p.add_argument("--max-request-body-bytes", type=int, default=MAX_BODY_BYTES,
                    help="larger request bodies are refused with 413 (not a vLLM flag)")
+    add_shutdown_args(p)
     return p
+
+
+def add_shutdown_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT, seconds the requests in flight may still run; then each is ended "
+                        "cleanly (streams get an error event and [DONE], others a 503)")
+
+
+def serve(app, config) -> None:
+    """Run `app` under uvicorn; the shutdown signal starts the app's drain (Lifecycle) at once."""
+    import uvicorn
+
+    lifecycle = app.state.lifecycle
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            loop = getattr(self, "_jaxllm_loop", None)
+            if loop is not None:
+                loop.call_soon_threadsafe(lifecycle.begin_drain)
+            super().handle_exit(sig, frame)
+
+        async def serve(self, sockets=None):
+            self._jaxllm_loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+    # uvicorn's own grace period outlasts the drain, so that the app ends every request itself.
+    config.timeout_graceful_shutdown = lifecycle.shutdown_timeout + 5
+    Server(config).run()
 
 
 def load_app(args: argparse.Namespace):
@@ -331,7 +436,8 @@ def load_app(args: argparse.Namespace):
             chat_template = f.read()
     names = args.served_model_name or [args.model_shape or args.model or DEFAULT_SERVED_NAME]
     return build_app(llm.llm_engine, served_model_names=names, model_path=model_path, api_key=args.api_key,
-                     chat_template=chat_template, max_body_bytes=args.max_request_body_bytes)
+                     chat_template=chat_template, max_body_bytes=args.max_request_body_bytes,
+                     shutdown_timeout=getattr(args, "shutdown_timeout", 10.0))
 
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -395,6 +501,6 @@ def main(argv: list[str] | None = None) -> None:
     app = load_app(args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=10, lifespan="on")
-    # uvicorn handles SIGINT/SIGTERM: stop accepting, let in-flight requests finish (up to 10 s; the rest
-    # are cancelled, which aborts them), then the lifespan stops the engine loop.
-    uvicorn.Server(config).run()
+    # On SIGINT/SIGTERM: stop admitting (503), let in-flight requests run up to --shutdown-timeout, end the
+    # rest cleanly, then the lifespan stops the engine loop.
+    serve(app, config)

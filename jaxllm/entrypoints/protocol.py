@@ -1,20 +1,26 @@
-"""The OpenAI (and vLLM) request bodies: parsed from JSON dicts, type-checked, turned into SamplingParams.
+"""The request body of every route as a pydantic model, with vLLM's names, defaults and meanings.
 
-Parsing is by hand rather than with a schema library so that every refusal names its field in
-OpenAI's error shape: {"error": {"message", "type", "param", "code"}}. Fields take vLLM's names and
-meanings; a sampling field the engine's SamplingParams does not have yet is refused with a 400 when
-the client asks for a non-neutral value, and silently dropped when the value changes nothing.
+As in vLLM's `entrypoints/openai/protocol.py`: each field is typed with its default and range, each
+generating request turns into SamplingParams in one method (`to_sampling_params`), and every refusal
+is OpenAI's error shape {"error": {"message", "type", "param", "code"}} with `param` naming the field.
+Unlike vLLM, which logs and ignores a field it does not know, an unknown field is refused by name (as
+OpenAI's API does): a field silently dropped would be a wrong answer. Ranges are what the jitted step
+holds: token ids inside the vocabulary, counts in int32, logprobs up to the engine's `max_logprobs`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jaxllm.sampling_params import SamplingParams
 
-MAX_N = 128  # most completions one request may ask for (n and best_of)
+MAX_N = 128  # most completions one request may ask for (n, best_of, beam width)
+INT32_MAX = 2**31 - 1  # the step's token counts and ids are int32
+FLOAT32_MAX = 3.4e38  # the step's sampling parameters are float32
 
 
 class APIError(Exception):
@@ -36,296 +42,393 @@ def error_dict(message: str, status: int, param: str | None = None, code: str | 
                       "param": param, "code": code}}
 
 
-# -- typed field access ---------------------------------------------------------------------------
-_MISSING = object()
-_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-               dict: "an object"}
+@dataclass(frozen=True)
+class Limits:
+    """What the served engine can hold: checked against each request after its schema."""
+
+    vocab_size: int
+    max_model_len: int
+    max_logprobs: int  # -1: no limit
 
 
-def _is(value, kind) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def get(body: dict, name: str, kind, default=None, *, lo=None, hi=None, nullable: bool = True):
-    """body[name] checked against `kind` (and [lo, hi] for numbers); `default` when absent or null."""
-    value = body.get(name, _MISSING)
-    if value is _MISSING or (value is None and nullable):
-        return default
-    if not _is(value, kind):
-        raise APIError(f"'{name}' must be {_TYPE_NAMES[kind]}, got {_json_type(value)}", param=name)
-    if lo is not None and value < lo:
-        raise APIError(f"'{name}' must be >= {lo}, got {value}", param=name)
-    if hi is not None and value > hi:
-        raise APIError(f"'{name}' must be <= {hi}, got {value}", param=name)
-    return value
-
-
-def _json_type(value) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _list_of(body: dict, name: str, kind) -> list | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(_is(v, kind) for v in value):
-        raise APIError(f"'{name}' must be an array of {_TYPE_NAMES[kind].split(' ', 1)[1]}s", param=name)
-    return value
-
-
-# -- sampling fields ------------------------------------------------------------------------------
-# name -> (kind, neutral value): a neutral value changes nothing, so it may be dropped when the
-# engine's SamplingParams lacks the field.
-_SAMPLING_FIELDS = {
-    "temperature": (float, None), "top_p": (float, None), "top_k": (int, None), "min_p": (float, None),
-    "seed": (int, None), "min_tokens": (int, 0), "presence_penalty": (float, 0), "frequency_penalty": (float, 0),
-    "repetition_penalty": (float, 1), "ignore_eos": (bool, False), "skip_special_tokens": (bool, True),
-    "include_stop_str_in_output": (bool, False), "spaces_between_special_tokens": (bool, True),
-    "length_penalty": (float, 1),
+# -- refusals of what is not implemented yet: the one place --------------------------------------------
+# field -> the values that mean "not used". Structured outputs and tools will replace this table.
+UNIMPLEMENTED = {
+    "response_format": (None, {"type": "text"}),
+    "structured_outputs": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "suffix": (None, ""),
 }
-_LIST_FIELDS = {"stop_token_ids": int, "bad_words": str, "allowed_token_ids": int}
 
 
-def sampling_param_names() -> set[str]:
-    return {f.name for f in dataclasses.fields(SamplingParams)}
+def refuse_unimplemented(request: BaseModel) -> None:
+    for name, neutral in UNIMPLEMENTED.items():
+        value = getattr(request, name, None)
+        if not any(value == v for v in neutral):
+            raise APIError(f"'{name}' is not supported by this server yet", param=name)
 
 
-def sampling_fields(body: dict) -> dict:
-    """The SamplingParams fields the client set (vLLM names), type-checked; max_tokens and logprobs
-    are left to each endpoint because their defaults and meanings differ."""
-    out: dict[str, Any] = {}
-    for name, (kind, _) in _SAMPLING_FIELDS.items():
-        value = get(body, name, kind, _MISSING)
-        if value is not _MISSING:
-            out[name] = value
-    for name, kind in _LIST_FIELDS.items():
-        value = _list_of(body, name, kind)
-        if value is not None:
-            out[name] = value
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise APIError("'stop' must be a string or an array of strings", param="stop")
-        out["stop"] = stop
-    bias = body.get("logit_bias")
-    if bias is not None:
-        if not isinstance(bias, dict):
-            raise APIError("'logit_bias' must be an object mapping token ids to biases", param="logit_bias")
-        parsed = {}
-        for key, value in bias.items():
-            try:
-                token = int(key)
-            except ValueError:
-                raise APIError(f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias") from None
-            if not _is(value, float) or not -100 <= value <= 100:
-                raise APIError(f"'logit_bias' values must be numbers in [-100, 100], got {value!r}",
+# -- field types ---------------------------------------------------------------------------------------
+class OpenAIBaseModel(BaseModel):
+    # strict: JSON's true is not 1, "5" is not 5 and 2.5 is not an integer
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _int(default, lo=0, hi=INT32_MAX):
+    return Field(default, ge=lo, le=hi)
+
+
+def _float(default, lo=-FLOAT32_MAX, hi=FLOAT32_MAX, **kw):
+    return Field(default, ge=lo, le=hi, allow_inf_nan=False, **kw)
+
+
+TokenIds = list[int]  # each in [0, vocab_size): checked in check()
+Unimplemented = Any  # a field refused by refuse_unimplemented() unless neutral
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = True  # vLLM's default when stream_options is given
+    continuous_usage_stats: bool = False
+
+
+class TextPart(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(p.text for p in self.content)
+        return self.content or ""
+
+
+def _check_ids(name: str, ids, vocab: int) -> None:
+    bad = [t for t in ids or () if not 0 <= t < vocab]
+    if bad:
+        raise APIError(f"'{name}' holds token ids outside the vocabulary [0, {vocab}): {bad[:8]}", param=name)
+
+
+def _check_logprobs(name: str, value, limits: Limits, lo: int = 0) -> None:
+    if value is None:
+        return
+    if value < lo:
+        raise APIError(f"'{name}' must be >= {lo}, got {value}", param=name)
+    if limits.max_logprobs != -1 and value > limits.max_logprobs:
+        raise APIError(f"'{name}' must be <= {limits.max_logprobs} (the server's --max-logprobs), got {value}",
+                       param=name)
+
+
+class SamplingRequest(OpenAIBaseModel):
+    """The sampling fields every generating route shares (vLLM's extras included)."""
+
+    model: str | None = None
+    n: int = _int(1, 1, MAX_N)
+    best_of: int | None = _int(None, 1, MAX_N)
+    temperature: float | None = _float(None, 0)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = _int(None, -1)
+    min_p: float | None = _float(None, 0, 1)
+    seed: int | None = _int(None, -1, 2**63 - 1)
+    presence_penalty: float = _float(0.0, -2, 2)
+    frequency_penalty: float = _float(0.0, -2, 2)
+    repetition_penalty: float = Field(1.0, gt=0, le=FLOAT32_MAX, allow_inf_nan=False)
+    length_penalty: float = _float(1.0)  # beam search only
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = _int(0)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = _int(None, 1)
+    prompt_logprobs: int | None = _int(None, -1)
+    use_beam_search: bool = False
+    structured_outputs: Unimplemented = None
+    guided_json: Unimplemented = None
+    guided_regex: Unimplemented = None
+    guided_choice: Unimplemented = None
+    guided_grammar: Unimplemented = None
+    guided_decoding_backend: Unimplemented = None
+    guided_whitespace_pattern: Unimplemented = None
+    response_format: Unimplemented = None
+
+    def check(self, limits: Limits) -> None:
+        """The checks that need the served engine's limits; raises APIError naming the field."""
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            _check_ids(name, getattr(self, name), limits.vocab_size)
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise APIError("'allowed_token_ids' cannot be empty", param="allowed_token_ids")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit() or len(key) > 10 or not 0 <= int(key) < limits.vocab_size:
+                raise APIError(f"'logit_bias' keys must be token ids in [0, {limits.vocab_size}), got {key[:20]!r}",
                                param="logit_bias")
-            parsed[token] = float(value)
-        out["logit_bias"] = parsed
-    for name in ("presence_penalty", "frequency_penalty"):
-        if name in out and not -2 <= out[name] <= 2:
-            raise APIError(f"'{name}' must be in [-2, 2], got {out[name]}", param=name)
-    return out
+            if not -100 <= bias <= 100:
+                raise APIError(f"'logit_bias' values must be in [-100, 100], got {bias}", param="logit_bias")
+        _check_logprobs("prompt_logprobs", self.prompt_logprobs, limits, lo=-1)
+        if self.best_of is not None and self.best_of < self.n:
+            raise APIError(f"'best_of' must be >= 'n' ({self.n}), got {self.best_of}", param="best_of")
+        if getattr(self, "stream", False) and self.best_of is not None and self.best_of > self.n:
+            raise APIError("'best_of' > 'n' cannot be used with 'stream'", param="best_of")
+        if getattr(self, "stream_options", None) is not None and not getattr(self, "stream", False):
+            raise APIError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+
+    def sampling_kwargs(self, limits: Limits) -> dict:
+        """The SamplingParams fields this request sets; unset ones keep SamplingParams' defaults."""
+        kwargs = {name: getattr(self, name) for name in (
+            "n", "best_of", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+            "repetition_penalty", "stop", "stop_token_ids", "bad_words", "include_stop_str_in_output", "ignore_eos",
+            "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "allowed_token_ids",
+            "truncate_prompt_tokens", "prompt_logprobs")}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if self.logit_bias:
+            kwargs["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+        if kwargs.get("top_k", 0) >= limits.vocab_size:
+            kwargs["top_k"] = 0  # keeping the whole vocabulary is no filter
+        if kwargs.get("prompt_logprobs") == -1:
+            kwargs["prompt_logprobs"] = limits.vocab_size
+        return kwargs
 
 
-def _is_neutral(name: str, value) -> bool:
-    if name in _SAMPLING_FIELDS:
-        return value == _SAMPLING_FIELDS[name][1]
-    return value in (None, [], {}, "", 0) if name in ("stop", "logit_bias", *_LIST_FIELDS, "logprobs",
-                                                     "prompt_logprobs") else False
-
-
-def make_sampling_params(fields: dict) -> SamplingParams:
-    """SamplingParams(**fields); a field it lacks is dropped if neutral, else refused; its own
-    ValueError/TypeError becomes a 400 naming the field."""
-    known = sampling_param_names()
-    kwargs = {}
-    for name, value in fields.items():
-        if name in known:
-            kwargs[name] = value
-        elif not _is_neutral(name, value):
-            raise APIError(f"'{name}' is not supported by this server", param=name)
+def make_sampling_params(kwargs: dict) -> SamplingParams:
+    """SamplingParams(**kwargs); its ValueError becomes a 400 naming the field."""
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as e:
-        message = str(e)
-        first = message.split(" ", 1)[0].strip("'`:,")
-        raise APIError(message, param=first if first in known else None) from None
+        raise APIError(str(e), param=param_of(str(e))) from None
 
 
-def check_model(body: dict, served_names: list[str]) -> str:
-    model = get(body, "model", str)
-    if model is not None and model not in served_names:
-        raise APIError(f"The model `{model}` does not exist.", status=404, param="model", code="model_not_found")
-    return served_names[0]
+def param_of(message: str, default: str | None = None) -> str | None:
+    """The field an engine or SamplingParams message starts with ("top_k must be ...", "logprobs=50 is ...")."""
+    first = message.split(" ", 1)[0].split("=", 1)[0].strip("'`:,")
+    return first if first in SamplingParams.__dataclass_fields__ else default
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
-    options = body.get("stream_options")
-    if options is None:
-        return False
-    if not isinstance(options, dict):
-        raise APIError("'stream_options' must be an object", param="stream_options")
-    if not stream:
-        raise APIError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    return bool(get(options, "include_usage", bool, False))
-
-
-def _n_and_best_of(body: dict, stream: bool) -> tuple[int, int]:
-    n = get(body, "n", int, 1, lo=1, hi=MAX_N)
-    best_of = get(body, "best_of", int, n, lo=1, hi=MAX_N)
-    if best_of < n:
-        raise APIError(f"'best_of' must be >= 'n' ({n}), got {best_of}", param="best_of")
-    if best_of > n and stream:  # the engine ranks the samples only once all have finished
-        raise APIError("'best_of' > 'n' cannot be used with 'stream'", param="best_of")
-    return n, best_of
-
-
-# -- /v1/completions --------------------------------------------------------------------------------
-@dataclass
-class CompletionRequest:
-    prompts: list  # each a string or a list of token ids
-    sampling: dict  # SamplingParams fields, including max_tokens and logprobs
-    n: int = 1
-    best_of: int = 1
-    stream: bool = False
-    include_usage: bool = False
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    suffix: Unimplemented = None
+    max_tokens: int | None = _int(16, 1)
     echo: bool = False
-    logprobs: int | None = None
-
-
-def parse_prompts(prompt) -> list:
-    def is_ids(p):
-        return isinstance(p, list) and all(_is(t, int) for t in p)
-
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if is_ids(prompt):
-            return [prompt]
-        if all(is_ids(p) and p for p in prompt):
-            return list(prompt)
-    if prompt is None:
-        raise APIError("'prompt' is required", param="prompt")
-    raise APIError("'prompt' must be a string, an array of strings, an array of token ids or an array of "
-                   "arrays of token ids (none empty)", param="prompt")
-
-
-def parse_completion(body: dict, max_logprobs: int) -> CompletionRequest:
-    prompts = parse_prompts(body.get("prompt"))
-    stream = get(body, "stream", bool, False)
-    n, best_of = _n_and_best_of(body, stream)
-    if body.get("suffix"):
-        raise APIError("'suffix' is not supported by this server", param="suffix")
-    get(body, "user", str)
-    logprobs = get(body, "logprobs", int, None, lo=0, hi=max_logprobs)
-    echo = get(body, "echo", bool, False)
-    sampling = sampling_fields(body)
-    sampling["n"] = n
-    if best_of != n:
-        sampling["best_of"] = best_of
-    # OpenAI's default for completions is 16 tokens; an explicit null means "up to the context length".
-    sampling["max_tokens"] = get(body, "max_tokens", int, None, lo=1) if "max_tokens" in body else 16
-    if logprobs is not None:
-        sampling["logprobs"] = logprobs
-        if echo:
-            sampling["prompt_logprobs"] = logprobs
-    return CompletionRequest(prompts=prompts, sampling=sampling, n=n, best_of=best_of, stream=stream,
-                             include_usage=_stream_options(body, stream), echo=echo, logprobs=logprobs)
-
-
-# -- /v1/chat/completions -----------------------------------------------------------------------------
-_ROLES = ("system", "developer", "user", "assistant")
-
-
-@dataclass
-class ChatRequest:
-    messages: list[dict]
-    sampling: dict
-    n: int = 1
+    logprobs: int | None = _int(None)
     stream: bool = False
-    include_usage: bool = False
-    top_logprobs: int | None = None  # None: no logprobs
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    add_special_tokens: bool = True
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+
+    def prompts(self) -> list:
+        """Each prompt: a string or a list of token ids."""
+        p = self.prompt
+        if p is None:
+            raise APIError("'prompt' is required", param="prompt")
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(t, int) for t in p):
+            return [p]
+        if p and all(isinstance(x, (str, list)) and x for x in p):
+            return list(p)
+        raise APIError("'prompt' must be a string, an array of strings, an array of token ids or an array of "
+                       "arrays of token ids (none empty)", param="prompt")
+
+    def check(self, limits: Limits) -> None:
+        super().check(limits)
+        for p in self.prompts():
+            if isinstance(p, list):
+                _check_ids("prompt", p, limits.vocab_size)
+        _check_logprobs("logprobs", self.logprobs, limits)
+        if self.use_beam_search and self.stream:
+            raise APIError("'use_beam_search' cannot be used with 'stream'", param="use_beam_search")
+
+    def to_sampling_params(self, limits: Limits) -> SamplingParams:
+        kwargs = self.sampling_kwargs(limits)
+        kwargs["max_tokens"] = self.max_tokens  # None: up to the context length
+        if self.logprobs is not None:
+            kwargs["logprobs"] = self.logprobs
+            if self.echo and self.prompt_logprobs is None:
+                kwargs["prompt_logprobs"] = self.logprobs
+        return make_sampling_params(kwargs)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] | None = None
+    max_tokens: int | None = _int(None, 1)
+    max_completion_tokens: int | None = _int(None, 1)
+    logprobs: bool = False
+    top_logprobs: int | None = _int(None)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    echo: bool = False
+    add_generation_prompt: bool | None = None  # default: not continue_final_message
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = False  # the template already holds any BOS token
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+    tools: Unimplemented = None
+    tool_choice: Unimplemented = None
+    functions: Unimplemented = None
+    function_call: Unimplemented = None
+    parallel_tool_calls: Unimplemented = None
+
+    def check(self, limits: Limits) -> None:
+        super().check(limits)
+        if not self.messages:
+            raise APIError("'messages' must be a non-empty array", param="messages")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError("'best_of' is not supported for chat completions", param="best_of")
+        if self.use_beam_search:
+            raise APIError("'use_beam_search' is not supported for chat completions", param="use_beam_search")
+        _check_logprobs("top_logprobs", self.top_logprobs, limits)
+        if self.top_logprobs and not self.logprobs:
+            raise APIError("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError("'continue_final_message' and 'add_generation_prompt' cannot both be true",
+                           param="continue_final_message")
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def to_sampling_params(self, limits: Limits) -> SamplingParams:
+        kwargs = self.sampling_kwargs(limits)
+        kwargs["max_tokens"] = self.max_new_tokens
+        if self.logprobs:
+            kwargs["logprobs"] = self.top_logprobs or 0
+        return make_sampling_params(kwargs)
+
+    def conversation(self) -> list[dict]:
+        # "developer" is OpenAI's new name for the system role
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                 **({"name": m.name} if m.name else {})} for m in self.messages]
+
+
+class GenerateRequest(SamplingRequest):
+    """vLLM's simple API (`/generate`): a prompt, `stream`, and SamplingParams' fields."""
+
+    prompt: str | list[int] | None = None
+    stream: bool = False
+    max_tokens: int | None = _int(16, 1)
+    logprobs: int | None = _int(None)
+
+    def check(self, limits: Limits) -> None:
+        super().check(limits)
+        if self.prompt is None or self.prompt == [] or self.prompt == "":
+            raise APIError("'prompt' must be a non-empty string or array of token ids", param="prompt")
+        if isinstance(self.prompt, list):
+            _check_ids("prompt", self.prompt, limits.vocab_size)
+        _check_logprobs("logprobs", self.logprobs, limits)
+        if self.use_beam_search and self.stream:
+            raise APIError("'stream' is not supported with use_beam_search", param="stream")
+
+    def to_sampling_params(self, limits: Limits) -> SamplingParams:
+        kwargs = self.sampling_kwargs(limits)
+        kwargs["max_tokens"] = self.max_tokens
+        if self.logprobs is not None:
+            kwargs["logprobs"] = self.logprobs
+        return make_sampling_params(kwargs)
+
+
+class TokenizeRequest(OpenAIBaseModel):
+    """`{"prompt"}` (completion form) or `{"messages"}` (chat form), as vLLM's."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    def check(self, limits: Limits) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError("give either 'prompt' (a string) or 'messages'", param="prompt")
+        if self.messages is not None and not self.messages:
+            raise APIError("'messages' must be a non-empty array", param="messages")
 
 
-def _message_text(content, i: int) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else _json_type(part)
-                raise APIError(f"messages[{i}].content: only text parts are supported, got {kind!r}",
-                               param="messages")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise APIError(f"messages[{i}].content must be a string or an array of text parts", param="messages")
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+    def check(self, limits: Limits) -> None:
+        _check_ids("tokens", self.tokens, limits.vocab_size)
 
 
-def parse_messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise APIError("'messages' must be a non-empty array", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise APIError(f"messages[{i}] must be an object", param="messages")
-        role = m.get("role")
-        if role not in _ROLES:
-            raise APIError(f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {role!r}", param="messages")
-        if role == "developer":  # OpenAI's new name for the system role
-            role = "system"
-        out.append({"role": role, "content": _message_text(m.get("content"), i)})
+def parse(schema: type[BaseModel], body: dict, limits: Limits):
+    """Validate `body` against a route's schema; every refusal is an APIError naming the field."""
+    try:
+        request = schema.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    refuse_unimplemented(request)
+    request.check(limits)
+    return request
+
+
+def validation_error(e: ValidationError) -> APIError:
+    errors = e.errors(include_url=False, include_input=False)
+    first = errors[0]
+    loc = first["loc"]
+    param = str(loc[0]) if loc else None
+    if first["type"] == "extra_forbidden":
+        return APIError(f"'{param}' is not a field of this request (unknown fields are refused, not ignored)",
+                        param=param)
+    if first["type"] == "missing":
+        return APIError(f"'{param}' is required", param=param)
+    # a union reports one error per member: show each
+    same = [err for err in errors if err["loc"][:1] == loc[:1]][:4]
+    why = "; or ".join(f"{_path(err['loc'])}: {err['msg']}" for err in same)
+    return APIError(f"invalid '{param}': {why}", param=param)
+
+
+def _path(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
 
-def parse_chat(body: dict, max_logprobs: int) -> ChatRequest:
-    messages = parse_messages(body.get("messages"))
-    stream = get(body, "stream", bool, False)
-    n, best_of = _n_and_best_of(body, stream)
-    if best_of != n:
-        raise APIError("'best_of' is not supported for chat completions", param="best_of")
-    if body.get("tools"):
-        raise APIError("'tools' (function calling) is not supported by this server", param="tools")
-    if body.get("functions"):
-        raise APIError("'functions' is not supported by this server", param="functions")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise APIError("'response_format' other than {\"type\": \"text\"} is not supported", param="response_format")
-    get(body, "user", str)
-    want_logprobs = get(body, "logprobs", bool, False)
-    top_logprobs = get(body, "top_logprobs", int, None, lo=0, hi=max_logprobs)
-    if top_logprobs is not None and top_logprobs > 0 and not want_logprobs:
-        raise APIError("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
-    sampling = sampling_fields(body)
-    sampling["n"] = n
-    max_tokens = get(body, "max_completion_tokens", int, None, lo=1)
-    sampling["max_tokens"] = max_tokens if max_tokens is not None else get(body, "max_tokens", int, None, lo=1)
-    if want_logprobs:
-        top_logprobs = top_logprobs or 0
-        sampling["logprobs"] = top_logprobs
-    else:
-        top_logprobs = None
-    continue_final = get(body, "continue_final_message", bool, False)
-    add_generation_prompt = get(body, "add_generation_prompt", bool, not continue_final)
-    if continue_final and add_generation_prompt:
-        raise APIError("'continue_final_message' and 'add_generation_prompt' cannot both be true",
-                       param="continue_final_message")
-    return ChatRequest(messages=messages, sampling=sampling, n=n, stream=stream,
-                       include_usage=_stream_options(body, stream), top_logprobs=top_logprobs,
-                       add_generation_prompt=add_generation_prompt, continue_final_message=continue_final,
-                       )
+def find_lone_surrogate(data, top: str | None = None) -> str | None:
+    """The top-level field holding a string that is not valid Unicode (a lone surrogate), if any.
+    Such a string cannot be tokenized or written back as UTF-8, so the request is refused."""
+    stack = [(data, top)]
+    while stack:
+        value, field = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return field or "body"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((k, field or k))
+                stack.append((v, field or k))
+        elif isinstance(value, list):
+            stack.extend((v, field) for v in value)
+    return None
+
+
+def is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # -- logprobs in OpenAI's two formats ---------------------------------------------------------------
@@ -340,8 +443,26 @@ def _rank(entry, default: int) -> int:
 
 
 def _token_text(entry, token_id: int, decode) -> str:
+    if decode is token_id_text:  # return_tokens_as_token_ids
+        return decode(token_id)
     text = getattr(entry, "decoded_token", None)
     return text if text is not None else decode(token_id)
+
+
+def token_id_text(token_id: int) -> str:
+    """vLLM's `return_tokens_as_token_ids` spelling of a token: always unambiguous, even when a token
+    is not valid UTF-8 on its own."""
+    return f"token_id:{token_id}"
+
+
+def prompt_logprobs_json(prompt_logprobs: list | None, decode) -> list | None:
+    """vLLM's `prompt_logprobs` field: None for the first token, then {token_id: {logprob, rank,
+    decoded_token}} per prompt token."""
+    if prompt_logprobs is None:
+        return None
+    return [None if step is None else {str(tid): {"logprob": _lp(e), "rank": getattr(e, "rank", None),
+                                                  "decoded_token": _token_text(e, tid, decode)}
+                                       for tid, e in step.items()} for step in prompt_logprobs]
 
 
 def completion_logprobs(token_ids: list[int], logprobs: list, num_top: int, decode, text_offset: int = 0) -> dict:

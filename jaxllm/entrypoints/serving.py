@@ -1,8 +1,11 @@
 """The endpoints' logic: request dicts in, response dicts (or SSE chunks) out. No HTTP here.
 
-Every prompt of a request is validated and turned into an engine Request before any is enqueued, so a
-bad prompt refuses the whole request and never disturbs the others in flight. `n` and `best_of` go to
-the engine in SamplingParams: one engine request per prompt, whose outputs hold its samples by index.
+Each route has a `prepare_*` method that validates the body against the route's schema (protocol.py),
+renders and tokenizes the prompts and builds every engine Request before any is enqueued, so a bad
+request is refused whole and never reaches the engine. `prepare_*` is plain host work (tokenizing a
+15 MiB prompt takes seconds): the HTTP layer runs it in a worker thread, off the event loop. `n` and
+`best_of` go to the engine in SamplingParams: one engine request per prompt, whose outputs hold its
+samples by index.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass, field
 
 import jinja2
 
@@ -19,6 +23,22 @@ from jaxllm.entrypoints import protocol
 from jaxllm.entrypoints.async_engine import AsyncLLMEngine
 from jaxllm.entrypoints.protocol import APIError
 from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+# What beam search honours; any other field set with use_beam_search is refused by name.
+_BEAM_FIELDS = {"model", "prompt", "n", "temperature", "max_tokens", "ignore_eos", "length_penalty",
+                "use_beam_search", "stream", "echo", "user", "add_special_tokens"}
+
+
+@dataclass
+class Prepared:
+    """A validated request with its engine requests built (not yet enqueued)."""
+
+    req: object  # the route's schema instance
+    requests: list[Request] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # each prompt's text (for echo and /generate)
+    beams: list | None = None  # beam search: (prompt ids, text) per prompt
+    conversation: list[dict] | None = None
 
 
 def check_chat_template(template: str) -> None:
@@ -30,7 +50,7 @@ def check_chat_template(template: str) -> None:
 
 
 class OpenAIServing:
-    """The OpenAI-compatible endpoints over one AsyncLLMEngine."""
+    """The OpenAI-compatible endpoints (and vLLM's /generate, /tokenize, /detokenize) over one AsyncLLMEngine."""
 
     def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], chat_template: str | None = None):
         self.engine = engine
@@ -39,11 +59,21 @@ class OpenAIServing:
             check_chat_template(chat_template)
         self.chat_template = chat_template
         self.tokenizer = engine.engine.tokenizer
-        self.max_model_len = engine.engine.config.max_model_len
-        self.max_logprobs = engine.engine.config.max_logprobs
+        config = engine.engine.config
+        self.max_model_len = config.max_model_len
+        self.limits = protocol.Limits(vocab_size=engine.engine.model_config.vocab_size,
+                                      max_model_len=config.max_model_len, max_logprobs=config.max_logprobs)
 
     # -- shared: prompts -> engine requests ---------------------------------------------------------
-    def _context_error(self, num_prompt: int, max_tokens: int | None, param: str) -> APIError | None:
+    def _parse(self, schema, body: dict):
+        req = protocol.parse(schema, body, self.limits)
+        if req.model is not None and req.model not in self.served_model_names:
+            raise APIError(f"The model `{req.model}` does not exist.", status=404, param="model",
+                           code="model_not_found")
+        return req
+
+    def _context_error(self, num_prompt: int, max_tokens: int | None, param: str,
+                       max_tokens_param: str = "max_tokens") -> APIError | None:
         limit = self.max_model_len
         if num_prompt >= limit:
             return APIError(f"This model's maximum context length is {limit} tokens. However, your request has "
@@ -53,42 +83,39 @@ class OpenAIServing:
             return APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
                             f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the "
                             f"completion). Please reduce the length of the messages or completion.",
-                            param="max_tokens", code="context_length_exceeded")
+                            param=max_tokens_param, code="context_length_exceeded")
         return None
 
-    def _make_requests(self, request_id: str, prompts: list, sampling: dict, param: str = "prompt") -> list[Request]:
+    def _tokenize(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        try:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        except (ValueError, TypeError) as e:
+            raise APIError(f"'{param}' cannot be tokenized: {e}", param=param) from None
+
+    def _make_requests(self, request_id: str, prompt_ids: list[list[int]], params: SamplingParams,
+                       param: str = "prompt", max_tokens_param: str = "max_tokens") -> list[Request]:
         """One engine Request per prompt; raises APIError (and then nothing is enqueued)."""
-        params = protocol.make_sampling_params(sampling)
         out = []
-        for i, prompt in enumerate(prompts):
-            try:
-                req = self.engine.make_request(f"{request_id}-{i}", prompt, params)
-            except (ValueError, TypeError) as e:
-                token_ids = self._token_ids(prompt)
-                error = token_ids is not None and self._context_error(len(token_ids), None, param)
-                prefix = f"{param}[{i}]: " if len(prompts) > 1 else ""
-                raise (error or APIError(f"{prefix}{e}", param=_param_of(str(e), param))) from None
-            error = self._context_error(len(req.prompt_token_ids), sampling.get("max_tokens"), param)
+        for i, ids in enumerate(prompt_ids):
+            if params.truncate_prompt_tokens is not None:
+                ids = ids[-params.truncate_prompt_tokens:]
+            if not ids:
+                raise APIError(f"'{param}' is empty: it must have at least one token", param=param)
+            error = self._context_error(len(ids), params.max_tokens, param, max_tokens_param)
             if error:
                 raise error
-            out.append(req)
+            try:
+                out.append(self.engine.make_request(f"{request_id}-{i}", {"prompt_token_ids": ids}, params))
+            except (ValueError, TypeError) as e:
+                prefix = f"{param}[{i}]: " if len(prompt_ids) > 1 else ""
+                raise APIError(f"{prefix}{e}", param=protocol.param_of(str(e), param)) from None
         return out
 
-    def _token_ids(self, prompt) -> list[int] | None:
-        if isinstance(prompt, str):
-            try:
-                return self.tokenizer(prompt).input_ids
-            except (ValueError, TypeError):
-                return None
-        if isinstance(prompt, dict):
-            return prompt.get("prompt_token_ids")
-        return prompt if isinstance(prompt, list) else None
+    def _decoder(self, req):
+        return protocol.token_id_text if getattr(req, "return_tokens_as_token_ids", False) else self._decode
 
     def _decode(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
-
-    def _prompt_text(self, prompt, req: Request) -> str:
-        return prompt if isinstance(prompt, str) else self.tokenizer.decode(req.prompt_token_ids)
 
     async def _run(self, requests: list[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
         async with aclosing(self.engine.generate(requests)) as stream:
@@ -106,13 +133,17 @@ class OpenAIServing:
                 "model": self.served_model_names[0]}
 
     # -- /v1/completions ----------------------------------------------------------------------------
-    def prepare_completion(self, body: dict):
-        protocol.check_model(body, self.served_model_names)
-        req = protocol.parse_completion(body, self.max_logprobs)
-        prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in req.prompts]
-        requests = self._make_requests(f"cmpl-{uuid.uuid4().hex}", prompts, req.sampling)
-        texts = [self._prompt_text(p, r) for p, r in zip(prompts, requests)]
-        return req, requests, texts
+    def prepare_completion(self, body: dict) -> Prepared:
+        req = self._parse(protocol.CompletionRequest, body)
+        prompts = req.prompts()
+        ids = [self._tokenize(p, req.add_special_tokens, "prompt") if isinstance(p, str) else p for p in prompts]
+        if req.use_beam_search:
+            return Prepared(req, beams=self._prepare_beams(req, ids, prompts))
+        params = req.to_sampling_params(self.limits)
+        requests = self._make_requests(f"cmpl-{uuid.uuid4().hex}", ids, params)
+        texts = [p if isinstance(p, str) and len(r.prompt_token_ids) == len(i) else self.tokenizer.decode(
+            r.prompt_token_ids) for p, i, r in zip(prompts, ids, requests)]
+        return Prepared(req, requests, texts)
 
     def _completion_logprobs(self, req, prompt_req: Request, token_ids, logprobs, prompt_logprobs, echo: bool,
                              offset: int = 0):
@@ -123,30 +154,45 @@ class OpenAIServing:
             prompt_ids = list(prompt_req.prompt_token_ids)
             token_ids = prompt_ids + token_ids
             logprobs = list(prompt_logprobs or [None] * len(prompt_ids)) + logprobs
-        return protocol.completion_logprobs(token_ids, logprobs, req.logprobs, self._decode, offset)
+        return protocol.completion_logprobs(token_ids, logprobs, req.logprobs, self._decoder(req), offset)
 
-    async def completion(self, req, requests: list[Request], texts: list[str]) -> dict:
+    async def completion(self, prep: Prepared) -> dict:
+        if prep.beams is not None:
+            return await self._beam_completion(prep)
+        req, requests, texts = prep.req, prep.requests, prep.texts
         finals = await self._final_outputs(requests)
         choices, num_prompt, num_completion = [], 0, 0
         for p, (final, prompt_req, text) in enumerate(zip(finals, requests, texts)):
             num_prompt += len(prompt_req.prompt_token_ids)
             for o in sorted(final.outputs, key=lambda o: o.index):
                 num_completion += len(o.token_ids)
-                choices.append({
-                    "index": p * req.n + o.index, "text": text + o.text if req.echo else o.text,
-                    "logprobs": self._completion_logprobs(req, prompt_req, o.token_ids, o.logprobs,
-                                                          final.prompt_logprobs, req.echo),
-                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+                choice = {"index": p * req.n + o.index, "text": text + o.text if req.echo else o.text,
+                          "logprobs": self._completion_logprobs(req, prompt_req, o.token_ids, o.logprobs,
+                                                                final.prompt_logprobs, req.echo),
+                          "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                if req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = protocol.prompt_logprobs_json(final.prompt_logprobs,
+                                                                              self._decoder(req))
+                if req.return_token_ids:
+                    choice["prompt_token_ids"] = list(prompt_req.prompt_token_ids)
+                    choice["token_ids"] = list(o.token_ids)
+                choices.append(choice)
         return {**self._header("text_completion", "cmpl"), "choices": choices,
                 "usage": _usage(num_prompt, num_completion)}
 
-    async def completion_stream(self, req, requests: list[Request], texts: list[str]) -> AsyncIterator[dict]:
+    async def completion_stream(self, prep: Prepared) -> AsyncIterator[dict]:
+        req, requests, texts = prep.req, prep.requests, prep.texts
         header = self._header("text_completion", "cmpl")
+        options = req.stream_options
         sent: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) already sent
-        num_completion = 0
+        done: set[int] = set()  # choices whose finish_reason was sent: each is sent exactly once
+        num_prompt = sum(len(r.prompt_token_ids) for r in requests)
+        tokens: dict[int, int] = {}  # choice index -> completion tokens so far
         async for p, out in self._run(requests):
             for o in out.outputs:
                 index = p * req.n + o.index
+                if index in done:
+                    continue
                 first = index not in sent
                 sent_chars, sent_tokens = sent.get(index, (0, 0))
                 delta = o.text[sent_chars:]
@@ -159,168 +205,228 @@ class OpenAIServing:
                                                                 (o.logprobs or [])[sent_tokens:] or None,
                                                                 out.prompt_logprobs, echo, offset),
                           "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                if req.return_token_ids:
+                    if first:
+                        choice["prompt_token_ids"] = list(requests[p].prompt_token_ids)
+                    choice["token_ids"] = list(o.token_ids[sent_tokens:])
+                if first and req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = protocol.prompt_logprobs_json(out.prompt_logprobs, self._decoder(req))
                 sent[index] = (len(o.text), len(o.token_ids))
+                tokens[index] = len(o.token_ids)
                 if o.finish_reason:
-                    num_completion += len(o.token_ids)
-                yield {**header, "choices": [choice]}
-        if req.include_usage:
-            num_prompt = sum(len(r.prompt_token_ids) for r in requests)
-            yield {**header, "choices": [], "usage": _usage(num_prompt, num_completion)}
+                    done.add(index)
+                chunk = {**header, "choices": [choice]}
+                if options is not None and options.continuous_usage_stats:
+                    chunk["usage"] = _usage(num_prompt, sum(tokens.values()))
+                yield chunk
+        if options is not None and options.include_usage:
+            yield {**header, "choices": [], "usage": _usage(num_prompt, sum(tokens.values()))}
+
+    # -- beam search (/v1/completions and /generate with use_beam_search) ---------------------------
+    def _prepare_beams(self, req, ids: list[list[int]], prompts: list) -> list:
+        unsupported = sorted(set(req.model_fields_set) - _BEAM_FIELDS)
+        if unsupported:
+            raise APIError(f"beam search does not take '{unsupported[0]}'", param=unsupported[0])
+        max_tokens = req.max_tokens if req.max_tokens is not None else self.max_model_len
+        beams = []
+        for p, i in zip(prompts, ids):
+            max_new = min(max_tokens, self.max_model_len - len(i))
+            error = self._context_error(len(i), req.max_tokens, "prompt")
+            if error:
+                raise error
+            text = p if isinstance(p, str) else self.tokenizer.decode(i)
+            beams.append((i, text, dict(beam_width=req.n, max_tokens=max_new, ignore_eos=req.ignore_eos,
+                                        length_penalty=req.length_penalty, temperature=req.temperature or 0.0)))
+        return beams
+
+    async def _run_beams(self, prep: Prepared) -> list:
+        return [(ids, text, await self.engine.beam_search(ids, request_id=f"beam-{uuid.uuid4().hex}", **options))
+                for ids, text, options in prep.beams]
+
+    async def _beam_completion(self, prep: Prepared) -> dict:
+        req = prep.req
+        choices, num_prompt, num_completion = [], 0, 0
+        eos = set(self.engine.engine.eos_token_ids)
+        for p, (ids, text, beams) in enumerate(await self._run_beams(prep)):
+            num_prompt += len(ids)
+            for k, b in enumerate(beams):
+                out_ids = b.output_token_ids
+                num_completion += len(out_ids)
+                completion = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                choices.append({"index": p * req.n + k, "text": text + completion if req.echo else completion,
+                                "logprobs": None,
+                                "finish_reason": "stop" if out_ids and out_ids[-1] in eos else "length",
+                                "stop_reason": None})
+        return {**self._header("text_completion", "cmpl"), "choices": choices,
+                "usage": _usage(num_prompt, num_completion)}
 
     # -- /v1/chat/completions -----------------------------------------------------------------------
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False) -> str:
-        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+    def render_chat(self, conversation: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, chat_template: str | None = None,
+                    chat_template_kwargs: dict | None = None) -> str:
+        template = chat_template or self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise APIError("this model has no chat template: start the server with --chat-template FILE",
                            param="messages")
+        param = "chat_template" if chat_template else "messages"
         try:
-            return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+            return self.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt,
-                                                      continue_final_message=continue_final_message)
-        except Exception as e:  # jinja raise_exception / template errors are the client's messages' fault
-            raise APIError(f"the chat template could not render these messages: {e}", param="messages") from None
+                                                      continue_final_message=continue_final_message,
+                                                      **(chat_template_kwargs or {}))
+        except Exception as e:  # jinja raise_exception / template errors are the client's fault
+            raise APIError(f"the chat template could not render these messages: {type(e).__name__}: {e}",
+                           param=param) from None
 
-    def prepare_chat(self, body: dict):
-        protocol.check_model(body, self.served_model_names)
-        req = protocol.parse_chat(body, self.max_logprobs)
-        text = self.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message)
-        # The template already holds any BOS token: tokenize without adding special tokens (as vLLM).
-        try:
-            token_ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        except (ValueError, TypeError) as e:  # e.g. a lone surrogate
-            raise APIError(f"'messages' cannot be tokenized: {e}", param="messages") from None
-        requests = self._make_requests(f"chatcmpl-{uuid.uuid4().hex}", [{"prompt_token_ids": token_ids}],
-                                       req.sampling, param="messages")
-        return req, requests[0]
+    def prepare_chat(self, body: dict) -> Prepared:
+        req = self._parse(protocol.ChatCompletionRequest, body)
+        conversation = req.conversation()
+        add_generation_prompt = (not req.continue_final_message if req.add_generation_prompt is None
+                                 else req.add_generation_prompt)
+        text = self.render_chat(conversation, add_generation_prompt, req.continue_final_message,
+                                req.chat_template, _template_kwargs(req.chat_template_kwargs))
+        ids = self._tokenize(text, req.add_special_tokens, "messages")
+        params = req.to_sampling_params(self.limits)
+        requests = self._make_requests(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, "messages",
+                                       req.max_tokens_param)
+        return Prepared(req, requests, conversation=conversation)
 
     def _chat_logprobs(self, req, token_ids, logprobs):
-        if req.top_logprobs is None:
+        if not req.logprobs:
             return None
-        return protocol.chat_logprobs(token_ids, logprobs or [None] * len(token_ids), req.top_logprobs,
-                                      self._decode)
+        return protocol.chat_logprobs(token_ids, logprobs or [None] * len(token_ids), req.top_logprobs or 0,
+                                      self._decoder(req))
 
-    async def chat(self, req, request: Request) -> dict:
+    @staticmethod
+    def _echoed(prep: Prepared) -> str:
+        """Chat `echo` (vLLM): the last message's content, when it is the assistant's, leads the reply."""
+        last = prep.conversation[-1]
+        return last["content"] if prep.req.echo and last["role"] == "assistant" else ""
+
+    async def chat(self, prep: Prepared) -> dict:
+        req, (request,) = prep.req, prep.requests
         (final,) = await self._final_outputs([request])
+        echoed = self._echoed(prep)
         choices = []
         for o in sorted(final.outputs, key=lambda o: o.index):
-            choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
-                            "logprobs": self._chat_logprobs(req, list(o.token_ids), o.logprobs),
-                            "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+            choice = {"index": o.index, "message": {"role": "assistant", "content": echoed + o.text},
+                      "logprobs": self._chat_logprobs(req, list(o.token_ids), o.logprobs),
+                      "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+            if req.return_token_ids:
+                choice["token_ids"] = list(o.token_ids)
+            choices.append(choice)
         num_completion = sum(len(o.token_ids) for o in final.outputs)
-        return {**self._header("chat.completion", "chatcmpl"), "choices": choices,
-                "usage": _usage(len(request.prompt_token_ids), num_completion)}
+        response = {**self._header("chat.completion", "chatcmpl"), "choices": choices,
+                    "usage": _usage(len(request.prompt_token_ids), num_completion)}
+        if req.prompt_logprobs is not None:
+            response["prompt_logprobs"] = protocol.prompt_logprobs_json(final.prompt_logprobs, self._decoder(req))
+        if req.return_token_ids:
+            response["prompt_token_ids"] = list(request.prompt_token_ids)
+        return response
 
-    async def chat_stream(self, req, request: Request) -> AsyncIterator[dict]:
+    async def chat_stream(self, prep: Prepared) -> AsyncIterator[dict]:
+        req, (request,) = prep.req, prep.requests
         header = self._header("chat.completion.chunk", "chatcmpl")
+        options = req.stream_options
+        num_prompt = len(request.prompt_token_ids)
+        tokens: dict[int, int] = {}
+
+        def chunk(choice: dict, **extra) -> dict:
+            out = {**header, "choices": [choice], **extra}
+            if options is not None and options.continuous_usage_stats:
+                out["usage"] = _usage(num_prompt, sum(tokens.values()))
+            return out
+
+        echoed = self._echoed(prep)
         for i in range(req.n):  # the role comes first, as OpenAI sends it
-            yield {**header, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]}
+            extra = {"prompt_token_ids": list(request.prompt_token_ids)} if req.return_token_ids and i == 0 else {}
+            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}, **extra)
+            if echoed:
+                yield chunk({"index": i, "delta": {"content": echoed}, "logprobs": None, "finish_reason": None})
         sent: dict[int, tuple[int, int]] = {}
-        num_completion = 0
+        done: set[int] = set()  # each choice's finish_reason is sent exactly once
         async for _, out in self._run([request]):
+            if req.prompt_logprobs is not None and not sent:
+                header["prompt_logprobs"] = protocol.prompt_logprobs_json(out.prompt_logprobs, self._decoder(req))
             for o in out.outputs:
+                if o.index in done:
+                    continue
                 sent_chars, sent_tokens = sent.get(o.index, (0, 0))
                 delta = o.text[sent_chars:]
                 if not delta and not o.finish_reason:
                     continue
                 sent[o.index] = (len(o.text), len(o.token_ids))
+                tokens[o.index] = len(o.token_ids)
                 logprobs = (o.logprobs or [])[sent_tokens:] if o.logprobs is not None else None
                 choice = {"index": o.index, "delta": {"content": delta} if delta else {},
                           "logprobs": self._chat_logprobs(req, list(o.token_ids[sent_tokens:]), logprobs),
                           "finish_reason": o.finish_reason}
+                if req.return_token_ids:
+                    choice["token_ids"] = list(o.token_ids[sent_tokens:])
                 if o.finish_reason:
                     choice["stop_reason"] = o.stop_reason
-                    num_completion += len(o.token_ids)
-                yield {**header, "choices": [choice]}
-        if req.include_usage:
-            yield {**header, "choices": [], "usage": _usage(len(request.prompt_token_ids), num_completion)}
+                    done.add(o.index)
+                yield chunk(choice)
+            header.pop("prompt_logprobs", None)
+        if options is not None and options.include_usage:
+            yield {**header, "choices": [], "usage": _usage(num_prompt, sum(tokens.values()))}
 
     # -- /generate (vLLM's simple API) --------------------------------------------------------------
-    def prepare_generate(self, body: dict):
-        body = dict(body)
-        prompt = body.pop("prompt", None)
-        if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt
-                                                and all(protocol._is(t, int) for t in prompt)):
-            raise APIError("'prompt' must be a string or an array of token ids", param="prompt")
-        stream = protocol.get(body, "stream", bool, False)
-        body.pop("stream", None)
-        n = protocol.get(body, "n", int, 1, lo=1, hi=protocol.MAX_N)
-        body.pop("n", None)
-        if protocol.get(body, "use_beam_search", bool, False):
-            body.pop("use_beam_search")
-            return "beam", self._prepare_beam(prompt, n, body, stream)
-        body.pop("use_beam_search", None)
-        body["n"] = n
-        prompt = prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
-        (request,) = self._make_requests(f"generate-{uuid.uuid4().hex}", [prompt], body)
-        return ("stream" if stream else "full"), (request, self._prompt_text(prompt, request))
+    def prepare_generate(self, body: dict) -> Prepared:
+        req = self._parse(protocol.GenerateRequest, body)
+        prompt = req.prompt
+        ids = self._tokenize(prompt, True, "prompt") if isinstance(prompt, str) else list(prompt)
+        if req.use_beam_search:
+            return Prepared(req, beams=self._prepare_beams(req, [ids], [prompt]))
+        params = req.to_sampling_params(self.limits)
+        (request,) = self._make_requests(f"generate-{uuid.uuid4().hex}", [ids], params)
+        text = prompt if isinstance(prompt, str) and len(request.prompt_token_ids) == len(ids) else (
+            self.tokenizer.decode(request.prompt_token_ids))
+        return Prepared(req, [request], [text])
 
-    async def generate(self, request: Request, prompt_text: str) -> dict:
-        (final,) = await self._final_outputs([request])
-        return {"text": [prompt_text + o.text for o in sorted(final.outputs, key=lambda o: o.index)]}
+    async def generate(self, prep: Prepared) -> dict:
+        if prep.beams is not None:
+            return {"text": [text + self.tokenizer.decode(b.output_token_ids, skip_special_tokens=True)
+                             for _, text, beams in await self._run_beams(prep) for b in beams]}
+        (final,) = await self._final_outputs(prep.requests)
+        return {"text": [prep.texts[0] + o.text for o in sorted(final.outputs, key=lambda o: o.index)]}
 
-    async def generate_stream(self, request: Request, prompt_text: str) -> AsyncIterator[dict]:
-        async for _, out in self._run([request]):
-            yield {"text": [prompt_text + o.text for o in sorted(out.outputs, key=lambda o: o.index)]}
-
-    def _prepare_beam(self, prompt, beam_width: int, body: dict, stream: bool):
-        if stream:
-            raise APIError("'stream' is not supported with use_beam_search", param="stream")
-        if "logprobs" not in protocol.sampling_param_names():
-            raise APIError("beam search needs logprobs, which this engine's SamplingParams lacks",
-                           param="use_beam_search")
-        temperature = protocol.get(body, "temperature", float, 0.0, lo=0)
-        max_tokens = protocol.get(body, "max_tokens", int, 16, lo=1)
-        ignore_eos = protocol.get(body, "ignore_eos", bool, False)
-        length_penalty = protocol.get(body, "length_penalty", float, 1.0)
-        unknown = set(body) - {"temperature", "max_tokens", "ignore_eos", "length_penalty", "model"}
-        if unknown:
-            raise APIError(f"beam search does not take {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
-        ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
-        error = self._context_error(len(ids), max_tokens, "prompt")
-        if error:
-            raise error
-        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
-        return ids, text, dict(beam_width=beam_width, max_tokens=max_tokens, ignore_eos=ignore_eos,
-                               length_penalty=length_penalty, temperature=temperature)
-
-    async def beam_search(self, ids, text, options) -> dict:
-        beams = await self.engine.beam_search(ids, request_id=f"beam-{uuid.uuid4().hex}", **options)
-        return {"text": [text + self.tokenizer.decode(b.output_token_ids, skip_special_tokens=True)
-                         for b in beams]}
+    async def generate_stream(self, prep: Prepared) -> AsyncIterator[dict]:
+        async for _, out in self._run(prep.requests):
+            yield {"text": [prep.texts[0] + o.text for o in sorted(out.outputs, key=lambda o: o.index)]}
 
     # -- /tokenize, /detokenize ---------------------------------------------------------------------
     def tokenize(self, body: dict) -> dict:
-        protocol.check_model(body, self.served_model_names)
-        if "messages" in body:
-            messages = protocol.parse_messages(body["messages"])
-            text = self.render_chat(messages, protocol.get(body, "add_generation_prompt", bool, True))
-            add_special = protocol.get(body, "add_special_tokens", bool, False)
+        req = self._parse(protocol.TokenizeRequest, body)
+        if req.messages is not None:
+            conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                            for m in req.messages]
+            text = self.render_chat(conversation, req.add_generation_prompt, req.continue_final_message,
+                                    req.chat_template, _template_kwargs(req.chat_template_kwargs))
+            tokens = self._tokenize(text, bool(req.add_special_tokens), "messages")
         else:
-            text = body.get("prompt")
-            if not isinstance(text, str):
-                raise APIError("'prompt' (a string) or 'messages' is required", param="prompt")
-            add_special = protocol.get(body, "add_special_tokens", bool, True)
-        try:
-            tokens = self.tokenizer(text, add_special_tokens=add_special).input_ids
-        except (ValueError, TypeError) as e:  # e.g. a lone surrogate in the text
-            raise APIError(f"'prompt' cannot be tokenized: {e}", param="prompt") from None
-        return {"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens}
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+            tokens = self._tokenize(req.prompt, add_special, "prompt")
+        out = {"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens, "token_strs": None}
+        if req.return_token_strs:
+            out["token_strs"] = self.tokenizer.convert_ids_to_tokens(tokens)
+        return out
 
     def detokenize(self, body: dict) -> dict:
-        protocol.check_model(body, self.served_model_names)
-        tokens = body.get("tokens")
-        vocab = self.engine.engine.model_config.vocab_size
-        if not isinstance(tokens, list) or not all(protocol._is(t, int) and 0 <= t < vocab for t in tokens):
-            raise APIError(f"'tokens' must be an array of token ids in [0, {vocab})", param="tokens")
-        return {"prompt": self.tokenizer.decode(tokens)}
+        req = self._parse(protocol.DetokenizeRequest, body)
+        return {"prompt": self.tokenizer.decode(req.tokens)}
 
 
-def _param_of(message: str, default: str) -> str:
-    """The SamplingParams field an engine error names first (its messages start with it), else `default`."""
-    first = message.split(" ", 1)[0].strip("'`:,=")
-    return first if first in protocol.sampling_param_names() else default
+def _template_kwargs(kwargs: dict | None) -> dict:
+    """chat_template_kwargs reach the template as variables; the names apply_chat_template itself
+    takes are set by their own fields."""
+    reserved = {"conversation", "chat_template", "tokenize", "add_generation_prompt", "continue_final_message",
+                "tools", "documents", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+    bad = sorted(set(kwargs or ()) & reserved)
+    if bad:
+        raise APIError(f"'chat_template_kwargs' cannot set {bad[0]!r}", param="chat_template_kwargs")
+    return kwargs or {}
 
 
 def _usage(num_prompt: int, num_completion: int) -> dict:
