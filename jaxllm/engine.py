@@ -211,6 +211,9 @@ class LLMEngine:
             wanted = vocab if wanted == -1 else wanted
             if max_logprobs != -1 and wanted > max_logprobs:
                 raise ValueError(f"{name}={getattr(params, name)} is more than the engine's max_logprobs={max_logprobs}")
+        if params.top_k > np.iinfo(np.int32).max:  # the step holds it in int32
+            raise ValueError(f"top_k must be at most {np.iinfo(np.int32).max} (0 or -1: the whole vocabulary), "
+                             f"got {params.top_k}")
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or ())),
                           ("allowed_token_ids", params.allowed_token_ids or [])):
             out_of_range = [t for t in ids if not 0 <= t < vocab]

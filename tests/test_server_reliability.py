@@ -153,7 +153,9 @@ def test_fuzzer_every_route_and_field(server):
 @pytest.mark.parametrize("body,param", [
     ({"prompt": "hi", "max_tokens": 4, "temperature": 0.5, "top_k": 2147483648}, "top_k"),
     ({"prompt": "hi", "max_tokens": 4, "output_text_buffer_length": "x"}, "output_text_buffer_length"),
-    ({"prompt": "hi", "n": 11, "use_beam_search": True, "max_tokens": 300}, "max_tokens"),
+    ({"prompt": "hi", "n": 2, "use_beam_search": True, "max_tokens": 300}, "max_tokens"),
+    ({"prompt": "hi", "n": 11, "use_beam_search": True}, "n"),
+    ({"prompt": "hi", "n": 2, "use_beam_search": True, "temperature": float("nan")}, "temperature"),
     ({"prompt": [-1], "use_beam_search": True}, "prompt"),
     ({"prompt": [10**9], "use_beam_search": True}, "prompt"),
     ({"prompt": "hi", "logprobs": 50}, "logprobs"),
@@ -327,6 +329,9 @@ def test_offline_generate_one_bad_prompt_raises_for_it_and_the_rest_complete(tin
     outs = info.value.outputs
     assert [o.outputs[0].text for i, o in enumerate(outs) if i != 2] == alone
     assert not llm.llm_engine.has_unfinished_requests()
+    # what the step cannot hold is refused before any work starts
+    with pytest.raises(ValueError, match="top_k"):
+        llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0.5, top_k=2**31), use_tqdm=False)
 
 
 def test_health_answers_while_a_15_mib_body_is_handled(server):

@@ -138,6 +138,9 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     except EngineError as e:
         error = _engine_error(e)
         yield f"data: {json.dumps(error_dict(error.message, error.status, code=error.code))}\n\n"
+    except Exception as e:  # noqa: BLE001 - a stream always ends with an error event and [DONE]
+        logger.exception("a stream failed")
+        yield f"data: {json.dumps(error_dict(f'internal server error: {type(e).__name__}: {e}', 500))}\n\n"
     finally:
         await chunks.aclose()
     yield "data: [DONE]\n\n"
@@ -150,6 +153,9 @@ async def _json_lines(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     except EngineError as e:
         error = _engine_error(e)
         yield json.dumps(error_dict(error.message, error.status, code=error.code)) + "\n"
+    except Exception as e:  # noqa: BLE001
+        logger.exception("a stream failed")
+        yield json.dumps(error_dict(f"internal server error: {type(e).__name__}: {e}", 500)) + "\n"
     finally:
         await chunks.aclose()
 
@@ -229,6 +235,11 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None,
             return Response(status_code=499)  # nobody is listening; the engine requests are aborted
         except EngineError as e:
             return error_response(_engine_error(e))
+        except APIError as e:
+            return error_response(e)
+        except Exception as e:  # noqa: BLE001 - answered here, so the keep-alive connection stays open
+            logger.exception("request failed on %s", request.url.path)
+            return error_response(APIError(f"internal server error: {type(e).__name__}: {e}", status=500))
 
     def stream(chunks: AsyncIterator[dict], sse: bool = True) -> Response:
         if sse:

@@ -227,6 +227,10 @@ class OpenAIServing:
         unsupported = sorted(set(req.model_fields_set) - _BEAM_FIELDS)
         if unsupported:
             raise APIError(f"beam search does not take '{unsupported[0]}'", param=unsupported[0])
+        max_logprobs = self.limits.max_logprobs
+        if max_logprobs != -1 and 2 * req.n > max_logprobs:  # each step reads 2 * beam_width logprobs
+            raise APIError(f"'n' (the beam width) must be <= {max_logprobs // 2} (half the server's max_logprobs), "
+                           f"got {req.n}", param="n")
         max_tokens = req.max_tokens if req.max_tokens is not None else self.max_model_len
         beams = []
         for p, i in zip(prompts, ids):
