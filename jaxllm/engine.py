@@ -316,16 +316,21 @@ class LLMEngine:
         if self._probe is not None and any(s.request is self._probe for s in sched_out.scheduled):
             self._probe_ran = True
         for req, row in self.scheduler.update_from_output(sched_out, result.sampled):
-            self._add_logprobs(req, row, result)
-            finished = req.status.finished
-            stop_str = self.detokenizers[req.request_id].update(
-                req.output_token_ids[-1], finished, stop_terminated=req.status == RequestStatus.FINISHED_STOPPED)
+            touched[req.parent.request_id] = req.parent
+            try:
+                self._add_logprobs(req, row, result)
+                finished = req.status.finished
+                stop_str = self.detokenizers[req.request_id].update(
+                    req.output_token_ids[-1], finished, stop_terminated=req.status == RequestStatus.FINISHED_STOPPED)
+            except Exception as error:  # noqa: BLE001 - this request's host work failed: it alone ends
+                logger.exception("request %s failed", req.parent.request_id)
+                self._fail(req.parent, error)
+                continue
             if stop_str is not None and not finished:
                 req.stop_reason = stop_str
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
             if req.status.finished:
                 self.runner.free_request(req.request_id)
-            touched[req.parent.request_id] = req.parent
         outputs = []
         for parent in touched.values():
             out = self._make_output(parent)
@@ -357,16 +362,7 @@ class LLMEngine:
         scheduler.running.clear()
         outputs = []
         if len(parents) == 1:
-            parent = parents[0]
-            self.failures[parent.request_id] = f"{type(error).__name__}: {error}"
-            for sample in parent.samples:
-                if sample in scheduler.waiting:
-                    scheduler.waiting.remove(sample)
-                sample.status = RequestStatus.FINISHED_ABORTED
-            parent.samples[0].pending_children = []
-            self._held = [h for h in self._held if h.parent is not parent]
-            if self._probe is not None and self._probe.parent is parent:
-                self._probe = None
+            self._fail(parents[0], error)
         else:
             self._held.extend(r for r in running if r.parent not in (None,))
             self._held.sort(key=lambda r: r.arrival)
@@ -380,6 +376,18 @@ class LLMEngine:
                     self.runner.free_request(sample.request_id)
                 self._release(first)
         return outputs
+
+    def _fail(self, parent: ParentRequest, error: Exception) -> None:
+        """Finish every sample of `parent` (finish_reason "abort") and record why in `failures`."""
+        self.failures[parent.request_id] = f"{type(error).__name__}: {error}"
+        for sample in parent.samples:
+            if self.scheduler.finish_request(sample.request_id, RequestStatus.FINISHED_ABORTED) is None:
+                sample.status = RequestStatus.FINISHED_ABORTED
+            self.runner.free_request(sample.request_id)
+        parent.samples[0].pending_children = []
+        self._held = [h for h in self._held if h.parent is not parent]
+        if self._probe is not None and self._probe.parent is parent:
+            self._probe = None
 
     def _let_back_held(self) -> None:
         """Let the next held request back once the one let back before has run a step without error."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -132,7 +133,8 @@ def test_fuzzer_every_route_and_field(server):
     thread.start()
     http = httpx.Client(base_url=server.url, timeout=120)
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=int(os.environ.get("JAXLLM_FUZZ_EXAMPLES", 150)), deadline=None, database=None,
+              suppress_health_check=list(HealthCheck), derandomize="JAXLLM_FUZZ_EXAMPLES" not in os.environ)
     @given(fuzzed_request())
     def check(case):
         path, body = case
@@ -329,6 +331,24 @@ def test_offline_generate_one_bad_prompt_raises_for_it_and_the_rest_complete(tin
     outs = info.value.outputs
     assert [o.outputs[0].text for i, o in enumerate(outs) if i != 2] == alone
     assert not llm.llm_engine.has_unfinished_requests()
+    # A request that finishes in the failing step still gets its output.
+    engine = llm.llm_engine
+    engine.runner.dispatch = dispatch
+    add_logprobs = engine._add_logprobs
+
+    def failing_add_logprobs(req, row, result):
+        if POISON in req.prompt_token_ids:
+            raise RuntimeError("injected host failure")
+        return add_logprobs(req, row, result)
+
+    engine._add_logprobs = failing_add_logprobs
+    short = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    (alone,) = llm.generate(prompts[:1], short, use_tqdm=False)
+    with pytest.raises(RequestFailedError, match="injected host failure") as info:
+        llm.generate([prompts[0], {"prompt_token_ids": [POISON, 1]}], short, use_tqdm=False)
+    assert info.value.failed == [1] and info.value.outputs[0].outputs[0].token_ids == alone.outputs[0].token_ids
+    assert info.value.outputs[0].outputs[0].finish_reason == "length"
+    engine._add_logprobs = add_logprobs
     # what the step cannot hold is refused before any work starts
     with pytest.raises(ValueError, match="top_k"):
         llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0.5, top_k=2**31), use_tqdm=False)
