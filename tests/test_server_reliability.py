@@ -180,6 +180,27 @@ def test_chat_max_completion_tokens_past_the_context_is_named(server):
     assert error["param"] == "max_completion_tokens" and error["code"] == "context_length_exceeded"
 
 
+def test_null_means_not_given(server):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "logprobs": None, "n": None,
+            "stream": None, "temperature": None, "stop": None}
+    resp = post(server, "/v1/chat/completions", body)
+    assert resp.status_code == 200 and len(resp.json()["choices"]) == 1 and resp.json()["choices"][0]["logprobs"] is None
+
+
+def test_a_draining_server_admits_nothing(server):
+    lifecycle = server.app.state.lifecycle
+    lifecycle.draining = True
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for path, (_, body) in ROUTES.items():
+                resp = http.post(path, json=body)
+                assert resp.status_code == 503 and resp.json()["error"]["code"] == "server_shutting_down", path
+            assert http.get("/health").status_code == 200
+    finally:
+        lifecycle.draining = False
+    assert solo_text(server)
+
+
 # -- vLLM's request fields -----------------------------------------------------------------------------
 def test_vllm_request_fields(server, smol_tokenizer):
     ids = smol_tokenizer("The capital of France is").input_ids

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jaxllm.sampling_params import SamplingParams
 
@@ -75,6 +75,19 @@ def refuse_unimplemented(request: BaseModel) -> None:
 class OpenAIBaseModel(BaseModel):
     # strict: JSON's true is not 1, "5" is not 5 and 2.5 is not an integer
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_unset(cls, data):
+        # Clients send null for "not given" (vLLM types most fields Optional): a field that has no null
+        # meaning of its own takes its default.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or _nullable(cls.model_fields.get(k))}
+        return data
+
+
+def _nullable(field) -> bool:
+    return field is None or field.annotation is Any or type(None) in get_args(field.annotation)
 
 
 def _int(default, lo=0, hi=INT32_MAX):
