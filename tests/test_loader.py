@@ -174,8 +174,8 @@ def test_folder_without_config_or_weights(saved, tmp_path):
 def test_unsupported_architecture(saved, tmp_path):
     folder = copy_folder(saved["llama"][0], tmp_path / "m")
     hf = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**hf, "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+    (folder / "config.json").write_text(json.dumps({**hf, "architectures": ["BaichuanForCausalLM"]}))
+    with pytest.raises(ValueError, match="BaichuanForCausalLM.*LlamaForCausalLM.*Qwen3ForCausalLM"):
         load_model(folder)
 
 
