@@ -31,12 +31,35 @@ TINY_MODELS = {
 }
 
 
+_IDS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_DENSE = dict(_IDS, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              num_hidden_layers=2, max_position_embeddings=256)
+# The other families (jaxllm/models/registry.py): name -> (HF config class, model class, full config).
+# Windows and soft-caps are small enough that the tests' 23-token sequences exercise them.
+FAMILY_MODELS = {
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(_IDS, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                                  num_attention_heads=4, max_position_embeddings=64)),
+    # opt-350m's layout: norms after the residual add, embeddings projected in and out, untied head
+    "opt_post_norm_proj": ("OPTConfig", "OPTForCausalLM", dict(
+        _IDS, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+        do_layer_norm_before=False, word_embed_proj_dim=32, tie_word_embeddings=False)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(_IDS, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_DENSE)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        _DENSE, sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, query_pre_attn_scalar=24)),
+}
+
+
 def tiny_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random HF model in float32 eval mode. Every parameter is redrawn, norms and biases
     included (HF inits those to ones and zeros, which would hide a misplaced norm or bias), at a
     scale where attention is far from uniform."""
-    config_cls, model_cls, overrides = TINY_MODELS[name]
-    config = getattr(transformers, config_cls)(**_SMALL, **overrides)
+    if name in FAMILY_MODELS:
+        config_cls, model_cls, kwargs = FAMILY_MODELS[name]
+        config = getattr(transformers, config_cls)(**kwargs)
+    else:
+        config_cls, model_cls, overrides = TINY_MODELS[name]
+        config = getattr(transformers, config_cls)(**_SMALL, **overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).float().eval()
     gen = torch.Generator().manual_seed(seed)

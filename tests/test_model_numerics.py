@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_models import TINY_MODELS, hf_greedy, hf_logits, save_tiny_model, smollm2_hf_model
+from hf_models import FAMILY_MODELS, TINY_MODELS, hf_greedy, hf_logits, save_tiny_model, smollm2_hf_model
 from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import AttentionMetadata, KVCache
 from jaxllm.loader import default_model_path, load_model, load_tokenizer
-from jaxllm.models.llama import Weights, compute_logits, forward, forward_hidden
+from jaxllm.models.registry import model_module
 
 RTOL = 1e-4
 PROMPT_LEN = 13  # not a multiple of the block size: the last block stays part-full
@@ -44,23 +44,24 @@ class Seq:
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")
-def _all_logits_step(params: Weights, token_ids, positions, cache: KVCache, md: AttentionMetadata,
-                     config: ModelConfig):
-    hidden, cache = forward_hidden(params, token_ids, positions, cache, md, config)
-    return compute_logits(params, hidden), cache
+def _all_logits_step(params, token_ids, positions, cache: KVCache, md: AttentionMetadata, config: ModelConfig):
+    model = model_module(config.architecture)
+    hidden, cache = model.forward_hidden(params, token_ids, positions, cache, md, config)
+    return model.compute_logits(params, hidden, config), cache
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")
-def _forward_step(params: Weights, token_ids, positions, cache: KVCache, md: AttentionMetadata,
-                  config: ModelConfig):
-    return forward(params, token_ids, positions, cache, md, config)
+def _forward_step(params, token_ids, positions, cache: KVCache, md: AttentionMetadata, config: ModelConfig):
+    model = model_module(config.architecture)
+    hidden, cache = model.forward_hidden(params, token_ids, positions, cache, md, config)
+    return model.compute_logits(params, hidden[md.logits_indices], config), cache
 
 
 class PagedRunner:
     """Drives the model the way an engine would: a block pool handed out in shuffled order, and
     every step padded to fixed (num_tokens, num_seqs) so that a model compiles once per shape."""
 
-    def __init__(self, config: ModelConfig, params: Weights, *, block_size: int, num_blocks: int,
+    def __init__(self, config: ModelConfig, params, *, block_size: int, num_blocks: int,
                  max_blocks_per_seq: int, seed: int = 0):
         self.config, self.params = config, params
         self.block_size, self.max_blocks = block_size, max_blocks_per_seq
@@ -132,7 +133,7 @@ def random_prompt(n: int, seed: int) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(3, 300, n)]
 
 
-@pytest.fixture(scope="module", params=list(TINY_MODELS))
+@pytest.fixture(scope="module", params=list(TINY_MODELS) + list(FAMILY_MODELS))
 def tiny(request, tmp_path_factory):
     """(HF model, jaxllm config, jaxllm weights) of one tiny architecture, via save + load_model.
     The Llama one is saved sharded, so the index file is on this path too."""
