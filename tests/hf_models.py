@@ -47,6 +47,10 @@ FAMILY_MODELS = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_DENSE)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
         _DENSE, sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, query_pre_attn_scalar=24)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        _DENSE, sliding_window=6, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}})),
 }
 
 
