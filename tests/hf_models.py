@@ -51,6 +51,20 @@ FAMILY_MODELS = {
         _DENSE, sliding_window=6, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}})),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DENSE, sliding_window=None)),
+    # falcon-40b's layout (grouped K/V fused per group, two norms), falcon-7b's (multi-query, one norm),
+    # falcon-rw's (sequential blocks, ALiBi, biases)
+    "falcon_new": ("FalconConfig", "FalconForCausalLM", dict(
+        _IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True)),
+    "falcon_mq": ("FalconConfig", "FalconForCausalLM", dict(
+        _IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, bias=True)),
+    "falcon_rw_alibi": ("FalconConfig", "FalconForCausalLM", dict(
+        _IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=False, parallel_attn=False,
+        alibi=True, bias=True)),
+    "mpt": ("MptConfig", "MptForCausalLM", dict(
+        _IDS, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
+        attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": 0.5})),
 }
 
 
