@@ -65,6 +65,14 @@ FAMILY_MODELS = {
     "mpt": ("MptConfig", "MptForCausalLM", dict(
         _IDS, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
         attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": 0.5})),
+    # 4 experts, top 2: with 13-token prompts every expert gets rows and some get none in a decode step
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        _DENSE, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        _DENSE, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        _DENSE, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)),
 }
 
 
