@@ -52,6 +52,11 @@ FAMILY_MODELS = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}})),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DENSE, sliding_window=None)),
+    # LongRoPE's short regime (sequences within original_max_position_embeddings), attention factor ~1.15
+    "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
+        _DENSE, sliding_window=None, original_max_position_embeddings=64, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=64,
+            short_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0], long_factor=[4.0] * 8))),
     # falcon-40b's layout (grouped K/V fused per group, two norms), falcon-7b's (multi-query, one norm),
     # falcon-rw's (sequential blocks, ALiBi, biases)
     "falcon_new": ("FalconConfig", "FalconForCausalLM", dict(

@@ -53,7 +53,9 @@ class Weights:
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    return layers.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    inv_freq = layers.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    ext = config.option("rope_ext_factors")  # LongRoPE's per-frequency divisors (Phi-3)
+    return inv_freq if ext is None else (inv_freq / np.asarray(ext, np.float32)).astype(np.float32)
 
 
 def forward_hidden(
@@ -88,7 +90,7 @@ def forward_hidden(
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             cache = write_kv(cache, i, k, v, md.slot_mapping)
             o = pallas_kernels.ragged_paged_attention(
-                q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=hd**-0.5,
+                q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=config.attn_scale if config.attn_scale is not None else hd**-0.5,
                 decode_only=decode_only, prefill_kernel=prefill_kernel)
             x = x + o.reshape(T, nq * hd) @ w.wo
         with jax.named_scope("mlp"):
