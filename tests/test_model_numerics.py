@@ -248,3 +248,25 @@ def test_engine_greedy_matches_transformers(tiny):
                         SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         assert list(out.outputs[0].token_ids) == hf_greedy(hf, prompt, 8)
+
+
+@pytest.mark.parametrize("shape,family", [("mixtral-8x7b", "mixtral"), ("qwen3-30b-a3b", "qwen3_moe")])
+def test_moe_benchmark_shapes_at_a_tiny_scale(shape, family, tmp_path):
+    """The MoE benchmark shapes (jaxllm/models/shapes.py) with their expert counts and routing, dims
+    shrunk: random weights have the layout a checkpoint loads to, and generate through the engine."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.models.shapes import init_random_weights, model_shape_config
+
+    small = dict(num_layers=2, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_heads=4,
+                 num_kv_heads=2, head_dim=16, vocab_size=300)
+    config = model_shape_config(shape, "float32", **small)
+    params = init_random_weights(config, jax.random.PRNGKey(0), scale=0.3)
+    save_tiny_model(family, tmp_path)
+    _, loaded = load_model(tmp_path)
+    assert jax.tree.structure(params) == jax.tree.structure(loaded)
+    llm = LLM.from_params(params, config, None, max_model_len=32, block_size=8, max_num_seqs=2,
+                          max_num_batched_tokens=32, num_gpu_blocks_override=12, token_buckets=(32,), seq_buckets=(2,))
+    outs = llm.generate([{"prompt_token_ids": random_prompt(9, seed=s)} for s in (8, 9)],
+                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, detokenize=False), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids  # the routed experts see the context
