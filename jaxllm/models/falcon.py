@@ -3,7 +3,7 @@ layouts (`new_decoder_architecture`: falcon-40b/180b's per-group fused q|k|v and
 one: falcon-7b's multi-query with one shared norm, falcon-rw's sequential blocks with ALiBi).
 
 The fused query_key_value rows are reordered on load to jaxllm's q | k | v. Falcon's ALiBi (as its
-original code and HF's eager attention) scales the bias with the scores: (q.k + alibi) / sqrt(d).
+original code and HF, eager and SDPA alike) scales the bias with the scores: (q.k + alibi) / sqrt(d).
 """
 
 from __future__ import annotations
