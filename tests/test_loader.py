@@ -408,6 +408,7 @@ def test_sliding_window_caps_the_context():
      "partial_rotary_factor"),
     ("qwen2_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
     ("gpt2", {"activation_function": "swish"}, "activation_function"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act"),
 ])
 def test_family_option_not_supported_is_refused_by_name(tmp_path, family, patch, named):
     """A family option jaxllm does not implement is a ValueError naming it, never a silent misrun."""

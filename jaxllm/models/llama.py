@@ -188,6 +188,8 @@ def config_from_hf(hf: dict) -> dict:
         max_pos = min(max_pos, int(window))
     qwen2 = arch == "Qwen2ForCausalLM" or (arch is None and model_type == "qwen2")
     qwen3 = arch == "Qwen3ForCausalLM" or (arch is None and model_type == "qwen3")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported for {arch or model_type} (only silu)")
     return dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
