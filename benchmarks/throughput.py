@@ -76,10 +76,10 @@ def build_llm(args):
                   max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                   enable_prefix_caching=False)
     if args.model_shape:
-        from jaxllm.models.llama import init_random_weights
-        from jaxllm.models.shapes import model_shape_config
+        from jaxllm.models.shapes import init_random_weights, model_shape_config
 
-        config = model_shape_config(args.model_shape, dtype=args.dtype if args.dtype != "auto" else "bfloat16")
+        config = model_shape_config(args.model_shape, dtype=args.dtype if args.dtype != "auto" else "bfloat16",
+                                    **args.shape_overrides)
         params = init_random_weights(config, jax.random.PRNGKey(args.seed))
         return LLM.from_params(params, config, None, **kwargs), config
     llm = LLM(args.model, dtype=args.dtype, **kwargs)
@@ -111,7 +111,14 @@ def hf_model(args, config):
                   num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
                   head_dim=config.head_dim, rope_theta=config.rope_theta,
                   tie_word_embeddings=config.tie_word_embeddings, max_position_embeddings=config.max_position_embeddings)
-        model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2"}.get(config.architecture, "llama")
+        model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral",
+                      "Qwen3MoeForCausalLM": "qwen3_moe"}.get(config.architecture, "llama")
+        if config.num_experts:
+            hf.update(num_local_experts=config.num_experts, num_experts=config.num_experts,
+                      num_experts_per_tok=config.num_experts_per_tok, norm_topk_prob=config.norm_topk_prob,
+                      moe_intermediate_size=config.moe_intermediate_size)
+            if model_type == "mixtral":
+                hf["intermediate_size"] = config.moe_intermediate_size
         hf_config = AutoConfig.for_model(model_type, **hf)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     else:
@@ -197,7 +204,10 @@ def compare_hf(args, config, llm, prompts, output_lens, result):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: the default model)")
-    ap.add_argument("--model-shape", default=None, help="random weights at a real shape: qwen3-0.6b, llama3-8b, ...")
+    ap.add_argument("--model-shape", default=None,
+                    help="random weights at a real shape: qwen3-0.6b, llama3-8b, mixtral-8x7b, qwen3-30b-a3b, ...")
+    ap.add_argument("--shape-overrides", type=json.loads, default={},
+                    help='JSON of ModelConfig fields replacing the shape\'s (a small run: \'{"num_layers": 2}\')')
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--dataset", default="random", choices=["random"])
     ap.add_argument("--num-prompts", type=int, default=64)

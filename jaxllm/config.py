@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+from jaxllm.models.registry import SUPPORTED_ARCHITECTURES, architecture_of, model_module
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape and numerics of a decoder-only Llama-family model."""
+    """The shape and numerics of a decoder-only model. The fields past `dtype` are the features some
+    families use; their defaults are the Llama family's (and leave its programs unchanged)."""
 
     architecture: str
     vocab_size: int
@@ -33,7 +34,7 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # the epsilon of every norm, RMSNorm or LayerNorm
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 2048
@@ -43,6 +44,27 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"  # compute and weight dtype: float32 | bfloat16 | float16
+    hidden_act: str = "silu"  # silu | gelu | gelu_tanh | relu
+    # Sliding-window attention: each query sees the last `sliding_window` positions (its own included),
+    # on the layers that `layer_types` marks "sliding_attention" (every layer when layer_types is empty).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    rope_local_theta: float | None = None  # Gemma 3's sliding layers rotate with their own base
+    # Mixture of experts (num_experts > 0): top-k routing over experts of moe_intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to one
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (with a sigmoid gate)
+    # Flags only one family reads, as sorted (name, value) pairs: see `option`.
+    options: tuple[tuple[str, object], ...] = ()
+
+    def option(self, name: str, default=None):
+        """A family-specific flag (OPT's do_layer_norm_before, Falcon's parallel_attn, ...)."""
+        return dict(self.options).get(name, default)
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -53,6 +75,17 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} must be one of float32, bfloat16, float16")
+        if self.hidden_act not in ("silu", "gelu", "gelu_tanh", "relu"):
+            raise ValueError(f"hidden_act={self.hidden_act!r} must be one of silu, gelu, gelu_tanh, relu")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be None or >= 1")
+        bad = set(self.layer_types) - {"sliding_attention", "full_attention"}
+        if bad or (self.layer_types and len(self.layer_types) != self.num_layers):
+            raise ValueError(f"layer_types={self.layer_types!r} must hold num_layers={self.num_layers} entries, "
+                             "each 'sliding_attention' or 'full_attention'")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
+                             f"{self.num_experts}")
 
     @property
     def q_size(self) -> int:
@@ -67,15 +100,22 @@ class ModelConfig:
 
 
 def model_config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
-    """Build a ModelConfig from the dict of a Hugging Face config.json."""
-    archs = hf.get("architectures") or []
-    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                   "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}.get(
-        hf.get("model_type", ""), str(hf.get("model_type")))
+    """Build a ModelConfig from the dict of a Hugging Face config.json: the fields every family shares
+    here, the architecture's own by its module's `config_from_hf` (jaxllm/models/registry.py)."""
+    arch = architecture_of(hf)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r} in config.json; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    num_heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    if dtype in (None, "auto"):
+        dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(hf.get("torch_dtype") or hf.get("dtype"), "float32")
+    common = dict(architecture=arch, bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids, dtype=dtype)
+    return ModelConfig(**common, **model_module(arch).config_from_hf(hf))
+
+
+def rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, Llama 3 scaling or None) from `rope_theta`/`rope_scaling` or transformers 5's
+    `rope_parameters`; any other scaling type is refused by name."""
     rope_scaling = None
     rs = hf.get("rope_scaling") or (hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else None)
     rope_theta = hf.get("rope_theta")
@@ -91,35 +131,7 @@ def model_config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
             )
         elif kind not in (None, "default"):
             raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, llama3")
-    # No sliding-window attention here: cap the context at the window, where full attention is identical.
-    max_pos = int(hf.get("max_position_embeddings", 2048))
-    window = hf.get("sliding_window")
-    if window and (arch == "MistralForCausalLM" or hf.get("use_sliding_window")):
-        max_pos = min(max_pos, int(window))
-    eos = hf.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    if dtype in (None, "auto"):
-        dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(hf.get("torch_dtype") or hf.get("dtype"), "float32")
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta or 10000.0),
-        rope_scaling=rope_scaling,
-        max_position_embeddings=max_pos,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids,
-        dtype=dtype,
-    )
+    return float(rope_theta or 10000.0), rope_scaling
 
 
 @dataclass(frozen=True)

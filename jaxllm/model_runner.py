@@ -43,6 +43,7 @@ from jaxllm.core.scheduler import SchedulerOutput
 from jaxllm.executable_cache import ExecutableCache
 from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks
 from jaxllm.models import llama
+from jaxllm.models.registry import model_module
 from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
 
 import pallas_kernels
@@ -64,14 +65,15 @@ def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, last_sa
     after. A token still being sampled by the previous step when this one was scheduled has
     prev_rows >= 0: it is read from that step's samples, `last_sampled` [R_max], without a host round trip."""
     token_ids = jnp.where(prev_rows >= 0, last_sampled[jnp.maximum(prev_rows, 0)], token_ids)
-    hidden, kv_cache = llama.forward_hidden(params, token_ids, positions, kv_cache, md, config, decode_only,
+    model = model_module(config.architecture)
+    hidden, kv_cache = model.forward_hidden(params, token_ids, positions, kv_cache, md, config, decode_only,
                                             prefill_kernel)
-    logits = llama.compute_logits(params, hidden[sample_indices])  # [R, V]
+    logits = model.compute_logits(params, hidden[sample_indices], config)  # [R, V]
     out, penalty_state = sample(logits, st, penalty_state, random_rows=random_rows, use_filters=use_filters,
                                 num_logprobs=num_logprobs)
     prompt = None
     if num_prompt_logprobs >= 0:
-        prompt = token_logprobs(llama.compute_logits(params, hidden), prompt_targets, num_prompt_logprobs)
+        prompt = token_logprobs(model.compute_logits(params, hidden, config), prompt_targets, num_prompt_logprobs)
     last_sampled = jax.lax.dynamic_update_slice(jnp.zeros_like(last_sampled), out.sampled, (0,))
     return out, prompt, kv_cache, penalty_state, last_sampled
 
@@ -135,6 +137,10 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.vocab_size = model_config.vocab_size
         self.kv_cache = KVCache.create(model_config, num_blocks, self.block_size)
+        features = model_module(model_config.architecture).attention_features(model_config)
+        if features and jax.default_backend() == "gpu":
+            logger.info("%s uses %s: its attention runs on the jnp reference, not the Pallas kernels (which "
+                        "lack these features yet)", model_config.architecture, ", ".join(features))
         mb = engine_config.max_blocks_per_seq
         if jax.default_backend() == "cpu":
             # The jnp attention's cost grows with the table's width, so the width is bucketed too; and

@@ -7,6 +7,7 @@ wgmma + TMA) for chunks of at least PREFILL_MIN_TOKENS where the caller asks for
 by default in steps of at least PREFILL_MIN_BUCKET tokens), `ragged.py` (Triton) for the other chunks,
 and `decode.py` for the single tokens of a mixed step (a Mosaic or ragged tile would compute 64 tokens'
 worth for each). Everything else, the CPU included, runs the pure-jnp reference.
+Sliding windows, logit soft-capping and ALiBi run on the reference only (the kernels lack them yet).
 JAXLLM_ATTENTION=reference forces the reference anywhere; JAXLLM_PREFILL=triton keeps every chunk on
 `ragged.py` (for A/B runs).
 """
@@ -101,14 +102,22 @@ def ragged_paged_attention(
     scale: float,
     decode_only: bool = False,
     prefill_kernel: bool | None = None,
+    sliding_window: jax.Array | int | None = None,
+    logit_softcap: float | None = None,
+    alibi_slopes: jax.Array | None = None,
 ) -> jax.Array:  # [T, num_q_heads, head_dim]
     """Causal attention of a ragged batch over the paged KV cache (semantics: `reference.py`).
 
     `decode_only` (static) promises that every sequence has 0 or 1 query tokens; it selects the
     split-K decode kernel on GPU. `prefill_kernel` (static) puts chunks of at least PREFILL_MIN_TOKENS
     on the Mosaic prefill kernel where it runs (None: in steps of at least PREFILL_MIN_BUCKET tokens).
+    `sliding_window` (a scalar, traced or not), `logit_softcap` and `alibi_slopes` ([num_q_heads]) are the
+    reference's features (`reference.py`); a call that uses one runs the reference.
     """
     args = (q, k_cache, v_cache, layer, block_tables, seq_lens, query_start_loc)
+    features = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, alibi_slopes=alibi_slopes)
+    if any(v is not None for v in features.values()):
+        return reference_ragged_paged_attention(*args, scale=scale, **features)
     if kernels_supported(q, k_cache):
         if decode_only:
             from pallas_kernels.decode import paged_decode_attention

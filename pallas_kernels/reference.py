@@ -67,6 +67,10 @@ def ragged_paged_attention(
     # and scores in cache, and let the loop stop nearer the longest context: on the CPU, 32 runs the
     # engine's mixed and decode steps 1.5-4x faster than 512, and long single-sequence chunks ~1.3x slower.
     kv_chunk_tokens: int = 32,
+    # Features some model families need; the defaults leave the computation (and its program) unchanged.
+    sliding_window: jax.Array | int | None = None,  # scalar: a query sees the last `sliding_window` positions
+    logit_softcap: float | None = None,  # static: scores -> cap * tanh(scores / cap), before masking
+    alibi_slopes: jax.Array | None = None,  # [num_q_heads] float32: adds slope * (kv_pos - q_pos) to scores
 ) -> jax.Array:  # [T, num_q_heads, head_dim], zeros for padding tokens
     T, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = k_cache.shape
@@ -93,8 +97,16 @@ def ragged_paged_attention(
         v = v_cache[layer, blocks].reshape(W, chunk_len, num_kv_heads, head_dim).astype(jnp.float32)
         kv_pos = i * chunk_len + jnp.arange(chunk_len)
         mask = (kv_pos <= q_pos[..., None]) & (kv_pos < ctx_len[:, None, None]) & valid[..., None]  # [W, R, c]
+        if sliding_window is not None:
+            mask &= kv_pos > q_pos[..., None] - sliding_window
         mask = mask[:, None, :, None, :]  # [W, 1, R, 1, c]
         s = jnp.einsum("whrgd,wchd->whrgc", qg, k)
+        if logit_softcap is not None:
+            s = jnp.tanh(s / logit_softcap) * logit_softcap
+        if alibi_slopes is not None:
+            distance = (kv_pos - q_pos[..., None]).astype(jnp.float32)  # [W, R, c]
+            slopes = alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, group)  # [h, g]
+            s = s + slopes[None, :, None, :, None] * distance[:, None, :, None, :]
         s = jnp.where(mask, s, NEG_INF)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])  # 0 where masked: chunk 0 gives every real row a finite max

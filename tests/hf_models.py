@@ -31,12 +31,66 @@ TINY_MODELS = {
 }
 
 
+_IDS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_DENSE = dict(_IDS, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              num_hidden_layers=2, max_position_embeddings=256)
+# The other families (jaxllm/models/registry.py): name -> (HF config class, model class, full config).
+# Windows and soft-caps are small enough that the tests' 23-token sequences exercise them.
+FAMILY_MODELS = {
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(_IDS, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                                  num_attention_heads=4, max_position_embeddings=64)),
+    # opt-350m's layout: norms after the residual add, embeddings projected in and out, untied head
+    "opt_post_norm_proj": ("OPTConfig", "OPTForCausalLM", dict(
+        _IDS, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+        do_layer_norm_before=False, word_embed_proj_dim=32, tie_word_embeddings=False)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(_IDS, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_DENSE)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        _DENSE, sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, query_pre_attn_scalar=24)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        _DENSE, sliding_window=6, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}})),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DENSE, sliding_window=None)),
+    # LongRoPE's short regime (sequences within original_max_position_embeddings), attention factor ~1.15
+    "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
+        _DENSE, sliding_window=None, original_max_position_embeddings=64, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=64,
+            short_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0], long_factor=[4.0] * 8))),
+    # falcon-40b's layout (grouped K/V fused per group, two norms), falcon-7b's (multi-query, one norm),
+    # falcon-rw's (sequential blocks, ALiBi, biases)
+    "falcon_new": ("FalconConfig", "FalconForCausalLM", dict(
+        _IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True)),
+    "falcon_mq": ("FalconConfig", "FalconForCausalLM", dict(
+        _IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, bias=True)),
+    "falcon_rw_alibi": ("FalconConfig", "FalconForCausalLM", dict(
+        _IDS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=False, parallel_attn=False,
+        alibi=True, bias=True)),
+    "mpt": ("MptConfig", "MptForCausalLM", dict(
+        _IDS, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
+        attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": 0.5})),
+    # 4 experts, top 2: with 13-token prompts every expert gets rows and some get none in a decode step
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        _DENSE, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        _DENSE, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        _DENSE, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)),
+}
+
+
 def tiny_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random HF model in float32 eval mode. Every parameter is redrawn, norms and biases
     included (HF inits those to ones and zeros, which would hide a misplaced norm or bias), at a
     scale where attention is far from uniform."""
-    config_cls, model_cls, overrides = TINY_MODELS[name]
-    config = getattr(transformers, config_cls)(**_SMALL, **overrides)
+    if name in FAMILY_MODELS:
+        config_cls, model_cls, kwargs = FAMILY_MODELS[name]
+        config = getattr(transformers, config_cls)(**kwargs)
+    else:
+        config_cls, model_cls, overrides = TINY_MODELS[name]
+        config = getattr(transformers, config_cls)(**_SMALL, **overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).float().eval()
     gen = torch.Generator().manual_seed(seed)

@@ -47,8 +47,9 @@ def random_batch(seed, q_lens, ctx_lens, *, num_q_heads=6, num_kv_heads=2, head_
     )
 
 
-def dense_attention(b, scale):
-    """Float64 numpy: gather each sequence's context through its block table, causal softmax per token."""
+def dense_attention(b, scale, window=None, softcap=None, slopes=None):
+    """Float64 numpy: gather each sequence's context through its block table, causal softmax per token
+    (over the last `window` positions; scores soft-capped; plus slope * (key position - query position))."""
     q, k, v = (np.asarray(b[n], np.float64) for n in ("q", "k_cache", "v_cache"))
     layer, tables = int(b["layer"]), np.asarray(b["block_tables"])
     seq_lens, qsl = np.asarray(b["seq_lens"]), np.asarray(b["query_start_loc"])
@@ -66,6 +67,12 @@ def dense_attention(b, scale):
             for h in range(hq):
                 kv = h // (hq // hkv)
                 logits = ks[: p + 1, kv] @ q[t, h] * scale
+                if softcap is not None:
+                    logits = softcap * np.tanh(logits / softcap)
+                if slopes is not None:
+                    logits = logits + slopes[h] * (np.arange(p + 1) - p)
+                if window is not None:
+                    logits[: max(0, p + 1 - window)] = -np.inf
                 w = np.exp(logits - logits.max())
                 out[t, h] = (w / w.sum()) @ vs[: p + 1, kv]
     return out
@@ -92,6 +99,30 @@ def test_reference_matches_dense_attention(seed, case):
     n_real = int(b["query_start_loc"][-1])
     assert rel_err(got[:n_real], want[:n_real]) < 1e-5
     assert (got[n_real:] == 0).all()
+
+
+FEATURES = {"window": dict(sliding_window=7), "softcap": dict(logit_softcap=1.5),
+            "alibi": dict(alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625, 0.03, 0.01], np.float32)),
+            "all": dict(sliding_window=12, logit_softcap=3.0, alibi_slopes=np.linspace(0.01, 0.6, 6, dtype=np.float32))}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("case", [MIXED, DECODE, LONG], ids=["mixed", "decode", "long"])
+def test_reference_attention_features(case, feature):
+    """Sliding window, logit soft-capping and ALiBi (the model families' features) against dense
+    attention, under jit with the window traced (as the layer loop passes each layer's window)."""
+    b = random_batch(7, **case)
+    kwargs = FEATURES[feature]
+    scale = 32**-0.5
+    want = dense_attention(b, scale, window=kwargs.get("sliding_window"), softcap=kwargs.get("logit_softcap"),
+                           slopes=kwargs.get("alibi_slopes"))
+    static = {k: v for k, v in kwargs.items() if k == "logit_softcap"}
+    traced = {k: jnp.asarray(v) for k, v in kwargs.items() if k != "logit_softcap"}
+    fn = jax.jit(functools.partial(reference, scale=scale, kv_chunk_tokens=16, **static))
+    got = np.asarray(fn(**b, **traced))
+    n_real = int(b["query_start_loc"][-1])
+    assert rel_err(got[:n_real], want[:n_real]) < 1e-5
+    assert rel_err(got[:n_real], dense_attention(b, scale)[:n_real]) > 1e-2  # the feature changed the result
 
 
 @pytest.mark.parametrize("rows", [1, 2, 16, 64])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -174,8 +175,8 @@ def test_folder_without_config_or_weights(saved, tmp_path):
 def test_unsupported_architecture(saved, tmp_path):
     folder = copy_folder(saved["llama"][0], tmp_path / "m")
     hf = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**hf, "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+    (folder / "config.json").write_text(json.dumps({**hf, "architectures": ["BaichuanForCausalLM"]}))
+    with pytest.raises(ValueError, match="BaichuanForCausalLM.*LlamaForCausalLM.*Qwen3ForCausalLM"):
         load_model(folder)
 
 
@@ -397,3 +398,22 @@ def test_sliding_window_caps_the_context():
     assert model_config_from_hf({**base, "sliding_window": None}).max_position_embeddings == 32768
     qwen = {**base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False}
     assert model_config_from_hf(qwen).max_position_embeddings == 32768
+
+
+@pytest.mark.parametrize("family,patch,named", [
+    ("opt", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine"),
+    ("mpt", {"attn_config": {"alibi": False}}, "attn_config.alibi"),
+    ("phi3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}}, "yarn"),
+    ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
+    ("qwen2_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
+    ("gpt2", {"activation_function": "swish"}, "activation_function"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_family_option_not_supported_is_refused_by_name(tmp_path, family, patch, named):
+    """A family option jaxllm does not implement is a ValueError naming it, never a silent misrun."""
+    save_tiny_model(family, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf, **patch}))
+    with pytest.raises(ValueError, match=re.escape(named)):
+        load_model(tmp_path)

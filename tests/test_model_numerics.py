@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_models import TINY_MODELS, hf_greedy, hf_logits, save_tiny_model, smollm2_hf_model
+from hf_models import FAMILY_MODELS, TINY_MODELS, hf_greedy, hf_logits, save_tiny_model, smollm2_hf_model
 from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import AttentionMetadata, KVCache
 from jaxllm.loader import default_model_path, load_model, load_tokenizer
-from jaxllm.models.llama import Weights, compute_logits, forward, forward_hidden
+from jaxllm.models.registry import model_module
 
 RTOL = 1e-4
 PROMPT_LEN = 13  # not a multiple of the block size: the last block stays part-full
@@ -44,23 +44,24 @@ class Seq:
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")
-def _all_logits_step(params: Weights, token_ids, positions, cache: KVCache, md: AttentionMetadata,
-                     config: ModelConfig):
-    hidden, cache = forward_hidden(params, token_ids, positions, cache, md, config)
-    return compute_logits(params, hidden), cache
+def _all_logits_step(params, token_ids, positions, cache: KVCache, md: AttentionMetadata, config: ModelConfig):
+    model = model_module(config.architecture)
+    hidden, cache = model.forward_hidden(params, token_ids, positions, cache, md, config)
+    return model.compute_logits(params, hidden, config), cache
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")
-def _forward_step(params: Weights, token_ids, positions, cache: KVCache, md: AttentionMetadata,
-                  config: ModelConfig):
-    return forward(params, token_ids, positions, cache, md, config)
+def _forward_step(params, token_ids, positions, cache: KVCache, md: AttentionMetadata, config: ModelConfig):
+    model = model_module(config.architecture)
+    hidden, cache = model.forward_hidden(params, token_ids, positions, cache, md, config)
+    return model.compute_logits(params, hidden[md.logits_indices], config), cache
 
 
 class PagedRunner:
     """Drives the model the way an engine would: a block pool handed out in shuffled order, and
     every step padded to fixed (num_tokens, num_seqs) so that a model compiles once per shape."""
 
-    def __init__(self, config: ModelConfig, params: Weights, *, block_size: int, num_blocks: int,
+    def __init__(self, config: ModelConfig, params, *, block_size: int, num_blocks: int,
                  max_blocks_per_seq: int, seed: int = 0):
         self.config, self.params = config, params
         self.block_size, self.max_blocks = block_size, max_blocks_per_seq
@@ -132,7 +133,7 @@ def random_prompt(n: int, seed: int) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(3, 300, n)]
 
 
-@pytest.fixture(scope="module", params=list(TINY_MODELS))
+@pytest.fixture(scope="module", params=list(TINY_MODELS) + list(FAMILY_MODELS))
 def tiny(request, tmp_path_factory):
     """(HF model, jaxllm config, jaxllm weights) of one tiny architecture, via save + load_model.
     The Llama one is saved sharded, so the index file is on this path too."""
@@ -230,3 +231,42 @@ def test_smollm2_greedy_matches_transformers():
         assert ours[i] == theirs, (f"prompt {i}: jaxllm {tokenizer.decode(ours[i])!r} "
                                    f"!= transformers {tokenizer.decode(theirs)!r}")
         assert rel_err(logits[i], their_logits) < RTOL, f"prompt {i}"
+
+
+def test_engine_greedy_matches_transformers(tiny):
+    """Greedy generation through the engine (scheduler, paged cache, jitted steps): two prompts batched,
+    each continued as transformers continues it alone. One token and one sequence bucket, and a block
+    table of one width, so the engine compiles two programs (prefill and decode)."""
+    from jaxllm import LLM, SamplingParams
+
+    hf, config, params = tiny
+    prompts = [random_prompt(PROMPT_LEN, seed=6), random_prompt(7, seed=7)]
+    llm = LLM.from_params(params, config, None, max_model_len=32, block_size=8, max_num_seqs=2,
+                          max_num_batched_tokens=32, num_gpu_blocks_override=12, enable_prefix_caching=False,
+                          token_buckets=(32,), seq_buckets=(2,))
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert list(out.outputs[0].token_ids) == hf_greedy(hf, prompt, 8)
+
+
+@pytest.mark.parametrize("shape,family", [("mixtral-8x7b", "mixtral"), ("qwen3-30b-a3b", "qwen3_moe")])
+def test_moe_benchmark_shapes_at_a_tiny_scale(shape, family, tmp_path):
+    """The MoE benchmark shapes (jaxllm/models/shapes.py) with their expert counts and routing, dims
+    shrunk: random weights have the layout a checkpoint loads to, and generate through the engine."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.models.shapes import init_random_weights, model_shape_config
+
+    small = dict(num_layers=2, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_heads=4,
+                 num_kv_heads=2, head_dim=16, vocab_size=300)
+    config = model_shape_config(shape, "float32", **small)
+    params = init_random_weights(config, jax.random.PRNGKey(0), scale=0.3)
+    save_tiny_model(family, tmp_path)
+    _, loaded = load_model(tmp_path)
+    assert jax.tree.structure(params) == jax.tree.structure(loaded)
+    llm = LLM.from_params(params, config, None, max_model_len=32, block_size=8, max_num_seqs=2,
+                          max_num_batched_tokens=32, num_gpu_blocks_override=12, token_buckets=(32,), seq_buckets=(2,))
+    outs = llm.generate([{"prompt_token_ids": random_prompt(9, seed=s)} for s in (8, 9)],
+                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, detokenize=False), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids  # the routed experts see the context

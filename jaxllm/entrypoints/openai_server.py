@@ -485,8 +485,7 @@ def _random_weights_llm(shape: str, dtype: str, engine_kwargs: dict, tokenizer: 
 
     from jaxllm import LLM
     from jaxllm.loader import default_model_path, load_tokenizer
-    from jaxllm.models.llama import init_random_weights
-    from jaxllm.models.shapes import model_shape_config
+    from jaxllm.models.shapes import init_random_weights, model_shape_config
 
     config = model_shape_config(shape, "bfloat16" if dtype == "auto" else dtype)
     params = init_random_weights(config, jax.random.PRNGKey(engine_kwargs["seed"]))

@@ -1,6 +1,6 @@
 """Model and tokenizer loading: Hugging Face folders (safetensors) and llama.cpp GGUF files.
 
-    config, params = load_model(path)        # ModelConfig, Weights
+    config, params = load_model(path)        # ModelConfig, the architecture's weights pytree
     tokenizer = load_tokenizer(path)         # transformers fast tokenizer with its chat template
 """
 
@@ -12,14 +12,13 @@ from pathlib import Path
 from jaxllm.config import ModelConfig
 from jaxllm.loader.hf import DTYPES
 from jaxllm.loader.tokenizer import load_tokenizer
-from jaxllm.models.llama import Weights
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 __all__ = ["load_model", "load_tokenizer", "default_model_path"]
 
 
-def load_model(path: str | Path, dtype: str = "auto") -> tuple[ModelConfig, Weights]:
+def load_model(path: str | Path, dtype: str = "auto") -> tuple[ModelConfig, object]:
     """Load a model's config and weights.
 
     path: a Hugging Face folder (config.json and *.safetensors, sharded with

@@ -2,8 +2,9 @@
 
 HF's nn.Linear stores [out, in]; jaxllm computes x @ W, so every matrix is transposed on load, q/k/v
 and gate/up are fused along the output axis, and per-layer tensors are stacked on a leading layer
-axis. `weights_from_state` does that for any mapping from HF tensor names to numpy arrays, so the
-GGUF loader reuses it after renaming llama.cpp's tensors to HF's.
+axis; each family's module says how (`load_weights`, jaxllm/models/registry.py). `weights_from_state`
+does that for any mapping from HF tensor names to numpy arrays, so the GGUF loader reuses it after
+renaming llama.cpp's tensors to HF's.
 """
 
 from __future__ import annotations
@@ -13,22 +14,18 @@ import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import jax.numpy as jnp
-import ml_dtypes  # numpy bfloat16; importing it also lets safetensors read bf16 tensors into numpy
+import ml_dtypes  # noqa: F401  (numpy bfloat16: lets safetensors read bf16 tensors into numpy)
 import numpy as np
 from safetensors import safe_open
 
 from jaxllm.config import ModelConfig, model_config_from_hf
-from jaxllm.models.llama import LayerWeights, Weights
+from jaxllm.loader.state import StateReader
+from jaxllm.models.registry import model_module
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                 "float16": np.dtype(np.float16)}
-# Tensors a checkpoint may carry that the model recomputes or never uses.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_hf_folder(folder: Path, dtype: str = "auto") -> tuple[ModelConfig, Weights]:
+def load_hf_folder(folder: Path, dtype: str = "auto"):
     config = read_hf_config(folder, dtype)
     with SafetensorsFolder(folder) as state:
         if dtype == "auto" and not _declares_dtype(folder):  # then the weights say what they are
@@ -102,73 +99,14 @@ class SafetensorsFolder(Mapping):
         return len(self._where)
 
 
-def weights_from_state(config: ModelConfig, state: Mapping[str, np.ndarray]) -> Weights:
-    """Convert HF-named tensors ([out, in] matrices) to jaxllm's stacked, fused, [in, out] layout in
-    `config.dtype`. Every tensor's shape is checked against the config; a missing tensor, or one the
-    model would silently ignore (an o_proj bias, say), is a ValueError naming it."""
-    L, e, f, v = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
-    q, kv, hd = config.q_size, config.kv_size, config.head_dim
-    dtype = _NUMPY_DTYPES[config.dtype]
-    prefix = "model." if "model.embed_tokens.weight" in state else ""
-    used = set()
-
-    def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in state:
-            raise ValueError(f"checkpoint is missing tensor {name!r} (needed by {config.architecture})")
-        array = state[name]
-        if tuple(array.shape) != shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {shape} from the config")
-        used.add(name)
-        return array
-
-    def layers(parts: list[tuple[str, tuple[int, ...]]]) -> jnp.ndarray:
-        """Stack per-layer tensors on a leading axis, concatenating `parts` along the output axis:
-        [L, in, sum(out)] for matrices (transposed from HF), [L, sum(out)] for vectors."""
-        width = sum(shape[0] for _, shape in parts)
-        matrix = len(parts[0][1]) == 2
-        out = np.empty((L, parts[0][1][1], width) if matrix else (L, width), dtype)
-        for i in range(L):
-            col = 0
-            for suffix, shape in parts:
-                array = take(f"{prefix}layers.{i}.{suffix}", shape)
-                if matrix:
-                    out[i, :, col:col + shape[0]] = array.T
-                else:
-                    out[i, col:col + shape[0]] = array
-                col += shape[0]
-        return jnp.asarray(out)
-
-    def single(name: str, shape: tuple[int, ...], transpose: bool = False) -> jnp.ndarray:
-        array = take(name, shape)
-        return jnp.asarray((array.T if transpose else array).astype(dtype))
-
-    attn = "self_attn."
-    layer_weights = LayerWeights(
-        attn_norm=layers([("input_layernorm.weight", (e,))]),
-        wqkv=layers([(attn + "q_proj.weight", (q, e)), (attn + "k_proj.weight", (kv, e)),
-                     (attn + "v_proj.weight", (kv, e))]),
-        wo=layers([(attn + "o_proj.weight", (e, q))]),
-        mlp_norm=layers([("post_attention_layernorm.weight", (e,))]),
-        w_gate_up=layers([("mlp.gate_proj.weight", (f, e)), ("mlp.up_proj.weight", (f, e))]),
-        w_down=layers([("mlp.down_proj.weight", (e, f))]),
-        bqkv=layers([(attn + "q_proj.bias", (q,)), (attn + "k_proj.bias", (kv,)),
-                     (attn + "v_proj.bias", (kv,))]) if config.qkv_bias else None,
-        q_norm=layers([(attn + "q_norm.weight", (hd,))]) if config.qk_norm else None,
-        k_norm=layers([(attn + "k_norm.weight", (hd,))]) if config.qk_norm else None,
-    )
-    weights = Weights(
-        embed=single(prefix + "embed_tokens.weight", (v, e)),
-        layers=layer_weights,
-        final_norm=single(prefix + "norm.weight", (e,)),
-        lm_head=None if config.tie_word_embeddings else single("lm_head.weight", (v, e), transpose=True),
-    )
-    if config.tie_word_embeddings:
-        used.add("lm_head.weight")  # some tied checkpoints store the copy anyway
-    unused = sorted(n for n in state if n not in used and not n.endswith(_IGNORED_SUFFIXES))
-    if unused:
-        shown = ", ".join(unused[:8]) + (f", ... ({len(unused)} in all)" if len(unused) > 8 else "")
-        raise ValueError(f"checkpoint has tensors {config.architecture} in jaxllm does not use "
-                         f"(an unsupported feature?): {shown}")
+def weights_from_state(config: ModelConfig, state: Mapping[str, np.ndarray]):
+    """Convert HF-named tensors to the layout of `config.architecture`'s module (stacked layers, fused
+    projections, [in, out] matrices) in `config.dtype`. Every tensor's shape is checked against the
+    config; a missing tensor, or one the model would silently ignore (an o_proj bias, say), is a
+    ValueError naming it."""
+    reader = StateReader(config, state)
+    weights = model_module(config.architecture).load_weights(config, reader)
+    reader.check_all_used()
     return weights
 
 

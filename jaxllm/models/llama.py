@@ -1,5 +1,8 @@
 """The Llama family (Llama 2/3, SmolLM, Mistral-style, Qwen2 with QKV bias, Qwen3 with q/k norm) as pure functions.
 
+The fastest path of jaxllm: the GPU step programs were tuned on it (benchmarks/NOTES.md), so other
+families live in their own modules (jaxllm/models/registry.py) rather than as flags here.
+
 Per-layer weights are stacked on a leading layer axis and the layers run under `lax.scan`: few
 arguments per jitted call, one compiled layer body whatever the depth (see `_scan_unroll`).
 The KV cache rides in the scan carry and is updated in place (the caller donates it).
@@ -18,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, rope_from_hf
 from jaxllm.kv_cache import AttentionMetadata, KVCache, write_kv
+from jaxllm.models import layers
+from jaxllm.models.layers import apply_rope, rms_norm, rope_tables
 
 
 @jax.tree_util.register_dataclass
@@ -47,41 +52,10 @@ class Weights:
     lm_head: jax.Array | None = None  # [e, v]; None when tied to embed
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    # As HF: normalise in float32, cast back, then scale.
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
-
-
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    rs = config.rope_scaling
-    if rs is not None:  # Llama 3: scale low frequencies, keep high ones, blend between
-        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
-        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
-        wavelen = 2 * np.pi / inv_freq
-        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
-            rs.high_freq_factor - rs.low_freq_factor)
-        scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
-        mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = np.where(mid, (1 - smooth) * inv_freq / rs.factor + smooth * inv_freq, scaled)
-    return inv_freq.astype(np.float32)
-
-
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of every token's rotation angles, [t, 1, head_dim / 2] each: computed once a step and
-    shared by all layers."""
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [t, d/2]
-    return jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """HF's half-split rotation. x: [t, heads, head_dim]; cos, sin from `rope_tables`."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    inv_freq = layers.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    ext = config.option("rope_ext_factors")  # LongRoPE's per-frequency divisors (Phi-3)
+    return inv_freq if ext is None else (inv_freq / np.asarray(ext, np.float32)).astype(np.float32)
 
 
 def forward_hidden(
@@ -116,7 +90,7 @@ def forward_hidden(
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             cache = write_kv(cache, i, k, v, md.slot_mapping)
             o = pallas_kernels.ragged_paged_attention(
-                q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=hd**-0.5,
+                q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=config.attn_scale if config.attn_scale is not None else hd**-0.5,
                 decode_only=decode_only, prefill_kernel=prefill_kernel)
             x = x + o.reshape(T, nq * hd) @ w.wo
         with jax.named_scope("mlp"):
@@ -162,7 +136,7 @@ def step_compiler_options() -> dict:
     return {"xla_gpu_enable_triton_gemm": False}
 
 
-def compute_logits(params: Weights, hidden: jax.Array) -> jax.Array:
+def compute_logits(params: Weights, hidden: jax.Array, config: ModelConfig | None = None) -> jax.Array:
     """hidden [n, e] -> float32 logits [n, v]."""
     if params.lm_head is None:
         return jnp.einsum("ne,ve->nv", hidden, params.embed, preferred_element_type=jnp.float32)
@@ -200,3 +174,69 @@ def init_random_weights(config: ModelConfig, key: jax.Array, scale: float = 0.02
     )
     return Weights(embed=rnd(v, e), layers=layers, final_norm=jnp.ones((e,), dt),
                    lm_head=None if config.tie_word_embeddings else rnd(e, v))
+
+
+def config_from_hf(hf: dict) -> dict:
+    arch = hf.get("architectures", [None])[0] if hf.get("architectures") else None
+    model_type = hf.get("model_type", "")
+    num_heads = hf["num_attention_heads"]
+    rope_theta, rope_scaling = rope_from_hf(hf)
+    # No sliding-window attention on this path: cap the context at the window, where full attention is identical.
+    max_pos = int(hf.get("max_position_embeddings", 2048))
+    window = hf.get("sliding_window")
+    if window and (arch == "MistralForCausalLM" or model_type == "mistral" or hf.get("use_sliding_window")):
+        max_pos = min(max_pos, int(window))
+    qwen2 = arch == "Qwen2ForCausalLM" or (arch is None and model_type == "qwen2")
+    qwen3 = arch == "Qwen3ForCausalLM" or (arch is None and model_type == "qwen3")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported for {arch or model_type} (only silu)")
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=qwen2 or bool(hf.get("attention_bias", False)),
+        qk_norm=qwen3,
+    )
+
+
+def load_weights(config: ModelConfig, reader) -> Weights:
+    """HF's Llama names -> Weights (q|k|v and gate|up fused, layers stacked, matrices [in, out])."""
+    L, e, f, v = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv, hd = config.q_size, config.kv_size, config.head_dim
+    prefix = "model." if reader.has("model.embed_tokens.weight") else ""
+    lp, attn = prefix + "layers.{i}.", prefix + "layers.{i}.self_attn."
+    layer_weights = LayerWeights(
+        attn_norm=reader.layers([(lp + "input_layernorm.weight", (e,))]),
+        wqkv=reader.layers([(attn + "q_proj.weight", (q, e)), (attn + "k_proj.weight", (kv, e)),
+                            (attn + "v_proj.weight", (kv, e))]),
+        wo=reader.layers([(attn + "o_proj.weight", (e, q))]),
+        mlp_norm=reader.layers([(lp + "post_attention_layernorm.weight", (e,))]),
+        w_gate_up=reader.layers([(lp + "mlp.gate_proj.weight", (f, e)), (lp + "mlp.up_proj.weight", (f, e))]),
+        w_down=reader.layers([(lp + "mlp.down_proj.weight", (e, f))]),
+        bqkv=reader.layers([(attn + "q_proj.bias", (q,)), (attn + "k_proj.bias", (kv,)),
+                            (attn + "v_proj.bias", (kv,))]) if config.qkv_bias else None,
+        q_norm=reader.layers([(attn + "q_norm.weight", (hd,))]) if config.qk_norm else None,
+        k_norm=reader.layers([(attn + "k_norm.weight", (hd,))]) if config.qk_norm else None,
+    )
+    weights = Weights(
+        embed=reader.single(prefix + "embed_tokens.weight", (v, e)),
+        layers=layer_weights,
+        final_norm=reader.single(prefix + "norm.weight", (e,)),
+        lm_head=None if config.tie_word_embeddings else reader.single("lm_head.weight", (v, e), transpose=True),
+    )
+    if config.tie_word_embeddings:
+        reader.mark_used("lm_head.weight")  # some tied checkpoints store the copy anyway
+    return weights
+
+
+def attention_features(config: ModelConfig) -> tuple[str, ...]:
+    return ()

@@ -23,10 +23,28 @@ MODEL_SHAPES: dict[str, dict] = {
                         intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                         rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
                         rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), eos_token_ids=(128001, 128009)),
+    # Mixture of experts (bf16: Mixtral-8x7B's 46.7B parameters are 93 GB, one H200)
+    "mixtral-8x7b": dict(architecture="MixtralForCausalLM", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+                         max_position_embeddings=32768, rms_norm_eps=1e-5, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=14336, norm_topk_prob=True, eos_token_ids=(2,)),
+    "qwen3-30b-a3b": dict(architecture="Qwen3MoeForCausalLM", vocab_size=151936, hidden_size=2048,
+                          intermediate_size=6144, num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128,
+                          rope_theta=1000000.0, max_position_embeddings=40960, qk_norm=True, num_experts=128,
+                          num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                          eos_token_ids=(151645,)),
 }
 
 
-def model_shape_config(name: str, dtype: str = "bfloat16") -> ModelConfig:
+def model_shape_config(name: str, dtype: str = "bfloat16", **overrides) -> ModelConfig:
+    """The config of a named shape; `overrides` replace fields (e.g. num_layers=2 for a small run)."""
     if name not in MODEL_SHAPES:
         raise ValueError(f"unknown model shape {name!r}; known: {', '.join(MODEL_SHAPES)}")
-    return ModelConfig(dtype=dtype, **MODEL_SHAPES[name])
+    return ModelConfig(dtype=dtype, **{**MODEL_SHAPES[name], **overrides})
+
+
+def init_random_weights(config: ModelConfig, key, scale: float = 0.02):
+    """Random weights at `config`'s shape, by its architecture's module (jaxllm/models/registry.py)."""
+    from jaxllm.models.registry import model_module
+
+    return model_module(config.architecture).init_random_weights(config, key, scale=scale)
