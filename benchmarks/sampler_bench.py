@@ -62,27 +62,34 @@ def main(argv=None):
                                               ("temperature", tensors(R, 1.0, 0, 0.8), False, True),
                                               ("top_p", tensors(R, 0.95, 0, 0.8), True, True),
                                               ("top_k_top_p", tensors(R, 0.95, 50, 0.8), True, True)):
-            for ways in (args.ways if filters else [None]) + (["sort"] if filters else []):
-                if ways == "sort":
-                    sampler.apply_top_k_top_p, saved = sampler.apply_top_k_top_p_sorted, sampler.apply_top_k_top_p
+            for ways in (args.ways if filters else [None]) + (["sort", "sortmm"] if filters else []):
+                saved = sampler.apply_top_k_top_p
+                os.environ["JAXLLM_TOP_P_CUMSUM"] = "matmul" if ways == "sortmm" else ""
+                if ways in ("sort", "sortmm"):
+                    sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_sorted
                 elif ways is not None:
+                    sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_search
                     sampler.SEARCH_WAYS, sampler.SEARCH_PASSES = ways, -(-32 // (ways.bit_length() - 1))
                 fn = jax.jit(lambda x, t, f=filters, r=random_rows: sampler.sample(x, t, use_filters=f,
                                                                                  random_rows=r)[0].sampled)
-                label = name if ways is None else f"{name}_{ways if ways == 'sort' else f'search{ways}'}"
+                label = name if ways is None else f"{name}_{ways if isinstance(ways, str) else f'search{ways}'}"
                 row[label + "_ms"] = time_ms(fn, flat, t, repeats=args.repeats)
                 row[label + "_peaked_ms"] = time_ms(fn, peaked, t, repeats=args.repeats)
-                if ways == "sort":
-                    sampler.apply_top_k_top_p = saved
+                sampler.apply_top_k_top_p = saved
             sampler.SEARCH_WAYS, sampler.SEARCH_PASSES = 16, 8
+            os.environ["JAXLLM_TOP_P_CUMSUM"] = ""
+        # The sort-based filter's parts.
+        row["sort_only_ms"] = time_ms(jax.jit(lambda x: jnp.sort(x, axis=-1)), flat, repeats=args.repeats)
+        row["cumsum_only_ms"] = time_ms(jax.jit(lambda x: jnp.cumsum(x, axis=-1)), flat, repeats=args.repeats)
+        row["prefix_sums_only_ms"] = time_ms(jax.jit(sampler.prefix_sums), flat, repeats=args.repeats)
         # The filter's mask against the sort's, on the device.
         for logits in (flat, peaked):
             for tk in (0, 50):
-                a = jax.jit(sampler.apply_top_k_top_p)(logits, jnp.full(R, tk, jnp.int32), jnp.full(R, 0.95))
+                a = jax.jit(sampler.apply_top_k_top_p_search)(logits, jnp.full(R, tk, jnp.int32), jnp.full(R, 0.95))
                 b = jax.jit(sampler.apply_top_k_top_p_sorted)(logits, jnp.full(R, tk, jnp.int32), jnp.full(R, 0.95))
                 row.setdefault("mask_mismatches", 0)
                 row["mask_mismatches"] += int(jnp.sum(jnp.isfinite(a) != jnp.isfinite(b)))
-        kept = jax.jit(sampler.apply_top_k_top_p)(flat, jnp.zeros(R, jnp.int32), jnp.full(R, 0.95))
+        kept = jax.jit(sampler.apply_top_k_top_p_sorted)(flat, jnp.zeros(R, jnp.int32), jnp.full(R, 0.95))
         row["kept_of_vocab_flat_top_p"] = round(float(jnp.mean(jnp.isfinite(kept))), 4)
         print(row, flush=True)
         rows.append(row)
