@@ -62,10 +62,9 @@ def main(argv=None):
                                               ("temperature", tensors(R, 1.0, 0, 0.8), False, True),
                                               ("top_p", tensors(R, 0.95, 0, 0.8), True, True),
                                               ("top_k_top_p", tensors(R, 0.95, 50, 0.8), True, True)):
-            for ways in (args.ways if filters else [None]) + (["sort", "sortmm"] if filters else []):
+            for ways in (args.ways if filters else [None]) + (["sort"] if filters else []):
                 saved = sampler.apply_top_k_top_p
-                os.environ["JAXLLM_TOP_P_CUMSUM"] = "matmul" if ways == "sortmm" else ""
-                if ways in ("sort", "sortmm"):
+                if ways == "sort":
                     sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_sorted
                 elif ways is not None:
                     sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_search
@@ -77,11 +76,9 @@ def main(argv=None):
                 row[label + "_peaked_ms"] = time_ms(fn, peaked, t, repeats=args.repeats)
                 sampler.apply_top_k_top_p = saved
             sampler.SEARCH_WAYS, sampler.SEARCH_PASSES = 16, 8
-            os.environ["JAXLLM_TOP_P_CUMSUM"] = ""
         # The sort-based filter's parts.
         row["sort_only_ms"] = time_ms(jax.jit(lambda x: jnp.sort(x, axis=-1)), flat, repeats=args.repeats)
         row["cumsum_only_ms"] = time_ms(jax.jit(lambda x: jnp.cumsum(x, axis=-1)), flat, repeats=args.repeats)
-        row["prefix_sums_only_ms"] = time_ms(jax.jit(sampler.prefix_sums), flat, repeats=args.repeats)
         # The filter's mask against the sort's, on the device.
         for logits in (flat, peaked):
             for tk in (0, 50):

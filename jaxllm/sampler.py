@@ -19,7 +19,6 @@ so a step sends nothing proportional to the context (see model_runner.py).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import jax
@@ -117,9 +116,10 @@ def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
 # vocabulary) and keeps the interval between the last candidate that holds and the first that fails.
 # The values are searched as their 32-bit ordered keys, so a fixed number of passes ends on the exact
 # value: ceil(32 / log2(SEARCH_WAYS)) passes.
-# Measured on an H200 (benchmarks/sampler_bench.py, rows x 151,936): XLA reduces the [R, V, ways]
-# comparisons far below memory speed (R=256: 13.4 ms at 16 ways, 21 ms at 64, against 4.2 ms for the
-# sort), so the sort stays the default and JAXLLM_TOP_P_SEARCH_WAYS=N picks the search.
+# Measured on an H200 (benchmarks/sampler_bench.py, 256 rows x 151,936, 2026-12-02): XLA reduces the
+# [R, V, ways] comparisons far below memory speed: 5.3 ms at 2 ways (32 passes), 24 ms at 4, 13.4 ms at
+# 16, 21 ms at 64, against 4.3 ms for the sort (3.4 ms of it the sort itself, 0.7 the cumsum). So the
+# sort stays the default and JAXLLM_TOP_P_SEARCH_WAYS=N picks the search.
 SEARCH_WAYS = int(os.environ.get("JAXLLM_TOP_P_SEARCH_WAYS") or 16)
 SEARCH_PASSES = -(-32 // (SEARCH_WAYS.bit_length() - 1))
 
@@ -193,20 +193,6 @@ def apply_top_k_top_p_search(logits: jax.Array, top_k: jax.Array, top_p: jax.Arr
     return jnp.where(ordered_key(logits) >= threshold[:, None], logits, NEG_INF)
 
 
-def prefix_sums(x: jax.Array, block: int = 128) -> jax.Array:
-    """Inclusive cumulative sums along the last axis of [R, V] float32, as two matrix products: within
-    blocks of `block` columns by a triangular matrix, then the blocks' totals. jnp.cumsum lowers to a
-    scan of log2(V) levels of whole-array ops on the GPU."""
-    R, V = x.shape
-    padded = jnp.pad(x, ((0, 0), (0, -V % block))).reshape(R, -1, block)  # [R, N, b]
-    upper = jnp.triu(jnp.ones((block, block), jnp.float32))  # [b, b]: column c sums rows <= c
-    within = jnp.einsum("rnb,bc->rnc", padded, upper, precision=jax.lax.Precision.HIGHEST)  # [R, N, b]
-    N = within.shape[1]
-    before = jnp.triu(jnp.ones((N, N), jnp.float32), k=1)  # [N, N]: block m adds the blocks n < m
-    offsets = jnp.einsum("rn,nm->rm", within[:, :, -1], before, precision=jax.lax.Precision.HIGHEST)  # [R, N]
-    return (within + offsets[:, :, None]).reshape(R, -1)[:, :V]
-
-
 def apply_top_k_top_p_sorted(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """`apply_top_k_top_p` from one sort of [R, V]."""
     V = logits.shape[-1]
@@ -217,8 +203,7 @@ def apply_top_k_top_p_sorted(logits: jax.Array, top_k: jax.Array, top_p: jax.Arr
     ranks = jnp.arange(V)[None, :]
     sorted_kept = jnp.where((ranks < k[:, None]) | (sorted_desc >= kth), sorted_desc, NEG_INF)
     probs = jax.nn.softmax(sorted_kept, axis=-1)
-    cumsum = prefix_sums if os.environ.get("JAXLLM_TOP_P_CUMSUM") == "matmul" else functools.partial(jnp.cumsum, axis=-1)
-    mass_before = cumsum(probs) - probs
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
     last = jnp.maximum(jnp.sum(mass_before < top_p[:, None], axis=-1) - 1, 0)  # last kept rank
     nucleus_min = jnp.take_along_axis(sorted_desc, last[:, None], axis=-1)
     keep &= (logits >= nucleus_min) | (top_p[:, None] >= 1.0)
