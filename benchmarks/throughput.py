@@ -86,8 +86,9 @@ def build_llm(args):
     return llm, llm.llm_engine.model_config
 
 
-def run_jaxllm(llm, prompts, output_lens):
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False) for n in output_lens]
+def run_jaxllm(llm, prompts, output_lens, temperature=0.0, top_p=1.0, top_k=0):
+    params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=n, ignore_eos=True,
+                             detokenize=False) for n in output_lens]
     runner = llm.llm_engine.runner
     compiled_before = len(runner.compiled_buckets)
     start = time.perf_counter()
@@ -219,6 +220,9 @@ def main(argv=None):
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--no-async-scheduling", action="store_true")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--compare-hf", default="none", choices=["none", "generate", "generate_batch", "both"])
     ap.add_argument("--hf-batch-size", type=int, default=None, help="static batch for HF generate (default: max_num_seqs)")
     ap.add_argument("--hf-max-batch-tokens", type=int, default=8192)
@@ -238,13 +242,14 @@ def main(argv=None):
 
     warm_n = min(len(prompts), llm.llm_engine.config.max_num_seqs)
     t0 = time.perf_counter()
-    run_jaxllm(llm, prompts[:warm_n], [min(n, 8) for n in output_lens[:warm_n]])
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    run_jaxllm(llm, prompts[:warm_n], [min(n, 8) for n in output_lens[:warm_n]], **sampling)
     warmup_s = time.perf_counter() - t0
     from jaxllm.engine import StepTimes
 
     llm.llm_engine.step_times = StepTimes()
     llm.llm_engine.runner.prepare_seconds = 0.0
-    elapsed, compiles = run_jaxllm(llm, prompts, output_lens)
+    elapsed, compiles = run_jaxllm(llm, prompts, output_lens, **sampling)
     total_out = sum(output_lens)
     total_in = sum(map(len, prompts))
     result = {
@@ -253,13 +258,14 @@ def main(argv=None):
         "jax_version": jax.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
         "model": args.model_shape or args.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
         "dtype": config.dtype, "num_prompts": args.num_prompts, "input_len": args.input_len,
-        "output_len": args.output_len, "max_num_seqs": llm.llm_engine.config.max_num_seqs,
+        "output_len": args.output_len, "sampling": sampling, "max_num_seqs": llm.llm_engine.config.max_num_seqs,
         "max_num_batched_tokens": llm.llm_engine.config.max_num_batched_tokens,
         "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2), "compiles_during_run": compiles,
         "async_scheduling": llm.llm_engine.config.async_scheduling, "step_times": llm.llm_engine.step_times.summary(),
         "prepare_ms_per_step": round(llm.llm_engine.runner.prepare_seconds * 1e3
                                      / max(llm.llm_engine.step_times.steps, 1), 3),
-        "scan_unroll": os.environ.get("JAXLLM_SCAN_UNROLL", "1"), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "scan_unroll": os.environ.get("JAXLLM_SCAN_UNROLL", "1"),
+        "unroll_max_tokens": os.environ.get("JAXLLM_UNROLL_MAX_TOKENS", ""), "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jaxllm": {"elapsed_s": round(elapsed, 3), "requests_per_s": round(args.num_prompts / elapsed, 3),
                    "output_tokens_per_s": round(total_out / elapsed, 1),
                    "total_tokens_per_s": round((total_in + total_out) / elapsed, 1)},

@@ -390,7 +390,7 @@ class ModelRunner:
         return _bucket(num_seqs, self.config.seq_buckets)
 
     def _dummy_step_args(self, num_tokens: int, decode_only: bool, random_rows: bool,
-                         prefill_kernel: bool | None = None):
+                         prefill_kernel: bool | None = None, use_filters: bool = False):
         """An all-padding step of a bucket (nothing is written: every slot is -1): (_step's keyword
         arguments, the bucket). `prefill_kernel` None: as a real step of that bucket."""
         if prefill_kernel is None:
@@ -404,9 +404,9 @@ class ModelRunner:
         zeros = np.zeros(T, np.int32)
         args = dict(token_ids=zeros, prev_rows=np.full(T, -1, np.int32), positions=zeros, md=md,
                     sample_indices=np.zeros(S, np.int32), st=st, prompt_targets=zeros, decode_only=decode_only,
-                    prefill_kernel=prefill_kernel, random_rows=random_rows, use_filters=False, num_logprobs=-1,
+                    prefill_kernel=prefill_kernel, random_rows=random_rows, use_filters=use_filters, num_logprobs=-1,
                     num_prompt_logprobs=-1)
-        bucket = (T, S, S, B, decode_only, random_rows, False, False, st.bias_ids.shape[1], 0, -1, -1)
+        bucket = (T, S, S, B, decode_only, random_rows, use_filters, False, st.bias_ids.shape[1], 0, -1, -1)
         return args, bucket
 
     def _compile_step(self, args: dict) -> tuple[jax.stages.Compiled, bool]:
@@ -442,14 +442,18 @@ class ModelRunner:
 
     def precompile(self, num_threads: int = 8) -> None:
         """Compile every ordinary step at start, in parallel: one program per decode batch bucket and one
-        per token bucket, each for all-greedy batches and for batches with random rows (requests with
-        top-k/p or min-p, penalties, logprobs or allowed_token_ids may still add programs later). The
-        executables are kept and called directly by `_launch`; a second start loads them from the
-        executable cache without tracing."""
+        per token bucket, each for all-greedy batches, for batches with random rows, and for batches whose
+        random rows truncate (top_k, top_p, min_p): any mix of temperature, top_k, top_p, min_p, seed,
+        stop conditions and up to 8 logit biases or banned tokens a row runs on these. Programs still
+        compiled on first use, and logged then: steps with penalties, more than 8 biases in a row,
+        allowed_token_ids, logprobs or prompt_logprobs. The executables are kept and called directly by
+        `_launch`; a second start loads them from the executable cache without tracing."""
         from tqdm.auto import tqdm
 
         shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
-        shapes = [(n, decode_only, random_rows) for random_rows in (False, True) for n, decode_only in shapes]
+        variants = ((False, False), (True, False), (True, True))  # (random_rows, use_filters)
+        shapes = [(n, decode_only, random_rows, None, use_filters) for random_rows, use_filters in variants
+                  for n, decode_only in shapes]
 
         def compile_one(shape):
             args, bucket = self._dummy_step_args(*shape)
@@ -464,8 +468,11 @@ class ModelRunner:
                 self._executables[bucket] = executable
                 self.compiled_buckets.add(bucket)
                 loaded += cached
-        logger.info("compiled %d step programs in %.1fs (%d loaded from the executable cache)", len(shapes),
-                    time.perf_counter() - start, loaded)
+        logger.info("compiled %d step programs in %.1fs (%d loaded from the executable cache): %d decode and %d "
+                    "token buckets, each greedy, random and random with top-k/top-p/min-p; steps with penalties, "
+                    "allowed_token_ids, logprobs, prompt_logprobs or over 8 biases a row compile on first use",
+                    len(shapes), time.perf_counter() - start, loaded, len(self.config.seq_buckets),
+                    len(self.config.token_buckets))
 
     # -- device side ----------------------------------------------------------------------------
     def dispatch(self, out: SchedulerOutput) -> "InFlightStep":

@@ -173,15 +173,18 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
     runner = _gpu_style(llm)
     runner.precompile(num_threads=2)
-    assert len(runner._executables) == 2 * (len(runner.config.seq_buckets) + len(runner.config.token_buckets))
+    # Greedy, random, and random with top-k/top-p/min-p: for each decode and each token bucket.
+    assert len(runner._executables) == 3 * (len(runner.config.seq_buckets) + len(runner.config.token_buckets))
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=7)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     seeded = SamplingParams(temperature=0.8, seed=11, max_tokens=6, ignore_eos=True)
+    nucleus = SamplingParams(temperature=0.8, top_p=0.95, top_k=20, min_p=0.01, seed=3, max_tokens=6, ignore_eos=True)
+    mixes = [greedy, seeded, nucleus, [greedy, seeded, nucleus, seeded, greedy]]
     before, buckets = _step._cache_size(), set(runner.compiled_buckets)
-    ahead = [llm.generate(prompts, p, use_tqdm=False) for p in (greedy, seeded)]
+    ahead = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
     assert _step._cache_size() == before and runner.compiled_buckets == buckets  # nothing compiled lazily
     runner._executables.clear()
-    lazy = [llm.generate(prompts, p, use_tqdm=False) for p in (greedy, seeded)]
+    lazy = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
     assert [token_ids(o) for o in ahead] == [token_ids(o) for o in lazy]
 
 

@@ -99,13 +99,14 @@ def forward_hidden(
             x = x + (jax.nn.silu(gate) * up) @ w.w_down
         return (x, cache, i + 1), None
 
-    (x, kv_cache, _), _ = jax.lax.scan(layer, (x, kv_cache, jnp.int32(0)), params.layers, unroll=_scan_unroll(config))
+    (x, kv_cache, _), _ = jax.lax.scan(layer, (x, kv_cache, jnp.int32(0)), params.layers, unroll=_scan_unroll(config, T if decode_only else None))
     return rms_norm(x, params.final_norm, config.rms_norm_eps), kv_cache
 
 
-def _scan_unroll(config: ModelConfig) -> int | bool:
+def _scan_unroll(config: ModelConfig, decode_tokens: int | None = None) -> int | bool:
     """How many layers one iteration of the layer loop runs: one, unless JAXLLM_SCAN_UNROLL says a number
-    or "full".
+    or "full"; all of them in a decode step of at most JAXLLM_UNROLL_MAX_TOKENS sequences (default
+    UNROLL_MAX_TOKENS), where the loop's per-layer round trip, not the device, sets the step's time.
 
     With XLA's Triton GEMMs the rolled loop copied each layer's weight slice before its GEMMs, and
     unrolling looked like the fix (Llama-3-8B shape, B=256, L=1k, H200: 23.3 ms rolled, 16.1 ms
@@ -116,7 +117,16 @@ def _scan_unroll(config: ModelConfig) -> int | bool:
     16.3 ms, and unrolling by 2 or 4 makes it slower (23 ms). benchmarks/NOTES.md has the runs.
     """
     value = os.environ.get("JAXLLM_SCAN_UNROLL") or "1"
+    small = int(os.environ.get("JAXLLM_UNROLL_MAX_TOKENS") or UNROLL_MAX_TOKENS)
+    if decode_tokens is not None and decode_tokens <= small and jax.default_backend() != "cpu":
+        return True
     return True if value == "full" else max(1, int(value))
+
+
+# Single-stream decode, Qwen3-0.6B shape, H200 (2026-12-02, benchmarks/device_runs/
+# gpu_sampling_single_stream.sh): 311 output tok/s rolled, 552 with decode steps of up to 16 sequences
+# unrolled (one command buffer for the step instead of a host round trip a layer).
+UNROLL_MAX_TOKENS = 16
 
 
 def step_compiler_options() -> dict:

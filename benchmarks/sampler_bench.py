@@ -1,0 +1,99 @@
+"""Device time of the sampler at a real vocabulary: greedy, temperature only, and the top-k/top-p/min-p
+filters (the threshold search at several widths, and the sort it replaced), with the filters' masks
+checked against the sort on the device.
+
+    python benchmarks/sampler_bench.py --rows 1 64 256 --vocab 151936 --output-json sampler.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from jaxllm import sampler  # noqa: E402
+from throughput import device_name, git_commit, write_result  # noqa: E402
+
+
+def tensors(R: int, top_p: float, top_k: int, temperature: float) -> sampler.SamplingTensors:
+    f32, i32 = np.float32, np.int32
+    return sampler.SamplingTensors(
+        temperature=np.full(R, temperature, f32), top_k=np.full(R, top_k, i32), top_p=np.full(R, top_p, f32),
+        min_p=np.zeros(R, f32), seeds=np.arange(R, dtype=np.uint32), sample_index=np.zeros(R, i32),
+        presence_penalty=np.zeros(R, f32), frequency_penalty=np.zeros(R, f32), repetition_penalty=np.ones(R, f32),
+        penalty_rows=np.full(R, -1, i32), count_rows=np.full(R, -1, i32), bias_ids=np.full((R, 8), 1 << 30, i32),
+        bias_values=np.zeros((R, 8), f32), allowed_ids=np.zeros((R, 0), i32), has_allowed=np.zeros(R, bool))
+
+
+def time_ms(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return round(1e3 * float(np.median(times)), 3)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--ways", type=int, nargs="+", default=[4, 16, 64], help="threshold search widths")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--output-json", default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for R in args.rows:
+        # Flat logits as from random weights (most of the vocabulary in the nucleus), and peaked ones.
+        key = jax.random.PRNGKey(R)
+        flat = jax.random.normal(key, (R, args.vocab), jnp.float32) * 0.5
+        peaked = jax.random.normal(key, (R, args.vocab), jnp.float32) * 4.0
+        row = {"rows": R, "vocab": args.vocab}
+        for name, t, filters, random_rows in (("greedy", tensors(R, 1.0, 0, 0.0), False, False),
+                                              ("temperature", tensors(R, 1.0, 0, 0.8), False, True),
+                                              ("top_p", tensors(R, 0.95, 0, 0.8), True, True),
+                                              ("top_k_top_p", tensors(R, 0.95, 50, 0.8), True, True)):
+            for ways in (args.ways if filters else [None]) + (["sort"] if filters else []):
+                saved = sampler.apply_top_k_top_p
+                if ways == "sort":
+                    sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_sorted
+                elif ways is not None:
+                    sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_search
+                    sampler.SEARCH_WAYS, sampler.SEARCH_PASSES = ways, -(-32 // (ways.bit_length() - 1))
+                fn = jax.jit(lambda x, t, f=filters, r=random_rows: sampler.sample(x, t, use_filters=f,
+                                                                                 random_rows=r)[0].sampled)
+                label = name if ways is None else f"{name}_{ways if isinstance(ways, str) else f'search{ways}'}"
+                row[label + "_ms"] = time_ms(fn, flat, t, repeats=args.repeats)
+                row[label + "_peaked_ms"] = time_ms(fn, peaked, t, repeats=args.repeats)
+                sampler.apply_top_k_top_p = saved
+            sampler.SEARCH_WAYS, sampler.SEARCH_PASSES = 16, 8
+        # The sort-based filter's parts.
+        row["sort_only_ms"] = time_ms(jax.jit(lambda x: jnp.sort(x, axis=-1)), flat, repeats=args.repeats)
+        row["cumsum_only_ms"] = time_ms(jax.jit(lambda x: jnp.cumsum(x, axis=-1)), flat, repeats=args.repeats)
+        # The filter's mask against the sort's, on the device.
+        for logits in (flat, peaked):
+            for tk in (0, 50):
+                a = jax.jit(sampler.apply_top_k_top_p_search)(logits, jnp.full(R, tk, jnp.int32), jnp.full(R, 0.95))
+                b = jax.jit(sampler.apply_top_k_top_p_sorted)(logits, jnp.full(R, tk, jnp.int32), jnp.full(R, 0.95))
+                row.setdefault("mask_mismatches", 0)
+                row["mask_mismatches"] += int(jnp.sum(jnp.isfinite(a) != jnp.isfinite(b)))
+        kept = jax.jit(sampler.apply_top_k_top_p_sorted)(flat, jnp.zeros(R, jnp.int32), jnp.full(R, 0.95))
+        row["kept_of_vocab_flat_top_p"] = round(float(jnp.mean(jnp.isfinite(kept))), 4)
+        print(row, flush=True)
+        rows.append(row)
+    result = {"benchmark": "sampler", "device": device_name(), "jax_version": jax.__version__,
+              "commit": git_commit(), "command": " ".join(sys.argv), "rows": rows}
+    write_result(result, args.output_json, f"sampler-{device_name().replace(' ', '-')}.json")
+
+
+if __name__ == "__main__":
+    main()
