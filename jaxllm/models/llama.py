@@ -123,8 +123,8 @@ def _scan_unroll(config: ModelConfig, decode_tokens: int | None = None) -> int |
     return True if value == "full" else max(1, int(value))
 
 
-# Single-stream decode, Qwen3-0.6B shape, H200 (2026-12-02, benchmarks/device_runs/
-# gpu_sampling_single_stream.sh): 311 output tok/s rolled, 552 with decode steps of up to 16 sequences
+# Single-stream decode, Qwen3-0.6B shape, H200 (2026-12-02, fe18aca; the record is in 0187bb7's
+# benchmarks/results/sampler-and-single-stream-variants-H200-fe18aca.json): 311 output tok/s rolled, 552 with decode steps of up to 16 sequences
 # unrolled (one command buffer for the step instead of a host round trip a layer).
 UNROLL_MAX_TOKENS = 16
 
