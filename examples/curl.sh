@@ -38,3 +38,7 @@ curl -s "$BASE_URL/generate" -d '{
   "max_tokens": 8
 }'
 echo
+
+curl -s "$BASE_URL/v1/completions" -H "Content-Type: application/json" \
+  -d '{"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "return_token_ids": true}'
+echo

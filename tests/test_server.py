@@ -348,3 +348,4 @@ def test_readme_curl_example(server):
     out = subprocess.run(["sh", os.path.join(EXAMPLES, "curl.sh"), server.url], capture_output=True, text=True,
                          timeout=180, check=True).stdout
     assert '"object":"list"' in out and "Paris" in out and "data: [DONE]" in out and '{"text":[' in out
+    assert '"prompt_token_ids":[' in out and '"token_ids":[' in out  # return_token_ids
