@@ -14,6 +14,7 @@ from jaxllm.config import EngineConfig, ModelConfig, fine_buckets, pow2_buckets
 from jaxllm.engine import LLMEngine
 from jaxllm.beam_search import BeamSearchOutput, beam_search
 from jaxllm.outputs import RequestOutput
+from jaxllm.pooling_llm import PoolingMixin
 from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("jaxllm")
@@ -53,7 +54,7 @@ def batch_limits(max_num_seqs: int | None, max_num_batched_tokens: int | None, u
     return max_num_seqs, max_num_batched_tokens
 
 
-class LLM:
+class LLM(PoolingMixin):
     """An LLM for offline generation.
 
     Args:
@@ -70,6 +71,11 @@ class LLM:
         seed: seeds the per-request seeds of requests that bring none.
         num_gpu_blocks_override: a fixed number of KV blocks instead of sizing from memory.
         async_scheduling: schedule and launch each step before the previous step's tokens are read back.
+        runner, task, convert: vLLM's: "pooling" / "embed" / "classify" / "score" make a pooling model
+            (`embed`, `classify`, `score`, `encode`; see jaxllm/pooling_llm.py). Encoders (BERT, XLM-RoBERTa)
+            are pooling models by default; a causal LM becomes one with `convert="embed"`.
+        override_pooler_config (or pooler_config): vLLM's PoolerConfig fields (pooling_type, normalize,
+            dimensions, use_activation) over the model's and its sentence-transformers files' defaults.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
@@ -79,9 +85,14 @@ class LLM:
                  num_gpu_blocks_override: int | None = None, async_scheduling: bool = True, **kwargs):
         from jaxllm.loader import default_model_path, load_model, load_tokenizer
 
+        pooling_args = {k: kwargs.pop(k) for k in ("task", "runner", "convert", "override_pooler_config",
+                                                   "pooler_config") if k in kwargs}
         if kwargs:
             raise TypeError(f"LLM() got unsupported arguments: {', '.join(sorted(kwargs))}")
         path = default_model_path() if model is None else model
+        if self._init_pooling(path, pooling_args, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
+                              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs):
+            return
         model_config, params = load_model(path, dtype=dtype)
         tok = load_tokenizer(tokenizer or path)
         self._init(model_config, params, tok, max_model_len=max_model_len, block_size=block_size,
@@ -121,13 +132,16 @@ class LLM:
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
-        return self.llm_engine.tokenizer
+        return self._pooling.tokenizer if self._pooling is not None else self.llm_engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate completions for `prompts` (a string, a list of strings, or vLLM's
         `{"prompt_token_ids": [...]}` dicts). Returns one RequestOutput per prompt, in input order.
         Every prompt is checked before any work starts: one bad prompt refuses the whole call."""
+        if self._pooling is not None:
+            raise ValueError("generate() needs a generative model; this LLM was built as a pooling model: use "
+                             f"{', '.join(t + '()' for t in self._pooling.supported_tasks)}")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
