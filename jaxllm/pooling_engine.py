@@ -89,6 +89,7 @@ class PoolingEngine:
         self.config, self.tokenizer, self.kind = config, tokenizer, kind
         self.pooler_config, self.matryoshka, self.activation = pooler_config, matryoshka, activation
         self.is_encoder = isinstance(config, EncoderConfig)
+        self.id2label: dict[int, str] = {}  # classifiers: config.json's label names
         model_len = config.max_model_len if self.is_encoder else config.max_position_embeddings
         self.max_model_len = min(max_model_len or model_len, model_len)
         if max_model_len is not None and max_model_len > model_len:
@@ -225,7 +226,9 @@ def load_pooling_engine(path, *, kind: str, tokenizer=None, dtype: str = "auto",
             model_len = config.max_model_len if hasattr(config, "num_labels") else config.max_position_embeddings
             max_model_len = min(int(st_len), model_len) if st_len else None
     num_labels = getattr(config, "num_labels", 0)
-    return PoolingEngine(params, config, load_tokenizer(tokenizer or path), kind=kind, pooler_config=resolved,
+    engine = PoolingEngine(params, config, load_tokenizer(tokenizer or path), kind=kind, pooler_config=resolved,
                          matryoshka=MatryoshkaInfo.from_hf(hf or {}), activation=default_activation(hf or {}, num_labels),
                          max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                          max_num_seqs=max_num_seqs)
+    engine.id2label = {int(k): str(v) for k, v in ((hf or {}).get("id2label") or {}).items()}
+    return engine

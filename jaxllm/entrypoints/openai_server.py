@@ -29,6 +29,7 @@ from jaxllm.engine import LLMEngine
 from jaxllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, EngineError
 from jaxllm.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from jaxllm.entrypoints.protocol import APIError, error_dict, find_lone_surrogate
+from jaxllm.entrypoints.pooling_routes import build_pooling_app, refusing_routes
 from jaxllm.entrypoints.serving import OpenAIServing, check_chat_template
 
 logger = logging.getLogger("jaxllm.server")
@@ -328,6 +329,7 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None,
         Route("/ping", health, methods=["GET", "POST"]),
         Route("/version", version, methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
+        *refusing_routes("generate"),  # the pooling routes, answering 400 for a generative model
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_error})
@@ -387,6 +389,14 @@ def make_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the per-request seeds of requests that bring none")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                    help="log level of jaxllm and uvicorn")
+    p.add_argument("--task", default="auto", help="vLLM's older name for what the model does: generate, embed, "
+                   "classify, score (embed/classify/score serve a pooling model)")
+    p.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling"],
+                   help="generate text, or pool (embeddings, scores, classification); auto: by the architecture")
+    p.add_argument("--convert", default="auto", choices=["auto", "none", "embed", "classify"],
+                   help="run a causal LM as an embedding model (embed: last token, normalised)")
+    p.add_argument("--override-pooler-config", "--pooler-config", dest="pooler_config", default=None,
+                   help='JSON of PoolerConfig fields, e.g. \'{"pooling_type": "MEAN", "normalize": true}\'')
     p.add_argument("--max-request-body-bytes", type=int, default=MAX_BODY_BYTES,
                    help="larger request bodies are refused with 413 (not a vLLM flag)")
     add_shutdown_args(p)
@@ -439,8 +449,21 @@ def load_app(args: argparse.Namespace):
         llm = _random_weights_llm(args.model_shape, dtype, engine_kwargs, args.tokenizer)
         model_path = f"random:{args.model_shape}"
     else:
-        llm = LLM(args.model, tokenizer=args.tokenizer, dtype=dtype, **engine_kwargs)
+        pooling = {k: v for k, v in (("task", args.task), ("runner", args.runner), ("convert", args.convert))
+                   if v != "auto"}
+        if args.pooler_config:
+            pooling["override_pooler_config"] = args.pooler_config
+        from jaxllm.pooling_engine import read_hf_dict, resolve_runner
+
+        if args.model and resolve_runner(read_hf_dict(args.model), task=args.task, runner=args.runner,
+                                         convert=args.convert)[0] == "pooling":  # the pooling engine's own defaults
+            engine_kwargs.update(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+        llm = LLM(args.model, tokenizer=args.tokenizer, dtype=dtype, **engine_kwargs, **pooling)
         model_path = str(llm.model)
+    names = args.served_model_name or [args.model_shape or args.model or DEFAULT_SERVED_NAME]
+    if llm._pooling is not None:
+        return build_pooling_app(llm._pooling, served_model_names=names, model_path=model_path, api_key=args.api_key,
+                                 max_body_bytes=args.max_request_body_bytes)
     chat_template = None
     if args.chat_template:
         with open(args.chat_template, encoding="utf-8") as f:
