@@ -113,6 +113,7 @@ class PoolingBatcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-pooling")
+        self.num_runs = 0  # engine runs so far (each packs every request queued when it starts)
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -140,6 +141,7 @@ class PoolingBatcher:
                 continue
             inputs = [x for b in batch for x in b[0]]
             params = [p for b in batch for p in b[1]]
+            self.num_runs += 1
             try:
                 results = await loop.run_in_executor(self._pool, self.engine.pool, inputs, params)
             except Exception as e:  # a failed run fails its requests only; the server carries on

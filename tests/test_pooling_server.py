@@ -1,0 +1,133 @@
+"""The pooling routes end to end: a real uvicorn server, the official `openai` client for /v1/embeddings
+and httpx for /score, /rerank, /classify and /pooling; answers checked against the offline LLM."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from jaxllm import LLM
+from jaxllm.entrypoints.openai_server import build_app, load_app, make_arg_parser
+from jaxllm.entrypoints.pooling_routes import build_pooling_app
+from hf_models import save_tiny_model
+from test_embeddings import MINILM, TEXTS, tiny_encoder
+from test_server import ServerThread
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM(str(MINILM), task="embed")
+
+
+@pytest.fixture(scope="module")
+def server():
+    args = make_arg_parser().parse_args(["--model", str(MINILM), "--task", "embed", "--served-model-name", "minilm",
+                                         "--log-level", "warning"])
+    with ServerThread(load_app(args)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
+
+
+def test_embeddings_through_openai_client(client, offline):
+    texts = TEXTS[:3]
+    ref = [o.outputs.embedding for o in offline.embed(texts, use_tqdm=False)]
+    for fmt in (None, "float", "base64"):  # unasked, the client asks for base64 and decodes it itself
+        resp = client.embeddings.create(model="minilm", input=texts, **({"encoding_format": fmt} if fmt else {}))
+        assert [d.index for d in resp.data] == [0, 1, 2]
+        for d, r in zip(resp.data, ref):
+            got = np.frombuffer(base64.b64decode(d.embedding), "<f4") if fmt == "base64" else d.embedding
+            np.testing.assert_allclose(got, r, atol=1e-6)
+        assert resp.usage.prompt_tokens == sum(len(offline.get_tokenizer()(t)["input_ids"]) for t in texts)
+    ids = offline.get_tokenizer()("Hello world")["input_ids"]
+    resp = client.embeddings.create(model="minilm", input=[ids, ids[:2]])
+    np.testing.assert_allclose(resp.data[0].embedding, ref[0], atol=1e-6)
+    assert client.models.list().data[0].id == "minilm"
+
+
+def test_embeddings_refusals(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="minilm", input="hi", dimensions=8)
+    assert e.value.body["param"] == "dimensions" and "Matryoshka" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="minilm", input="word " * 300)
+    assert e.value.body["code"] == "context_length_exceeded"
+    ok = client.embeddings.create(model="minilm", input="word " * 300, extra_body={"truncate_prompt_tokens": 256})
+    assert ok.usage.prompt_tokens == 256
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="other", input="hi")
+    for body, param in (({"input": "hi", "foo": 1}, "foo"), ({"input": 3}, "input"), ({"input": []}, "input"),
+                        ({"input": "hi", "encoding_format": "hex"}, "encoding_format")):
+        r = httpx.post(server.url + "/v1/embeddings", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "pooling model" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/classify", json={"input": "hi"})
+    assert r.status_code == 400 and "classify() is not supported" in r.json()["error"]["message"]
+
+
+def test_requests_from_many_clients_are_batched(server, offline):
+    ref = offline.embed(TEXTS, use_tqdm=False)
+    runs = server.app.state.batcher.num_runs
+
+    def one(i):
+        r = httpx.post(server.url + "/v1/embeddings", json={"input": TEXTS[i % len(TEXTS)]}, timeout=120)
+        return i, r.json()["data"][0]["embedding"]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(32)))
+    for i, emb in results:
+        np.testing.assert_allclose(emb, ref[i % len(TEXTS)].outputs.embedding, atol=1e-6)
+    assert server.app.state.batcher.num_runs - runs < 32
+
+
+def test_pooling_and_bi_encoder_score(server, offline):
+    r = httpx.post(server.url + "/pooling", json={"input": "Hello world", "encoding_format": "base64"}).json()
+    data = np.frombuffer(base64.b64decode(r["data"][0]["data"]), "<f4")
+    np.testing.assert_allclose(data, offline.embed(["Hello world"], use_tqdm=False)[0].outputs.embedding, atol=1e-6)
+    r = httpx.post(server.url + "/v1/score", json={"text_1": "a cat", "text_2": ["a kitten", "stock prices"]}).json()
+    ref = offline.score("a cat", ["a kitten", "stock prices"], use_tqdm=False)
+    assert [d["score"] for d in r["data"]] == pytest.approx([o.outputs.score for o in ref], abs=1e-6)
+
+
+def test_cross_encoder_score_rerank_classify(tmp_path):
+    tiny_encoder("bert_cross", tmp_path)
+    llm = LLM(str(tmp_path), tokenizer=str(MINILM), task="score")
+    docs = ["JAX is a numerical library.", "Bananas are yellow.", "jax jax jax", "a fourth document"]
+    ref = [o.outputs.score for o in llm.score("what is jax", docs, use_tqdm=False)]
+    with ServerThread(build_pooling_app(llm._pooling, served_model_names=["rr"])) as s:
+        r = httpx.post(s.url + "/score", json={"model": "rr", "text_1": "what is jax", "text_2": docs}).json()
+        assert [d["score"] for d in r["data"]] == pytest.approx(ref, abs=1e-6)
+        order = sorted(range(4), key=lambda i: -ref[i])
+        for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+            r = httpx.post(s.url + path, json={"query": "what is jax", "documents": docs, "top_n": 2}).json()
+            assert [x["index"] for x in r["results"]] == order[:2]
+            assert r["results"][0]["document"]["text"] == docs[order[0]]
+            assert r["results"][0]["relevance_score"] == pytest.approx(ref[order[0]], abs=1e-6)
+        r = httpx.post(s.url + "/rerank", json={"query": "q", "documents": docs, "return_documents": False}).json()
+        assert len(r["results"]) == 4 and "document" not in r["results"][0]
+        r = httpx.post(s.url + "/classify", json={"input": ["what is jax"]}).json()
+        assert r["data"][0]["num_classes"] == 1
+        for body, param in (({"query": "q", "documents": []}, "documents"), ({"query": 1, "documents": ["a"]}, "query"),
+                            ({"query": "q", "documents": ["a"], "top_n": -1}, "top_n")):
+            r = httpx.post(s.url + "/rerank", json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        r = httpx.post(s.url + "/v1/embeddings", json={"input": "hi"})
+        assert r.status_code == 400 and "embed() is not supported" in r.json()["error"]["message"]
+
+
+def test_generative_server_refuses_pooling_routes(tmp_path):
+    save_tiny_model("llama", tmp_path)
+    llm = LLM(str(tmp_path), tokenizer=str(MINILM), max_model_len=64, num_gpu_blocks_override=8)
+    with ServerThread(build_app(llm.llm_engine)) as s:
+        for path in ("/v1/embeddings", "/score", "/rerank", "/classify", "/pooling"):
+            r = httpx.post(s.url + path, json={"input": "hi"})
+            assert r.status_code == 400 and "generates text" in r.json()["error"]["message"], (path, r.text)
