@@ -48,3 +48,25 @@ def init_random_weights(config: ModelConfig, key, scale: float = 0.02):
     from jaxllm.models.registry import model_module
 
     return model_module(config.architecture).init_random_weights(config, key, scale=scale)
+
+
+# Encoders (embedding models) at real shapes: all-MiniLM-L6-v2, bge-base-en-v1.5 (BERT) and bge-m3 (XLM-RoBERTa),
+# with the pooling their sentence-transformers files declare.
+ENCODER_SHAPES: dict[str, dict] = {
+    "all-minilm-l6-v2": dict(architecture="BertModel", vocab_size=30522, hidden_size=384, intermediate_size=1536,
+                             num_layers=6, num_heads=12, max_position_embeddings=512),
+    "bge-base": dict(architecture="BertModel", vocab_size=30522, hidden_size=768, intermediate_size=3072,
+                     num_layers=12, num_heads=12, max_position_embeddings=512),
+    "bge-m3": dict(architecture="XLMRobertaModel", vocab_size=250002, hidden_size=1024, intermediate_size=4096,
+                   num_layers=24, num_heads=16, max_position_embeddings=8194, type_vocab_size=1, layer_norm_eps=1e-5,
+                   position_offset=2, pad_token_id=1),
+}
+ENCODER_POOLING = {"all-minilm-l6-v2": "MEAN", "bge-base": "CLS", "bge-m3": "CLS"}
+
+
+def encoder_shape_config(name: str, dtype: str = "float32"):
+    from jaxllm.models.bert import EncoderConfig
+
+    if name not in ENCODER_SHAPES:
+        raise ValueError(f"unknown encoder shape {name!r}; known: {', '.join(ENCODER_SHAPES)}")
+    return EncoderConfig(dtype=dtype, **ENCODER_SHAPES[name])
