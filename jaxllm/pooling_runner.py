@@ -38,11 +38,11 @@ def pool_tokens(hidden: jax.Array, segment_ids: jax.Array, seq_starts: jax.Array
     return sums / jnp.maximum(seq_lens, 1)[:, None].astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "pooling_type"))
+@functools.partial(jax.jit, static_argnames=("config", "pooling_type", "window"))
 def encoder_step(params: bert.EncoderWeights, token_ids, type_ids, positions, segment_ids, seq_starts, seq_lens,
-                 config: bert.EncoderConfig, pooling_type: str) -> jax.Array:
+                 config: bert.EncoderConfig, pooling_type: str, window: int) -> jax.Array:
     """One packed encoder step -> [S, e] pooled float32, or [S, labels] logits for a classifier."""
-    hidden = bert.forward(params, token_ids, type_ids, positions, segment_ids, config)  # [T, e]
+    hidden = bert.forward(params, token_ids, type_ids, positions, segment_ids, config, window)  # [T, e]
     if config.is_classifier:  # the head reads the first token, whatever the pooler says
         return bert.classify(params, hidden[seq_starts])
     return pool_tokens(hidden, segment_ids, seq_starts, seq_lens, pooling_type)
@@ -127,16 +127,17 @@ class PoolingRunner:
         segment_ids[:n_tok] = np.repeat(np.arange(len(batch), dtype=np.int32), lens)
         positions = np.zeros(T, np.int32)
         positions[:n_tok] = np.arange(n_tok, dtype=np.int32) - np.repeat(starts[: len(batch)], lens)
-        key = (T, S)
+        window = min(T, 1 << (int(lens.max()) - 1).bit_length())  # the longest sequence, to a power of two
+        key = (T, S, window)
         if key not in self._compiled:
             self._compiled.add(key)
-            logger.info("compiling pooling step: %d tokens, %d sequences", T, S)
+            logger.info("compiling pooling step: %d tokens, %d sequences, sequences of up to %d", T, S, window)
         if self.is_encoder:
             type_ids = np.zeros(T, np.int32)
             if any(x.type_ids for x in batch):
                 type_ids[:n_tok] = np.concatenate([x.type_ids or [0] * len(x.token_ids) for x in batch])
             return encoder_step(self.params, token_ids, type_ids, positions, segment_ids, starts, seq_lens,
-                                config=self.config, pooling_type=self.pooling_type)
+                                config=self.config, pooling_type=self.pooling_type, window=window)
         return self._launch_decoder(batch, lens, T, S, starts, seq_lens, token_ids, positions, segment_ids)
 
     def _launch_decoder(self, batch, lens, T, S, starts, seq_lens, token_ids, positions, segment_ids) -> jax.Array:
