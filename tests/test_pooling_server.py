@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -27,6 +33,7 @@ def offline():
 @pytest.fixture(scope="module")
 def server():
     args = make_arg_parser().parse_args(["--model", str(MINILM), "--task", "embed", "--served-model-name", "minilm",
+                                         "all-MiniLM-L6-v2",
                                          "--log-level", "warning"])
     with ServerThread(load_app(args)) as s:
         yield s
@@ -131,3 +138,28 @@ def test_generative_server_refuses_pooling_routes(tmp_path):
         for path in ("/v1/embeddings", "/score", "/rerank", "/classify", "/pooling"):
             r = httpx.post(s.url + path, json={"input": "hi"})
             assert r.status_code == 400 and "generates text" in r.json()["error"]["message"], (path, r.text)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_examples_run(server):
+    out = subprocess.run([sys.executable, str(EXAMPLES / "embeddings_client.py"), server.url + "/v1"],
+                         capture_output=True, text=True, timeout=180, check=True).stdout
+    assert out.startswith("0 384 [") and "prompt_tokens=" in out
+    if shutil.which("curl"):
+        out = subprocess.run(["sh", str(EXAMPLES / "pooling_curl.sh"), server.url], capture_output=True, text=True,
+                             timeout=180, check=True).stdout
+        lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+        assert len(lines[0]["data"]) == 2 and lines[1]["data"][0]["score"] > lines[1]["data"][1]["score"]
+        assert lines[2]["results"][0]["index"] == 1
+
+
+def test_offline_example_runs():
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}  # this tree's jaxllm, installed or not
+    out = subprocess.run([sys.executable, str(EXAMPLES / "embeddings.py")], capture_output=True, text=True,
+                         timeout=300, check=True, env=env).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith("384 [") and lines[1].startswith("384 [")
+    first, second = json.loads(lines[2])
+    assert first > second

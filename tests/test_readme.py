@@ -16,7 +16,8 @@ def squash(text):
 
 
 def test_readme_curl_bodies_are_the_tested_ones():
-    readme, script = read("README.md"), squash(read("examples", "curl.sh"))
+    readme = read("README.md")
+    script = squash(read("examples", "curl.sh")) + " " + squash(read("examples", "pooling_curl.sh"))
     bodies = re.findall(r"-d '(\{.*?\})'", readme, flags=re.S)
     assert len(bodies) >= 3
     for body in bodies:
