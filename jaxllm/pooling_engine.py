@@ -55,9 +55,7 @@ def resolve_runner(hf: dict | None, *, task: str = "auto", runner: str = "auto",
             raise ValueError(f"convert='classify' / task='classify' needs a *ForSequenceClassification checkpoint; "
                              f"{arch or 'this model'} has no classification head (convert='embed' works for any model)")
         return "pooling", "classify"
-    if task == "score" and not encoder:
-        return "pooling", "embed"  # scores of a decoder embedding model: cosine of its embeddings
-    return "pooling", "embed"
+    return "pooling", "embed"  # task="score" on an embedding model: the cosine of its embeddings
 
 
 def read_hf_dict(path) -> dict | None:

@@ -351,6 +351,10 @@ def build_pooling_app(engine: PoolingEngine, *, served_model_names: list[str] | 
                                                                                           str(exc.detail))
         return server.error_response(APIError(message, status=exc.status_code))
 
+    async def on_error(request: Request, exc: Exception) -> Response:
+        server.logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return server.error_response(APIError(f"internal server error: {type(exc).__name__}: {exc}", status=500))
+
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
@@ -368,7 +372,7 @@ def build_pooling_app(engine: PoolingEngine, *, served_model_names: list[str] | 
               Route("/health", health, methods=["GET"]), Route("/version", version, methods=["GET"]),
               *refusing_routes("pooling")]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error})
+                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_error})
     app.state.batcher = batcher
     app.state.served_model_names = names
     guarded = server._Guard(app, api_key, max_body_bytes)
