@@ -141,6 +141,7 @@ def main(argv=None):
     cpu = jax.default_backend() == "cpu"
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
     rows = []
+    load_before = os.getloadavg()[0]  # a shared machine's figures move with its load: recorded beside them
     for shape in args.shapes:
         for length in args.lengths:
             n = args.num_requests or (CPU_REQUESTS[(shape, length)] if cpu else max(64, 65536 // length))
@@ -171,7 +172,8 @@ def main(argv=None):
     result = {"benchmark": "embeddings", "device": device_name(), "backend": jax.default_backend(),
               "cpu_count": os.cpu_count(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions, "commit": git_commit(), "command": " ".join(["python", *sys.argv]),
-              "dtype": dtype, "rows": rows}
+              "dtype": dtype, "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+              "rows": rows}
     tag = "cpu" if cpu else device_name().replace(" ", "_")
     write_result(result, args.output_json, f"embeddings-{tag}.json")
 
