@@ -38,11 +38,11 @@ def pool_tokens(hidden: jax.Array, segment_ids: jax.Array, seq_starts: jax.Array
     return sums / jnp.maximum(seq_lens, 1)[:, None].astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "pooling_type", "window"))
+@functools.partial(jax.jit, static_argnames=("config", "pooling_type", "chunk"))
 def encoder_step(params: bert.EncoderWeights, token_ids, type_ids, positions, segment_ids, seq_starts, seq_lens,
-                 config: bert.EncoderConfig, pooling_type: str, window: int) -> jax.Array:
+                 config: bert.EncoderConfig, pooling_type: str, chunk: int) -> jax.Array:
     """One packed encoder step -> [S, e] pooled float32, or [S, labels] logits for a classifier."""
-    hidden = bert.forward(params, token_ids, type_ids, positions, segment_ids, config, window)  # [T, e]
+    hidden = bert.forward(params, token_ids, type_ids, positions, segment_ids, config, chunk)  # [T, e]
     if config.is_classifier:  # the head reads the first token, whatever the pooler says
         return bert.classify(params, hidden[seq_starts])
     return pool_tokens(hidden, segment_ids, seq_starts, seq_lens, pooling_type)
@@ -114,31 +114,35 @@ class PoolingRunner:
 
     def _launch(self, batch: list[PoolInput]) -> jax.Array:
         lens = np.array([len(x.token_ids) for x in batch], np.int32)
-        n_tok = int(lens.sum())
+        n_tok, n_seq = int(lens.sum()), len(batch)
         T = next(b for b in self.token_buckets if b >= n_tok)
-        S = next(b for b in self.seq_buckets if b >= len(batch))
-        starts = np.zeros(S, np.int32)
-        starts[1:len(batch)] = np.cumsum(lens)[:-1]
+        S = next(b for b in self.seq_buckets if b >= n_seq)
+        # Encoders attend within chunks that no sequence crosses; decoders read a paged cache instead.
+        chunk, starts = bert.chunk_layout(lens.tolist(), T) if self.is_encoder else (T, None)
+        if starts is None:
+            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        seq_starts = np.zeros(S, np.int32)
+        seq_starts[:n_seq] = starts
         seq_lens = np.zeros(S, np.int32)
-        seq_lens[: len(batch)] = lens
+        seq_lens[:n_seq] = lens
+        where = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])  # each token's place
         token_ids = np.zeros(T, np.int32)
-        token_ids[:n_tok] = np.concatenate([x.token_ids for x in batch])
+        token_ids[where] = np.concatenate([x.token_ids for x in batch])
         segment_ids = np.full(T, -1, np.int32)
-        segment_ids[:n_tok] = np.repeat(np.arange(len(batch), dtype=np.int32), lens)
+        segment_ids[where] = np.repeat(np.arange(n_seq, dtype=np.int32), lens)
         positions = np.zeros(T, np.int32)
-        positions[:n_tok] = np.arange(n_tok, dtype=np.int32) - np.repeat(starts[: len(batch)], lens)
-        window = min(T, 1 << (int(lens.max()) - 1).bit_length())  # the longest sequence, to a power of two
-        key = (T, S, window)
+        positions[where] = where - np.repeat(np.asarray(starts, np.int32), lens)
+        key = (T, S, chunk)
         if key not in self._compiled:
             self._compiled.add(key)
-            logger.info("compiling pooling step: %d tokens, %d sequences, sequences of up to %d", T, S, window)
+            logger.info("compiling pooling step: %d tokens, %d sequences, attention chunks of %d", T, S, chunk)
         if self.is_encoder:
             type_ids = np.zeros(T, np.int32)
             if any(x.type_ids for x in batch):
-                type_ids[:n_tok] = np.concatenate([x.type_ids or [0] * len(x.token_ids) for x in batch])
-            return encoder_step(self.params, token_ids, type_ids, positions, segment_ids, starts, seq_lens,
-                                config=self.config, pooling_type=self.pooling_type, window=window)
-        return self._launch_decoder(batch, lens, T, S, starts, seq_lens, token_ids, positions, segment_ids)
+                type_ids[where] = np.concatenate([x.type_ids or [0] * len(x.token_ids) for x in batch])
+            return encoder_step(self.params, token_ids, type_ids, positions, segment_ids, seq_starts, seq_lens,
+                                config=self.config, pooling_type=self.pooling_type, chunk=chunk)
+        return self._launch_decoder(batch, lens, T, S, seq_starts, seq_lens, token_ids, positions, segment_ids)
 
     def _launch_decoder(self, batch, lens, T, S, starts, seq_lens, token_ids, positions, segment_ids) -> jax.Array:
         bs = self.BLOCK_SIZE

@@ -95,6 +95,11 @@ def test_minilm_pooler_config_and_errors(minilm):
         minilm.generate(["hi"])
     with pytest.raises(ValueError, match="classify\\(\\) is not supported by an embedding model"):
         minilm.classify(["hi"])
+    ids = minilm.get_tokenizer()("A somewhat longer sentence")["input_ids"]
+    cut = minilm.embed([{"prompt_token_ids": ids}], truncate_prompt_tokens=3, use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-3:]  # token ids keep their last k, as vLLM's
+    whole = minilm.embed([ids[-3:]], use_tqdm=False)[0].outputs.embedding
+    np.testing.assert_allclose(minilm.encode([ids[-3:]], use_tqdm=False)[0].outputs.data, whole, atol=1e-7)
     raw = minilm.embed(["Hello world"], PoolingParams(normalize=False), use_tqdm=False)[0].outputs.embedding
     assert np.linalg.norm(raw) > 1.5  # the mean of unnormalised hidden states
     # CLS pooling by override: the first token's hidden state
@@ -212,23 +217,25 @@ def test_packing_does_not_change_embeddings(packed, lengths, seed):
         np.testing.assert_allclose(a.outputs.embedding, b.outputs.embedding, atol=2e-6)
 
 
-@settings(max_examples=6, deadline=None)
-@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=40), seed=st.integers(0, 1000))
-def test_windowed_segment_attention_equals_dense(lengths, seed):
-    """The block-windowed attention (each block of 128 queries scores keys within the longest
-    sequence's length either side) equals the dense segment-masked reference on any packing."""
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(1, 100), min_size=1, max_size=40), seed=st.integers(0, 1000))
+def test_chunked_segment_attention_equals_dense(lengths, seed):
+    """Laid out by `chunk_layout` (no sequence crosses a chunk boundary), attention within chunks equals
+    the dense segment-masked attention over the whole step, and the layout stays within the step."""
     import jax.numpy as jnp
 
-    from jaxllm.models.bert import segment_attention
+    from jaxllm.models.bert import chunk_layout, segment_attention
 
-    T, lengths = 512, lengths
+    T = 512
     while sum(lengths) > T:
         lengths = lengths[:-1]
-    n = sum(lengths)
+    chunk, starts = chunk_layout(lengths, T)
+    assert T % chunk == 0 and chunk >= max(lengths)
     seg = np.full(T, -1, np.int32)
-    seg[:n] = np.repeat(np.arange(len(lengths)), lengths)
-    q, k, v = np.random.default_rng(seed).standard_normal((3, T, 2, 8)).astype(np.float32)
-    window = 1 << (max(lengths) - 1).bit_length()
-    dense = segment_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(seg), 0.5)
-    windowed = segment_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(seg), 0.5, window)
-    np.testing.assert_allclose(np.asarray(windowed)[:n], np.asarray(dense)[:n], atol=1e-5)
+    for i, (s, n) in enumerate(zip(starts, lengths)):
+        assert (seg[s:s + n] == -1).all() and s // chunk == (s + n - 1) // chunk and s + n <= T
+        seg[s:s + n] = i
+    q, k, v = (jnp.asarray(a) for a in np.random.default_rng(seed).standard_normal((3, T, 2, 8)).astype(np.float32))
+    dense = np.asarray(segment_attention(q, k, v, jnp.asarray(seg), 0.5))
+    chunked = np.asarray(segment_attention(q, k, v, jnp.asarray(seg), 0.5, chunk))
+    np.testing.assert_allclose(chunked[seg >= 0], dense[seg >= 0], atol=1e-5)

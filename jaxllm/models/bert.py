@@ -147,31 +147,46 @@ def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Arra
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float,
-                      window: int | None = None, block: int = 128) -> jax.Array:
+                      chunk: int | None = None) -> jax.Array:
     """Bidirectional attention within segments of a packed batch (the jnp reference).
 
     q, k, v: [T, h, d]; segment_ids: [T] int32, -1 for padding (padding rows come out as garbage the
     caller never reads, but finite). Returns [T, h, d].
 
-    `window` (static): no sequence in the step is longer. Sequences are packed back to back, so a block
-    of `block` query tokens finds all its keys within `window` tokens either side: each block scores
-    block + 2 * window keys instead of all T (dense when that is not fewer)."""
+    `chunk` (static, divides T): the caller laid the sequences out so that none crosses a multiple of
+    `chunk`, so attention runs within chunks, [T / chunk, h, chunk, chunk], not over all [T, T]."""
     T, h, d = q.shape
-    if window is None or T % block or block + 2 * window >= T:
-        s = jnp.einsum("thd,shd->hts", q, k, preferred_element_type=jnp.float32) * scale  # [h, T, T]
-        same = (segment_ids[:, None] == segment_ids[None, :]) & (segment_ids[None, :] >= 0)  # [T, T]
-        p = jax.nn.softmax(jnp.where(same[None], s, -1e30), axis=-1)
-        return jnp.einsum("hts,shd->thd", p.astype(v.dtype), v)
-    n, width = T // block, block + 2 * window
-    keys = jnp.arange(n)[:, None] * block + jnp.arange(width)[None, :]  # [n, W] into the padded arrays
-    pad = ((window, window), (0, 0), (0, 0))
-    kw, vw = jnp.pad(k, pad)[keys], jnp.pad(v, pad)[keys]  # [n, W, h, d]
-    seg_k = jnp.pad(segment_ids, window, constant_values=-1)[keys]  # [n, W]
-    seg_q = segment_ids.reshape(n, block)  # [n, B]
-    s = jnp.einsum("nbhd,nwhd->nhbw", q.reshape(n, block, h, d), kw, preferred_element_type=jnp.float32) * scale
-    same = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] >= 0)  # [n, B, W]
+    C = chunk or T
+    n = T // C
+    qc, kc, vc = (a.reshape(n, C, h, d) for a in (q, k, v))
+    seg = segment_ids.reshape(n, C)
+    s = jnp.einsum("nthd,nshd->nhts", qc, kc, preferred_element_type=jnp.float32) * scale  # [n, h, C, C]
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)  # [n, C, C]
     p = jax.nn.softmax(jnp.where(same[:, None], s, -1e30), axis=-1)
-    return jnp.einsum("nhbw,nwhd->nbhd", p.astype(v.dtype), vw).reshape(T, h, d)
+    return jnp.einsum("nhts,nshd->nthd", p.astype(v.dtype), vc).reshape(T, h, d)
+
+
+def chunk_layout(lengths, num_tokens: int) -> tuple[int, list[int]]:
+    """(chunk, starts): the smallest power-of-two chunk that divides `num_tokens` and holds the sequences of
+    `lengths` laid out in order without crossing a chunk boundary (a sequence that does not fit the rest of a
+    chunk starts the next), within `num_tokens`; and each sequence's start. The whole step (one chunk,
+    sequences back to back) always fits when sum(lengths) <= num_tokens."""
+    chunk = max(16, 1 << (max(lengths) - 1).bit_length())
+    while chunk < num_tokens:
+        if num_tokens % chunk == 0:
+            starts, at = [], 0
+            for n in lengths:
+                if at // chunk != (at + n - 1) // chunk:
+                    at = (at // chunk + 1) * chunk
+                starts.append(at)
+                at += n
+            if at <= num_tokens:
+                return chunk, starts
+        chunk *= 2
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    return num_tokens, starts
 
 
 def forward(
@@ -181,7 +196,7 @@ def forward(
     positions: jax.Array,  # [T] int32, position within its sequence (0-based, before RoBERTa's offset)
     segment_ids: jax.Array,  # [T] int32, which packed sequence a token belongs to; -1 for padding
     config: EncoderConfig,
-    window: int | None = None,  # static: the step's longest sequence is at most this long (None: unknown)
+    chunk: int | None = None,  # static: no sequence crosses a multiple of it (see `chunk_layout`); None: T
 ) -> jax.Array:  # [T, e] the last layer's hidden states
     T = token_ids.shape[0]
     nh, hd, e = config.num_heads, config.head_dim, config.hidden_size
@@ -195,7 +210,7 @@ def forward(
         with jax.named_scope("attention"):
             qkv = x @ w.wqkv + w.bqkv  # [T, 3e]
             q, k, v = (a.reshape(T, nh, hd) for a in jnp.split(qkv, 3, axis=-1))
-            o = segment_attention(q, k, v, segment_ids, hd**-0.5, window)
+            o = segment_attention(q, k, v, segment_ids, hd**-0.5, chunk)
             x = layer_norm(x + o.reshape(T, e) @ w.wo + w.bo, w.attn_ln_w, w.attn_ln_b, eps)
         with jax.named_scope("mlp"):
             h = jax.nn.gelu(x @ w.w_in + w.b_in, approximate=gelu_approx)
