@@ -139,9 +139,7 @@ class LLM(PoolingMixin):
         """Generate completions for `prompts` (a string, a list of strings, or vLLM's
         `{"prompt_token_ids": [...]}` dicts). Returns one RequestOutput per prompt, in input order.
         Every prompt is checked before any work starts: one bad prompt refuses the whole call."""
-        if self._pooling is not None:
-            raise ValueError("generate() needs a generative model; this LLM was built as a pooling model: use "
-                             f"{', '.join(t + '()' for t in self._pooling.supported_tasks)}")
+        self._refuse_if_pooling("generate")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -169,6 +167,7 @@ class LLM(PoolingMixin):
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """Beam search (vLLM's): for each prompt, the `params.beam_width` best sequences (prompt tokens
         included), best first. See jaxllm/beam_search.py."""
+        self._refuse_if_pooling("beam_search")
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         return beam_search(self, prompts, params)

@@ -25,6 +25,11 @@ class PoolingMixin:
         self._pooling.check_task(task)
         return self._pooling
 
+    def _refuse_if_pooling(self, method: str) -> None:
+        if self._pooling is not None:
+            raise ValueError(f"{method}() needs a generative model; this LLM was built as a pooling model: use "
+                             f"{', '.join(t + '()' for t in self._pooling.supported_tasks)}")
+
     def _params_list(self, n: int, pooling_params, truncate_prompt_tokens, task: str) -> list[PoolingParams]:
         if pooling_params is None or isinstance(pooling_params, PoolingParams):
             params = [pooling_params or PoolingParams()] * n

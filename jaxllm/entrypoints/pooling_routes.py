@@ -2,8 +2,7 @@
 `/score` and `/v1/score`, `/rerank`, `/v1/rerank` and `/v2/rerank` (Jina/Cohere's shape), `/classify`.
 
 `build_pooling_app` serves a pooling model (generation routes answer 400); `refusing_routes` gives a
-generative model's app the same paths, answering 400. Request bodies are pydantic models (unknown
-fields refused by name); a validation error becomes OpenAI's error shape with `param`. Inputs from all
+generative model's app the same paths, answering 400. Request bodies: pooling_protocol.py. Inputs from all
 clients are batched together: `PoolingBatcher` gathers what is queued while a step runs and packs it
 all into the next run of the engine.
 """
@@ -16,10 +15,8 @@ import concurrent.futures
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, conint
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,6 +24,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import jaxllm
+from jaxllm.entrypoints.pooling_protocol import (ClassificationRequest, EmbeddingRequest, PoolingRequest,
+                                                 RerankRequest, ScoreRequest, parse, prompts_of)
 from jaxllm.entrypoints.protocol import APIError
 from jaxllm.pooling_engine import PoolingEngine
 from jaxllm.pooling_params import PoolingParams
@@ -35,73 +34,6 @@ from jaxllm.pooling_runner import PoolInput
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate")
 POOLING_PATHS = {"/v1/embeddings": "embed", "/pooling": "encode", "/score": "score", "/v1/score": "score",
                  "/rerank": "score", "/v1/rerank": "score", "/v2/rerank": "score", "/classify": "classify"}
-
-TokenIds = list[conint(ge=0)]
-Input = Union[str, list[str], TokenIds, list[TokenIds]]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: str | None = None
-    truncate_prompt_tokens: int | None = None
-    user: str | None = None
-
-
-class EmbeddingRequest(_Body):
-    input: Input
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    normalize: bool | None = None  # vLLM's extension
-
-
-class PoolingRequest(EmbeddingRequest):
-    pass
-
-
-class ClassificationRequest(_Body):
-    input: Union[str, list[str]]
-    use_activation: bool | None = None
-
-
-class ScoreRequest(_Body):
-    text_1: Union[str, list[str]]
-    text_2: Union[str, list[str]]
-    use_activation: bool | None = None
-
-
-class RerankRequest(_Body):
-    query: str
-    documents: list[str]
-    top_n: int = Field(default=0, ge=0)  # 0: all documents
-    return_documents: bool = True
-    use_activation: bool | None = None
-
-
-def _validation_error(e: ValidationError) -> APIError:
-    err = e.errors()[0]
-    param = str(err["loc"][0]) if err["loc"] else None
-    if err["type"] == "extra_forbidden":
-        return APIError(f"'{param}' is not supported by this route", param=param)
-    return APIError(f"'{param}': {err['msg']}", param=param)
-
-
-def _parse(schema: type[BaseModel], body: dict):
-    try:
-        return schema.model_validate(body)
-    except ValidationError as e:
-        raise _validation_error(e) from None
-
-
-def _prompts(value) -> list:
-    """OpenAI's `input` forms: a string, strings, token ids, or lists of token ids."""
-    if isinstance(value, str):
-        return [value]
-    if value and all(isinstance(v, int) for v in value):
-        return [list(value)]
-    if not value:
-        raise APIError("'input' must not be empty", param="input")
-    return list(value)
-
 
 class PoolingBatcher:
     """Runs the engine for many requests at once: while one run is on the device, new inputs queue, and
@@ -199,10 +131,10 @@ class PoolingServing:
         return vector.tolist()
 
     async def embeddings(self, body: dict, task: str = "embed") -> dict:
-        req = _parse(EmbeddingRequest if task == "embed" else PoolingRequest, body)
+        req = parse(EmbeddingRequest if task == "embed" else PoolingRequest, body)
         model = self._model(req)
         params = self._params(req, task, dimensions=req.dimensions, normalize=req.normalize)
-        inputs = self._tokenize(_prompts(req.input), params, "input")
+        inputs = self._tokenize(prompts_of(req.input), params, "input")
         vectors = await self.batcher.pool(inputs, [params] * len(inputs))
         kind, key, prefix = ("embedding", "embedding", "embd") if task == "embed" else ("pooling", "data", "pool")
         data = [{"index": i, "object": kind, key: self._encode(v, req.encoding_format)} for i, v in enumerate(vectors)]
@@ -210,10 +142,10 @@ class PoolingServing:
                 "data": data, "usage": self._usage(inputs)}
 
     async def classify(self, body: dict) -> dict:
-        req = _parse(ClassificationRequest, body)
+        req = parse(ClassificationRequest, body)
         model = self._model(req)
         params = self._params(req, "classify", use_activation=req.use_activation)
-        inputs = self._tokenize(_prompts(req.input), params, "input")
+        inputs = self._tokenize(prompts_of(req.input), params, "input")
         probs = await self.batcher.pool(inputs, [params] * len(inputs))
         labels = self.engine.id2label
         data = [{"index": i, "label": labels.get(int(np.argmax(p)), str(int(np.argmax(p)))), "probs": p.tolist(),
@@ -249,7 +181,7 @@ class PoolingServing:
         return cos, inputs
 
     async def score(self, body: dict) -> dict:
-        req = _parse(ScoreRequest, body)
+        req = parse(ScoreRequest, body)
         model = self._model(req)
         as_list = lambda t: [t] if isinstance(t, str) else list(t)  # noqa: E731
         scores, inputs = await self._scores(req, as_list(req.text_1), as_list(req.text_2))
@@ -258,7 +190,7 @@ class PoolingServing:
                 "data": data, "usage": self._usage(inputs)}
 
     async def rerank(self, body: dict) -> dict:
-        req = _parse(RerankRequest, body)
+        req = parse(RerankRequest, body)
         model = self._model(req)
         if not req.documents:
             raise APIError("'documents' must not be empty", param="documents")
