@@ -239,3 +239,17 @@ def test_chunked_segment_attention_equals_dense(lengths, seed):
     dense = np.asarray(segment_attention(q, k, v, jnp.asarray(seg), 0.5))
     chunked = np.asarray(segment_attention(q, k, v, jnp.asarray(seg), 0.5, chunk))
     np.testing.assert_allclose(chunked[seg >= 0], dense[seg >= 0], atol=1e-5)
+
+
+def test_pytorch_model_bin_without_safetensors(tmp_path):
+    """An encoder that ships only pytorch_model.bin (as bge-m3 does) loads without torch's unpickler."""
+    model = tiny_encoder("xlmr_cls", tmp_path)
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    llm = LLM(str(tmp_path), tokenizer=str(MINILM))
+    ids = random_ids(12, 0, model.config.vocab_size)
+    with torch_threads(1), torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    raw = llm.classify([ids], PoolingParams(use_activation=False), use_tqdm=False)[0].outputs.probs
+    np.testing.assert_allclose(raw, ref, atol=3e-5, rtol=1e-4)

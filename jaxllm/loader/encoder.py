@@ -28,7 +28,14 @@ def is_encoder_config(hf: dict) -> bool:
 
 def load_encoder_folder(folder: Path, dtype: str = "auto") -> tuple[EncoderConfig, EncoderWeights]:
     config = encoder_config_from_hf(json.loads((folder / "config.json").read_text()), dtype)
-    with SafetensorsFolder(folder) as state:
+    no_safetensors = not any(folder.glob("*.safetensors"))
+    if no_safetensors and ((folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file()):
+        from jaxllm.loader.torch_bin import TorchBinFolder
+
+        source = TorchBinFolder(folder)  # read without torch, running no code from the file
+    else:
+        source = SafetensorsFolder(folder)
+    with source as state:
         hf = json.loads((folder / "config.json").read_text())
         if dtype == "auto" and not (hf.get("torch_dtype") or hf.get("dtype")):
             config = config.replace(dtype=state.float_dtype())
