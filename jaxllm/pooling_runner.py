@@ -53,12 +53,12 @@ def decoder_step(params, token_ids, positions, slot_mapping, block_tables, seq_l
                  config: ModelConfig, pooling_type: str, num_blocks: int, block_size: int) -> jax.Array:
     """One packed causal-LM step over a scratch paged cache -> [S, e] pooled float32 hidden states."""
     from jaxllm.kv_cache import AttentionMetadata, KVCache
-    from jaxllm.models import llama
+    from jaxllm.models.registry import model_module  # every family's own forward
 
     cache = KVCache.create(config, num_blocks, block_size)
     md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=block_tables, seq_lens=seq_lens,
                            query_start_loc=query_start_loc, logits_indices=query_start_loc[:-1])
-    hidden, _ = llama.forward_hidden(params, token_ids, positions, cache, md, config)
+    hidden, _ = model_module(config.architecture).forward_hidden(params, token_ids, positions, cache, md, config)
     return pool_tokens(hidden, segment_ids, query_start_loc[:-1], seq_lens, pooling_type)
 
 

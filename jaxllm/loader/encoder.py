@@ -10,7 +10,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.loader.hf import _NUMPY_DTYPES, SafetensorsFolder
+from jaxllm.loader.hf import SafetensorsFolder
+from jaxllm.loader.state import NUMPY_DTYPES
 from jaxllm.models.bert import (ClassifierWeights, EncoderConfig, EncoderLayerWeights, EncoderWeights,
                                 encoder_config_from_hf)
 
@@ -46,7 +47,7 @@ def encoder_weights_from_state(config: EncoderConfig, state: Mapping[str, np.nda
     """HF-named tensors -> EncoderWeights in `config.dtype`. Shapes are checked against the config; a
     missing tensor, or one the model would silently ignore, is a ValueError naming it."""
     L, e, f = config.num_layers, config.hidden_size, config.intermediate_size
-    dtype = _NUMPY_DTYPES[config.dtype]
+    dtype = NUMPY_DTYPES[config.dtype]
     anchor = next((n for n in state if n.endswith("embeddings.word_embeddings.weight")), None)
     if anchor is None:
         raise ValueError(f"checkpoint has no '*embeddings.word_embeddings.weight' (needed by {config.architecture})")
