@@ -467,10 +467,11 @@ class LLMEngine:
                 logprobs=None if logprobs is None else list(logprobs),
                 finish_reason=s.status.value if done else None, stop_reason=s.stop_reason))
         first = parent.samples[0]
+        scheduled = parent.first_scheduled_time
         metrics = RequestMetrics(
-            arrival_time=parent.arrival_time, last_token_time=now, first_scheduled_time=parent.first_scheduled_time,
+            arrival_time=parent.arrival_time, last_token_time=now, first_scheduled_time=scheduled,
             first_token_time=parent.first_token_time, finished_time=now if finished else None,
-            time_in_queue=None if parent.first_scheduled_time is None else parent.first_scheduled_time - parent.arrival_time)
+            time_in_queue=None if scheduled is None else scheduled - parent.arrival_time)
         return RequestOutput(request_id=parent.request_id, prompt=first.prompt, prompt_token_ids=first.prompt_token_ids,
                              outputs=completions, finished=finished, prompt_logprobs=first.prompt_logprobs,
                              num_cached_tokens=parent.num_cached_tokens, metrics=metrics)

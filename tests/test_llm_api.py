@@ -135,7 +135,8 @@ def test_chat_template_inline_file_and_kwargs(llm, tmp_path):
     file.write_text(inline)
     (from_file,) = llm.chat(CHAT, GREEDY, chat_template=str(file), use_tqdm=False)
     assert from_file.prompt == "[system:Be brief.][user:What is 2 + 2?]"
-    assert from_file.outputs[0].token_ids == llm.generate(from_file.prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    (ref,) = llm.generate(from_file.prompt, GREEDY, use_tqdm=False)
+    assert from_file.outputs[0].token_ids == ref.outputs[0].token_ids
 
 
 def test_chat_refusals(llm):
