@@ -260,3 +260,14 @@ def test_quickstart_offline_example(model_dir):
                                    "The capital of France is", "The future of AI is")]
     (chat,) = [line for line in lines if line.startswith("Chat prompt:")]
     assert "Write an essay about the importance of higher education." in chat
+
+
+def test_quickstart_curl_example(served):
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on this machine")
+    out = subprocess.run(["sh", str(ROOT / "examples" / "quickstart_curl.sh"), served], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    models, completion, chat = (json.loads(line) for line in out.strip().splitlines())
+    assert models["data"][0]["id"] == "SmolLM2-135M-Instruct"
+    assert completion["object"] == "text_completion" and completion["usage"]["completion_tokens"] <= 7
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
