@@ -24,7 +24,7 @@ def load_chat_template(chat_template: str | Path | None) -> str | None:
     if text is None:
         chat_template = str(chat_template)
         if not any(c in chat_template for c in _JINJA_CHARS):
-            raise ValueError(f"chat_template={chat_template!r} looks like a file path, but there is no such file")
+            raise ValueError(f"No such file: {chat_template!r} (nor is it an inline template: it holds no Jinja)")
         text = codecs.decode(chat_template.encode("latin-1", "backslashreplace"), "unicode_escape")
     import jinja2
 

@@ -202,7 +202,8 @@ def make_arg_parser(prog: str = "jaxllm serve") -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None, prog: str = "jaxllm serve") -> argparse.Namespace:
     """Parse and settle the server's arguments: a positional model wins over --model (as in vLLM), the
-    API keys come from $JAXLLM_API_KEY when --api-key is not given, and empty keys are dropped."""
+    API keys come from $JAXLLM_API_KEY when --api-key is not given, empty keys are dropped, and the chat
+    template is read (`chat_template_text`)."""
     parser = make_arg_parser(prog)
     args = parser.parse_args(argv)
     return settle_args(args, parser)
@@ -216,6 +217,12 @@ def settle_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None
         parser.error("pass a model or --model-shape, not both")
     keys = args.api_key if args.api_key is not None else [os.environ.get(API_KEY_ENV, "")]
     args.api_key = [key for key in keys if key] or None  # as vLLM: an empty key means no authentication
+    from jaxllm.entrypoints.chat_utils import load_chat_template
+
+    try:  # before the model loads: a bad template is named at once
+        args.chat_template_text = load_chat_template(args.chat_template)
+    except (OSError, ValueError) as e:
+        parser.error(f"--chat-template: {e}")
     if args.max_logprobs < 0:  # vLLM's -1 (no limit) is offline-only here: a request's logprobs need a bound
         parser.error(f"--max-logprobs={args.max_logprobs}: must be >= 0")
     return args

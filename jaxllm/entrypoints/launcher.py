@@ -18,14 +18,12 @@ def load_app(args: argparse.Namespace):
     from starlette.middleware.cors import CORSMiddleware
 
     from jaxllm import LLM
-    from jaxllm.entrypoints.chat_utils import load_chat_template
     from jaxllm.entrypoints.openai_server import build_app
     from jaxllm.generation_config import default_sampling_params
     from jaxllm.llm import batch_limits
 
     args = settle_args(args)  # idempotent: parse_args settled it already, make_arg_parser().parse_args did not
     dtype = {"float": "float32", "half": "float16"}.get(args.dtype, args.dtype)
-    chat_template = load_chat_template(args.chat_template)  # before the model: a bad template fails fast
     # vLLM's server defaults (smaller steps than offline)
     max_num_seqs, max_num_batched_tokens = batch_limits(args.max_num_seqs, args.max_num_batched_tokens, "server")
     engine_kwargs = dict(max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=max_num_seqs,
@@ -52,7 +50,7 @@ def load_app(args: argparse.Namespace):
                     "values win; --generation-config vllm turns this off)", defaults)
     names = args.served_model_name or [args.model_shape or args.model or DEFAULT_SERVED_NAME]
     app = build_app(llm.llm_engine, served_model_names=names, model_path=model_path, api_key=args.api_key,
-                    chat_template=chat_template, max_body_bytes=args.max_request_body_bytes,
+                    chat_template=args.chat_template_text, max_body_bytes=args.max_request_body_bytes,
                     shutdown_timeout=args.shutdown_timeout, default_sampling_params=defaults)
     # CORS outermost, so a preflight is answered before the API key is asked for and a 401 carries the
     # CORS headers a browser needs to read it.
