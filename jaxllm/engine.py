@@ -372,7 +372,7 @@ class LLMEngine:
             self._probe = None
         for first in list(self.requests.values()):
             if first.parent.finished:
-                out = self._make_output(first.parent)
+                out = self._make_output(first.parent, time.time())
                 if out is not None:
                     outputs.append(out)
                 for sample in first.parent.samples:
