@@ -148,7 +148,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     async_scheduling: bool = True  # schedule and launch step N+1 before reading step N's results
     seed: int = 0
-    max_logprobs: int = 20
+    max_logprobs: int = 20  # -1: no limit (as vLLM)
     token_buckets: tuple[int, ...] = field(default=())  # filled in by __post_init__ when empty
     seq_buckets: tuple[int, ...] = field(default=())
 
@@ -164,7 +164,7 @@ class EngineConfig:
              "max_num_batched_tokens", self.max_num_batched_tokens, f"must be an integer >= max_num_seqs ({self.max_num_seqs})")
         need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
         need(self.num_gpu_blocks is None or self.num_gpu_blocks >= 1, "num_gpu_blocks", self.num_gpu_blocks, "must be None or >= 1")
-        need(self.max_logprobs >= 0, "max_logprobs", self.max_logprobs, "must be >= 0")
+        need(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, "must be >= 0, or -1 for no limit")
         if not self.enable_chunked_prefill:
             need(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens", self.max_num_batched_tokens,
                  f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off")

@@ -27,7 +27,7 @@ from jaxllm.core.scheduler import Scheduler
 from jaxllm.detokenizer import Detokenizer
 from jaxllm.kv_cache import KVCache
 from jaxllm.model_runner import ModelRunner, ModelRunnerOutput
-from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("jaxllm")
@@ -188,7 +188,7 @@ class LLMEngine:
         room = max_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**32)
-        parent = ParentRequest(request_id, params)
+        parent = ParentRequest(request_id, params, arrival_time=time.time())
         arrival = next(self._arrivals)
         for i in range(params.num_samples):
             parent.samples.append(Request(
@@ -332,8 +332,11 @@ class LLMEngine:
             if req.status.finished:
                 self.runner.free_request(req.request_id)
         outputs = []
+        now = time.time()
         for parent in touched.values():
-            out = self._make_output(parent)
+            if parent.first_token_time is None:
+                parent.first_token_time = now
+            out = self._make_output(parent, now)
             if out is not None:
                 outputs.append(out)
             if parent.finished:
@@ -369,7 +372,7 @@ class LLMEngine:
             self._probe = None
         for first in list(self.requests.values()):
             if first.parent.finished:
-                out = self._make_output(first.parent)
+                out = self._make_output(first.parent, time.time())
                 if out is not None:
                     outputs.append(out)
                 for sample in first.parent.samples:
@@ -437,7 +440,7 @@ class LLMEngine:
                                                           top_logprobs[j], num, params))
 
     # -- outputs ------------------------------------------------------------------------------------
-    def _make_output(self, parent: ParentRequest) -> RequestOutput | None:
+    def _make_output(self, parent: ParentRequest, now: float) -> RequestOutput | None:
         params = parent.sampling_params
         finished = parent.finished
         ranked = params.num_samples > params.n
@@ -459,11 +462,19 @@ class LLMEngine:
                 logprobs = None if logprobs is None else logprobs[sent_tokens:]
             completions.append(CompletionOutput(
                 index=index if ranked else s.index, text=text, token_ids=list(token_ids),
-                cumulative_logprob=s.cumulative_logprob, logprobs=None if logprobs is None else list(logprobs),
+                # as vLLM: only with logprobs asked for (best_of ranks by it either way)
+                cumulative_logprob=None if params.logprobs is None else s.cumulative_logprob,
+                logprobs=None if logprobs is None else list(logprobs),
                 finish_reason=s.status.value if done else None, stop_reason=s.stop_reason))
         first = parent.samples[0]
+        scheduled = parent.first_scheduled_time
+        metrics = RequestMetrics(
+            arrival_time=parent.arrival_time, last_token_time=now, first_scheduled_time=scheduled,
+            first_token_time=parent.first_token_time, finished_time=now if finished else None,
+            time_in_queue=None if scheduled is None else scheduled - parent.arrival_time)
         return RequestOutput(request_id=parent.request_id, prompt=first.prompt, prompt_token_ids=first.prompt_token_ids,
-                             outputs=completions, finished=finished, prompt_logprobs=first.prompt_logprobs)
+                             outputs=completions, finished=finished, prompt_logprobs=first.prompt_logprobs,
+                             num_cached_tokens=parent.num_cached_tokens, metrics=metrics)
 
     def _release(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)

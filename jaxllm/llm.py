@@ -7,6 +7,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 
@@ -76,31 +77,60 @@ class LLM(PoolingMixin):
             are pooling models by default; a causal LM becomes one with `convert="embed"`.
         override_pooler_config (or pooler_config): vLLM's PoolerConfig fields (pooling_type, normalize,
             dimensions, use_activation) over the model's and its sentence-transformers files' defaults.
+        revision: with a Hugging Face id, the branch, tag or commit of the cached snapshot (default "main").
+        download_dir: the Hugging Face cache folder ids are looked up in; default: huggingface_hub's
+            ($HF_HUB_CACHE, or $HF_HOME/hub). Nothing is downloaded.
+        tokenizer_mode: "auto" or "hf" (both: the Hugging Face fast tokenizer).
+        skip_tokenizer_init: must be False (the engine detokenizes and checks stop strings itself).
+        trust_remote_code: accepted; jaxllm runs no code from model repositories, so a model whose
+            architecture needs it is refused by name either way.
+        max_logprobs: most `logprobs`/`prompt_logprobs` a request may ask for (-1: no limit).
+        generation_config: "auto" (the defaults in the model's generation_config.json), "vllm" (vLLM's), or
+            a folder holding a generation_config.json; used when generate()/chat() get no SamplingParams.
+        override_generation_config: {field: value} over generation_config's defaults.
+        tensor_parallel_size: must be 1 (one device).
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
                  max_model_len: int | None = None, block_size: int = 16, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
-                 num_gpu_blocks_override: int | None = None, async_scheduling: bool = True, **kwargs):
+                 num_gpu_blocks_override: int | None = None, async_scheduling: bool = True,
+                 revision: str | None = None, download_dir: str | None = None, tokenizer_mode: str = "auto",
+                 skip_tokenizer_init: bool = False, trust_remote_code: bool = False, max_logprobs: int = 20,
+                 generation_config: str = "auto", override_generation_config: dict | None = None,
+                 tensor_parallel_size: int = 1, **kwargs):
+        from jaxllm.generation_config import default_sampling_params
         from jaxllm.loader import default_model_path, load_model, load_tokenizer
+        from jaxllm.loader.model_id import resolve_model_path
 
         pooling_args = {k: kwargs.pop(k) for k in ("task", "runner", "convert", "override_pooler_config",
                                                    "pooler_config") if k in kwargs}
         if kwargs:
             raise TypeError(f"LLM() got unsupported arguments: {', '.join(sorted(kwargs))}")
-        path = default_model_path() if model is None else model
+        if tokenizer_mode not in ("auto", "hf"):
+            raise ValueError(f"tokenizer_mode={tokenizer_mode!r}: jaxllm has 'auto' and 'hf' (the Hugging Face "
+                             "fast tokenizer); vLLM's 'slow', 'mistral' and 'custom' are not available")
+        if skip_tokenizer_init:
+            raise ValueError("skip_tokenizer_init=True is not supported: the engine needs the tokenizer to "
+                             "detokenize and to match stop strings")
+        if tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: jaxllm runs a model on one device")
+        path = default_model_path() if model is None else resolve_model_path(model, revision, download_dir)
         if self._init_pooling(path, pooling_args, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
                               max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs):
             return
+        folder = path if Path(path).is_dir() else None
+        default_sampling = default_sampling_params(folder, generation_config, override_generation_config)
         model_config, params = load_model(path, dtype=dtype)
-        tok = load_tokenizer(tokenizer or path)
+        tok = load_tokenizer(resolve_model_path(tokenizer, None, download_dir) if tokenizer else path)
         self._init(model_config, params, tok, max_model_len=max_model_len, block_size=block_size,
                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                    gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
                    enable_chunked_prefill=enable_chunked_prefill, seed=seed, num_gpu_blocks=num_gpu_blocks_override,
-                   async_scheduling=async_scheduling)
+                   async_scheduling=async_scheduling, max_logprobs=max_logprobs)
         self.model = path
+        self._default_sampling = default_sampling
 
     @classmethod
     def from_params(cls, params, config: ModelConfig, tokenizer, **engine_kwargs) -> "LLM":
@@ -110,6 +140,7 @@ class LLM(PoolingMixin):
             engine_kwargs["num_gpu_blocks"] = engine_kwargs.pop("num_gpu_blocks_override")
         self._init(config, params, tokenizer, **engine_kwargs)
         self.model = None
+        self._default_sampling = {}
         return self
 
     def _init(self, model_config: ModelConfig, params, tokenizer, max_model_len=None, max_num_seqs=None,
@@ -134,32 +165,102 @@ class LLM(PoolingMixin):
     def get_tokenizer(self):
         return self._pooling.tokenizer if self._pooling is not None else self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams used when generate() or chat() get none: vLLM's defaults, with the model's
+        generation_config.json values over them (see the `generation_config` argument)."""
+        return SamplingParams(**self._default_sampling)
+
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate completions for `prompts` (a string, a list of strings, or vLLM's
         `{"prompt_token_ids": [...]}` dicts). Returns one RequestOutput per prompt, in input order.
-        Every prompt is checked before any work starts: one bad prompt refuses the whole call."""
+        Every prompt is checked before any work starts: one bad prompt refuses the whole call.
+        Without `sampling_params`, get_default_sampling_params() (the model's generation config) applies.
+        Outputs are always final (vLLM forces output_kind FINAL_ONLY here)."""
         self._refuse_if_pooling("generate")
+        return self._generate(prompts, sampling_params, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             **kwargs) -> list[RequestOutput]:
+        """Generate replies to conversations, as vLLM's `LLM.chat`.
+
+        messages: one conversation (a list of {"role", "content"} dicts; content a string or a list of
+            {"type": "text", "text": ...} parts), or a list of conversations.
+        sampling_params: one SamplingParams, one per conversation, or None for get_default_sampling_params().
+        chat_template: a Jinja template (text, or a file) replacing the tokenizer's.
+        add_generation_prompt: end the prompt with the assistant's turn header.
+        continue_final_message: let the model continue the last (assistant) message instead of starting
+            a new one (exclusive with add_generation_prompt).
+        chat_template_kwargs: extra variables for the template (e.g. Qwen3's enable_thinking).
+        Returns one RequestOutput per conversation; its `prompt` is the rendered template."""
+        self._refuse_if_pooling("chat")
+        if kwargs:
+            raise TypeError(f"LLM.chat() got unsupported arguments: {', '.join(sorted(kwargs))}")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be True")
+        if isinstance(messages, (list, tuple)) and messages and all(isinstance(m, dict) for m in messages):
+            conversations = [list(messages)]
+        elif isinstance(messages, (list, tuple)) and messages and all(isinstance(c, (list, tuple)) for c in messages):
+            conversations = [list(c) for c in messages]
+        else:
+            raise TypeError("messages must be a conversation (a non-empty list of message dicts) or a list of them")
+        from jaxllm.entrypoints.chat_utils import load_chat_template, text_messages
+
+        template = load_chat_template(chat_template)
+        tokenizer = self.get_tokenizer()
+        if template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template: pass chat_template=")
+        extra = dict(chat_template_kwargs or {})
+        reserved = {"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
+                    "chat_template"} & set(extra)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(sorted(reserved))}: pass them as arguments")
+        texts, prompts = [], []
+        for i, conversation in enumerate(conversations):
+            conversation = text_messages(conversation, f"messages[{i}]" if len(conversations) > 1 else "messages")
+            try:
+                text = tokenizer.apply_chat_template(
+                    conversation, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message, **extra)
+            except Exception as e:  # jinja's raise_exception and template errors name the conversation's fault
+                raise ValueError(f"messages[{i}]: the chat template could not render it: {e}") from None
+            texts.append(text)
+            # The template writes any BOS token itself: no special tokens are added (as vLLM).
+            prompts.append({"prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids})
+        return self._generate(prompts, sampling_params, use_tqdm, texts=texts, what="messages")
+
+    def _generate(self, prompts, sampling_params, use_tqdm: bool, texts: list[str] | None = None,
+                  what: str = "prompts") -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
         engine = self.llm_engine
-        # As vLLM's LLM: generate() returns whole outputs only, so the engine builds no per-step outputs
-        # and decodes the text once at the end (unless stop strings need it incrementally).
-        params_list = [dataclasses.replace(p or SamplingParams(), output_kind=RequestOutputKind.FINAL_ONLY)
-                       if p is None or p.output_kind == RequestOutputKind.CUMULATIVE else p for p in params_list]
+        # As vLLM's LLM: generate() returns whole outputs only (whatever output_kind says), so the engine
+        # builds no per-step outputs and decodes the text once at the end (unless stop strings need it
+        # incrementally).
+        params_list = [self.get_default_sampling_params() if p is None else p for p in params_list]
+        params_list = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                       if isinstance(p, SamplingParams) and p.output_kind != RequestOutputKind.FINAL_ONLY else p
+                       for p in params_list]
         requests = []
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             try:
                 requests.append(engine.make_request(str(next(self._request_counter)), prompt, params))
             except (TypeError, ValueError) as e:
-                raise type(e)(f"prompts[{i}]: {e}") from None
+                raise type(e)(f"{what}[{i}]: {e}") from None
+            if texts is not None:  # a chat prompt goes in as token ids; its output shows the rendered text
+                for sample in requests[-1].parent.samples:
+                    sample.prompt = texts[i]
         for req in requests:
             engine.enqueue(req)
         return self._run_engine(requests, use_tqdm)

@@ -1,4 +1,4 @@
-"""What generate() returns: vLLM's RequestOutput, CompletionOutput and Logprob."""
+"""What generate() returns: vLLM's RequestOutput, CompletionOutput, Logprob and RequestMetrics."""
 
 from __future__ import annotations
 
@@ -35,9 +35,24 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request went through the engine, as vLLM's RequestMetrics: wall-clock times (time.time())
+    of its arrival, its first scheduling, its first output token, its latest output token, and its end
+    (None until then); `time_in_queue` is first_scheduled_time - arrival_time."""
+
+    arrival_time: float
+    last_token_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    time_in_queue: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     """The completions of one prompt. `prompt_logprobs` (when asked for): None for the first prompt token,
-    then a {token_id: Logprob} dict per prompt token."""
+    then a {token_id: Logprob} dict per prompt token. `num_cached_tokens`: prompt tokens found in the
+    prefix cache when the request was first scheduled. `metrics`: a RequestMetrics."""
 
     request_id: str
     prompt: str | None
@@ -45,3 +60,5 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     prompt_logprobs: list | None = None
+    num_cached_tokens: int | None = None
+    metrics: RequestMetrics | None = None

@@ -1,6 +1,6 @@
 """`python -m jaxllm.serve [--model ...]`: the OpenAI-compatible server (see `--help`)."""
 
-from jaxllm.entrypoints.openai_server import main
+from jaxllm.entrypoints.launcher import main
 
 if __name__ == "__main__":
-    main()
+    main(prog="python -m jaxllm.serve")

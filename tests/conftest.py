@@ -59,3 +59,20 @@ def make_llm(tiny_model):
         return LLM.from_params(params, config, tok, **engine_kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, smol_tokenizer):
+    """A 2-layer random Llama over the real tokenizer, saved as a Hugging Face folder (config.json,
+    safetensors, tokenizer files with the chat template)."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("tiny-llama-hf")
+    LlamaForCausalLM(config).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path

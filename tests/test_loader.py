@@ -3,9 +3,12 @@ tokenizers match transformers'; bad inputs fail with the right exception, naming
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -15,6 +18,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from hf_models import TINY_MODELS, save_tiny_model, smollm2_hf_model, smollm2_hf_tokenizer, tiny_hf_model
@@ -356,6 +361,28 @@ def test_gguf_tokenizer_matches_transformers(smollm2_tokenizer):
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     assert ours.chat_template == theirs.chat_template
     assert ours.apply_chat_template(chat, tokenize=False) == theirs.apply_chat_template(chat, tokenize=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))
+def test_gguf_tokenizer_matches_transformers_on_any_text(smollm2_tokenizer, text):
+    """The torch-free GGUF tokenizer encodes any text as transformers' own GGUF path does."""
+    theirs = _hf_gguf_tokenizer()
+    assert smollm2_tokenizer.encode(text) == theirs.encode(text)
+
+
+@functools.cache
+def _hf_gguf_tokenizer():
+    return smollm2_hf_tokenizer(default_model_path())
+
+
+def test_gguf_tokenizer_needs_no_torch():
+    """The main job runs without torch: the GGUF tokenizer loads where torch cannot be imported (a None in
+    sys.modules hides it from imports and from transformers' availability check), with the same ids."""
+    ids = load_tokenizer(default_model_path()).encode(TEXTS[3])
+    code = ("import sys; sys.modules['torch'] = None; from jaxllm.loader import default_model_path, load_tokenizer; "
+            f"assert load_tokenizer(default_model_path()).encode({TEXTS[3]!r}) == {ids!r}")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent, timeout=300)
 
 
 def test_gguf_tokenizer_adds_no_bos(smollm2_tokenizer):

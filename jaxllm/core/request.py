@@ -147,6 +147,10 @@ class ParentRequest:
     request_id: str
     sampling_params: SamplingParams
     samples: list[Request] = field(default_factory=list)
+    arrival_time: float = 0.0  # time.time() stamps, for RequestOutput.metrics
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache held at the first scheduling
 
     @property
     def finished(self) -> bool:

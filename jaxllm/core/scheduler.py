@@ -17,6 +17,7 @@ and whichever sample first writes into the shared partial block gets a copy of i
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -113,6 +114,9 @@ class Scheduler:
             self.waiting.popleft()
             req.num_computed_tokens = num_computed
             req.status = RequestStatus.RUNNING
+            parent = req.parent
+            if parent is not None and parent.first_scheduled_time is None:  # not on a preempted request's return
+                parent.first_scheduled_time, parent.num_cached_tokens = time.time(), num_computed
             self.running.append(req)
             reserved += len(req.pending_children)
             self._add_scheduled(out, req, num_new)

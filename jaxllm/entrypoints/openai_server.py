@@ -1,13 +1,12 @@
-"""The OpenAI-compatible HTTP server: `python server.py --model ...` or `python -m jaxllm.serve`.
+"""The OpenAI-compatible HTTP server: `jaxllm serve MODEL` or `python server.py --model ...`.
 
-`build_app(engine, ...)` wires an LLMEngine into a Starlette app; `main()` is the CLI (the same flag
-names as `vllm serve`). HTTP concerns live here: body limits, the API key, JSON errors, SSE, and
-client disconnects (which abort the client's engine requests, streaming or not).
+`build_app(engine, ...)` wires an LLMEngine into a Starlette app; the CLI (the same flag names as
+`vllm serve`) is in cli_args.py and launcher.py. HTTP concerns live here: body limits, the API keys,
+JSON errors, SSE, and client disconnects (which abort the client's engine requests, streaming or not).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
@@ -24,18 +23,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import jaxllm
-from jaxllm.detokenizer import backend_decoder
 from jaxllm.engine import LLMEngine
 from jaxllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, EngineError
 from jaxllm.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from jaxllm.entrypoints.protocol import APIError, error_dict, find_lone_surrogate
 from jaxllm.entrypoints.pooling_routes import build_pooling_app, refusing_routes
-from jaxllm.entrypoints.serving import OpenAIServing, check_chat_template
+from jaxllm.entrypoints.serving import OpenAIServing
+from jaxllm.generation_config import with_generation_defaults
 
 logger = logging.getLogger("jaxllm.server")
 
 MAX_BODY_BYTES = 16 * 2**20
-OPEN_PATHS = ("/health", "/version", "/metrics")  # reachable without the API key
+OPEN_PATHS = ("/health", "/ping", "/version", "/metrics")  # reachable without the API key
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -161,20 +160,35 @@ async def _json_lines(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
         await chunks.aclose()
 
 
-class _Guard:
-    """ASGI middleware: the API key on every route but OPEN_PATHS, and a cap on declared body sizes."""
+def api_keys(api_key: str | list[str] | None) -> list[str]:
+    """The keys that open the server: vLLM's `--api-key` takes several, and an empty one means none."""
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+    return [key for key in keys if key]
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+class _Guard:
+    """ASGI middleware: one of the API keys on every route but OPEN_PATHS (and CORS preflights), and a
+    cap on declared body sizes."""
+
+    def __init__(self, app, api_key: str | list[str] | None, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.expected = [f"Bearer {key}".encode() for key in api_keys(api_key)]
+
+    def _authorized(self, given: str) -> bool:
+        given = given.encode("latin-1")
+        # every key compared, so the time taken does not tell which one nearly matched
+        return sum(hmac.compare_digest(given, expected) for expected in self.expected) > 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
-            given = headers.get("authorization", "")
-            expected = f"Bearer {self.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # behind --root-path, uvicorn passes the full path
+            path = path[len(root):] or "/"
+        if self.expected and path not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            if not self._authorized(headers.get("authorization", "")):
                 error = APIError("Incorrect API key provided: pass 'Authorization: Bearer <key>'.", status=401,
                                  code="invalid_api_key")
                 return await error_response(error)(scope, receive, send)
@@ -187,18 +201,22 @@ class _Guard:
 
 
 def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None, model_path: str | None = None,
-              api_key: str | None = None, chat_template: str | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 10.0):
+              api_key: str | list[str] | None = None, chat_template: str | None = None,
+              max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 10.0,
+              default_sampling_params: dict | None = None):
     """An ASGI app serving `engine`. The engine loop starts and stops with the app's lifespan; `app.state`
     holds `async_engine` and `metrics`.
 
     Args:
         served_model_names: the names clients may pass as `model` (the first is listed); default "jaxllm".
         model_path: shown as the model's `root` in /v1/models.
-        api_key: when set, every route but /health, /version and /metrics needs `Authorization: Bearer KEY`.
+        api_key: a key or a list of keys; with any non-empty one, every route but /health, /ping, /version and
+            /metrics needs `Authorization: Bearer KEY` with one of them.
         chat_template: a Jinja chat template (text) that replaces the tokenizer's.
         max_body_bytes: larger request bodies get a 413.
         shutdown_timeout: seconds the requests in flight may run after SIGTERM before they are ended.
+        default_sampling_params: {field: value} from the model's generation config, for the completion and
+            chat fields a request leaves out (see with_generation_defaults).
     """
     names = list(served_model_names or ["jaxllm"])
     metrics = ServerMetrics(engine, names[0])
@@ -249,13 +267,15 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None,
         return _ClosingStreamingResponse(_json_lines(chunks), media_type="application/x-ndjson")
 
     async def completions(request: Request) -> Response:
-        prep = await prepared(request, serving.prepare_completion)
+        prep = await prepared(request, lambda body: serving.prepare_completion(
+            with_generation_defaults(body, default_sampling_params)))
         if prep.req.stream:
             return stream(serving.completion_stream(prep))
         return await respond(request, serving.completion(prep))
 
     async def chat_completions(request: Request) -> Response:
-        prep = await prepared(request, serving.prepare_chat)
+        prep = await prepared(request, lambda body: serving.prepare_chat(
+            with_generation_defaults(body, default_sampling_params)))
         if prep.req.stream:
             return stream(serving.chat_stream(prep))
         return await respond(request, serving.chat(prep))
@@ -342,73 +362,6 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None,
     return guarded
 
 
-# -- CLI --------------------------------------------------------------------------------------------
-class _HelpFormatter(argparse.HelpFormatter):
-    """Shows a flag's default unless it is None or the help already names it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, argparse.SUPPRESS) and "default" not in text and action.option_strings:
-            text += " (default: %(default)s)"
-        return text
-
-
-def make_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python server.py", description="jaxllm's OpenAI-compatible server (flags named as in `vllm serve`).",
-        formatter_class=_HelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="a Hugging Face model folder or a .gguf file; default: SmolLM2-135M-Instruct (GGUF)")
-    p.add_argument("--model-shape", default=None,
-                   help="serve random weights at a real model's shape (smollm2-135m, qwen3-0.6b, llama3-8b, ...) "
-                        "with the default model's tokenizer (or --tokenizer), for benchmarks; replaces --model")
-    p.add_argument("--tokenizer", default=None, help="a tokenizer folder or file; default: the model's")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--served-model-name", nargs="+", default=None,
-                   help="names clients use as `model` (the first is listed by /v1/models); default: --model as given, "
-                        f"or {DEFAULT_SERVED_NAME} for the default model")
-    p.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer KEY` on every route but /health, /version and /metrics")
-    p.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the tokenizer's")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + completion in tokens; default: the model's context length")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="share of accelerator memory the engine may use (weights, activations, KV cache)")
-    p.add_argument("--num-gpu-blocks-override", type=int, default=None,
-                   help="a fixed number of KV-cache blocks instead of sizing from memory")
-    p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="most sequences in one step; default: vLLM's (1024 on GPUs of 70 GiB or more, else 256; 32 on a CPU)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="most tokens in one step; default: vLLM's server value (8192 on GPUs of 70 GiB or more, else 2048; 512 on a CPU)")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the KV blocks of prompts that share a prefix")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16", "float16", "half"],
-                   help="weight and compute dtype; auto: the checkpoint's")
-    p.add_argument("--seed", type=int, default=0, help="seeds the per-request seeds of requests that bring none")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
-                   help="log level of jaxllm and uvicorn")
-    p.add_argument("--task", default="auto", help="vLLM's older name for what the model does: generate, embed, "
-                   "classify, score (embed/classify/score serve a pooling model)")
-    p.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling"],
-                   help="generate text, or pool (embeddings, scores, classification); auto: by the architecture")
-    p.add_argument("--convert", default="auto", choices=["auto", "none", "embed", "classify"],
-                   help="run a causal LM as an embedding model (embed: last token, normalised)")
-    p.add_argument("--override-pooler-config", "--pooler-config", dest="pooler_config", default=None,
-                   help='JSON of PoolerConfig fields, e.g. \'{"pooling_type": "MEAN", "normalize": true}\'')
-    p.add_argument("--max-request-body-bytes", type=int, default=MAX_BODY_BYTES,
-                   help="larger request bodies are refused with 413 (not a vLLM flag)")
-    add_shutdown_args(p)
-    return p
-
-
-def add_shutdown_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="on SIGTERM/SIGINT, seconds the requests in flight may still run; then each is ended "
-                        "cleanly (streams get an error event and [DONE], others a 503)")
-
-
 def serve(app, config) -> None:
     """Run `app` under uvicorn; the shutdown signal starts the app's drain (Lifecycle) at once."""
     import uvicorn
@@ -431,109 +384,11 @@ def serve(app, config) -> None:
     Server(config).run()
 
 
-def load_app(args: argparse.Namespace):
-    """Load the model named by the parsed CLI args and build the app."""
-    from jaxllm import LLM
+def __getattr__(name: str):
+    # The CLI moved to cli_args.py and launcher.py; these names stay importable from here (lazily: the
+    # launcher imports this module).
+    if name in ("make_arg_parser", "load_app", "main"):
+        from jaxllm.entrypoints import cli_args, launcher
 
-    from jaxllm.llm import batch_limits
-
-    dtype = {"float": "float32", "half": "float16"}.get(args.dtype, args.dtype)
-    # vLLM's server defaults (smaller steps than offline)
-    max_num_seqs, max_num_batched_tokens = batch_limits(args.max_num_seqs, args.max_num_batched_tokens, "server")
-    engine_kwargs = dict(max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=max_num_seqs,
-                         max_num_batched_tokens=max_num_batched_tokens,
-                         gpu_memory_utilization=args.gpu_memory_utilization,
-                         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-                         num_gpu_blocks_override=args.num_gpu_blocks_override)
-    if args.model_shape:
-        llm = _random_weights_llm(args.model_shape, dtype, engine_kwargs, args.tokenizer)
-        model_path = f"random:{args.model_shape}"
-    else:
-        pooling = {k: v for k, v in (("task", args.task), ("runner", args.runner), ("convert", args.convert))
-                   if v != "auto"}
-        if args.pooler_config:
-            pooling["override_pooler_config"] = args.pooler_config
-        from jaxllm.pooling_engine import read_hf_dict, resolve_runner
-
-        if args.model and resolve_runner(read_hf_dict(args.model), task=args.task, runner=args.runner,
-                                         convert=args.convert)[0] == "pooling":  # the pooling engine's own defaults
-            engine_kwargs.update(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-        llm = LLM(args.model, tokenizer=args.tokenizer, dtype=dtype, **engine_kwargs, **pooling)
-        model_path = str(llm.model)
-    names = args.served_model_name or [args.model_shape or args.model or DEFAULT_SERVED_NAME]
-    if llm._pooling is not None:
-        return build_pooling_app(llm._pooling, served_model_names=names, model_path=model_path, api_key=args.api_key,
-                                 max_body_bytes=args.max_request_body_bytes)
-    chat_template = None
-    if args.chat_template:
-        with open(args.chat_template, encoding="utf-8") as f:
-            chat_template = f.read()
-    names = args.served_model_name or [args.model_shape or args.model or DEFAULT_SERVED_NAME]
-    return build_app(llm.llm_engine, served_model_names=names, model_path=model_path, api_key=args.api_key,
-                     chat_template=chat_template, max_body_bytes=args.max_request_body_bytes,
-                     shutdown_timeout=getattr(args, "shutdown_timeout", 10.0))
-
-
-DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
-
-
-class _WrappingTokenizer:
-    """The default model's tokenizer over a random-weight model of another vocabulary: token ids past its
-    vocabulary decode as `id % len(tokenizer)`, so streamed text is never empty (for benchmarks)."""
-
-    backend_tokenizer = None  # the detokenizer must decode through `decode`, which wraps the ids
-
-    def __init__(self, base):
-        self._base, self._size = base, len(base)
-        self._backend_decode = backend_decoder(base)
-
-    def __getattr__(self, name):
-        return getattr(self._base, name)
-
-    def __len__(self):
-        return self._size
-
-    def __call__(self, *args, **kwargs):
-        return self._base(*args, **kwargs)
-
-    def decode(self, ids, skip_special_tokens: bool = False, **kwargs):
-        ids = [int(i) % self._size for i in ids] if isinstance(ids, (list, tuple)) else [int(ids) % self._size]
-        if self._backend_decode is not None:
-            return self._backend_decode(ids, skip_special_tokens=skip_special_tokens)
-        return self._base.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
-
-
-def _random_weights_llm(shape: str, dtype: str, engine_kwargs: dict, tokenizer: str | None = None):
-    import jax
-
-    from jaxllm import LLM
-    from jaxllm.loader import default_model_path, load_tokenizer
-    from jaxllm.models.shapes import init_random_weights, model_shape_config
-
-    config = model_shape_config(shape, "bfloat16" if dtype == "auto" else dtype)
-    params = init_random_weights(config, jax.random.PRNGKey(engine_kwargs["seed"]))
-    tokenizer = _WrappingTokenizer(load_tokenizer(tokenizer or default_model_path()))
-    return LLM.from_params(params, config, tokenizer, **engine_kwargs)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
-    parser = make_arg_parser()
-    args = parser.parse_args(argv)
-    if args.model and args.model_shape:
-        parser.error("pass --model or --model-shape, not both")
-    if args.chat_template:  # before the model loads: a bad template file is named at once
-        try:
-            with open(args.chat_template, encoding="utf-8") as f:
-                check_chat_template(f.read())
-        except (OSError, ValueError) as e:
-            parser.error(f"--chat-template: {e}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jaxllm").setLevel(args.log_level.upper())
-    app = load_app(args)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=10, lifespan="on")
-    # On SIGINT/SIGTERM: stop admitting (503), let in-flight requests run up to --shutdown-timeout, end the
-    # rest cleanly, then the lifespan stops the engine loop.
-    serve(app, config)
+        return getattr(cli_args if name == "make_arg_parser" else launcher, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
