@@ -25,7 +25,7 @@ from jaxllm.core.kv_cache_manager import KVCacheManager
 from jaxllm.core.request import ParentRequest, Request, RequestStatus
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.detokenizer import Detokenizer
-from jaxllm.kv_cache import KVCache
+from jaxllm.kv_cache import KVCache, kv_cache_jnp_dtype
 from jaxllm.model_runner import ModelRunner, ModelRunnerOutput
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
@@ -110,7 +110,8 @@ class LLMEngine:
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
-        per_block = KVCache.bytes_per_block(self.model_config, cfg.block_size)
+        per_block = KVCache.bytes_per_block(self.model_config, cfg.block_size,
+                                            kv_cache_jnp_dtype(cfg.kv_cache_dtype, self.model_config))
         if cfg.num_gpu_blocks is not None:
             num_blocks = cfg.num_gpu_blocks
         elif jax.default_backend() == "cpu":
