@@ -9,6 +9,8 @@ rounding), and its greedy tokens against the float model's (the agreement is pri
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import jax
@@ -405,3 +407,38 @@ def test_refusals(llama, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(config, quantization_config={"quant_method": "awq"})))
     with pytest.raises(ValueError, match="quantization='fp8' does not match the checkpoint's quant_method 'awq'"):
         load_model(tmp_path, quantization="fp8")
+
+
+def test_server_flags():
+    from jaxllm.entrypoints.openai_server import make_arg_parser
+
+    args = make_arg_parser().parse_args(["--quantization", "fp8", "--kv-cache-dtype", "fp8"])
+    assert (args.quantization, args.kv_cache_dtype) == ("fp8", "fp8")
+    for flags, message in ((["-q", "bitsandbytes"], "invalid choice: 'bitsandbytes'"),
+                           (["--kv-cache-dtype", "int8"], "invalid choice: 'int8'")):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+            make_arg_parser().parse_args(flags)
+        assert message in err.getvalue() and "fp8" in err.getvalue()
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "MixtralForCausalLM"])
+def test_quantize_random_weights(architecture):
+    """Random-weight benchmark models (`--model-shape ... --quantization fp8`): the stacked linear weights of
+    a dataclass (Llama) or dict (Mixtral) pytree become QuantizedWeights that stand for the float ones;
+    Mixtral's router and experts stay float."""
+    from jaxllm.models.quant import LINEAR_FIELDS, quantize_weights
+    from jaxllm.models.shapes import init_random_weights
+
+    config = ModelConfig(architecture=architecture, vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                         num_heads=2, num_kv_heads=2, head_dim=16,
+                         **(dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+                            if "Mixtral" in architecture else {}))
+    params = init_random_weights(config, jax.random.PRNGKey(0))
+    for method, tol in (("fp8", 0.05), ("int8", 0.01)):
+        quantized = quantize_weights(params, method)
+        layers = quantized["layers"] if isinstance(quantized, dict) else vars(quantized.layers)
+        floats = params["layers"] if isinstance(params, dict) else vars(params.layers)
+        names = [k for k, v in layers.items() if isinstance(v, QuantizedWeight)]
+        assert names and set(names) <= set(LINEAR_FIELDS) and "router" not in names
+        for k in names:
+            assert layers[k].method == method and rel_err(dequantize(layers[k], jnp.float32), floats[k]) < tol

@@ -80,3 +80,34 @@ def matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
         y = jnp.matmul(xq, w.q, preferred_element_type=jnp.float32)  # [..., out]
         return (y * x_scale * w.scale[0]).astype(x.dtype)
     return x @ dequantize(w, x.dtype)
+
+
+# The stacked linear weights [L, in, out] of the families' layer pytrees (MoE routers and experts excluded).
+LINEAR_FIELDS = ("wqkv", "wo", "w_gate_up", "w_down", "w_in", "w_out", "shared_gate_up", "shared_down")
+
+
+def quantize_array(w: jax.Array, method: str) -> QuantizedWeight:
+    """A float [..., in, out] -> per-output-channel symmetric "fp8" (E4M3) or "int8", on the device."""
+    wf = w.astype(jnp.float32)
+    amax = jnp.maximum(jnp.max(jnp.abs(wf), axis=-2, keepdims=True), 1e-12)  # [..., 1, out]
+    if method == "fp8":
+        scale = amax / FP8_MAX
+        return QuantizedWeight(q=jnp.clip(wf / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale=scale,
+                               method="fp8")
+    if method == "int8":
+        scale = amax / 127.0
+        return QuantizedWeight(q=jnp.clip(jnp.round(wf / scale), -127, 127).astype(jnp.int8), scale=scale,
+                               method="int8")
+    raise ValueError(f"quantizing weights in memory takes fp8 or int8, not {method!r}")
+
+
+def quantize_weights(params, method: str):
+    """A family's float weights with their stacked linear weights (LINEAR_FIELDS, in `params.layers` or
+    `params["layers"]`) quantized: for random-weight benchmarks, which have no checkpoint to load."""
+    layers = params["layers"] if isinstance(params, dict) else params.layers
+    fields = layers if isinstance(layers, dict) else {f.name: getattr(layers, f.name) for f in dataclasses.fields(layers)}
+    quantize = jax.jit(quantize_array, static_argnums=1)
+    new = {k: quantize(v, method) for k, v in fields.items()
+           if k in LINEAR_FIELDS and isinstance(v, jax.Array) and v.ndim == 3}
+    layers = {**layers, **new} if isinstance(layers, dict) else dataclasses.replace(layers, **new)
+    return {**params, "layers": layers} if isinstance(params, dict) else dataclasses.replace(params, layers=layers)
