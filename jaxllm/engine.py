@@ -67,9 +67,9 @@ class LLMEngine:
         self.config = engine_config
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(model_config.eos_token_ids)
-        logger.info("Initializing jaxllm engine: arch=%s dtype=%s max_model_len=%d block_size=%d max_num_seqs=%d "
-                    "max_num_batched_tokens=%d prefix_caching=%s chunked_prefill=%s backend=%s",
-                    model_config.architecture, model_config.dtype, engine_config.max_model_len,
+        logger.info("Initializing jaxllm engine: arch=%s dtype=%s kv_cache_dtype=%s max_model_len=%d block_size=%d "
+                    "max_num_seqs=%d max_num_batched_tokens=%d prefix_caching=%s chunked_prefill=%s backend=%s",
+                    model_config.architecture, model_config.dtype, engine_config.kv_cache_dtype, engine_config.max_model_len,
                     engine_config.block_size, engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
                     engine_config.enable_prefix_caching, engine_config.enable_chunked_prefill, jax.default_backend())
         on_gpu = jax.default_backend() != "cpu"
