@@ -74,15 +74,19 @@ def build_llm(args):
     kwargs = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   async_scheduling=not args.no_async_scheduling,
                   max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-                  enable_prefix_caching=False)
+                  enable_prefix_caching=False, kv_cache_dtype=args.kv_cache_dtype)
     if args.model_shape:
         from jaxllm.models.shapes import init_random_weights, model_shape_config
 
         config = model_shape_config(args.model_shape, dtype=args.dtype if args.dtype != "auto" else "bfloat16",
                                     **args.shape_overrides)
         params = init_random_weights(config, jax.random.PRNGKey(args.seed))
+        if args.quantization:  # random weights have no checkpoint: quantized in memory, as at load
+            from jaxllm.models.quant import quantize_weights
+
+            params = quantize_weights(params, args.quantization)
         return LLM.from_params(params, config, None, **kwargs), config
-    llm = LLM(args.model, dtype=args.dtype, **kwargs)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, **kwargs)
     return llm, llm.llm_engine.model_config
 
 
@@ -210,6 +214,9 @@ def main(argv=None):
     ap.add_argument("--shape-overrides", type=json.loads, default={},
                     help='JSON of ModelConfig fields replacing the shape\'s (a small run: \'{"num_layers": 2}\')')
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", "-q", default=None,
+                    help="fp8 or int8 (quantized at load; the only ones for --model-shape), or a checkpoint's method")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
     ap.add_argument("--dataset", default="random", choices=["random"])
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=parse_range, default=(128, 128), help="N or LO:HI (uniform)")

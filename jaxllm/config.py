@@ -59,6 +59,8 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to one
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (with a sigmoid gate)
+    # The checkpoint's per-layer (k_scale, v_scale) for an FP8 KV cache (vLLM's FP8 checkpoints); empty: 1.0.
+    kv_cache_scales: tuple[tuple[float, float], ...] = ()
     # Flags only one family reads, as sorted (name, value) pairs: see `option`.
     options: tuple[tuple[str, object], ...] = ()
 
@@ -149,6 +151,7 @@ class EngineConfig:
     async_scheduling: bool = True  # schedule and launch step N+1 before reading step N's results
     seed: int = 0
     max_logprobs: int = 20  # -1: no limit (as vLLM)
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "fp8" | "fp8_e4m3" (kv_cache.py)
     token_buckets: tuple[int, ...] = field(default=())  # filled in by __post_init__ when empty
     seq_buckets: tuple[int, ...] = field(default=())
 
@@ -165,6 +168,8 @@ class EngineConfig:
         need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
         need(self.num_gpu_blocks is None or self.num_gpu_blocks >= 1, "num_gpu_blocks", self.num_gpu_blocks, "must be None or >= 1")
         need(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, "must be >= 0, or -1 for no limit")
+        need(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), "kv_cache_dtype", self.kv_cache_dtype,
+             "is not supported; supported: auto, fp8, fp8_e4m3")
         if not self.enable_chunked_prefill:
             need(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens", self.max_num_batched_tokens,
                  f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off")

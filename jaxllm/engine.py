@@ -25,7 +25,7 @@ from jaxllm.core.kv_cache_manager import KVCacheManager
 from jaxllm.core.request import ParentRequest, Request, RequestStatus
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.detokenizer import Detokenizer
-from jaxllm.kv_cache import KVCache
+from jaxllm.kv_cache import KVCache, kv_cache_jnp_dtype
 from jaxllm.model_runner import ModelRunner, ModelRunnerOutput
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
@@ -67,9 +67,9 @@ class LLMEngine:
         self.config = engine_config
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(model_config.eos_token_ids)
-        logger.info("Initializing jaxllm engine: arch=%s dtype=%s max_model_len=%d block_size=%d max_num_seqs=%d "
-                    "max_num_batched_tokens=%d prefix_caching=%s chunked_prefill=%s backend=%s",
-                    model_config.architecture, model_config.dtype, engine_config.max_model_len,
+        logger.info("Initializing jaxllm engine: arch=%s dtype=%s kv_cache_dtype=%s max_model_len=%d block_size=%d "
+                    "max_num_seqs=%d max_num_batched_tokens=%d prefix_caching=%s chunked_prefill=%s backend=%s",
+                    model_config.architecture, model_config.dtype, engine_config.kv_cache_dtype, engine_config.max_model_len,
                     engine_config.block_size, engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
                     engine_config.enable_prefix_caching, engine_config.enable_chunked_prefill, jax.default_backend())
         on_gpu = jax.default_backend() != "cpu"
@@ -110,7 +110,8 @@ class LLMEngine:
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
-        per_block = KVCache.bytes_per_block(self.model_config, cfg.block_size)
+        per_block = KVCache.bytes_per_block(self.model_config, cfg.block_size,
+                                            kv_cache_jnp_dtype(cfg.kv_cache_dtype, self.model_config))
         if cfg.num_gpu_blocks is not None:
             num_blocks = cfg.num_gpu_blocks
         elif jax.default_backend() == "cpu":

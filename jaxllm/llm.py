@@ -89,6 +89,11 @@ class LLM(PoolingMixin):
             a folder holding a generation_config.json; used when generate()/chat() get no SamplingParams.
         override_generation_config: {field: value} over generation_config's defaults.
         tensor_parallel_size: must be 1 (one device).
+        quantization: None (the checkpoint's own quantization_config, if any), "fp8" (W8A8, quantized at
+            load or an FP8 checkpoint), "int8" (weight-only, quantized at load), "awq", "gptq" or
+            "compressed-tensors" (checkpoints quantized with them).
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3": an E4M3 cache with the
+            checkpoint's k/v scales (1.0 when it has none), twice the tokens in the same memory.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
@@ -99,7 +104,8 @@ class LLM(PoolingMixin):
                  revision: str | None = None, download_dir: str | None = None, tokenizer_mode: str = "auto",
                  skip_tokenizer_init: bool = False, trust_remote_code: bool = False, max_logprobs: int = 20,
                  generation_config: str = "auto", override_generation_config: dict | None = None,
-                 tensor_parallel_size: int = 1, **kwargs):
+                 tensor_parallel_size: int = 1, quantization: str | None = None,
+                 kv_cache_dtype: str = "auto", **kwargs):
         from jaxllm.generation_config import default_sampling_params
         from jaxllm.loader import default_model_path, load_model, load_tokenizer
         from jaxllm.loader.model_id import resolve_model_path
@@ -114,21 +120,27 @@ class LLM(PoolingMixin):
         if skip_tokenizer_init:
             raise ValueError("skip_tokenizer_init=True is not supported: the engine needs the tokenizer to "
                              "detokenize and to match stop strings")
+        if kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):  # before the load, which takes a while
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported; supported: auto, fp8, fp8_e4m3")
         if tensor_parallel_size != 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: jaxllm runs a model on one device")
         path = default_model_path() if model is None else resolve_model_path(model, revision, download_dir)
         if self._init_pooling(path, pooling_args, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
                               max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs):
+            if quantization is not None or kv_cache_dtype != "auto":
+                raise ValueError(f"quantization={quantization!r} and kv_cache_dtype={kv_cache_dtype!r}: pooling "
+                                 "models run unquantized (None and 'auto')")
             return
         folder = path if Path(path).is_dir() else None
         default_sampling = default_sampling_params(folder, generation_config, override_generation_config)
-        model_config, params = load_model(path, dtype=dtype)
+        model_config, params = load_model(path, dtype=dtype, quantization=quantization)
         tok = load_tokenizer(resolve_model_path(tokenizer, None, download_dir) if tokenizer else path)
         self._init(model_config, params, tok, max_model_len=max_model_len, block_size=block_size,
                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                    gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
                    enable_chunked_prefill=enable_chunked_prefill, seed=seed, num_gpu_blocks=num_gpu_blocks_override,
-                   async_scheduling=async_scheduling, max_logprobs=max_logprobs)
+                   async_scheduling=async_scheduling, max_logprobs=max_logprobs,
+                   kv_cache_dtype=kv_cache_dtype)
         self.model = path
         self._default_sampling = default_sampling
 

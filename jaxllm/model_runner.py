@@ -41,7 +41,7 @@ from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.core.request import Request
 from jaxllm.core.scheduler import SchedulerOutput
 from jaxllm.executable_cache import ExecutableCache
-from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks
+from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks, kv_cache_jnp_dtype
 from jaxllm.models import llama
 from jaxllm.models.registry import model_module
 from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
@@ -136,11 +136,15 @@ class ModelRunner:
         self.params = params
         self.block_size = engine_config.block_size
         self.vocab_size = model_config.vocab_size
-        self.kv_cache = KVCache.create(model_config, num_blocks, self.block_size)
+        self.kv_dtype = kv_cache_jnp_dtype(engine_config.kv_cache_dtype, model_config)
+        self.kv_cache = KVCache.create(model_config, num_blocks, self.block_size, self.kv_dtype)
         features = model_module(model_config.architecture).attention_features(model_config)
         if features and jax.default_backend() == "gpu":
             logger.info("%s uses %s: its attention runs on the jnp reference, not the Pallas kernels (which "
                         "lack these features yet)", model_config.architecture, ", ".join(features))
+        if self.kv_dtype == jnp.float8_e4m3fn and jax.default_backend() == "gpu":
+            logger.info("kv_cache_dtype=%s: attention runs on the jnp reference, not the Pallas kernels (which "
+                        "read 16-bit caches only yet)", engine_config.kv_cache_dtype)
         mb = engine_config.max_blocks_per_seq
         if jax.default_backend() == "cpu":
             # The jnp attention's cost grows with the table's width, so the width is bucketed too; and
@@ -374,7 +378,7 @@ class ModelRunner:
     # -- start-up -------------------------------------------------------------------------------
     def resize_kv_cache(self, num_blocks: int) -> None:
         self.kv_cache = None  # free the old pool first
-        self.kv_cache = KVCache.create(self.model_config, num_blocks, self.block_size)
+        self.kv_cache = KVCache.create(self.model_config, num_blocks, self.block_size, self.kv_dtype)
 
     def _prefill_kernel(self, num_tokens: int, decode_only: bool) -> bool:
         """Whether a step's long chunks go to the Mosaic prefill kernel (where it runs): in the largest

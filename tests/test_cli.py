@@ -49,7 +49,7 @@ def test_api_keys(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--tensor-parallel-size", "2"], "--tensor-parallel-size is not supported: jaxllm serves on one device"),
-    (["-q", "awq"], "-q is not supported: jaxllm has no quantized kernels"),
+    (["-q", "bitsandbytes"], "argument --quantization/-q: invalid choice: 'bitsandbytes'"),
     (["--enforce-eager"], "--enforce-eager is not supported"),
     (["--enable-lora"], "--enable-lora is not supported: jaxllm has no LoRA adapters"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),

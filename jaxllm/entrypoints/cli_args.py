@@ -16,6 +16,8 @@ import json
 import os
 import ssl
 
+from jaxllm.loader.quantized import QUANTIZATION_METHODS
+
 MAX_BODY_BYTES = 16 * 2**20
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENV = "JAXLLM_API_KEY"  # vLLM's VLLM_API_KEY
@@ -29,8 +31,6 @@ REFUSED_FLAGS = {
     ("--distributed-executor-backend",): "jaxllm runs in one process",
     ("--headless",): "jaxllm runs in one process",
     ("--api-server-count", "-asc"): "jaxllm runs one API server process",
-    ("--quantization", "-q"): "jaxllm has no quantized kernels: GGUF weights are dequantized at load",
-    ("--kv-cache-dtype",): "the KV cache is kept in the model's dtype",
     ("--load-format",): "jaxllm reads safetensors folders and GGUF files, whatever this says",
     ("--enforce-eager",): "jaxllm always runs precompiled jitted steps (there is no eager mode)",
     ("--cpu-offload-gb",): "jaxllm does not offload weights",
@@ -128,6 +128,11 @@ def make_arg_parser(prog: str = "jaxllm serve") -> argparse.ArgumentParser:
                             "a model whose architecture needs it is refused by name")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16", "float16", "half"],
                        help="weight and compute dtype; auto: the checkpoint's")
+    model.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
+                       help="fp8 (W8A8) or int8 (weight-only): quantize a float checkpoint at load; awq, gptq, "
+                            "compressed-tensors or fp8: a checkpoint quantized with it; default: the checkpoint's own")
+    model.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                       help="KV cache storage; fp8: float8_e4m3fn with the checkpoint's k/v scales (1.0 without)")
     model.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + completion in tokens; default: the model's context length")
     model.add_argument("--generation-config", default="auto",

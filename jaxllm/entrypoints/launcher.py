@@ -29,18 +29,19 @@ def load_app(args: argparse.Namespace):
                          gpu_memory_utilization=args.gpu_memory_utilization,
                          enable_prefix_caching=args.enable_prefix_caching,
                          enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed,
-                         num_gpu_blocks_override=args.num_gpu_blocks_override, max_logprobs=args.max_logprobs)
+                         num_gpu_blocks_override=args.num_gpu_blocks_override, max_logprobs=args.max_logprobs,
+                         kv_cache_dtype=args.kv_cache_dtype)
     if args.model_shape:
         from jaxllm.entrypoints.random_weights import random_weights_llm
 
-        llm = random_weights_llm(args.model_shape, dtype, engine_kwargs, args.tokenizer)
+        llm = random_weights_llm(args.model_shape, dtype, engine_kwargs, args.tokenizer, args.quantization)
         model_path, defaults = f"random:{args.model_shape}", {}
     else:
         pooling = {k: v for k, v in (("task", args.task), ("runner", args.runner), ("convert", args.convert))
                    if v != "auto"}
         if args.pooler_config:
             pooling["override_pooler_config"] = args.pooler_config
-        llm = LLM(args.model, tokenizer=args.tokenizer, dtype=dtype, revision=args.revision,
+        llm = LLM(args.model, tokenizer=args.tokenizer, dtype=dtype, quantization=args.quantization, revision=args.revision,
                   download_dir=args.download_dir, tokenizer_mode=args.tokenizer_mode,
                   trust_remote_code=args.trust_remote_code, generation_config=args.generation_config,
                   override_generation_config=args.override_generation_config,

@@ -18,13 +18,15 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 __all__ = ["load_model", "load_tokenizer", "default_model_path"]
 
 
-def load_model(path: str | Path, dtype: str = "auto") -> tuple[ModelConfig, object]:
+def load_model(path: str | Path, dtype: str = "auto", quantization: str | None = None) -> tuple[ModelConfig, object]:
     """Load a model's config and weights.
 
     path: a Hugging Face folder (config.json and *.safetensors, sharded with
         model.safetensors.index.json or not) or a .gguf file (dequantized to float).
     dtype: "auto" (the checkpoint's own float type; float32 for GGUF), "float32", "bfloat16" or
         "float16". Weights and compute use it.
+    quantization: None (the checkpoint's own quantization_config, if any), "fp8", "int8", "awq", "gptq"
+        or "compressed-tensors" (jaxllm/loader/quantized.py).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
@@ -34,11 +36,11 @@ def load_model(path: str | Path, dtype: str = "auto") -> tuple[ModelConfig, obje
     if path.is_dir():
         from jaxllm.loader.hf import load_hf_folder
 
-        return load_hf_folder(path, dtype)
+        return load_hf_folder(path, dtype, quantization)
     if path.suffix == ".gguf":
         from jaxllm.loader.gguf import load_gguf_file
 
-        return load_gguf_file(path, dtype)
+        return load_gguf_file(path, dtype, quantization)
     raise ValueError(f"{path} is neither a model folder nor a .gguf file")
 
 

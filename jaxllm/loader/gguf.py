@@ -53,10 +53,22 @@ _LAYER_NAMES = {
 }
 
 
-def load_gguf_file(path: Path, dtype: str = "auto") -> tuple[ModelConfig, Weights]:
+def load_gguf_file(path: Path, dtype: str = "auto", quantization: str | None = None) -> tuple[ModelConfig, Weights]:
+    """The GGUF's blocks are dequantized to `dtype`; `quantization` "fp8" or "int8" then requantizes the
+    linear weights in the engine's own formats."""
+    scheme = None
+    if quantization is not None:
+        from jaxllm.loader.quantized import QUANTIZATION_METHODS, QuantScheme, unsupported
+
+        if quantization not in QUANTIZATION_METHODS:
+            raise unsupported(quantization, "quantization")
+        if quantization not in ("fp8", "int8"):
+            raise ValueError(f"quantization={quantization!r} needs a Hugging Face checkpoint quantized with it; "
+                             "a GGUF file takes fp8 or int8 (quantized at load)")
+        scheme = QuantScheme(quantization, from_checkpoint=False)
     file = read_gguf(path)
     config = gguf_model_config(file, "float32" if dtype == "auto" else dtype)
-    return config, weights_from_state(config, GGUFTensors(file, config))
+    return config, weights_from_state(config, GGUFTensors(file, config), scheme)
 
 
 @dataclasses.dataclass(frozen=True)

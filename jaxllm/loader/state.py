@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxllm.loader.quantized import QuantScheme, fuse, read_linear
+from jaxllm.models.quant import QuantizedWeight
+
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
                 "float16": np.dtype(np.float16)}
 # Tensors a checkpoint may carry that the model recomputes or never uses.
@@ -21,9 +24,10 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
 
 
 class StateReader:
-    def __init__(self, config, state: Mapping[str, np.ndarray]):
+    def __init__(self, config, state: Mapping[str, np.ndarray], scheme: QuantScheme | None = None):
         self.config = config
         self.state = state
+        self.scheme = scheme  # quantized linear weights (loader/quantized.py), or None
         self.dtype = NUMPY_DTYPES[config.dtype]
         self.used: set[str] = set()
 
@@ -44,12 +48,20 @@ class StateReader:
         return jnp.asarray((array.T if transpose else array).astype(self.dtype))
 
     def layers(self, parts: list[tuple[str, tuple[int, ...]]], transpose: bool = True,
-               num_layers: int | None = None) -> jnp.ndarray:
+               num_layers: int | None = None, quantize: bool = True) -> jnp.ndarray | QuantizedWeight:
         """Stack per-layer tensors (names with `{i}`) on a leading axis, concatenating `parts` along the
         output axis: [L, in, sum(out)] for matrices (stored [out, in] unless transpose=False, then
-        [in, out]), [L, sum(out)] for vectors."""
+        [in, out]), [L, sum(out)] for vectors. Matrices are linear weights: under a quantization scheme
+        they come back as a QuantizedWeight, unless `quantize` is False (a MoE router)."""
         L = self.config.num_layers if num_layers is None else num_layers
         matrix = len(parts[0][1]) == 2
+        if matrix and quantize and self.scheme is not None:
+            stored = [self.scheme.stores_quantized(self, t.format(i=0)) for t, _ in parts]
+            if all(stored):
+                return self._quantized_layers(parts, transpose, L)
+            if any(stored):
+                raise ValueError(f"{', '.join(t.format(i=0) for t, _ in parts)} are fused in jaxllm but only some "
+                                 "are quantized in the checkpoint")
         out_axis = 0 if transpose or not matrix else 1
         width = sum(shape[out_axis] for _, shape in parts)
         in_dim = parts[0][1][1 - out_axis] if matrix else None
@@ -65,6 +77,26 @@ class StateReader:
                     out[i, col:col + n] = array
                 col += n
         return jnp.asarray(out)
+
+    def _quantized_layers(self, parts, transpose: bool, L: int) -> QuantizedWeight:
+        per_layer = []
+        for i in range(L):
+            names = [t.format(i=i) for t, _ in parts]
+            per_layer.append(fuse([read_linear(self, n, shape, transpose, self.scheme)
+                                   for n, (_, shape) in zip(names, parts)], names))
+        first = per_layer[0]
+
+        def stack(field, dtype=None):
+            if getattr(first, field) is None:
+                return None
+            array = np.stack([getattr(p, field) for p in per_layer])
+            return jnp.asarray(array if dtype is None else array.astype(dtype))
+
+        method = self.scheme.kernel_method
+        return QuantizedWeight(
+            q=stack("q", ml_dtypes.uint4 if method == "int4" else None), scale=stack("scale", np.float32),
+            zero=stack("zero", np.float32), g_idx=stack("g_idx", np.int32),
+            input_scale=stack("input_scale", np.float32), method=method)
 
     def experts(self, parts: list[tuple[str, tuple[int, ...]]], num_experts: int) -> jnp.ndarray:
         """Per-layer, per-expert matrices (names with `{i}` and `{j}`), fused along the output axis:

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import AttentionMetadata, KVCache
-from jaxllm.models.layers import (NO_WINDOW, apply_rope, attention, gated_mlp, gemma_rms_norm, layer_windows, rope_inv_freq,
-                                  rope_tables, scan_layers, tied_or_head_logits)
+from jaxllm.models.layers import (NO_WINDOW, apply_rope, attention, gated_mlp, gemma_rms_norm, layer_windows, linear,
+                                  rope_inv_freq, rope_tables, scan_layers, tied_or_head_logits)
 
 _ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 
@@ -122,7 +122,7 @@ def forward_hidden(params: dict, token_ids: jax.Array, positions: jax.Array, kv_
 
     def layer(x, cache, i, w, window):
         h = gemma_rms_norm(x, w["attn_norm"], eps)
-        q, k, v = jnp.split(h @ w["wqkv"], [config.q_size, config.q_size + config.kv_size], axis=-1)
+        q, k, v = jnp.split(linear(h, w["wqkv"]), [config.q_size, config.q_size + config.kv_size], axis=-1)
         q, k, v = q.reshape(T, nq, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
         if "q_norm" in w:
             q, k = gemma_rms_norm(q, w["q_norm"], eps), gemma_rms_norm(k, w["k_norm"], eps)
@@ -133,7 +133,7 @@ def forward_hidden(params: dict, token_ids: jax.Array, positions: jax.Array, kv_
         q, k = apply_rope(q, c, s), apply_rope(k, c, s)
         o, cache = attention(q, k, v, cache, i, md, scale=scale, decode_only=decode_only, prefill_kernel=prefill_kernel,
                              sliding_window=window, logit_softcap=config.attn_logit_softcapping)
-        o = o @ w["wo"]
+        o = linear(o, w["wo"])
         if "post_attn_norm" in w:
             o = gemma_rms_norm(o, w["post_attn_norm"], eps)
         x = x + o

@@ -15,6 +15,8 @@ import numpy as np
 import pallas_kernels
 from jaxllm.config import ModelConfig, RopeScaling
 from jaxllm.kv_cache import AttentionMetadata, KVCache, write_kv
+from jaxllm.models import quant
+from jaxllm.models.quant import QuantizedWeight
 
 # A window no sequence reaches: what a full-attention layer passes where its neighbours pass a window.
 NO_WINDOW = 2**30
@@ -65,21 +67,19 @@ def activation(name: str, x: jax.Array) -> jax.Array:
 def gated_mlp(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, act: str) -> jax.Array:
     """act(x W_gate) * (x W_up), then W_down: SwiGLU for silu, GeGLU for the gelus.
     x [t, e], w_gate_up [e, 2f] (gate | up), w_down [f, e]."""
-    gate, up = jnp.split(x @ w_gate_up, 2, axis=-1)
-    return (activation(act, gate) * up) @ w_down
+    gate, up = jnp.split(linear(x, w_gate_up), 2, axis=-1)
+    return linear(activation(act, gate) * up, w_down)
 
 
 def plain_mlp(x: jax.Array, w_in, b_in, w_out, b_out, act: str) -> jax.Array:
     """act(x W_in + b_in) W_out + b_out; biases may be None. x [t, e], w_in [e, f], w_out [f, e]."""
-    h = x @ w_in
-    if b_in is not None:
-        h = h + b_in
-    h = activation(act, h) @ w_out
-    return h if b_out is None else h + b_out
+    return linear(activation(act, linear(x, w_in, b_in)), w_out, b_out)
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    y = x @ w
+def linear(x: jax.Array, w: jax.Array | QuantizedWeight, b: jax.Array | None = None) -> jax.Array:
+    """x [..., in] @ w [in, out] (+ b [out]). A QuantizedWeight picks its format's matmul when traced
+    (models/quant.py); a float weight is the plain dot, as ever."""
+    y = quant.matmul(x, w) if isinstance(w, QuantizedWeight) else x @ w
     return y if b is None else y + b
 
 
@@ -162,10 +162,15 @@ def attention(q, k, v, cache: KVCache, layer, md: AttentionMetadata, *, scale: f
     """Write this step's K/V of `layer` into the cache and attend over it. q [t, nq, d], k/v [t, nkv, d];
     returns ([t, nq * d], cache). sliding_window: a scalar (traced or not) or None; alibi: slopes [nq]."""
     cache = write_kv(cache, layer, k, v, md.slot_mapping)
+    if cache.k_scale is not None:  # FP8 cache of K / k_scale: q . k = (q * k_scale) . stored k
+        q = (q.astype(jnp.float32) * cache.k_scale[layer]).astype(q.dtype)
+    # An FP8 cache is read by the reference (the kernels take 16-bit caches only: kernels_supported).
     o = pallas_kernels.ragged_paged_attention(
         q, cache.k, cache.v, layer, md.block_tables, md.seq_lens, md.query_start_loc, scale=scale,
         decode_only=decode_only, prefill_kernel=prefill_kernel, sliding_window=sliding_window,
         logit_softcap=logit_softcap, alibi_slopes=None if alibi is None else jnp.asarray(alibi))
+    if cache.v_scale is not None:
+        o = (o.astype(jnp.float32) * cache.v_scale[layer]).astype(o.dtype)
     return o.reshape(q.shape[0], -1), cache
 
 

@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import pallas_kernels
 from jaxllm.config import ModelConfig, rope_from_hf
-from jaxllm.kv_cache import AttentionMetadata, KVCache, write_kv
+from jaxllm.kv_cache import AttentionMetadata, KVCache
 from jaxllm.models import layers
-from jaxllm.models.layers import apply_rope, rms_norm, rope_tables
+from jaxllm.models.layers import apply_rope, linear, rms_norm, rope_tables
 
 
 @jax.tree_util.register_dataclass
@@ -79,7 +78,7 @@ def forward_hidden(
         x, cache, i = carry
         with jax.named_scope("attention"):
             h = rms_norm(x, w.attn_norm, config.rms_norm_eps)
-            qkv = h @ w.wqkv
+            qkv = linear(h, w.wqkv)
             if w.bqkv is not None:
                 qkv = qkv + w.bqkv
             q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
@@ -88,15 +87,14 @@ def forward_hidden(
                 q = rms_norm(q, w.q_norm, config.rms_norm_eps)
                 k = rms_norm(k, w.k_norm, config.rms_norm_eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            cache = write_kv(cache, i, k, v, md.slot_mapping)
-            o = pallas_kernels.ragged_paged_attention(
-                q, cache.k, cache.v, i, md.block_tables, md.seq_lens, md.query_start_loc, scale=config.attn_scale if config.attn_scale is not None else hd**-0.5,
-                decode_only=decode_only, prefill_kernel=prefill_kernel)
-            x = x + o.reshape(T, nq * hd) @ w.wo
+            scale = config.attn_scale if config.attn_scale is not None else hd**-0.5
+            o, cache = layers.attention(q, k, v, cache, i, md, scale=scale, decode_only=decode_only,
+                                        prefill_kernel=prefill_kernel)
+            x = x + linear(o, w.wo)
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, config.rms_norm_eps)
-            gate, up = jnp.split(h @ w.w_gate_up, 2, axis=-1)
-            x = x + (jax.nn.silu(gate) * up) @ w.w_down
+            gate, up = jnp.split(linear(h, w.w_gate_up), 2, axis=-1)
+            x = x + linear(jax.nn.silu(gate) * up, w.w_down)
         return (x, cache, i + 1), None
 
     (x, kv_cache, _), _ = jax.lax.scan(layer, (x, kv_cache, jnp.int32(0)), params.layers, unroll=_scan_unroll(config, T if decode_only else None))

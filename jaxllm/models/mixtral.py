@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxllm.config import ModelConfig, rope_from_hf
 from jaxllm.kv_cache import AttentionMetadata, KVCache
 from jaxllm.models import moe
-from jaxllm.models.layers import (apply_rope, attention, gated_mlp, rms_norm, rope_inv_freq, rope_tables,
+from jaxllm.models.layers import (apply_rope, attention, gated_mlp, linear, rms_norm, rope_inv_freq, rope_tables,
                                   scan_layers, tied_or_head_logits)
 
 
@@ -74,7 +74,7 @@ def load_weights(config: ModelConfig, reader) -> dict:
         mp = lp + "mlp."
         gate, up, down = (mp + "experts.{j}.gate_proj.weight", mp + "experts.{j}.up_proj.weight",
                           mp + "experts.{j}.down_proj.weight")
-    layers["router"] = reader.layers([(mp + "gate.weight", (E, e))])  # [L, e, x]
+    layers["router"] = reader.layers([(mp + "gate.weight", (E, e))], quantize=False)  # [L, e, x]
     layers["w_gate_up"] = reader.experts([(gate, (f, e)), (up, (f, e))], E)  # [L, x, e, 2f]
     layers["w_down"] = reader.experts([(down, (e, f))], E)  # [L, x, f, e]
     fs = config.shared_expert_intermediate_size
@@ -82,7 +82,7 @@ def load_weights(config: ModelConfig, reader) -> dict:
         sp = mp + "shared_expert."
         layers["shared_gate_up"] = reader.layers([(sp + "gate_proj.weight", (fs, e)), (sp + "up_proj.weight", (fs, e))])
         layers["shared_down"] = reader.layers([(sp + "down_proj.weight", (e, fs))])
-        layers["shared_gate"] = reader.layers([(mp + "shared_expert_gate.weight", (1, e))])  # [L, e, 1]
+        layers["shared_gate"] = reader.layers([(mp + "shared_expert_gate.weight", (1, e))], quantize=False)  # [L, e, 1]
     params = dict(embed=reader.single(p + "embed_tokens.weight", (v, e)), layers=layers,
                   final_norm=reader.single(p + "norm.weight", (e,)),
                   lm_head=None if config.tie_word_embeddings else reader.single("lm_head.weight", (v, e), transpose=True))
@@ -100,7 +100,7 @@ def forward_hidden(params: dict, token_ids: jax.Array, positions: jax.Array, kv_
 
     def layer(x, cache, i, w, _):
         with jax.named_scope("attention"):
-            qkv = rms_norm(x, w["attn_norm"], eps) @ w["wqkv"]
+            qkv = linear(rms_norm(x, w["attn_norm"], eps), w["wqkv"])
             if "bqkv" in w:
                 qkv = qkv + w["bqkv"]
             q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
@@ -110,7 +110,7 @@ def forward_hidden(params: dict, token_ids: jax.Array, positions: jax.Array, kv_
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             o, cache = attention(q, k, v, cache, i, md, scale=hd**-0.5, decode_only=decode_only,
                                  prefill_kernel=prefill_kernel)
-            x = x + o @ w["wo"]
+            x = x + linear(o, w["wo"])
         with jax.named_scope("moe"):
             h = rms_norm(x, w["mlp_norm"], eps)
             weights, experts = moe.route(h, w["router"], config.num_experts_per_tok, config.norm_topk_prob)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import AttentionMetadata, KVCache
-from jaxllm.models.layers import alibi_slopes, attention, layer_norm, plain_mlp, scan_layers, tied_or_head_logits
+from jaxllm.models.layers import alibi_slopes, attention, layer_norm, linear, plain_mlp, scan_layers, tied_or_head_logits
 
 
 def config_from_hf(hf: dict) -> dict:
@@ -59,13 +59,13 @@ def forward_hidden(params: dict, token_ids: jax.Array, positions: jax.Array, kv_
     x = params["embed"][token_ids]  # [T, e]
 
     def layer(x, cache, i, w, _):
-        qkv = layer_norm(x, w["ln1"], None, eps) @ w["wqkv"]
+        qkv = linear(layer_norm(x, w["ln1"], None, eps), w["wqkv"])
         if clip is not None:
             qkv = jnp.clip(qkv, -clip, clip)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         o, cache = attention(q.reshape(T, nh, hd), k.reshape(T, nh, hd), v.reshape(T, nh, hd), cache, i, md,
                              scale=scale, decode_only=decode_only, prefill_kernel=prefill_kernel, alibi=slopes)
-        x = x + o @ w["wo"]
+        x = x + linear(o, w["wo"])
         return x + plain_mlp(layer_norm(x, w["ln2"], None, eps), w["w_in"], None, w["w_out"], None, "gelu"), cache
 
     x, kv_cache = scan_layers(layer, x, kv_cache, params["layers"])
