@@ -186,6 +186,16 @@ def test_console_script_is_declared():
     assert scripts["jaxllm"] == "jaxllm.entrypoints.cli:main"
 
 
+def test_installed_console_script_serves_help_and_refuses():
+    script = Path(sys.executable).with_name("jaxllm")
+    if not script.exists():
+        pytest.skip("the jaxllm console script is installed by `pip install -e .`")
+    out = subprocess.run([str(script), "serve", "--help"], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "--api-key" in out and "--chat-template" in out
+    refused = subprocess.run([str(script), "serve", "m", "--enforce-eager"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--enforce-eager is not supported" in refused.stderr
+
+
 @pytest.mark.parametrize("module", ["jaxllm.entrypoints.openai.api_server", "jaxllm.entrypoints.api_server"])
 def test_vllm_module_paths_take_the_same_flags(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
