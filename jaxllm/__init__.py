@@ -17,9 +17,11 @@ from jaxllm.pooling_outputs import (ClassificationOutput, ClassificationRequestO
                                     EmbeddingRequestOutput, PoolingOutput, PoolingRequestOutput, ScoringOutput,
                                     ScoringRequestOutput)
 from jaxllm.pooling_params import PoolingParams
-from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from jaxllm.sampling_params import (BeamSearchParams, GuidedDecodingParams, RequestOutputKind, SamplingParams,
+                                    StructuredOutputsParams)
 
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutputKind", "RequestOutput", "CompletionOutput",
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "GuidedDecodingParams",
+           "RequestOutputKind", "RequestOutput", "CompletionOutput",
            "Logprob", "BeamSearchOutput", "BeamSearchSequence", "generate", "PoolingParams", "PoolerConfig",
            "PoolingOutput", "PoolingRequestOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "ClassificationOutput",
            "ClassificationRequestOutput", "ScoringOutput", "ScoringRequestOutput"]

@@ -29,6 +29,7 @@ from jaxllm.kv_cache import KVCache, kv_cache_jnp_dtype
 from jaxllm.model_runner import ModelRunner, ModelRunnerOutput
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+from jaxllm.structured_output import GrammarCompiler
 
 logger = logging.getLogger("jaxllm")
 
@@ -107,6 +108,7 @@ class LLMEngine:
         self.step_times = StepTimes()
         self._seed_rng = random.Random(engine_config.seed)
         self._arrivals = itertools.count()
+        self.grammar_compiler = GrammarCompiler(tokenizer, model_config.vocab_size, self.eos_token_ids)
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -186,6 +188,9 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         bad_words_token_ids = self._verify(params)
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.grammar_compiler.compile(params.structured_outputs)
         room = max_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seed = params.seed if params.seed is not None else self._seed_rng.randrange(2**32)
@@ -196,7 +201,7 @@ class LLMEngine:
                 request_id=request_id if i == 0 else f"{i}_{request_id}", prompt_token_ids=token_ids,
                 sampling_params=params, max_tokens=max_tokens, seed=(seed + i) & 0xFFFFFFFF,
                 eos_token_ids=self.eos_token_ids, arrival=arrival, prompt=text, index=i, parent=parent,
-                bad_words_token_ids=bad_words_token_ids))
+                bad_words_token_ids=bad_words_token_ids, structured=grammar and grammar.matcher()))
         first = parent.samples[0]
         first.pending_children = parent.samples[1:]
         return first
@@ -320,6 +325,8 @@ class LLMEngine:
             touched[req.parent.request_id] = req.parent
             try:
                 self._add_logprobs(req, row, result)
+                if req.structured is not None:
+                    self._advance_grammar(req)
                 finished = req.status.finished
                 stop_str = self.detokenizers[req.request_id].update(
                     req.output_token_ids[-1], finished, stop_terminated=req.status == RequestStatus.FINISHED_STOPPED)
@@ -402,6 +409,21 @@ class LLMEngine:
             return
         self._probe, self._probe_ran = self._held.pop(0), False
         self.scheduler.waiting.appendleft(self._probe)
+
+    def _advance_grammar(self, req: Request) -> None:
+        """The matcher takes the sampled token. A complete match allows only EOS next, so it ends as any
+        request does (as vLLM); a match that took EOS under ignore_eos, or failed (a token outside the
+        grammar: only when another setting masked every token it allowed), stops the request, and that
+        last token's text is left out like a stop token's."""
+        matcher = req.structured
+        token = req.output_token_ids[-1]
+        if not matcher.accept(token):
+            logger.warning("request %s: token %d is outside its structured output (%s): stopping it",
+                           req.request_id, token, matcher.error.splitlines()[0] if matcher.error else "")
+        elif token not in self.eos_token_ids:
+            return
+        if matcher.terminated and not req.status.finished:
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
 
     # -- logprobs -----------------------------------------------------------------------------------
     def _decoded(self, token_id: int, params: SamplingParams) -> str | None:

@@ -41,10 +41,12 @@ from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.core.request import Request
 from jaxllm.core.scheduler import SchedulerOutput
 from jaxllm.executable_cache import ExecutableCache
+from jaxllm.grammar_mask import apply_token_bitmask
 from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks, kv_cache_jnp_dtype
 from jaxllm.models import llama
 from jaxllm.models.registry import model_module
 from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
+from jaxllm.structured_output import bitmask_width, fill_token_bitmask
 
 import pallas_kernels
 
@@ -58,17 +60,20 @@ STEP_STATIC_ARGS = ("config", "decode_only", "prefill_kernel", "random_rows", "u
 @functools.partial(jax.jit, static_argnames=STEP_STATIC_ARGS,
                    donate_argnames=("kv_cache", "penalty_state"), compiler_options=llama.step_compiler_options())
 def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, last_sampled, token_ids, prev_rows,
-          positions, md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets, config: ModelConfig,
-          decode_only: bool, prefill_kernel: bool, random_rows: bool, use_filters: bool, num_logprobs: int,
-          num_prompt_logprobs: int):
+          positions, md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets, token_bitmask,
+          config: ModelConfig, decode_only: bool, prefill_kernel: bool, random_rows: bool, use_filters: bool,
+          num_logprobs: int, num_prompt_logprobs: int):
     """token_ids/prev_rows/positions/prompt_targets [T], sample_indices [R]: the query token each row samples
     after. A token still being sampled by the previous step when this one was scheduled has
-    prev_rows >= 0: it is read from that step's samples, `last_sampled` [R_max], without a host round trip."""
+    prev_rows >= 0: it is read from that step's samples, `last_sampled` [R_max], without a host round trip.
+    token_bitmask [R, W] int32: the tokens each row may sample (structured outputs), or [R, 0]: no constraint."""
     token_ids = jnp.where(prev_rows >= 0, last_sampled[jnp.maximum(prev_rows, 0)], token_ids)
     model = model_module(config.architecture)
     hidden, kv_cache = model.forward_hidden(params, token_ids, positions, kv_cache, md, config, decode_only,
                                             prefill_kernel)
     logits = model.compute_logits(params, hidden[sample_indices], config)  # [R, V]
+    if token_bitmask.shape[1]:  # before sampling and logprobs, as vLLM
+        logits = apply_token_bitmask(logits, token_bitmask)
     out, penalty_state = sample(logits, st, penalty_state, random_rows=random_rows, use_filters=use_filters,
                                 num_logprobs=num_logprobs)
     prompt = None
@@ -284,6 +289,11 @@ class ModelRunner:
         penalty_rows = self._penalty_rows_for([s.request for s in sched])
         st, num_logprobs = self._sampling_tensors(rows, R, penalty_rows, out)
         random_rows, use_filters = sampling_flags(st)
+        token_bitmask = self._token_bitmask([r[0] for r in rows], R)
+        # A step with constrained rows runs the random+filters program whatever its rows (greedy rows
+        # still take the argmax, neutral filters change nothing): one masked program per bucket, not three.
+        if token_bitmask.shape[1]:
+            random_rows = use_filters = True
         sample_indices = np.zeros(R, np.int32)
         sample_indices[:len(rows)] = [r[1] for r in rows]
 
@@ -299,12 +309,25 @@ class ModelRunner:
             if s.samples:
                 s.request.pending_row = i
         args = dict(token_ids=token_ids, prev_rows=prev_rows, positions=positions, md=md,
-                    sample_indices=sample_indices, st=st, prompt_targets=prompt_targets, decode_only=decode_only,
-                    prefill_kernel=self._prefill_kernel(T, decode_only), random_rows=random_rows,
-                    use_filters=use_filters, num_logprobs=num_logprobs, num_prompt_logprobs=num_prompt_logprobs)
+                    sample_indices=sample_indices, st=st, prompt_targets=prompt_targets, token_bitmask=token_bitmask,
+                    decode_only=decode_only, prefill_kernel=self._prefill_kernel(T, decode_only),
+                    random_rows=random_rows, use_filters=use_filters, num_logprobs=num_logprobs,
+                    num_prompt_logprobs=num_prompt_logprobs)
         bucket = (T, S, R, B, decode_only, random_rows, use_filters, bool(penalty_rows), st.bias_ids.shape[1],
-                  st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs)
+                  st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs, token_bitmask.shape[1] > 0)
         return args, bucket, prompt_spans, penalty_rows
+
+    def _token_bitmask(self, requests: list[Request], R: int) -> np.ndarray:
+        """[R, W] int32: each constrained row's allowed tokens from its matcher, all ones for the others;
+        [R, 0] when no row is constrained. A constrained request is never scheduled with a token still
+        pending, so its matcher has seen every token before this one."""
+        constrained = [(i, req.structured) for i, req in enumerate(requests) if req.structured is not None]
+        if not constrained:
+            return np.zeros((R, 0), np.int32)
+        bitmask = np.full((R, bitmask_width(self.vocab_size)), -1, np.int32)
+        for i, matcher in constrained:
+            fill_token_bitmask(bitmask, i, matcher)
+        return bitmask
 
     def _logprobs_width(self, wanted: int) -> int:
         if wanted == -1:
@@ -394,9 +417,10 @@ class ModelRunner:
         return _bucket(num_seqs, self.config.seq_buckets)
 
     def _dummy_step_args(self, num_tokens: int, decode_only: bool, random_rows: bool,
-                         prefill_kernel: bool | None = None, use_filters: bool = False):
+                         prefill_kernel: bool | None = None, use_filters: bool = False, masked: bool = False):
         """An all-padding step of a bucket (nothing is written: every slot is -1): (_step's keyword
-        arguments, the bucket). `prefill_kernel` None: as a real step of that bucket."""
+        arguments, the bucket). `prefill_kernel` None: as a real step of that bucket. `masked`: with a
+        token bitmask (structured outputs)."""
         if prefill_kernel is None:
             prefill_kernel = self._prefill_kernel(num_tokens, decode_only)
         T, B = num_tokens, self.block_buckets[-1]
@@ -406,11 +430,12 @@ class ModelRunner:
                                logits_indices=np.zeros(S, np.int32))
         st, _ = self._sampling_tensors([], S, {}, SchedulerOutput())
         zeros = np.zeros(T, np.int32)
+        token_bitmask = np.full((S, bitmask_width(self.vocab_size) if masked else 0), -1, np.int32)
         args = dict(token_ids=zeros, prev_rows=np.full(T, -1, np.int32), positions=zeros, md=md,
-                    sample_indices=np.zeros(S, np.int32), st=st, prompt_targets=zeros, decode_only=decode_only,
-                    prefill_kernel=prefill_kernel, random_rows=random_rows, use_filters=use_filters, num_logprobs=-1,
-                    num_prompt_logprobs=-1)
-        bucket = (T, S, S, B, decode_only, random_rows, use_filters, False, st.bias_ids.shape[1], 0, -1, -1)
+                    sample_indices=np.zeros(S, np.int32), st=st, prompt_targets=zeros, token_bitmask=token_bitmask,
+                    decode_only=decode_only, prefill_kernel=prefill_kernel, random_rows=random_rows,
+                    use_filters=use_filters, num_logprobs=-1, num_prompt_logprobs=-1)
+        bucket = (T, S, S, B, decode_only, random_rows, use_filters, False, st.bias_ids.shape[1], 0, -1, -1, masked)
         return args, bucket
 
     def _compile_step(self, args: dict) -> tuple[jax.stages.Compiled, bool]:
@@ -446,18 +471,23 @@ class ModelRunner:
 
     def precompile(self, num_threads: int = 8) -> None:
         """Compile every ordinary step at start, in parallel: one program per decode batch bucket and one
-        per token bucket, each for all-greedy batches, for batches with random rows, and for batches whose
-        random rows truncate (top_k, top_p, min_p): any mix of temperature, top_k, top_p, min_p, seed,
-        stop conditions and up to 8 logit biases or banned tokens a row runs on these. Programs still
-        compiled on first use, and logged then: steps with penalties, more than 8 biases in a row,
-        allowed_token_ids, logprobs or prompt_logprobs. The executables are kept and called directly by
-        `_launch`; a second start loads them from the executable cache without tracing."""
+        per token bucket, each for all-greedy batches, for batches with random rows, for batches whose
+        random rows truncate (top_k, top_p, min_p), and for batches with a constrained row (structured
+        outputs: the random+filters program with a token bitmask input): any mix of temperature, top_k,
+        top_p, min_p, seed, stop conditions, structured outputs and up to 8 logit biases or banned tokens a
+        row runs on these. Programs still compiled on first use, and logged then: steps with penalties,
+        more than 8 biases in a row, allowed_token_ids, logprobs or prompt_logprobs. The executables are
+        kept and called directly by `_launch`; a second start loads them from the executable cache without
+        tracing."""
         from tqdm.auto import tqdm
 
         shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
-        variants = ((False, False), (True, False), (True, True))  # (random_rows, use_filters)
-        shapes = [(n, decode_only, random_rows, None, use_filters) for random_rows, use_filters in variants
-                  for n, decode_only in shapes]
+        # (random_rows, use_filters, masked). A step with a constrained row always takes the one masked
+        # program (random rows and filters on: greedy rows still take the argmax, neutral filters change
+        # nothing), so structured outputs add one program per bucket, not three.
+        variants = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
+        shapes = [(n, decode_only, random_rows, None, use_filters, masked)
+                  for random_rows, use_filters, masked in variants for n, decode_only in shapes]
 
         def compile_one(shape):
             args, bucket = self._dummy_step_args(*shape)
@@ -473,8 +503,9 @@ class ModelRunner:
                 self.compiled_buckets.add(bucket)
                 loaded += cached
         logger.info("compiled %d step programs in %.1fs (%d loaded from the executable cache): %d decode and %d "
-                    "token buckets, each greedy, random and random with top-k/top-p/min-p; steps with penalties, "
-                    "allowed_token_ids, logprobs, prompt_logprobs or over 8 biases a row compile on first use",
+                    "token buckets, each greedy, random, random with top-k/top-p/min-p and constrained; steps "
+                    "with penalties, allowed_token_ids, logprobs, prompt_logprobs or over 8 biases a row compile "
+                    "on first use",
                     len(shapes), time.perf_counter() - start, loaded, len(self.config.seq_buckets),
                     len(self.config.token_buckets))
 
@@ -511,7 +542,8 @@ class ModelRunner:
             self.penalty_state = state
         if compiling:
             logger.info("compiled step for bucket (tokens=%d, seqs=%d, rows=%d, blocks=%d, decode=%s, random=%s, "
-                        "filters=%s, penalties=%s, biases=%d, allowed=%d, logprobs=%d, prompt_logprobs=%d) in %.2fs",
+                        "filters=%s, penalties=%s, biases=%d, allowed=%d, logprobs=%d, prompt_logprobs=%d, "
+                        "bitmask=%s) in %.2fs",
                         *bucket, time.perf_counter() - t0)
         return res, prompt
 

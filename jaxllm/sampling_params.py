@@ -7,9 +7,10 @@ engine's `max_logprobs`, bad words that need the tokenizer) is checked when the 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 
 logger = logging.getLogger("jaxllm")
@@ -30,6 +31,100 @@ def _is_int(x) -> bool:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a completion to a JSON schema, a regex, a list of choices or a grammar (vLLM's names).
+    Exactly one of `json`, `regex`, `choice`, `grammar`, `json_object` (or `structural_tag`, refused)
+    is given. The constraint is compiled by llguidance when the request is added; an invalid one raises
+    a ValueError naming the field.
+
+    Args:
+        json: a JSON schema, as a dict or its JSON text.
+        regex: a regular expression (Rust `regex` syntax) the whole output matches.
+        choice: the output is exactly one of these strings.
+        grammar: a Lark or GBNF (llama.cpp) context-free grammar.
+        json_object: True for any JSON object.
+        disable_any_whitespace: JSON without free whitespace between tokens (compact output).
+        disable_additional_properties: a JSON schema's objects allow no properties it does not list.
+        disable_fallback, whitespace_pattern: accepted for vLLM compatibility (one backend: no fallback;
+            a whitespace pattern is refused).
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self):
+        kinds = [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+                 if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"structured_outputs: only one kind of constraint can be given, got {', '.join(kinds)}")
+        if not kinds:
+            raise ValueError("structured_outputs: one of json, regex, choice, grammar or json_object must be given")
+        if self.structural_tag is not None:
+            raise ValueError("structured_outputs.structural_tag is not supported")
+        if self.whitespace_pattern is not None:
+            raise ValueError("structured_outputs.whitespace_pattern is not supported (use disable_any_whitespace)")
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    schema = json.loads(self.json)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            else:
+                schema = self.json
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError(f"structured_outputs.json must be a JSON schema (an object), got {self.json!r:.80}")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError(f"structured_outputs.regex must be a non-empty string, got {self.regex!r}")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) for c in self.choice)):
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}")
+            self.choice = list(self.choice)
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError(f"structured_outputs.grammar must be a non-empty string, got {self.grammar!r}")
+        if self.json_object is not None and self.json_object is not True:
+            raise ValueError(f"structured_outputs.json_object must be True when given, got {self.json_object!r}")
+        for name in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"structured_outputs.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: json, regex, choice, grammar or json_object."""
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k) is not None)
+
+    def key(self) -> tuple:
+        """A hashable key of the constraint and the options that change its grammar (the compile cache's)."""
+        spec = getattr(self, self.kind)
+        if self.kind == "json" and not isinstance(spec, str):
+            spec = json.dumps(spec, sort_keys=True)
+        elif self.kind == "choice":
+            spec = tuple(spec)
+        return self.kind, spec, self.disable_any_whitespace, self.disable_additional_properties
+
+
+@dataclass
+class GuidedDecodingParams(StructuredOutputsParams):
+    """vLLM's older name for StructuredOutputsParams (`SamplingParams(guided_decoding=...)`). `backend`
+    may only name llguidance ("guidance", "llguidance") or be "auto"."""
+
+    backend: str | None = None
+
+    def __post_init__(self):
+        if self.backend not in (None, "auto", "guidance", "llguidance"):
+            raise ValueError(f"guided_decoding.backend={self.backend!r}: jaxllm's only backend is 'guidance'")
+        super().__post_init__()
 
 
 @dataclass
@@ -70,6 +165,9 @@ class SamplingParams:
         allowed_token_ids: only these tokens can be generated.
         truncate_prompt_tokens: keep only the last k prompt tokens (None: all).
         output_kind: CUMULATIVE, DELTA or FINAL_ONLY outputs from the engine's step().
+        structured_outputs: a StructuredOutputsParams constraining the output (JSON schema, regex,
+            choice, grammar); EOS is allowed only where the constraint is complete.
+        guided_decoding: vLLM's older name for structured_outputs (a GuidedDecodingParams).
     """
 
     n: int = 1
@@ -99,6 +197,8 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None
     # Derived in __post_init__: characters of text held back from unfinished outputs, since they may
     # still turn out to be the start of a stop string.
     output_text_buffer_length: int = field(default=0, repr=False)
@@ -198,6 +298,19 @@ class SamplingParams:
             self.allowed_token_ids = self._token_list("allowed_token_ids", self.allowed_token_ids, empty_ok=False)
         if not isinstance(self.output_kind, RequestOutputKind):
             bad("output_kind", "must be a RequestOutputKind")
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                bad("guided_decoding", "cannot be given with structured_outputs (it is its older name)")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            if isinstance(self.structured_outputs, dict):
+                names = {f.name for f in fields(StructuredOutputsParams)}
+                unknown = sorted(set(self.structured_outputs) - names)
+                if unknown:
+                    bad("structured_outputs", f"has unknown fields {unknown}")
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            else:
+                bad("structured_outputs", "must be a StructuredOutputsParams")
 
         if 0 < self.temperature < _MAX_TEMP:
             # As vLLM: tiny temperatures overflow the scaled logits; they are raised, not made greedy.

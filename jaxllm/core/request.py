@@ -48,6 +48,8 @@ class Request:
     pending_children: list["Request"] = field(default_factory=list)
     forks_scheduled: bool = False  # a step that will fork pending_children is launched
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    # Structured outputs: this sample's grammar matcher (jaxllm/structured_output.py), or None.
+    structured: object | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # advanced when a step is scheduled, not when it returns
     # Tokens sampled by a step whose result has not come back yet (0 or 1): the next step, scheduled
@@ -104,9 +106,9 @@ class Request:
 
     @property
     def needs_latest_token(self) -> bool:
-        """Whether sampling needs the newest token on the host (a bad word of several tokens), so the
-        request cannot be scheduled while its previous sample is still on the device."""
-        return any(len(w) > 1 for w in self.bad_words_token_ids)
+        """Whether sampling needs the newest token on the host (a grammar's next mask, a bad word of several
+        tokens), so the request cannot be scheduled while its previous sample is still on the device."""
+        return self.structured is not None or any(len(w) > 1 for w in self.bad_words_token_ids)
 
     def banned_by_bad_words(self) -> list[int]:
         """The last token of every bad word whose other tokens were just generated (vLLM's semantics:

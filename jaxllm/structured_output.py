@@ -1,0 +1,162 @@
+"""Structured outputs on the host: constraints compiled by llguidance, one matcher per constrained sample.
+
+    compiler = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
+    grammar = compiler.compile(params.structured_outputs)   # ValueError naming the field; cached by spec
+    matcher = grammar.matcher()                             # one per sample
+    fill_token_bitmask(bitmask, row, matcher)               # [R, ceil(V / 32)] int32, bit t of word t // 32
+    matcher.accept(token)                                   # after the step, on the host
+
+Why llguidance and not xgrammar: xgrammar's wheel requires torch (and triton), which jaxllm must not
+need at run time; llguidance depends on nothing, builds its tokenizer from the transformers fast
+tokenizer the engine already holds, and fills bitmasks into numpy arrays. vLLM offers it as its
+`guidance` backend, with the same grammar conversions used here.
+
+The bitmask goes to the jitted step as one more input (jaxllm/grammar_mask.py applies it to the
+logits), so free and constrained rows share a step. A constrained row's mask depends on its previous
+token, so such a request is never scheduled while that token is still on the device
+(`Request.needs_latest_token`): it runs every other step under async scheduling, and free rows are not
+held back. No jax here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+
+import numpy as np
+
+from jaxllm.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger("jaxllm")
+
+CACHE_SIZE = 256  # compiled grammars kept, by spec
+
+
+class Grammar:
+    """A compiled constraint; `matcher()` starts a fresh match of it."""
+
+    def __init__(self, tokenizer, serialized: str):
+        self._tokenizer = tokenizer
+        self.serialized = serialized
+
+    def matcher(self) -> "Matcher":
+        import llguidance
+
+        return Matcher(llguidance.LLMatcher(self._tokenizer, self.serialized))
+
+
+class Matcher:
+    """The state of one sample's match: which tokens may come next, and whether it is complete."""
+
+    def __init__(self, matcher):
+        self._m = matcher
+
+    def accept(self, token: int) -> bool:
+        """Advance by a sampled token; False if the grammar refuses it (then the match is dead)."""
+        return self._m.consume_token(token)
+
+    @property
+    def terminated(self) -> bool:
+        """The match is over: EOS was accepted, or the grammar allows nothing more, or it failed."""
+        return self._m.is_stopped() or self._m.is_error()
+
+    @property
+    def error(self) -> str:
+        return self._m.get_error()
+
+
+def fill_token_bitmask(bitmask: np.ndarray, row: int, matcher: Matcher) -> None:
+    """Write the tokens allowed next into bitmask[row] ([W] int32 words, token t at bit t % 32 of word
+    t // 32). A finished match allows nothing but EOS."""
+    import llguidance.numpy
+
+    llguidance.numpy.fill_next_token_bitmask(matcher._m, bitmask, row)
+
+
+def bitmask_width(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+class GrammarCompiler:
+    """Compiles StructuredOutputsParams into Grammars for one tokenizer; compiled grammars are cached
+    by their spec (an LRU of CACHE_SIZE). Building llguidance's tokenizer takes ~1 s: it is built on
+    the first constrained request, not at start."""
+
+    def __init__(self, hf_tokenizer, vocab_size: int, eos_token_ids):
+        self._hf_tokenizer = hf_tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = sorted(eos_token_ids)
+        self._tokenizer = None
+        self._cache: OrderedDict[tuple, Grammar] = OrderedDict()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            import llguidance.hf
+
+            if self._hf_tokenizer is None:
+                raise ValueError("structured_outputs needs a tokenizer, and this engine has none")
+            self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
+                                                           eos_token=self.eos_token_ids or None)
+        return self._tokenizer
+
+    def compile(self, params: StructuredOutputsParams) -> Grammar:
+        """The Grammar of `params`; ValueError naming the field if it does not compile."""
+        key = params.key()
+        grammar = self._cache.get(key)
+        if grammar is not None:
+            self._cache.move_to_end(key)
+            return grammar
+        import llguidance
+
+        kind = params.kind
+        try:
+            serialized = _serialize(params)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise ValueError(f"structured_outputs.{kind} is invalid: {e}") from None
+        ok, error = _validate(llguidance, serialized, self.tokenizer)
+        if not ok:
+            raise ValueError(f"structured_outputs.{kind} is invalid: {error}")
+        grammar = Grammar(self.tokenizer, serialized)
+        self._cache[key] = grammar
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return grammar
+
+
+def _validate(llguidance, serialized: str, tokenizer) -> tuple[bool, str]:
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(serialized, tokenizer)
+    return not is_error, "; ".join(m.strip() for m in messages)
+
+
+def _serialize(params: StructuredOutputsParams) -> str:
+    """llguidance's grammar for a constraint, as vLLM's guidance backend builds it."""
+    import llguidance
+
+    kind = params.kind
+    options = {"whitespace_flexible": not params.disable_any_whitespace}
+    if kind in ("json", "json_object"):
+        schema = {"type": "object"} if kind == "json_object" else params.json
+        if isinstance(schema, str):
+            schema = json.loads(schema)
+        if params.disable_additional_properties and isinstance(schema, dict):
+            schema = _no_additional_properties(schema)
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=options)
+    if kind == "regex":
+        return llguidance.grammar_from("regex", params.regex)
+    if kind == "choice":
+        return llguidance.grammar_from("choice", params.choice)
+    return llguidance.grammar_from("grammar", params.grammar)
+
+
+def _no_additional_properties(schema):
+    """`additionalProperties: false` on every object schema that does not say otherwise."""
+    if isinstance(schema, list):
+        return [_no_additional_properties(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _no_additional_properties(v) for k, v in schema.items()}
+    if out.get("type") == "object" or "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
