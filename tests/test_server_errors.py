@@ -236,6 +236,14 @@ COMPLETION_ERRORS = [
     ({"prompt": "Hi", "bad_words": "word"}, "bad_words"),
     ({"prompt": "Hi", "user": 5}, "user"),
     ({"prompt": "Hi", "model": 5}, "model"),
+    ({"prompt": "Hi", "guided_regex": "[a-"}, "guided_regex"),
+    ({"prompt": "Hi", "guided_choice": []}, "guided_choice"),
+    ({"prompt": "Hi", "guided_json": "{not json"}, "guided_json"),
+    ({"prompt": "Hi", "guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex"),
+    ({"prompt": "Hi", "structured_outputs": {"json": {"type": "object"}, "regex": "a"}}, "structured_outputs"),
+    ({"prompt": "Hi", "structured_outputs": {"regexp": "a"}}, "structured_outputs"),
+    ({"prompt": "Hi", "guided_decoding_backend": "xgrammar", "guided_regex": "a"}, "guided_decoding_backend"),
+    ({"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}}, "response_format"),
 ]
 
 
@@ -257,8 +265,11 @@ CHAT_ERRORS = [
     ({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 99}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_object"}},
+    ({"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "Hi"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
      "response_format"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "guided_grammar": "start: ("}, "guided_grammar"),
     ({"messages": [{"role": "user", "content": "Hi"}], "n": 2, "temperature": 0}, "n"),
 ]
 

@@ -232,9 +232,9 @@ def test_vllm_request_fields(server, smol_tokenizer):
     assert httpx.get(server.url + "/v1/models/tiny").json()["id"] == "tiny"
     assert httpx.get(server.url + "/v1/models/other").status_code == 404
     assert httpx.get(server.url + "/ping").status_code == 200 and httpx.post(server.url + "/ping").status_code == 200
-    # an unknown field and a not yet implemented one are refused by name
+    # an unknown field and one not implemented are refused by name
     assert post(server, "/v1/completions", {**body, "frobnicate": 1}).json()["error"]["param"] == "frobnicate"
-    assert post(server, "/v1/completions", {**body, "guided_json": {}}).json()["error"]["param"] == "guided_json"
+    assert post(server, "/v1/completions", {**body, "suffix": "!"}).json()["error"]["param"] == "suffix"
 
 
 def test_beam_search_on_completions_equals_generate(server):

@@ -52,16 +52,16 @@ class Limits:
 
 
 # -- refusals of what is not implemented yet: the one place --------------------------------------------
-# field -> the values that mean "not used". Structured outputs and tools will replace this table.
+# field -> the values that mean "not used". Tools will replace their part of this table.
 UNIMPLEMENTED = {
-    "response_format": (None, {"type": "text"}),
-    "structured_outputs": (None,),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "parallel_tool_calls": (None, True, False),
     "suffix": (None, ""),
 }
+
+
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern")
 
 
 def refuse_unimplemented(request: BaseModel) -> None:
@@ -167,14 +167,15 @@ class SamplingRequest(OpenAIBaseModel):
     truncate_prompt_tokens: int | None = _int(None, 1)
     prompt_logprobs: int | None = _int(None, -1)
     use_beam_search: bool = False
-    structured_outputs: Unimplemented = None
-    guided_json: Unimplemented = None
-    guided_regex: Unimplemented = None
-    guided_choice: Unimplemented = None
-    guided_grammar: Unimplemented = None
-    guided_decoding_backend: Unimplemented = None
-    guided_whitespace_pattern: Unimplemented = None
-    response_format: Unimplemented = None
+    # Structured outputs: shapes here, meanings (and their 400s) in entrypoints/structured.py.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     def check(self, limits: Limits) -> None:
         """The checks that need the served engine's limits; raises APIError naming the field."""
@@ -195,6 +196,18 @@ class SamplingRequest(OpenAIBaseModel):
             raise APIError("'best_of' > 'n' cannot be used with 'stream'", param="best_of")
         if getattr(self, "stream_options", None) is not None and not getattr(self, "stream", False):
             raise APIError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        self.structured_outputs_params()  # an invalid constraint is refused before any work
+
+    def structured_outputs_params(self):
+        """(the StructuredOutputsParams this request asks for, or None; the body field it came from)."""
+        from jaxllm.entrypoints.structured import parse_structured_outputs
+
+        return parse_structured_outputs({name: getattr(self, name) for name in STRUCTURED_FIELDS})
+
+    @property
+    def structured_field(self) -> str | None:
+        """The body field a structured output constraint came from: an engine error about it names it."""
+        return self.structured_outputs_params()[1]
 
     def sampling_kwargs(self, limits: Limits) -> dict:
         """The SamplingParams fields this request sets; unset ones keep SamplingParams' defaults."""
@@ -210,6 +223,9 @@ class SamplingRequest(OpenAIBaseModel):
             kwargs["top_k"] = 0  # keeping the whole vocabulary is no filter
         if kwargs.get("prompt_logprobs") == -1:
             kwargs["prompt_logprobs"] = limits.vocab_size
+        structured, _ = self.structured_outputs_params()
+        if structured is not None:
+            kwargs["structured_outputs"] = structured
         return kwargs
 
 

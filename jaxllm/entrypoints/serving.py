@@ -93,8 +93,10 @@ class OpenAIServing:
             raise APIError(f"'{param}' cannot be tokenized: {e}", param=param) from None
 
     def _make_requests(self, request_id: str, prompt_ids: list[list[int]], params: SamplingParams,
-                       param: str = "prompt", max_tokens_param: str = "max_tokens") -> list[Request]:
-        """One engine Request per prompt; raises APIError (and then nothing is enqueued)."""
+                       param: str = "prompt", max_tokens_param: str = "max_tokens",
+                       structured_field: str | None = None) -> list[Request]:
+        """One engine Request per prompt; raises APIError (and then nothing is enqueued). An invalid
+        structured output constraint is a 400 naming `structured_field`, the body field it came from."""
         out = []
         for i, ids in enumerate(prompt_ids):
             if params.truncate_prompt_tokens is not None:
@@ -107,6 +109,8 @@ class OpenAIServing:
             try:
                 out.append(self.engine.make_request(f"{request_id}-{i}", {"prompt_token_ids": ids}, params))
             except (ValueError, TypeError) as e:
+                if str(e).startswith("structured_outputs"):
+                    raise APIError(f"'{structured_field}': {e}", param=structured_field) from None
                 prefix = f"{param}[{i}]: " if len(prompt_ids) > 1 else ""
                 raise APIError(f"{prefix}{e}", param=protocol.param_of(str(e), param)) from None
         return out
@@ -140,7 +144,8 @@ class OpenAIServing:
         if req.use_beam_search:
             return Prepared(req, beams=self._prepare_beams(req, ids, prompts))
         params = req.to_sampling_params(self.limits)
-        requests = self._make_requests(f"cmpl-{uuid.uuid4().hex}", ids, params)
+        requests = self._make_requests(f"cmpl-{uuid.uuid4().hex}", ids, params,
+                                       structured_field=req.structured_field)
         texts = [p if isinstance(p, str) and len(r.prompt_token_ids) == len(i) else self.tokenizer.decode(
             r.prompt_token_ids) for p, i, r in zip(prompts, ids, requests)]
         return Prepared(req, requests, texts)
@@ -292,7 +297,7 @@ class OpenAIServing:
         ids = self._tokenize(text, req.add_special_tokens, "messages")
         params = req.to_sampling_params(self.limits)
         requests = self._make_requests(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, "messages",
-                                       req.max_tokens_param)
+                                       req.max_tokens_param, structured_field=req.structured_field)
         return Prepared(req, requests, conversation=conversation)
 
     def _chat_logprobs(self, req, token_ids, logprobs):
@@ -384,7 +389,8 @@ class OpenAIServing:
         if req.use_beam_search:
             return Prepared(req, beams=self._prepare_beams(req, [ids], [prompt]))
         params = req.to_sampling_params(self.limits)
-        (request,) = self._make_requests(f"generate-{uuid.uuid4().hex}", [ids], params)
+        (request,) = self._make_requests(f"generate-{uuid.uuid4().hex}", [ids], params,
+                                         structured_field=req.structured_field)
         text = prompt if isinstance(prompt, str) and len(request.prompt_token_ids) == len(ids) else (
             self.tokenizer.decode(request.prompt_token_ids))
         return Prepared(req, [request], [text])
