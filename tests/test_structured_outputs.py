@@ -1,0 +1,126 @@
+"""Structured outputs: the params' validation, the device bitmask against numpy, and the default model's
+constrained outputs (JSON schema, regex, choice, grammar) in a batch mixed with free requests."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxllm import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
+from jaxllm.grammar_mask import apply_token_bitmask
+
+jsonschema = pytest.importorskip("jsonschema")
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+CODE = r"[0-9]{3}-[a-z]{2,4}"
+CITIES = ["Paris", "London", "Berlin"]
+
+
+# -- params ----------------------------------------------------------------------------------------
+def test_exactly_one_kind():
+    with pytest.raises(ValueError, match="only one kind"):
+        StructuredOutputsParams(json={"type": "object"}, regex="a")
+    with pytest.raises(ValueError, match="one of json, regex"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="structured_outputs.json"):
+        StructuredOutputsParams(json="{not json")
+    with pytest.raises(ValueError, match="structured_outputs.choice"):
+        StructuredOutputsParams(choice=[])
+    with pytest.raises(ValueError, match="structured_outputs.choice"):
+        StructuredOutputsParams(choice=["a", 1])
+    with pytest.raises(ValueError, match="structural_tag"):
+        StructuredOutputsParams(structural_tag="{}")
+
+
+def test_guided_decoding_alias_and_dict():
+    p = SamplingParams(guided_decoding=GuidedDecodingParams(regex="a+"))
+    assert p.structured_outputs.regex == "a+" and p.guided_decoding is None
+    assert SamplingParams(structured_outputs={"choice": ["x"]}).structured_outputs.choice == ["x"]
+    with pytest.raises(ValueError, match="structured_outputs"):
+        SamplingParams(structured_outputs={"choices": ["x"]})
+    with pytest.raises(ValueError, match="guided_decoding"):
+        SamplingParams(guided_decoding=GuidedDecodingParams(regex="a"), structured_outputs={"regex": "b"})
+    with pytest.raises(ValueError, match="backend"):
+        GuidedDecodingParams(regex="a", backend="outlines")
+    # The compile cache's key ignores dict order.
+    assert (StructuredOutputsParams(json={"a": 1, "b": 2}).key() == StructuredOutputsParams(json={"b": 2, "a": 1}).key())
+
+
+# -- the device mask -------------------------------------------------------------------------------
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 100), st.data())
+def test_bitmask_matches_numpy_unpacking(rows, vocab, data):
+    words = (vocab + 31) // 32
+    bitmask = np.array(data.draw(st.lists(st.lists(st.integers(-2**31, 2**31 - 1), min_size=words, max_size=words),
+                                          min_size=rows, max_size=rows)), np.int32)
+    logits = np.arange(rows * vocab, dtype=np.float32).reshape(rows, vocab)
+    out = np.asarray(apply_token_bitmask(jnp.asarray(logits), jnp.asarray(bitmask)))
+    allowed = np.unpackbits(bitmask.view(np.uint8), bitorder="little").reshape(rows, -1)[:, :vocab].astype(bool)
+    np.testing.assert_array_equal(out, np.where(allowed, logits, -np.inf))
+
+
+# -- the default model -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=256, num_gpu_blocks_override=128)
+
+
+def chat(llm, question):
+    return llm.get_tokenizer().apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                   add_generation_prompt=True)
+
+
+def test_constrained_and_free_rows_in_one_batch(llm):
+    greedy = dict(temperature=0, max_tokens=48)
+    so = StructuredOutputsParams
+    free_prompts = [chat(llm, "What is the capital of France?"), "1, 2, 3, 4,"]
+    cases = [
+        (chat(llm, "Describe a person as JSON."), SamplingParams(**greedy, structured_outputs=so(json=PERSON))),
+        (free_prompts[0], SamplingParams(**greedy)),
+        (chat(llm, "Give me a product code."), SamplingParams(**greedy, structured_outputs=so(regex=CODE))),
+        (chat(llm, "Which city is in Germany?"), SamplingParams(**greedy, structured_outputs=so(choice=CITIES))),
+        (free_prompts[1], SamplingParams(**greedy)),
+        (chat(llm, "A JSON object about a cat."),
+         SamplingParams(temperature=0.8, seed=3, max_tokens=64, structured_outputs=so(json_object=True))),
+        (chat(llm, "Say yes or no."), SamplingParams(**greedy, structured_outputs=so(
+            grammar='root ::= answer "."\nanswer ::= "yes" | "no"'))),
+    ]
+    outs = llm.generate([p for p, _ in cases], [s for _, s in cases], use_tqdm=False)
+    texts = [o.outputs[0].text for o in outs]
+    eos = llm.llm_engine.eos_token_ids
+    jsonschema.validate(json.loads(texts[0]), PERSON)
+    assert re.fullmatch(CODE, texts[2]), texts[2]
+    assert texts[3] in CITIES
+    if outs[5].outputs[0].finish_reason == "stop":
+        assert isinstance(json.loads(texts[5]), dict)
+    assert texts[6] in ("yes.", "no.")
+    for i in (0, 2, 3, 6):  # a complete match ends on EOS, as any request
+        assert outs[i].outputs[0].finish_reason == "stop" and outs[i].outputs[0].token_ids[-1] in eos
+    # The free rows sample exactly what they sample alone.
+    alone = llm.generate(free_prompts, SamplingParams(**greedy), use_tqdm=False)
+    assert [o.outputs[0].text for o in alone] == [texts[1], texts[4]]
+
+
+def test_n_samples_each_follow_the_grammar(llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=16,
+                            structured_outputs=StructuredOutputsParams(choice=CITIES))
+    (out,) = llm.generate([chat(llm, "Name a city.")], params, use_tqdm=False)
+    assert len(out.outputs) == 3 and all(o.text in CITIES for o in out.outputs)
+
+
+def test_invalid_constraint_refused_before_any_work(llm):
+    engine = llm.llm_engine
+    for field, kwargs in (("regex", {"regex": "[a-"}), ("json", {"json": {"type": "foo"}}),
+                          ("grammar", {"grammar": "root ::= ("})):
+        with pytest.raises(ValueError, match=f"structured_outputs.{field}"):
+            llm.generate(["ok", "bad"], [SamplingParams(), SamplingParams(
+                structured_outputs=StructuredOutputsParams(**kwargs))], use_tqdm=False)
+    assert not engine.has_unfinished_requests() and not engine.requests
