@@ -16,6 +16,8 @@ import json
 import os
 import ssl
 
+from jaxllm.entrypoints.reasoning_parsers import REASONING_PARSERS
+from jaxllm.entrypoints.tool_parsers import TOOL_PARSERS
 from jaxllm.loader.quantized import QUANTIZATION_METHODS
 
 MAX_BODY_BYTES = 16 * 2**20
@@ -37,8 +39,7 @@ REFUSED_FLAGS = {
     ("--swap-space",): "jaxllm does not swap the KV cache to host memory",
     ("--enable-lora", "--lora-modules", "--max-loras", "--max-lora-rank"): "jaxllm has no LoRA adapters",
     ("--speculative-config",): "jaxllm has no speculative decoding",
-    ("--enable-auto-tool-choice", "--tool-call-parser", "--tool-parser-plugin"): "jaxllm parses no tool calls",
-    ("--reasoning-parser",): "jaxllm parses no reasoning content",
+    ("--tool-parser-plugin",): "jaxllm's tool call parsers are built in (--tool-call-parser)",
     ("--limit-mm-per-prompt", "--mm-processor-kwargs"): "jaxllm serves text-only models",
     ("--middleware",): "jaxllm loads no ASGI middleware by import path",
     ("--uds",): "jaxllm listens on --host/--port only",
@@ -184,6 +185,12 @@ def make_arg_parser(prog: str = "jaxllm serve") -> argparse.ArgumentParser:
                              f"${API_KEY_ENV} if set")
     server.add_argument("--chat-template", default=None,
                         help="a Jinja chat template replacing the tokenizer's: a file, or the template itself")
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="let the model choose to call tools (tool_choice 'auto'); needs --tool-call-parser")
+    server.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                        help="the model's tool call format, parsed for tool_choice 'auto'")
+    server.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                        help="split the model's <think> reasoning into reasoning_content")
     server.add_argument("--allowed-origins", type=_json_list, default=["*"], help="CORS: allowed origins (JSON list)")
     server.add_argument("--allowed-methods", type=_json_list, default=["*"], help="CORS: allowed methods (JSON list)")
     server.add_argument("--allowed-headers", type=_json_list, default=["*"], help="CORS: allowed headers (JSON list)")
@@ -229,6 +236,8 @@ def settle_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None
         args.model = args.model_tag
     if args.model and args.model_shape:
         parser.error("pass a model or --model-shape, not both")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser")
     keys = args.api_key if args.api_key is not None else [os.environ.get(API_KEY_ENV, "")]
     args.api_key = [key for key in keys if key] or None  # as vLLM: an empty key means no authentication
     from jaxllm.entrypoints.chat_utils import load_chat_template

@@ -62,7 +62,9 @@ def load_app(args: argparse.Namespace):
     names = args.served_model_name or [args.model_shape or args.model or DEFAULT_SERVED_NAME]
     app = build_app(llm.llm_engine, served_model_names=names, model_path=model_path, api_key=args.api_key,
                     chat_template=args.chat_template_text, max_body_bytes=args.max_request_body_bytes,
-                    shutdown_timeout=args.shutdown_timeout, default_sampling_params=defaults)
+                    shutdown_timeout=args.shutdown_timeout, default_sampling_params=defaults,
+                    tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                    reasoning_parser=args.reasoning_parser)
     return _with_cors(app, args)
 
 

@@ -28,7 +28,9 @@ from jaxllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, Eng
 from jaxllm.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from jaxllm.entrypoints.protocol import APIError, error_dict, find_lone_surrogate
 from jaxllm.entrypoints.pooling_routes import build_pooling_app, refusing_routes
+from jaxllm.entrypoints.reasoning_parsers import get_reasoning_parser
 from jaxllm.entrypoints.serving import OpenAIServing
+from jaxllm.entrypoints.tool_parsers import get_tool_parser
 from jaxllm.generation_config import with_generation_defaults
 
 logger = logging.getLogger("jaxllm.server")
@@ -203,7 +205,8 @@ class _Guard:
 def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None, model_path: str | None = None,
               api_key: str | list[str] | None = None, chat_template: str | None = None,
               max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 10.0,
-              default_sampling_params: dict | None = None):
+              default_sampling_params: dict | None = None, tool_call_parser: str | None = None,
+              reasoning_parser: str | None = None):
     """An ASGI app serving `engine`. The engine loop starts and stops with the app's lifespan; `app.state`
     holds `async_engine` and `metrics`.
 
@@ -217,11 +220,15 @@ def build_app(engine: LLMEngine, *, served_model_names: list[str] | None = None,
         shutdown_timeout: seconds the requests in flight may run after SIGTERM before they are ended.
         default_sampling_params: {field: value} from the model's generation config, for the completion and
             chat fields a request leaves out (see with_generation_defaults).
+        tool_call_parser: parses tool calls from the text for tool_choice "auto" (hermes, llama3_json, mistral).
+        reasoning_parser: splits reasoning_content off the text (qwen3, deepseek_r1).
     """
     names = list(served_model_names or ["jaxllm"])
     metrics = ServerMetrics(engine, names[0])
     async_engine = AsyncLLMEngine(engine, on_output=metrics.observe, on_abort=metrics.observe_abort)
-    serving = OpenAIServing(async_engine, names, chat_template)
+    serving = OpenAIServing(async_engine, names, chat_template,
+                            tool_parser=get_tool_parser(tool_call_parser) if tool_call_parser else None,
+                            reasoning_parser=get_reasoning_parser(reasoning_parser) if reasoning_parser else None)
     lifecycle = Lifecycle(async_engine, shutdown_timeout)
     # Parsing, validating and tokenizing run here, off the event loop; two workers so that one huge
     # body does not hold up the small requests behind it.

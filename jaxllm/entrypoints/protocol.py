@@ -10,6 +10,7 @@ holds: token ids inside the vocabulary, counts in int32, logprobs up to the engi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -52,10 +53,9 @@ class Limits:
 
 
 # -- refusals of what is not implemented yet: the one place --------------------------------------------
-# field -> the values that mean "not used". Tools will replace their part of this table.
+# field -> the values that mean "not used".
 UNIMPLEMENTED = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []), "function_call": (None, "none"),  # deprecated by OpenAI for tools
     "suffix": (None, ""),
 }
 
@@ -112,10 +112,23 @@ class TextPart(OpenAIBaseModel):
     text: str
 
 
+class ToolCallFunction(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class AssistantToolCall(OpenAIBaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(OpenAIBaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    tool_calls: list[AssistantToolCall] | None = None  # an assistant message's calls
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -306,11 +319,12 @@ class ChatCompletionRequest(SamplingRequest):
     add_special_tokens: bool = False  # the template already holds any BOS token
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False
-    tools: Unimplemented = None
-    tool_choice: Unimplemented = None
+    # Tool calling: shapes here, meanings (and their 400s) in entrypoints/tool_calls.py.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     functions: Unimplemented = None
     function_call: Unimplemented = None
-    parallel_tool_calls: Unimplemented = None
 
     def check(self, limits: Limits) -> None:
         super().check(limits)
@@ -326,6 +340,29 @@ class ChatCompletionRequest(SamplingRequest):
         if self.continue_final_message and self.add_generation_prompt:
             raise APIError("'continue_final_message' and 'add_generation_prompt' cannot both be true",
                            param="continue_final_message")
+        for i, m in enumerate(self.messages):
+            if m.role == "tool" and m.tool_call_id is None:
+                raise APIError(f"messages[{i}].tool_call_id is required in a tool message", param="messages")
+        self.tool_request  # noqa: B018 - invalid tools are refused before any work
+
+    @functools.cached_property
+    def tool_request(self):
+        """The checked tool fields (a tool_calls.ToolRequest), or None without tools."""
+        from jaxllm.entrypoints.tool_calls import parse_tools
+
+        return parse_tools({"tools": self.tools, "tool_choice": self.tool_choice,
+                            "parallel_tool_calls": self.parallel_tool_calls})
+
+    def structured_outputs_params(self):
+        """As SamplingRequest's; tool_choice "required" or a named function forces its own constraint."""
+        params, field = super().structured_outputs_params()
+        tools = self.tool_request
+        forced = tools.structured_outputs() if tools is not None else None
+        if forced is None:
+            return params, field
+        if field is not None:
+            raise APIError(f"'{field}' cannot be used with tool_choice '{tools.choice}'", param=field)
+        return forced, "tools"
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -344,8 +381,18 @@ class ChatCompletionRequest(SamplingRequest):
 
     def conversation(self) -> list[dict]:
         # "developer" is OpenAI's new name for the system role
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-                 **({"name": m.name} if m.name else {})} for m in self.messages]
+        out = []
+        for m in self.messages:
+            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.name:
+                message["name"] = m.name
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                message["tool_calls"] = [{"id": c.id or f"call_{j}", "type": "function",
+                                          "function": c.function.model_dump()} for j, c in enumerate(m.tool_calls)]
+            out.append(message)
+        return out
 
 
 class GenerateRequest(SamplingRequest):

@@ -10,11 +10,12 @@ samples by index.
 
 from __future__ import annotations
 
+
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jinja2
 
@@ -22,6 +23,8 @@ from jaxllm.core.request import Request
 from jaxllm.entrypoints import protocol
 from jaxllm.entrypoints.async_engine import AsyncLLMEngine
 from jaxllm.entrypoints.protocol import APIError
+from jaxllm.entrypoints.tool_calls import template_messages
+from jaxllm.entrypoints.tool_parsers import ToolCall
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
@@ -52,8 +55,11 @@ def check_chat_template(template: str) -> None:
 class OpenAIServing:
     """The OpenAI-compatible endpoints (and vLLM's /generate, /tokenize, /detokenize) over one AsyncLLMEngine."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], chat_template: str | None = None):
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], chat_template: str | None = None,
+                 tool_parser=None, reasoning_parser=None):
         self.engine = engine
+        self.tool_parser = tool_parser  # for tool_choice "auto" (--enable-auto-tool-choice --tool-call-parser)
+        self.reasoning_parser = reasoning_parser  # --reasoning-parser: fills reasoning_content
         self.served_model_names = served_model_names
         if chat_template is not None:
             check_chat_template(chat_template)
@@ -272,14 +278,15 @@ class OpenAIServing:
     # -- /v1/chat/completions -----------------------------------------------------------------------
     def render_chat(self, conversation: list[dict], add_generation_prompt: bool = True,
                     continue_final_message: bool = False, chat_template: str | None = None,
-                    chat_template_kwargs: dict | None = None) -> str:
+                    chat_template_kwargs: dict | None = None, tools: list[dict] | None = None) -> str:
         template = chat_template or self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise APIError("this model has no chat template: start the server with --chat-template FILE",
                            param="messages")
         param = "chat_template" if chat_template else "messages"
         try:
-            return self.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
+            return self.tokenizer.apply_chat_template(template_messages(conversation), chat_template=template,
+                                                      tokenize=False, tools=tools,
                                                       add_generation_prompt=add_generation_prompt,
                                                       continue_final_message=continue_final_message,
                                                       **(chat_template_kwargs or {}))
@@ -292,10 +299,17 @@ class OpenAIServing:
         conversation = req.conversation()
         add_generation_prompt = (not req.continue_final_message if req.add_generation_prompt is None
                                  else req.add_generation_prompt)
+        tools = req.tool_request
+        if tools is not None and tools.choice == "auto" and self.tool_parser is None:
+            raise APIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                           param="tool_choice")
         text = self.render_chat(conversation, add_generation_prompt, req.continue_final_message,
-                                req.chat_template, _template_kwargs(req.chat_template_kwargs))
+                                req.chat_template, _template_kwargs(req.chat_template_kwargs),
+                                tools.tools if tools is not None else None)
         ids = self._tokenize(text, req.add_special_tokens, "messages")
         params = req.to_sampling_params(self.limits)
+        if tools is not None and tools.choice == "auto" and getattr(self.tool_parser, "start", "").startswith("["):
+            params = replace(params, skip_special_tokens=False)  # mistral's marker is a special token
         requests = self._make_requests(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, "messages",
                                        req.max_tokens_param, structured_field=req.structured_field)
         return Prepared(req, requests, conversation=conversation)
@@ -318,9 +332,10 @@ class OpenAIServing:
         echoed = self._echoed(prep)
         choices = []
         for o in sorted(final.outputs, key=lambda o: o.index):
-            choice = {"index": o.index, "message": {"role": "assistant", "content": echoed + o.text},
+            message, finish_reason = self._chat_message(req, echoed + o.text, o.finish_reason)
+            choice = {"index": o.index, "message": message,
                       "logprobs": self._chat_logprobs(req, list(o.token_ids), o.logprobs),
-                      "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                      "finish_reason": finish_reason, "stop_reason": o.stop_reason}
             if req.return_token_ids:
                 choice["token_ids"] = list(o.token_ids)
             choices.append(choice)
@@ -332,6 +347,63 @@ class OpenAIServing:
         if req.return_token_ids:
             response["prompt_token_ids"] = list(request.prompt_token_ids)
         return response
+
+    def _chat_message(self, req, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """(the assistant message of a finished output, its finish_reason): reasoning split off, tool calls
+        parsed; "tool_calls" when the model chose to call tools ("auto"), as vLLM."""
+        message = {"role": "assistant", "content": text}
+        if self.reasoning_parser is not None:
+            message["reasoning_content"], text = self.reasoning_parser.parse(text)
+            message["content"] = text
+        tools = req.tool_request
+        if tools is not None and text is not None:
+            content, calls = tools.extract(text, self.tool_parser)
+            if calls:
+                message["content"] = content
+                message["tool_calls"] = [c.to_dict() for c in calls]
+                if tools.choice == "auto":
+                    finish_reason = "tool_calls"
+        return message, finish_reason
+
+    def _holds_stream(self, req) -> bool:
+        """Whether a stream's text is held until the end: calls parsed from the whole text ("required",
+        "auto" with a parser) are sent in one delta with the finish_reason."""
+        tools = req.tool_request
+        return tools is not None and (tools.choice == "required" or
+                                      (tools.choice == "auto" and self.tool_parser is not None))
+
+    def _stream_deltas(self, req, o, sent_text: str) -> tuple[list[dict], str]:
+        """The delta(s) for output `o` of a stream, given the text already turned into deltas; returns
+        (deltas, the text now covered)."""
+        text, done = o.text, o.finish_reason is not None
+        tools = req.tool_request
+        if tools is not None and tools.choice == "named":
+            deltas = []
+            if not sent_text and (text or done):
+                deltas.append({"tool_calls": [{"index": 0, "id": ToolCall(tools.named, "").id, "type": "function",
+                                               "function": {"name": tools.named, "arguments": ""}}]})
+            if text[len(sent_text):]:
+                deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": text[len(sent_text):]}}]})
+            return deltas, text
+        if self._holds_stream(req):
+            if not done:
+                return [], sent_text
+            message, _ = self._chat_message(req, text, o.finish_reason)
+            delta = {k: v for k, v in message.items() if k != "role" and v}
+            if "tool_calls" in delta:
+                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
+            return [delta] if delta else [], text
+        if self.reasoning_parser is not None:
+            old_r, old_c = self.reasoning_parser.split_stream(sent_text, False) if sent_text else ("", "")
+            new_r, new_c = self.reasoning_parser.split_stream(text, done)
+            delta = {}
+            if new_r[len(old_r):]:
+                delta["reasoning_content"] = new_r[len(old_r):]
+            if new_c[len(old_c):]:
+                delta["content"] = new_c[len(old_c):]
+            covered = text if done or delta else sent_text
+            return ([delta] if delta else []), covered
+        return ([{"content": text[len(sent_text):]}] if text[len(sent_text):] else []), text
 
     async def chat_stream(self, prep: Prepared) -> AsyncIterator[dict]:
         req, (request,) = prep.req, prep.requests
@@ -353,7 +425,7 @@ class OpenAIServing:
                          "finish_reason": None}, **extra)
             if echoed:
                 yield chunk({"index": i, "delta": {"content": echoed}, "logprobs": None, "finish_reason": None})
-        sent: dict[int, tuple[int, int]] = {}
+        sent: dict[int, tuple[str, int]] = {}  # per choice: text turned into deltas, tokens whose logprobs went
         done: set[int] = set()  # each choice's finish_reason is sent exactly once
         async for _, out in self._run([request]):
             if req.prompt_logprobs is not None and not sent:
@@ -361,22 +433,27 @@ class OpenAIServing:
             for o in out.outputs:
                 if o.index in done:
                     continue
-                sent_chars, sent_tokens = sent.get(o.index, (0, 0))
-                delta = o.text[sent_chars:]
-                if not delta and not o.finish_reason:
+                sent_text, sent_tokens = sent.get(o.index, ("", 0))
+                deltas, covered = self._stream_deltas(req, o, sent_text)
+                if not deltas and not o.finish_reason:
                     continue
-                sent[o.index] = (len(o.text), len(o.token_ids))
+                sent[o.index] = (covered, len(o.token_ids))
                 tokens[o.index] = len(o.token_ids)
                 logprobs = (o.logprobs or [])[sent_tokens:] if o.logprobs is not None else None
-                choice = {"index": o.index, "delta": {"content": delta} if delta else {},
-                          "logprobs": self._chat_logprobs(req, list(o.token_ids[sent_tokens:]), logprobs),
-                          "finish_reason": o.finish_reason}
-                if req.return_token_ids:
-                    choice["token_ids"] = list(o.token_ids[sent_tokens:])
-                if o.finish_reason:
-                    choice["stop_reason"] = o.stop_reason
-                    done.add(o.index)
-                yield chunk(choice)
+                deltas = deltas or [{}]
+                for k, delta in enumerate(deltas):
+                    last = k == len(deltas) - 1
+                    choice = {"index": o.index, "delta": delta,
+                              "logprobs": self._chat_logprobs(req, list(o.token_ids[sent_tokens:]), logprobs)
+                              if last else None,
+                              "finish_reason": None}
+                    if last and req.return_token_ids:
+                        choice["token_ids"] = list(o.token_ids[sent_tokens:])
+                    if last and o.finish_reason:
+                        choice["finish_reason"] = self._chat_message(req, o.text, o.finish_reason)[1]
+                        choice["stop_reason"] = o.stop_reason
+                        done.add(o.index)
+                    yield chunk(choice)
             header.pop("prompt_logprobs", None)
         if options is not None and options.include_usage:
             yield {**header, "choices": [], "usage": _usage(num_prompt, sum(tokens.values()))}

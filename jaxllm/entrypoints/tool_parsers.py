@@ -1,0 +1,111 @@
+"""Tool-call parsers for `--tool-call-parser` (vLLM's names): a model's finished text -> (content, calls).
+
+    hermes       Hermes / Qwen 2.5 / Qwen 3:  <tool_call>{"name": ..., "arguments": {...}}</tool_call>, repeated
+    llama3_json  Llama 3.x:  [<|python_tag|>]{"name": ..., "parameters": {...}}, several separated by ";"
+    mistral      Mistral:  [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
+
+A text that holds no well-formed call is returned as content, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text
+    id: str = ""
+
+    def __post_init__(self):
+        if not self.id:
+            self.id = f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def _call(obj, args_key: str) -> ToolCall | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+
+
+def _json_values(text: str) -> list:
+    """The JSON values one after the other in `text` (separated by whitespace, ';' or ','); [] if any
+    part is not JSON."""
+    decoder, values, i = json.JSONDecoder(), [], 0
+    while True:
+        while i < len(text) and text[i] in " \t\r\n;,":
+            i += 1
+        if i == len(text):
+            return values
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except ValueError:
+            return []
+        values.append(value)
+
+
+class HermesToolParser:
+    start, end = "<tool_call>", "</tool_call>"
+    _pattern = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.start not in text:
+            return text, []
+        calls = []
+        for body in self._pattern.findall(text):
+            values = _json_values(body)
+            call = _call(values[0], "arguments") if len(values) == 1 else None
+            if call is None:
+                return text, []
+            calls.append(call)
+        content = text[:text.index(self.start)].strip()
+        return content or None, calls
+
+
+class Llama3JsonToolParser:
+    start = "<|python_tag|>"
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        body = text.strip()
+        if body.startswith(self.start):
+            body = body[len(self.start):]
+        if not body.startswith("{"):
+            return text, []
+        values = _json_values(body)
+        calls = [_call(v, "parameters") for v in values]
+        if not calls or any(c is None for c in calls):
+            return text, []
+        return None, calls
+
+
+class MistralToolParser:
+    start = "[TOOL_CALLS]"
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.start not in text:
+            return text, []
+        head, body = text.split(self.start, 1)
+        values = _json_values(body.strip())
+        if len(values) == 1 and isinstance(values[0], list):
+            values = values[0]
+        calls = [_call(v, "arguments") for v in values]
+        if not calls or any(c is None for c in calls):
+            return text, []
+        return head.strip() or None, calls
+
+
+TOOL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "mistral": MistralToolParser}
+
+
+def get_tool_parser(name: str):
+    if name not in TOOL_PARSERS:
+        raise ValueError(f"--tool-call-parser {name!r}: one of {', '.join(TOOL_PARSERS)}")
+    return TOOL_PARSERS[name]()
