@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -328,6 +329,76 @@ def test_tokenize_detokenize_health_version_metrics(server):
         assert name in m, name
     assert m["jaxllm:generation_tokens_total"] > 0 and m["jaxllm:time_to_first_token_seconds_count"] > 0
     assert m["jaxllm:prefix_cache_hits_total"] > 0  # the same prompts were sent more than once
+
+
+# -- structured outputs and tool calls ---------------------------------------------------------------
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 20},
+                                                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                                                "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 10}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def test_structured_outputs_through_the_openai_client(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    messages = [{"role": "user", "content": "Describe a person as JSON."}]
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=48, temperature=0,
+                                          response_format={"type": "json_schema", "json_schema": {
+                                              "name": "person", "schema": PERSON, "strict": True}})
+    jsonschema.validate(json.loads(resp.choices[0].message.content), PERSON)
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=48, temperature=0,
+                                          response_format={"type": "json_object"})
+    content = resp.choices[0].message.content
+    assert content.startswith("{")  # any object: the small model may run out of tokens before it closes
+    if resp.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+    choices = ["red", "green", "blue"]
+    resp = client.completions.create(model=MODEL, prompt="My favourite colour is", max_tokens=8, temperature=0,
+                                     extra_body={"guided_choice": choices})
+    assert resp.choices[0].text in choices
+    resp = client.completions.create(model=MODEL, prompt="The year is", max_tokens=8, temperature=0,
+                                     extra_body={"structured_outputs": {"regex": "[12][0-9]{3}"}})
+    assert re.fullmatch("[12][0-9]{3}", resp.choices[0].text)
+    chunks = list(client.completions.create(model=MODEL, prompt="The year is", max_tokens=8, temperature=0,
+                                            stream=True, extra_body={"guided_regex": "[12][0-9]{3}"}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == resp.choices[0].text
+
+
+def test_tool_calls_through_the_openai_client(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=48, temperature=0,
+                                          tools=[WEATHER, TIME], tool_choice=named)
+    (call,) = resp.choices[0].message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    # Streamed: the name first, then argument deltas that add up to the same arguments.
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=48, temperature=0,
+                                                 tools=[WEATHER, TIME], tool_choice=named, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=96, temperature=0,
+                                          tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    (call,) = resp.choices[0].message.tool_calls
+    tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+    # The call and its result go back into the history.
+    history = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                          {"role": "tool", "tool_call_id": call.id, "content": "22 degrees and sunny"}]
+    resp = client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0,
+                                          tools=[WEATHER], tool_choice="none")
+    assert resp.choices[0].message.content and not resp.choices[0].message.tool_calls
+    with pytest.raises(openai.BadRequestError, match="enable-auto-tool-choice"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, tools=[WEATHER])
 
 
 # -- the README's examples -------------------------------------------------------------------------
