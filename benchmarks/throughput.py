@@ -5,7 +5,10 @@
         --output-len 100:1024 --compare-hf generate_batch
 
 Prompts are random token ids (vLLM's `--dataset random`); EOS is ignored so every request produces exactly
-its output length. jaxllm is warmed up on a short run first (compilation is reported, not timed); HF gets
+its output length. `--structured-outputs json` constrains request i to the i % 4-th of a handful of JSON
+schemas (vLLM's structured outputs workload, in the shape of its json-mode benchmark): a request then ends
+when its object is complete, so throughput counts the output tokens actually generated. Run it once with
+and once without (`none`, EOS still honoured) on the same prompts to compare. jaxllm is warmed up on a short run first (compilation is reported, not timed); HF gets
 the same courtesy. Results go to benchmarks/results/ as JSON with device, date, jax version and commit.
 """
 
@@ -26,9 +29,25 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxllm import LLM, SamplingParams  # noqa: E402
+from jaxllm import LLM, SamplingParams, StructuredOutputsParams  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# Schemas of the structured workload: objects of a few fields, strings bounded so a request ends.
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}, "population": {"type": "integer"},
+                                      "capital": {"type": "boolean"}},
+     "required": ["city", "population", "capital"], "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                               "maxItems": 6}, "score": {"type": "number"}},
+     "required": ["tags", "score"], "additionalProperties": False},
+    {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "maybe"]},
+                                      "reason": {"type": "string", "maxLength": 64}},
+     "required": ["answer", "reason"], "additionalProperties": False},
+]
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -85,21 +104,37 @@ def build_llm(args):
             from jaxllm.models.quant import quantize_weights
 
             params = quantize_weights(params, args.quantization)
-        return LLM.from_params(params, config, None, **kwargs), config
+        tokenizer = None
+        if args.structured_outputs != "none":  # grammars need a tokenizer: the default model's, for any vocabulary
+            from jaxllm.loader import default_model_path, load_tokenizer
+
+            tokenizer = load_tokenizer(default_model_path())
+        return LLM.from_params(params, config, tokenizer, **kwargs), config
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, **kwargs)
     return llm, llm.llm_engine.model_config
 
 
-def run_jaxllm(llm, prompts, output_lens, temperature=0.0, top_p=1.0, top_k=0):
-    params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=n, ignore_eos=True,
-                             detokenize=False) for n in output_lens]
+def run_jaxllm(llm, prompts, output_lens, structured: str = "random", temperature=0.0, top_p=1.0, top_k=0):
+    """(seconds, compiles during the run, output tokens generated). `structured`: "random" (EOS ignored,
+    exact lengths), "none" (EOS honoured) or "json" (request i constrained to SCHEMAS[i % 4])."""
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+
+    def params(i, n):
+        if structured == "random":
+            return SamplingParams(max_tokens=n, ignore_eos=True, detokenize=False, **sampling)
+        so = StructuredOutputsParams(json=SCHEMAS[i % len(SCHEMAS)]) if structured == "json" else None
+        return SamplingParams(max_tokens=n, detokenize=False, structured_outputs=so, **sampling)
+
     runner = llm.llm_engine.runner
     compiled_before = len(runner.compiled_buckets)
     start = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [params(i, n) for i, n in enumerate(output_lens)],
+                        use_tqdm=False)
     elapsed = time.perf_counter() - start
-    assert [len(o.outputs[0].token_ids) for o in outs] == output_lens
-    return elapsed, len(runner.compiled_buckets) - compiled_before
+    generated = [len(o.outputs[0].token_ids) for o in outs]
+    if structured == "random":
+        assert generated == output_lens
+    return elapsed, len(runner.compiled_buckets) - compiled_before, sum(generated)
 
 
 def hf_model(args, config):
@@ -235,6 +270,9 @@ def main(argv=None):
     ap.add_argument("--hf-max-batch-tokens", type=int, default=8192)
     ap.add_argument("--hf-num-prompts", type=int, default=None,
                     help="run HF on the first N prompts only (for peers too slow for the whole workload)")
+    ap.add_argument("--structured-outputs", default="off", choices=["off", "none", "json"],
+                    help="json: each request constrained to one of 4 JSON schemas (EOS honoured); none: the same "
+                         "workload unconstrained; off: EOS ignored, exact output lengths (the default)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -250,14 +288,14 @@ def main(argv=None):
     warm_n = min(len(prompts), llm.llm_engine.config.max_num_seqs)
     t0 = time.perf_counter()
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    run_jaxllm(llm, prompts[:warm_n], [min(n, 8) for n in output_lens[:warm_n]], **sampling)
+    mode = "random" if args.structured_outputs == "off" else args.structured_outputs
+    run_jaxllm(llm, prompts[:warm_n], [min(n, 8) for n in output_lens[:warm_n]], mode, **sampling)
     warmup_s = time.perf_counter() - t0
     from jaxllm.engine import StepTimes
 
     llm.llm_engine.step_times = StepTimes()
     llm.llm_engine.runner.prepare_seconds = 0.0
-    elapsed, compiles = run_jaxllm(llm, prompts, output_lens, **sampling)
-    total_out = sum(output_lens)
+    elapsed, compiles, total_out = run_jaxllm(llm, prompts, output_lens, mode, **sampling)
     total_in = sum(map(len, prompts))
     result = {
         "benchmark": "throughput", "device": device_name(), "backend": jax.default_backend(),
@@ -265,7 +303,8 @@ def main(argv=None):
         "jax_version": jax.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
         "model": args.model_shape or args.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
         "dtype": config.dtype, "num_prompts": args.num_prompts, "input_len": args.input_len,
-        "output_len": args.output_len, "sampling": sampling, "max_num_seqs": llm.llm_engine.config.max_num_seqs,
+        "output_len": args.output_len, "sampling": sampling, "structured_outputs": args.structured_outputs,
+        "output_tokens": total_out, "max_num_seqs": llm.llm_engine.config.max_num_seqs,
         "max_num_batched_tokens": llm.llm_engine.config.max_num_batched_tokens,
         "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2), "compiles_during_run": compiles,
         "async_scheduling": llm.llm_engine.config.async_scheduling, "step_times": llm.llm_engine.step_times.summary(),
