@@ -325,8 +325,7 @@ class ModelRunner:
         if not constrained:
             return np.zeros((R, 0), np.int32)
         bitmask = np.full((R, bitmask_width(self.vocab_size)), -1, np.int32)
-        for i, matcher in constrained:
-            fill_token_bitmask(bitmask, i, matcher)
+        fill_token_bitmask(bitmask, constrained)
         return bitmask
 
     def _logprobs_width(self, wanted: int) -> int:

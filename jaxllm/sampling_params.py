@@ -107,8 +107,8 @@ class StructuredOutputsParams:
     def key(self) -> tuple:
         """A hashable key of the constraint and the options that change its grammar (the compile cache's)."""
         spec = getattr(self, self.kind)
-        if self.kind == "json" and not isinstance(spec, str):
-            spec = json.dumps(spec, sort_keys=True)
+        if self.kind == "json":  # a schema as a dict or as its text, in any key order: one key
+            spec = json.dumps(json.loads(spec) if isinstance(spec, str) else spec, sort_keys=True)
         elif self.kind == "choice":
             spec = tuple(spec)
         return self.kind, spec, self.disable_any_whitespace, self.disable_additional_properties

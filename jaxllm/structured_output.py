@@ -3,7 +3,7 @@
     compiler = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
     grammar = compiler.compile(params.structured_outputs)   # ValueError naming the field; cached by spec
     matcher = grammar.matcher()                             # one per sample
-    fill_token_bitmask(bitmask, row, matcher)               # [R, ceil(V / 32)] int32, bit t of word t // 32
+    fill_token_bitmask(bitmask, [(row, matcher), ...])      # [R, ceil(V / 32)] int32, bit t of word t // 32
     matcher.accept(token)                                   # after the step, on the host
 
 Why llguidance and not xgrammar: xgrammar's wheel requires torch (and triton), which jaxllm must not
@@ -66,12 +66,23 @@ class Matcher:
         return self._m.get_error()
 
 
-def fill_token_bitmask(bitmask: np.ndarray, row: int, matcher: Matcher) -> None:
-    """Write the tokens allowed next into bitmask[row] ([W] int32 words, token t at bit t % 32 of word
-    t // 32). A finished match allows nothing but EOS."""
+_executor = None  # llguidance's thread pool, for filling many rows at once
+
+
+def fill_token_bitmask(bitmask: np.ndarray, rows: list[tuple[int, Matcher]]) -> None:
+    """Write the tokens each matcher allows next into its row of `bitmask` ([R, W] int32 words, token t
+    at bit t % 32 of word t // 32); several rows are filled in parallel. A complete match allows only EOS."""
+    global _executor
+    import llguidance
     import llguidance.numpy
 
-    llguidance.numpy.fill_next_token_bitmask(matcher._m, bitmask, row)
+    if len(rows) == 1:
+        row, matcher = rows[0]
+        llguidance.numpy.fill_next_token_bitmask(matcher._m, bitmask, row)
+        return
+    if _executor is None:
+        _executor = llguidance.LLExecutor()
+    llguidance.numpy.fill_next_token_bitmask_par(_executor, [(m._m, row) for row, m in rows], bitmask)
 
 
 def bitmask_width(vocab_size: int) -> int:

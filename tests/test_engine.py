@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from jaxllm import SamplingParams
+from jaxllm import SamplingParams, StructuredOutputsParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -173,13 +173,20 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
     runner = _gpu_style(llm)
     runner.precompile(num_threads=2)
-    # Greedy, random, and random with top-k/top-p/min-p: for each decode and each token bucket.
-    assert len(runner._executables) == 3 * (len(runner.config.seq_buckets) + len(runner.config.token_buckets))
+    # Greedy, random, random with top-k/top-p/min-p, and the masked program (random+filters with a token
+    # bitmask: structured outputs) for each decode and each token bucket.
+    assert len(runner._executables) == 4 * (len(runner.config.seq_buckets) + len(runner.config.token_buckets))
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=7)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     seeded = SamplingParams(temperature=0.8, seed=11, max_tokens=6, ignore_eos=True)
     nucleus = SamplingParams(temperature=0.8, top_p=0.95, top_k=20, min_p=0.01, seed=3, max_tokens=6, ignore_eos=True)
-    mixes = [greedy, seeded, nucleus, [greedy, seeded, nucleus, seeded, greedy]]
+    constrained = SamplingParams(temperature=0, max_tokens=6, structured_outputs=StructuredOutputsParams(
+        regex="[a-z ]{3,40}"))
+    sampled_constrained = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=6,
+                                         structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+    mixed = [constrained if i % 2 else greedy for i in range(len(prompts))]
+    mixes = [greedy, seeded, nucleus, [greedy, seeded, nucleus, seeded, greedy], mixed,
+             [sampled_constrained, nucleus, constrained, seeded, greedy]]
     before, buckets = _step._cache_size(), set(runner.compiled_buckets)
     ahead = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
     assert _step._cache_size() == before and runner.compiled_buckets == buckets  # nothing compiled lazily

@@ -124,3 +124,27 @@ def test_invalid_constraint_refused_before_any_work(llm):
             llm.generate(["ok", "bad"], [SamplingParams(), SamplingParams(
                 structured_outputs=StructuredOutputsParams(**kwargs))], use_tqdm=False)
     assert not engine.has_unfinished_requests() and not engine.requests
+
+
+def test_compile_cache_and_parallel_fill(llm):
+    from jaxllm.structured_output import bitmask_width, fill_token_bitmask
+
+    compiler = llm.llm_engine.grammar_compiler
+    so = StructuredOutputsParams
+    assert compiler.compile(so(json=dict(PERSON))) is compiler.compile(so(json=json.dumps(PERSON)))
+    specs = [so(json=PERSON), so(regex=CODE), so(choice=CITIES), so(json_object=True)]
+    matchers = [compiler.compile(s).matcher() for s in specs]
+    tok = llm.get_tokenizer()
+    for token in tok.encode('{"name": "Al', add_special_tokens=False):
+        assert matchers[0].accept(token)
+    width = bitmask_width(llm.llm_engine.model_config.vocab_size)
+    together = np.zeros((5, width), np.int32)
+    fill_token_bitmask(together, list(enumerate(matchers)))
+    for row, matcher in enumerate(matchers):
+        alone = np.zeros((1, width), np.int32)
+        fill_token_bitmask(alone, [(0, matcher)])
+        np.testing.assert_array_equal(together[row], alone[0])
+    assert not together[4].any()
+    allowed = lambda row: set(np.nonzero(np.unpackbits(together[row].view(np.uint8), bitorder="little"))[0])  # noqa: E731
+    assert {tok.decode([t]) for t in allowed(2)} >= {"Paris", "London"}
+    assert all(tok.decode([t])[0].isdigit() for t in allowed(1))
