@@ -56,6 +56,8 @@ def test_api_keys(monkeypatch):
     (["--allowed-origins", "http://x"], "is not JSON"),
     (["--max-logprobs", "-1"], "--max-logprobs=-1"),
     (["--tokenizer-mode", "mistral"], "--tokenizer-mode"),
+    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
+    (["--tool-parser-plugin", "p.py"], "--tool-parser-plugin is not supported"),
 ])
 def test_refusals_name_the_flag_and_why(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
