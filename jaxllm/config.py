@@ -152,6 +152,8 @@ class EngineConfig:
     seed: int = 0
     max_logprobs: int = 20  # -1: no limit (as vLLM)
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "fp8" | "fp8_e4m3" (kv_cache.py)
+    tensor_parallel_size: int = 1  # devices one replica's weights and KV cache are sharded over (jaxllm/sharding.py)
+    data_parallel_size: int = 1  # engine replicas over disjoint device groups (jaxllm/data_parallel.py)
     token_buckets: tuple[int, ...] = field(default=())  # filled in by __post_init__ when empty
     seq_buckets: tuple[int, ...] = field(default=())
 
@@ -167,9 +169,16 @@ class EngineConfig:
              "max_num_batched_tokens", self.max_num_batched_tokens, f"must be an integer >= max_num_seqs ({self.max_num_seqs})")
         need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
         need(self.num_gpu_blocks is None or self.num_gpu_blocks >= 1, "num_gpu_blocks", self.num_gpu_blocks, "must be None or >= 1")
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,
+                 "must be a positive integer")
         need(self.max_logprobs >= -1, "max_logprobs", self.max_logprobs, "must be >= 0, or -1 for no limit")
         need(self.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), "kv_cache_dtype", self.kv_cache_dtype,
              "is not supported; supported: auto, fp8, fp8_e4m3")
+        need(self.tensor_parallel_size == 1 or self.kv_cache_dtype == "auto", "kv_cache_dtype", self.kv_cache_dtype,
+             f"is not supported with tensor_parallel_size={self.tensor_parallel_size} (jaxllm shards a 16-bit "
+             "KV cache only); use 'auto', or tensor_parallel_size=1")
         if not self.enable_chunked_prefill:
             need(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens", self.max_num_batched_tokens,
                  f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off")

@@ -29,6 +29,7 @@ from jaxllm.kv_cache import KVCache, kv_cache_jnp_dtype
 from jaxllm.model_runner import ModelRunner, ModelRunnerOutput
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+from jaxllm.sharding import make_mesh, shard_weights
 from jaxllm.structured_output import GrammarCompiler
 
 logger = logging.getLogger("jaxllm")
@@ -63,7 +64,14 @@ class StepTimes:
 
 
 class LLMEngine:
-    def __init__(self, model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig):
+    def __init__(self, model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig, devices=None):
+        """`devices`: the devices this engine runs on, its weights and KV cache sharded over the first
+        `engine_config.tensor_parallel_size` of them; default: JAX's first device, or its first
+        tensor_parallel_size devices."""
+        self.mesh = None
+        if engine_config.tensor_parallel_size > 1 or devices is not None:
+            self.mesh = make_mesh(engine_config.tensor_parallel_size, devices)
+            model_config, params = shard_weights(params, model_config, self.mesh)
         self.model_config = model_config
         self.config = engine_config
         self.tokenizer = tokenizer
@@ -73,11 +81,15 @@ class LLMEngine:
                     model_config.architecture, model_config.dtype, engine_config.kv_cache_dtype, engine_config.max_model_len,
                     engine_config.block_size, engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
                     engine_config.enable_prefix_caching, engine_config.enable_chunked_prefill, jax.default_backend())
+        if self.mesh is not None:
+            logger.info("tensor parallel over %d device(s): %s", self.mesh.size,
+                        ", ".join(str(d) for d in self.mesh.devices.flat))
         on_gpu = jax.default_backend() != "cpu"
         if on_gpu and engine_config.num_gpu_blocks is None:
             # Size the cache from what is left after a step of the largest bucket has run.
             t0 = time.perf_counter()
-            self.runner = ModelRunner(model_config, engine_config, params, engine_config.max_blocks_per_seq + 1)
+            self.runner = ModelRunner(model_config, engine_config, params, engine_config.max_blocks_per_seq + 1,
+                                      self.mesh)
             # Without the Mosaic prefill kernel: its memory is the Triton path's, and with this cache's
             # shape it would be one more kernel for Mosaic to compile at every start.
             self.runner.run_dummy_step(engine_config.token_buckets[-1], decode_only=False, random_rows=True,
@@ -85,7 +97,7 @@ class LLMEngine:
             self.runner.resize_kv_cache(self._num_kv_blocks())
             logger.info("warm-up step of %d tokens in %.1fs", engine_config.token_buckets[-1], time.perf_counter() - t0)
         else:
-            self.runner = ModelRunner(model_config, engine_config, params, self._num_kv_blocks())
+            self.runner = ModelRunner(model_config, engine_config, params, self._num_kv_blocks(), self.mesh)
         num_blocks = self.runner.kv_cache.num_blocks
         logger.info("# KV blocks: %d, block size %d, %d tokens", num_blocks, engine_config.block_size,
                     num_blocks * engine_config.block_size)
@@ -112,8 +124,10 @@ class LLMEngine:
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
+        # Per device: each holds 1/tp of every block (its KV heads).
         per_block = KVCache.bytes_per_block(self.model_config, cfg.block_size,
-                                            kv_cache_jnp_dtype(cfg.kv_cache_dtype, self.model_config))
+                                            kv_cache_jnp_dtype(cfg.kv_cache_dtype, self.model_config)
+                                            ) // cfg.tensor_parallel_size
         if cfg.num_gpu_blocks is not None:
             num_blocks = cfg.num_gpu_blocks
         elif jax.default_backend() == "cpu":
@@ -124,13 +138,19 @@ class LLMEngine:
             # as XLA planned it. Not the device's peak: a start that compiles the step has autotuned it in
             # extra memory (0.4 GiB more on an H100), and the cache's size, part of every program's key in
             # the executable cache, must not differ between a cold and a warm start.
-            stats = self.runner.device.memory_stats() or {}
-            limit = stats.get("bytes_limit", 0) * cfg.gpu_memory_utilization
-            temp = self.runner.last_dummy_step_temp_bytes
-            if temp is None:
-                used = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
-            else:
-                used = stats.get("bytes_in_use", 0) + temp
+            # The device with the least room left decides (shards are even; a replicated vocabulary is not).
+            devices = [self.runner.device] if self.mesh is None else list(self.mesh.devices.flat)
+            rooms = []
+            for device in devices:
+                stats = device.memory_stats() or {}
+                limit = stats.get("bytes_limit", 0) * cfg.gpu_memory_utilization
+                temp = self.runner.last_dummy_step_temp_bytes
+                if temp is None:
+                    used = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
+                else:
+                    used = stats.get("bytes_in_use", 0) + temp
+                rooms.append((limit - used, limit, used, stats))
+            _, limit, used, stats = min(rooms, key=lambda r: r[0])
             num_blocks = max(int(limit - used), 0) // per_block
             logger.info("memory: %.1f GiB usable (gpu_memory_utilization=%.2f), %.1f GiB for weights and the "
                         "largest step (device peak so far %.1f GiB), %.1f GiB for the KV cache", limit / 2**30,

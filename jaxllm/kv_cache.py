@@ -48,14 +48,18 @@ class KVCache:
         return self.k.shape[2]
 
     @staticmethod
-    def create(config: ModelConfig, num_blocks: int, block_size: int, dtype=None) -> "KVCache":
+    def create(config: ModelConfig, num_blocks: int, block_size: int, dtype=None, sharding=None) -> "KVCache":
+        """A zeroed cache; `sharding` places it (jaxllm.sharding.kv_cache_sharding: split by KV heads)."""
         shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         dtype = jnp.dtype(dtype or config.dtype)
         k_scale = v_scale = None
         if dtype == jnp.float8_e4m3fn:
             scales = np.asarray(config.kv_cache_scales or [(1.0, 1.0)] * config.num_layers, np.float32)  # [L, 2]
-            k_scale, v_scale = jnp.asarray(scales[:, 0]), jnp.asarray(scales[:, 1])
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), k_scale=k_scale, v_scale=v_scale)
+            # Replicated on the cache's devices (a data-parallel replica's device), not the default one.
+            on = None if sharding is None else jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+            k_scale, v_scale = jnp.asarray(scales[:, 0], device=on), jnp.asarray(scales[:, 1], device=on)
+        return KVCache(k=jnp.zeros(shape, dtype, device=sharding), v=jnp.zeros(shape, dtype, device=sharding),
+                       k_scale=k_scale, v_scale=v_scale)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype=None) -> int:

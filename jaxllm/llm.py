@@ -17,6 +17,7 @@ from jaxllm.beam_search import BeamSearchOutput, beam_search
 from jaxllm.outputs import RequestOutput
 from jaxllm.pooling_llm import PoolingMixin
 from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from jaxllm.sharding import check_quantized_tensor_parallel
 
 logger = logging.getLogger("jaxllm")
 
@@ -88,7 +89,10 @@ class LLM(PoolingMixin):
         generation_config: "auto" (the defaults in the model's generation_config.json), "vllm" (vLLM's), or
             a folder holding a generation_config.json; used when generate()/chat() get no SamplingParams.
         override_generation_config: {field: value} over generation_config's defaults.
-        tensor_parallel_size: must be 1 (one device).
+        tensor_parallel_size: devices the weights and KV cache are sharded over (Megatron-style); above 1,
+            refused with quantization and with an FP8 KV cache.
+        data_parallel_size: engine replicas, each over its own tensor_parallel_size devices; requests
+            go to the replica with the fewest unfinished requests.
         quantization: None (the checkpoint's own quantization_config, if any), "fp8" (W8A8, quantized at
             load or an FP8 checkpoint), "int8" (weight-only, quantized at load), "awq", "gptq" or
             "compressed-tensors" (checkpoints quantized with them).
@@ -104,7 +108,7 @@ class LLM(PoolingMixin):
                  revision: str | None = None, download_dir: str | None = None, tokenizer_mode: str = "auto",
                  skip_tokenizer_init: bool = False, trust_remote_code: bool = False, max_logprobs: int = 20,
                  generation_config: str = "auto", override_generation_config: dict | None = None,
-                 tensor_parallel_size: int = 1, quantization: str | None = None,
+                 tensor_parallel_size: int = 1, data_parallel_size: int = 1, quantization: str | None = None,
                  kv_cache_dtype: str = "auto", **kwargs):
         from jaxllm.generation_config import default_sampling_params
         from jaxllm.loader import default_model_path, load_model, load_tokenizer
@@ -122,14 +126,17 @@ class LLM(PoolingMixin):
                              "detokenize and to match stop strings")
         if kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):  # before the load, which takes a while
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported; supported: auto, fp8, fp8_e4m3")
-        if tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: jaxllm runs a model on one device")
+        check_quantized_tensor_parallel(tensor_parallel_size, quantization, kv_cache_dtype)  # before the load too
         path = default_model_path() if model is None else resolve_model_path(model, revision, download_dir)
         if self._init_pooling(path, pooling_args, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
                               max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs):
             if quantization is not None or kv_cache_dtype != "auto":
                 raise ValueError(f"quantization={quantization!r} and kv_cache_dtype={kv_cache_dtype!r}: pooling "
                                  "models run unquantized (None and 'auto')")
+            for name, value in (("tensor_parallel_size", tensor_parallel_size),
+                                ("data_parallel_size", data_parallel_size)):
+                if value != 1:
+                    raise ValueError(f"{name}={value!r}: pooling models run on one device in jaxllm")
             return
         folder = path if Path(path).is_dir() else None
         default_sampling = default_sampling_params(folder, generation_config, override_generation_config)
@@ -140,7 +147,8 @@ class LLM(PoolingMixin):
                    gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
                    enable_chunked_prefill=enable_chunked_prefill, seed=seed, num_gpu_blocks=num_gpu_blocks_override,
                    async_scheduling=async_scheduling, max_logprobs=max_logprobs,
-                   kv_cache_dtype=kv_cache_dtype)
+                   kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size,
+                   data_parallel_size=data_parallel_size)
         self.model = path
         self._default_sampling = default_sampling
 

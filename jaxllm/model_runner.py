@@ -26,6 +26,7 @@ request arrives.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import logging
 import time
@@ -46,6 +47,7 @@ from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks, kv_cache_jn
 from jaxllm.models import llama
 from jaxllm.models.registry import model_module
 from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
+from jaxllm.sharding import kv_cache_sharding
 from jaxllm.structured_output import bitmask_width, fill_token_bitmask
 
 import pallas_kernels
@@ -135,14 +137,19 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_blocks: int):
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_blocks: int,
+                 mesh: jax.sharding.Mesh | None = None):
+        """`mesh`: run on these devices (jaxllm.sharding: `params` sharded for it); None: the default device."""
         self.model_config = model_config
+        self.mesh = mesh
+        self.kv_sharding = None if mesh is None else kv_cache_sharding(mesh)
         self.config = engine_config
         self.params = params
         self.block_size = engine_config.block_size
         self.vocab_size = model_config.vocab_size
         self.kv_dtype = kv_cache_jnp_dtype(engine_config.kv_cache_dtype, model_config)
-        self.kv_cache = KVCache.create(model_config, num_blocks, self.block_size, self.kv_dtype)
+        self.kv_cache = KVCache.create(model_config, num_blocks, self.block_size, self.kv_dtype,
+                                       sharding=self.kv_sharding)
         features = model_module(model_config.architecture).attention_features(model_config)
         if features and jax.default_backend() == "gpu":
             logger.info("%s uses %s: its attention runs on the jnp reference, not the Pallas kernels (which "
@@ -163,12 +170,16 @@ class ModelRunner:
             self.mixed_seqs_follow_tokens = True
         self.compiled_buckets: set[tuple] = set()
         self._executables: dict[tuple, object] = {}  # bucket -> the step compiled ahead of time (precompile)
-        self.executable_cache = ExecutableCache.from_jax_config()
+        # A stored program is loaded onto one device: a sharded step compiles at each start.
+        self.executable_cache = ExecutableCache.from_jax_config() if mesh is None else None
         if self.executable_cache is not None:
             pallas_kernels.prepare_to_load_programs()
         self.last_dummy_step_temp_bytes: int | None = None  # XLA's scratch for the last run_dummy_step
         leaf = next(iter(jax.tree_util.tree_leaves(params)), None)
-        self.device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]
+        if mesh is not None:
+            self.device = mesh.devices.flat[0]
+        else:
+            self.device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]
         self.penalty_state: PenaltyState | None = None  # created on the first penalised request
         self.last_sampled = jnp.zeros(engine_config.seq_buckets[-1], jnp.int32)  # the previous step's samples
         self.prepare_seconds = 0.0  # host time spent building step inputs
@@ -400,7 +411,12 @@ class ModelRunner:
     # -- start-up -------------------------------------------------------------------------------
     def resize_kv_cache(self, num_blocks: int) -> None:
         self.kv_cache = None  # free the old pool first
-        self.kv_cache = KVCache.create(self.model_config, num_blocks, self.block_size, self.kv_dtype)
+        self.kv_cache = KVCache.create(self.model_config, num_blocks, self.block_size, self.kv_dtype,
+                                       sharding=self.kv_sharding)
+
+    def on_mesh(self):
+        """The context a step is traced in: its mesh, for the attention's shard_map (thread-local)."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def _prefill_kernel(self, num_tokens: int, decode_only: bool) -> bool:
         """Whether a step's long chunks go to the Mosaic prefill kernel (where it runs): in the largest
@@ -447,7 +463,9 @@ class ModelRunner:
             key = cache.key(self.device, statics, (self.params, self.kv_cache, None, self.last_sampled, arrays))
             if (executable := cache.load(key, self.device)) is not None:
                 return executable, True
-        lowered = _step.lower(self.params, self.kv_cache, None, self.last_sampled, config=self.model_config, **args)
+        with self.on_mesh():
+            lowered = _step.lower(self.params, self.kv_cache, None, self.last_sampled, config=self.model_config,
+                                  **args)
         executable = lowered.compile()
         if cache is not None:
             cache.store(key, executable)
@@ -535,8 +553,9 @@ class ModelRunner:
         if executable is not None:  # compiled ahead of time: takes only the array arguments
             res, prompt, self.kv_cache, state, self.last_sampled = self._call_compiled(executable, args, state)
         else:
-            res, prompt, self.kv_cache, state, self.last_sampled = _step(
-                self.params, self.kv_cache, state, self.last_sampled, config=self.model_config, **args)
+            with self.on_mesh():
+                res, prompt, self.kv_cache, state, self.last_sampled = _step(
+                    self.params, self.kv_cache, state, self.last_sampled, config=self.model_config, **args)
         if use_penalties:
             self.penalty_state = state
         if compiling:

@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import pallas_kernels
 from jaxllm.config import ModelConfig, RopeScaling
 from jaxllm.kv_cache import AttentionMetadata, KVCache, write_kv
 from jaxllm.models import quant
 from jaxllm.models.quant import QuantizedWeight
+from jaxllm.sharding import paged_attention
 
 # A window no sequence reaches: what a full-attention layer passes where its neighbours pass a window.
 NO_WINDOW = 2**30
@@ -165,7 +165,7 @@ def attention(q, k, v, cache: KVCache, layer, md: AttentionMetadata, *, scale: f
     if cache.k_scale is not None:  # FP8 cache of K / k_scale: q . k = (q * k_scale) . stored k
         q = (q.astype(jnp.float32) * cache.k_scale[layer]).astype(q.dtype)
     # An FP8 cache is read by the reference (the kernels take 16-bit caches only: kernels_supported).
-    o = pallas_kernels.ragged_paged_attention(
+    o = paged_attention(
         q, cache.k, cache.v, layer, md.block_tables, md.seq_lens, md.query_start_loc, scale=scale,
         decode_only=decode_only, prefill_kernel=prefill_kernel, sliding_window=sliding_window,
         logit_softcap=logit_softcap, alibi_slopes=None if alibi is None else jnp.asarray(alibi))

@@ -24,6 +24,7 @@ from jaxllm.config import ModelConfig, rope_from_hf
 from jaxllm.kv_cache import AttentionMetadata, KVCache
 from jaxllm.models import layers
 from jaxllm.models.layers import apply_rope, linear, rms_norm, rope_tables
+from jaxllm.models.quant import QuantizedWeight
 
 
 @jax.tree_util.register_dataclass
@@ -32,12 +33,15 @@ class LayerWeights:
     """All layers' weights, stacked: leading axis L = num_layers. Optional parts are None."""
 
     attn_norm: jax.Array  # [L, e]
-    wqkv: jax.Array  # [L, e, q_size + 2 * kv_size]  (q | k | v, HF's head order)
+    # Fused column weights come in G groups of columns: [L, e, cols] is one group; tensor parallelism
+    # lays them out [L, e, G, cols / G], one group a device, each group its own heads' q | k | v (or its
+    # own gate | up), so that no split crosses a device (jaxllm/sharding.py).
+    wqkv: jax.Array  # [L, e, q_size + 2 * kv_size]  (q | k | v, HF's head order), or [L, e, G, ... / G]
     wo: jax.Array  # [L, q_size, e]
     mlp_norm: jax.Array  # [L, e]
-    w_gate_up: jax.Array  # [L, e, 2 * f]  (gate | up)
+    w_gate_up: jax.Array  # [L, e, 2 * f]  (gate | up), or [L, e, G, 2 * f / G]
     w_down: jax.Array  # [L, f, e]
-    bqkv: jax.Array | None = None  # [L, q_size + 2 * kv_size]  Qwen2
+    bqkv: jax.Array | None = None  # [L, q_size + 2 * kv_size] or [L, G, ... / G]  Qwen2
     q_norm: jax.Array | None = None  # [L, head_dim]  Qwen3
     k_norm: jax.Array | None = None  # [L, head_dim]  Qwen3
 
@@ -55,6 +59,14 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     inv_freq = layers.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
     ext = config.option("rope_ext_factors")  # LongRoPE's per-frequency divisors (Phi-3)
     return inv_freq if ext is None else (inv_freq / np.asarray(ext, np.float32)).astype(np.float32)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
+    """x [t, in] @ a fused column weight [in, out] (float or quantized) or [in, G, out / G] (tensor
+    parallel, float only) -> [t, G, out / G] (G = 1 ungrouped)."""
+    if isinstance(w, QuantizedWeight) or w.ndim == 2:  # the one-device GEMM exactly as linear() does it
+        return linear(x, w)[:, None, :]
+    return jnp.einsum("ti,igo->tgo", x, w)
 
 
 def forward_hidden(
@@ -78,10 +90,11 @@ def forward_hidden(
         x, cache, i = carry
         with jax.named_scope("attention"):
             h = rms_norm(x, w.attn_norm, config.rms_norm_eps)
-            qkv = linear(h, w.wqkv)
+            qkv = grouped_matmul(h, w.wqkv)  # [T, G, (q_size + 2 * kv_size) / G]
+            G = qkv.shape[1]
             if w.bqkv is not None:
-                qkv = qkv + w.bqkv
-            q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+                qkv = qkv + w.bqkv.reshape(qkv.shape[1:])
+            q, k, v = jnp.split(qkv, [config.q_size // G, (config.q_size + config.kv_size) // G], axis=-1)
             q, k, v = q.reshape(T, nq, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
             if w.q_norm is not None:
                 q = rms_norm(q, w.q_norm, config.rms_norm_eps)
@@ -93,8 +106,8 @@ def forward_hidden(
             x = x + linear(o, w.wo)
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, config.rms_norm_eps)
-            gate, up = jnp.split(linear(h, w.w_gate_up), 2, axis=-1)
-            x = x + linear(jax.nn.silu(gate) * up, w.w_down)
+            gate, up = jnp.split(grouped_matmul(h, w.w_gate_up), 2, axis=-1)  # [T, G, f / G] each
+            x = x + linear((jax.nn.silu(gate) * up).reshape(T, -1), w.w_down)
         return (x, cache, i + 1), None
 
     (x, kv_cache, _), _ = jax.lax.scan(layer, (x, kv_cache, jnp.int32(0)), params.layers, unroll=_scan_unroll(config, T if decode_only else None))

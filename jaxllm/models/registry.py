@@ -53,6 +53,11 @@ def architecture_of(hf: dict) -> str:
     return _ALIASES.get(arch, arch)
 
 
+def family_name(architecture: str) -> str | None:
+    """The name of the family module that runs `architecture` ("llama", "gemma", ...), or None."""
+    return _MODULES.get(architecture)
+
+
 def model_module(architecture: str) -> ModuleType:
     """The module that runs `architecture` (imported on first use)."""
     if architecture not in _MODULES:
