@@ -178,7 +178,12 @@ class LLM(PoolingMixin):
         engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens, **engine_kwargs)
         start = time.perf_counter()
-        self.llm_engine = LLMEngine(model_config, params, tokenizer, engine_config)
+        if engine_config.data_parallel_size > 1:
+            from jaxllm.data_parallel import DataParallelEngine
+
+            self.llm_engine = DataParallelEngine(model_config, params, tokenizer, engine_config)
+        else:
+            self.llm_engine = LLMEngine(model_config, params, tokenizer, engine_config)
         logger.info("engine ready in %.1fs", time.perf_counter() - start)
         self._request_counter = itertools.count()
 
