@@ -1,0 +1,63 @@
+"""Run by tests/test_parallel.py in a child process with several CPU devices (the rest of the suite runs
+with one): builds tiny random HF checkpoints, generates greedily at each parallel layout and prints
+one JSON object of what it saw. Not a test module itself (no test_ prefix)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+PROMPTS = [[3 + i, 17, 41 + 7 * i, 9, 250 - i] for i in range(3)]
+MAX_TOKENS = 6
+
+sys.path[:0] = [str(Path(__file__).parent.parent), str(Path(__file__).parent)]  # this checkout's jaxllm
+
+
+def shard_fractions(tree) -> dict[str, list[float]]:
+    """Per array leaf: the fraction of its elements that each of its devices holds."""
+    import jax
+
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        out[jax.tree_util.keystr(path)] = [s.data.size / x.size for s in x.addressable_shards]
+    return out
+
+
+def main(layouts: list[dict]) -> dict:
+    import jax
+
+    from hf_models import save_tiny_model
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.loader import load_model
+
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    result = {"num_devices": jax.device_count(), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout in layouts:
+            folder = Path(tmp) / layout["model"]
+            if not folder.exists():
+                save_tiny_model(layout["model"], folder)
+            config, weights = load_model(folder)
+            kwargs = {k: v for k, v in layout.items() if k != "model"}
+            llm = LLM.from_params(weights, config, None, max_model_len=64, num_gpu_blocks_override=16,
+                                  max_num_seqs=4, max_num_batched_tokens=16, **kwargs)
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            engine = llm.llm_engine
+            engines = getattr(engine, "engines", [engine])
+            result["runs"].append({
+                **layout,
+                "tokens": [o.outputs[0].token_ids for o in outputs],
+                "steps": [e.step_times.steps for e in engines],
+                "devices": [sorted(d.id for d in e.runner.kv_cache.k.devices()) for e in engines],
+                "weights": shard_fractions(engines[0].runner.params),
+                "kv_cache": shard_fractions(engines[0].runner.kv_cache),
+                "kv_heads": engines[0].runner.kv_cache.k.shape[3],
+            })
+    return result
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(main(json.loads(sys.argv[1]))))

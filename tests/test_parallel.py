@@ -1,0 +1,112 @@
+"""Tensor and data parallelism on CPU devices: the same greedy tokens as one device, weights and KV
+cache truly split, and clear errors for layouts that cannot work.
+
+The multi-device runs happen in one child process with XLA_FLAGS=--xla_force_host_platform_device_count=4
+(tests/parallel_child.py): the rest of the suite has imported JAX with one device."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def run_child(layouts: list[dict], num_devices: int = 4, timeout: int = 600) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(HERE / "parallel_child.py"), json.dumps(layouts)], env=env,
+                          cwd=HERE.parent, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def runs():
+    # Llama: 4 query heads, 2 KV heads (at tp=4 each KV head is replicated on two devices), untied head.
+    # Qwen3: q/k norms, tied embeddings. Qwen2: fused QKV bias. One device's tokens are transformers'
+    # (test_hf_greedy_is_one_device's), which saves compiling the one-device engine for each model.
+    layouts = [dict(model="llama"), dict(model="llama", tensor_parallel_size=2),
+               dict(model="llama", tensor_parallel_size=4), dict(model="llama", data_parallel_size=2),
+               dict(model="qwen3", tensor_parallel_size=4),
+               dict(model="qwen2", tensor_parallel_size=2, data_parallel_size=2)]
+    result = run_child(layouts)
+    assert result["num_devices"] == 4
+    return result["runs"]
+
+
+@functools.cache
+def hf_tokens(model: str) -> list[list[int]]:
+    from hf_models import hf_greedy, tiny_hf_model
+    from parallel_child import MAX_TOKENS, PROMPTS
+
+    hf = tiny_hf_model(model)
+    return [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in PROMPTS]
+
+
+def _find(runs, model, tp=1, dp=1):
+    return next(r for r in runs if r["model"] == model and r.get("tensor_parallel_size", 1) == tp
+                and r.get("data_parallel_size", 1) == dp)
+
+
+def test_hf_greedy_is_one_device(runs):
+    one = _find(runs, "llama")
+    assert one["devices"] == [[0]]
+    assert one["tokens"] == hf_tokens("llama")
+    assert len({tuple(t) for t in one["tokens"]}) == len(one["tokens"])  # the prompts lead apart
+
+
+@pytest.mark.parametrize("model,tp,dp", [("llama", 2, 1), ("llama", 4, 1), ("llama", 1, 2), ("qwen3", 4, 1),
+                                         ("qwen2", 2, 2)])
+def test_parallel_layouts_give_the_same_greedy_tokens_as_one_device(runs, model, tp, dp):
+    run = _find(runs, model, tp, dp)
+    expected = _find(runs, "llama")["tokens"] if model == "llama" else hf_tokens(model)
+    assert run["tokens"] == expected
+    # Each replica on its own tp devices, and every replica ran steps.
+    assert run["devices"] == [list(range(i * tp, (i + 1) * tp)) for i in range(dp)]
+    assert all(steps > 0 for steps in run["steps"])
+
+
+@pytest.mark.parametrize("model,tp", [("llama", 2), ("llama", 4), ("qwen3", 4), ("qwen2", 2)])
+def test_weights_and_cache_are_split_over_the_devices(runs, model, tp):
+    run = _find(runs, model, tp, 2 if model == "qwen2" else 1)
+    weights = run["weights"]
+    split = [".embed", ".layers.wqkv", ".layers.wo", ".layers.w_gate_up", ".layers.w_down"]
+    split += [".lm_head"] if model == "llama" else []
+    split += [".layers.bqkv"] if model == "qwen2" else []
+    replicated = [".final_norm", ".layers.attn_norm", ".layers.mlp_norm"]
+    for name in split:
+        assert weights[name] == [1 / tp] * tp, name
+    for name in replicated:
+        assert weights[name] == [1.0] * tp, name
+    assert run["kv_cache"][".k"] == [1 / tp] * tp and run["kv_cache"][".v"] == [1 / tp] * tp
+    # 2 KV heads: split at tp=2; at tp=4 each device holds one, a copy of the head its query heads read.
+    assert run["kv_heads"] == max(2, tp)
+
+
+def test_a_bad_tensor_parallel_size_is_refused_by_name(tiny_model):
+    from jaxllm import LLM
+    from jaxllm.config import EngineConfig
+    from jaxllm.sharding import check_tensor_parallel
+
+    config, params, tok = tiny_model  # 4 query heads, 2 KV heads, intermediate 128; one CPU device here
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 is more than the 1 CPU device"):
+        LLM.from_params(params, config, tok, tensor_parallel_size=2, num_gpu_blocks_override=16)
+    with pytest.raises(ValueError, match=r"data_parallel_size=2 x tensor_parallel_size=1 needs 2 devices"):
+        LLM.from_params(params, config, tok, data_parallel_size=2, num_gpu_blocks_override=16)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 does not divide the model's num_heads=4"):
+        check_tensor_parallel(config, 3)
+    with pytest.raises(ValueError, match=r"intermediate_size=100"):
+        check_tensor_parallel(config.replace(intermediate_size=100, num_heads=8, num_kv_heads=8), 8)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 and the model's num_kv_heads=6"):
+        check_tensor_parallel(config.replace(num_heads=12, num_kv_heads=6), 4)
+    for name in ("tensor_parallel_size", "data_parallel_size"):
+        for bad in (0, 1.5, True):
+            with pytest.raises(ValueError, match=name):
+                EngineConfig(**{name: bad})
