@@ -48,7 +48,7 @@ def test_api_keys(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--tensor-parallel-size", "2"], "--tensor-parallel-size is not supported: jaxllm serves on one device"),
+    (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size is not supported: jaxllm serves on one device"),
     (["-q", "bitsandbytes"], "argument --quantization/-q: invalid choice: 'bitsandbytes'"),
     (["--enforce-eager"], "--enforce-eager is not supported"),
     (["--enable-lora"], "--enable-lora is not supported: jaxllm has no LoRA adapters"),

@@ -110,3 +110,52 @@ def test_a_bad_tensor_parallel_size_is_refused_by_name(tiny_model):
         for bad in (0, 1.5, True):
             with pytest.raises(ValueError, match=name):
                 EngineConfig(**{name: bad})
+
+
+
+def test_server_with_tensor_and_data_parallel_flags(tmp_path, smol_tokenizer):
+    """`python -m jaxllm.serve -tp 2 -dp 2` on four CPU devices, through the openai client: the
+    completions are transformers' greedy ones."""
+    import socket
+    import time
+
+    import httpx
+    import openai
+    from hf_models import save_tiny_model
+    from parallel_child import MAX_TOKENS, PROMPTS
+
+    from jaxllm.loader import default_model_path
+
+    save_tiny_model("llama", tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "jaxllm.serve", "--model", str(tmp_path), "--tokenizer", default_model_path(),
+           "--port", str(port), "-tp", "2", "-dp", "2", "--max-model-len", "64", "--num-gpu-blocks-override",
+           "16", "--max-num-seqs", "4", "--max-num-batched-tokens", "16", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-4000:]
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        got = client.completions.create(model=str(tmp_path), prompt=PROMPTS, max_tokens=MAX_TOKENS, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert "jaxllm:num_gpu_blocks" in httpx.get(url + "/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    choices = sorted(got.choices, key=lambda c: c.index)
+    assert [c.finish_reason for c in choices] == ["length"] * len(PROMPTS)
+    assert [c.text for c in choices] == [smol_tokenizer.decode(t, skip_special_tokens=True)
+                                         for t in hf_tokens("llama")]

@@ -27,9 +27,7 @@ API_KEY_ENV = "JAXLLM_API_KEY"  # vLLM's VLLM_API_KEY
 # vLLM flags refused here, with why. Flags that take a value take it (nargs="?") so the refusal names
 # the flag rather than a stray value.
 REFUSED_FLAGS = {
-    ("--tensor-parallel-size", "-tp"): "jaxllm serves on one device (no tensor parallelism yet)",
     ("--pipeline-parallel-size", "-pp"): "jaxllm serves on one device (no pipeline parallelism)",
-    ("--data-parallel-size", "-dp"): "jaxllm serves on one device (no data parallelism)",
     ("--distributed-executor-backend",): "jaxllm runs in one process",
     ("--headless",): "jaxllm runs in one process",
     ("--api-server-count", "-asc"): "jaxllm runs one API server process",
@@ -158,6 +156,12 @@ def make_arg_parser(prog: str = "jaxllm serve") -> argparse.ArgumentParser:
 
     engine = p.add_argument_group("engine")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="devices the weights and KV cache are sharded over (of JAX's devices; "
+                             "CUDA_VISIBLE_DEVICES picks them)")
+    engine.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                        help="engine replicas, each on its own tensor-parallel-size devices; requests go to the "
+                             "least loaded")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="share of accelerator memory the engine may use (weights, activations, KV cache)")
     engine.add_argument("--num-gpu-blocks-override", type=int, default=None,
@@ -246,6 +250,9 @@ def settle_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None
         args.chat_template_text = load_chat_template(args.chat_template)
     except (OSError, ValueError) as e:
         parser.error(f"--chat-template: {e}")
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        parser.error("JAX_COORDINATOR_ADDRESS is set, and the server runs on one host only: multi-host runs "
+                     "are offline (jaxllm.distributed)")
     if args.max_logprobs < 0:  # vLLM's -1 (no limit) is offline-only here: a request's logprobs need a bound
         parser.error(f"--max-logprobs={args.max_logprobs}: must be >= 0")
     return args

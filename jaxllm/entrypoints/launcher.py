@@ -30,7 +30,8 @@ def load_app(args: argparse.Namespace):
                          enable_prefix_caching=args.enable_prefix_caching,
                          enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed,
                          num_gpu_blocks_override=args.num_gpu_blocks_override, max_logprobs=args.max_logprobs,
-                         kv_cache_dtype=args.kv_cache_dtype)
+                         kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
+                         data_parallel_size=args.data_parallel_size)
     if args.model_shape:
         from jaxllm.entrypoints.random_weights import random_weights_llm
 
