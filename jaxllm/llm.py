@@ -140,7 +140,9 @@ class LLM(PoolingMixin):
             return
         folder = path if Path(path).is_dir() else None
         default_sampling = default_sampling_params(folder, generation_config, override_generation_config)
-        model_config, params = load_model(path, dtype=dtype, quantization=quantization)
+        # Sharded or replicated over several devices: each device receives only its own part.
+        on_host = tensor_parallel_size != 1 or data_parallel_size != 1
+        model_config, params = load_model(path, dtype=dtype, quantization=quantization, on_host=on_host)
         tok = load_tokenizer(resolve_model_path(tokenizer, None, download_dir) if tokenizer else path)
         self._init(model_config, params, tok, max_model_len=max_model_len, block_size=block_size,
                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

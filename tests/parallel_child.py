@@ -15,6 +15,18 @@ MAX_TOKENS = 6
 sys.path[:0] = [str(Path(__file__).parent.parent), str(Path(__file__).parent)]  # this checkout's jaxllm
 
 
+def save_word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer ("w0" ... "w{vocab_size - 1}") beside a tiny checkpoint, so that the engine
+    loads it the way a user's does (a tokenizer from a GGUF takes seconds to build)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w2").save_pretrained(folder)
+
+
 def shard_fractions(tree) -> dict[str, list[float]]:
     """Per array leaf: the fraction of its elements that each of its devices holds."""
     import jax
@@ -28,9 +40,8 @@ def shard_fractions(tree) -> dict[str, list[float]]:
 def main(layouts: list[dict]) -> dict:
     import jax
 
-    from hf_models import save_tiny_model
+    from hf_models import VOCAB, save_tiny_model
     from jaxllm import LLM, SamplingParams
-    from jaxllm.loader import load_model
 
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
@@ -40,10 +51,11 @@ def main(layouts: list[dict]) -> dict:
             folder = Path(tmp) / layout["model"]
             if not folder.exists():
                 save_tiny_model(layout["model"], folder)
-            config, weights = load_model(folder)
+                save_word_tokenizer(folder, VOCAB)
             kwargs = {k: v for k, v in layout.items() if k != "model"}
-            llm = LLM.from_params(weights, config, None, max_model_len=64, num_gpu_blocks_override=16,
-                                  max_num_seqs=4, max_num_batched_tokens=16, **kwargs)
+            # Through the path, as a user loads: weights to the host, then each device's shards to it.
+            llm = LLM(str(folder), max_model_len=64, num_gpu_blocks_override=16, max_num_seqs=4,
+                      max_num_batched_tokens=16, **kwargs)
             outputs = llm.generate(prompts, params, use_tqdm=False)
             engine = llm.llm_engine
             engines = getattr(engine, "engines", [engine])

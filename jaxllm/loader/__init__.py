@@ -18,7 +18,8 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 __all__ = ["load_model", "load_tokenizer", "default_model_path"]
 
 
-def load_model(path: str | Path, dtype: str = "auto", quantization: str | None = None) -> tuple[ModelConfig, object]:
+def load_model(path: str | Path, dtype: str = "auto", quantization: str | None = None,
+               on_host: bool = False) -> tuple[ModelConfig, object]:
     """Load a model's config and weights.
 
     path: a Hugging Face folder (config.json and *.safetensors, sharded with
@@ -27,6 +28,9 @@ def load_model(path: str | Path, dtype: str = "auto", quantization: str | None =
         "float16". Weights and compute use it.
     quantization: None (the checkpoint's own quantization_config, if any), "fp8", "int8", "awq", "gptq"
         or "compressed-tensors" (jaxllm/loader/quantized.py).
+    on_host: keep the weights in host memory (numpy arrays) instead of placing them on the default
+        device, so that a model sharded over several devices (jaxllm.sharding.shard_weights) never
+        has a whole copy on any one of them.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
@@ -36,11 +40,11 @@ def load_model(path: str | Path, dtype: str = "auto", quantization: str | None =
     if path.is_dir():
         from jaxllm.loader.hf import load_hf_folder
 
-        return load_hf_folder(path, dtype, quantization)
+        return load_hf_folder(path, dtype, quantization, on_host)
     if path.suffix == ".gguf":
         from jaxllm.loader.gguf import load_gguf_file
 
-        return load_gguf_file(path, dtype, quantization)
+        return load_gguf_file(path, dtype, quantization, on_host)
     raise ValueError(f"{path} is neither a model folder nor a .gguf file")
 
 

@@ -53,9 +53,10 @@ _LAYER_NAMES = {
 }
 
 
-def load_gguf_file(path: Path, dtype: str = "auto", quantization: str | None = None) -> tuple[ModelConfig, Weights]:
+def load_gguf_file(path: Path, dtype: str = "auto", quantization: str | None = None,
+                   on_host: bool = False) -> tuple[ModelConfig, Weights]:
     """The GGUF's blocks are dequantized to `dtype`; `quantization` "fp8" or "int8" then requantizes the
-    linear weights in the engine's own formats."""
+    linear weights in the engine's own formats. `on_host`: numpy arrays, not arrays on the default device."""
     scheme = None
     if quantization is not None:
         from jaxllm.loader.quantized import QUANTIZATION_METHODS, QuantScheme, unsupported
@@ -68,7 +69,7 @@ def load_gguf_file(path: Path, dtype: str = "auto", quantization: str | None = N
         scheme = QuantScheme(quantization, from_checkpoint=False)
     file = read_gguf(path)
     config = gguf_model_config(file, "float32" if dtype == "auto" else dtype)
-    return config, weights_from_state(config, GGUFTensors(file, config), scheme)
+    return config, weights_from_state(config, GGUFTensors(file, config), scheme, on_host)
 
 
 @dataclasses.dataclass(frozen=True)

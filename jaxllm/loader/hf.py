@@ -27,14 +27,14 @@ from jaxllm.models.registry import model_module
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def load_hf_folder(folder: Path, dtype: str = "auto", quantization: str | None = None):
+def load_hf_folder(folder: Path, dtype: str = "auto", quantization: str | None = None, on_host: bool = False):
     config = read_hf_config(folder, dtype)
     scheme = resolve_scheme(json.loads((folder / "config.json").read_text()), quantization)
     with SafetensorsFolder(folder) as state:
         if dtype == "auto" and not _declares_dtype(folder):  # then the weights say what they are
             config = config.replace(dtype=state.float_dtype())
         config = config.replace(kv_cache_scales=read_kv_cache_scales(config, state))
-        return config, weights_from_state(config, state, scheme)
+        return config, weights_from_state(config, state, scheme, on_host)
 
 
 def read_hf_config(folder: Path, dtype: str = "auto") -> ModelConfig:
@@ -107,12 +107,14 @@ class SafetensorsFolder(Mapping):
         return len(self._where)
 
 
-def weights_from_state(config: ModelConfig, state: Mapping[str, np.ndarray], scheme: QuantScheme | None = None):
+def weights_from_state(config: ModelConfig, state: Mapping[str, np.ndarray], scheme: QuantScheme | None = None,
+                       on_host: bool = False):
     """Convert HF-named tensors to the layout of `config.architecture`'s module (stacked layers, fused
     projections, [in, out] matrices) in `config.dtype`, linear weights quantized under `scheme`. Every
     tensor's shape is checked against the config; a missing tensor, or one the model would silently
-    ignore (an o_proj bias, say), is a ValueError naming it."""
-    reader = StateReader(config, state, scheme)
+    ignore (an o_proj bias, say), is a ValueError naming it. `on_host`: numpy arrays, not arrays on the
+    default device."""
+    reader = StateReader(config, state, scheme, on_host)
     weights = model_module(config.architecture).load_weights(config, reader)
     for name in state:
         if _KV_SCALE.search(name):

@@ -24,8 +24,12 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
 
 
 class StateReader:
-    def __init__(self, config, state: Mapping[str, np.ndarray], scheme: QuantScheme | None = None):
+    def __init__(self, config, state: Mapping[str, np.ndarray], scheme: QuantScheme | None = None,
+                 on_host: bool = False):
+        """`on_host`: give numpy arrays (for weights sharded over several devices later), not arrays on
+        the default device."""
         self.config = config
+        self.place = np.asarray if on_host else jnp.asarray
         self.state = state
         self.scheme = scheme  # quantized linear weights (loader/quantized.py), or None
         self.dtype = NUMPY_DTYPES[config.dtype]
@@ -45,7 +49,7 @@ class StateReader:
 
     def single(self, name: str, shape: tuple[int, ...], transpose: bool = False) -> jnp.ndarray:
         array = self.take(name, shape)
-        return jnp.asarray((array.T if transpose else array).astype(self.dtype))
+        return self.place((array.T if transpose else array).astype(self.dtype))
 
     def layers(self, parts: list[tuple[str, tuple[int, ...]]], transpose: bool = True,
                num_layers: int | None = None, quantize: bool = True) -> jnp.ndarray | QuantizedWeight:
@@ -76,7 +80,7 @@ class StateReader:
                 else:
                     out[i, col:col + n] = array
                 col += n
-        return jnp.asarray(out)
+        return self.place(out)
 
     def _quantized_layers(self, parts, transpose: bool, L: int) -> QuantizedWeight:
         per_layer = []
@@ -90,7 +94,7 @@ class StateReader:
             if getattr(first, field) is None:
                 return None
             array = np.stack([getattr(p, field) for p in per_layer])
-            return jnp.asarray(array if dtype is None else array.astype(dtype))
+            return self.place(array if dtype is None else array.astype(dtype))
 
         method = self.scheme.kernel_method
         return QuantizedWeight(
@@ -110,7 +114,7 @@ class StateReader:
                 for template, shape in parts:
                     out[i, j, :, col:col + shape[0]] = self.take(template.format(i=i, j=j), shape).T
                     col += shape[0]
-        return jnp.asarray(out)
+        return self.place(out)
 
     def mark_used(self, name: str) -> None:
         """A tensor that may be stored but is not needed (a tied lm_head's copy)."""
