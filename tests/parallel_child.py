@@ -40,12 +40,16 @@ def shard_fractions(tree) -> dict[str, list[float]]:
 def main(layouts: list[dict]) -> dict:
     import jax
 
+    import jaxllm.distributed
+
+    jaxllm.distributed.initialize()  # a multi-process run when JAX_COORDINATOR_ADDRESS is set
+
     from hf_models import VOCAB, save_tiny_model
     from jaxllm import LLM, SamplingParams
 
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    result = {"num_devices": jax.device_count(), "runs": []}
+    result = {"num_devices": jax.device_count(), "process_index": jax.process_index(), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for layout in layouts:
             folder = Path(tmp) / layout["model"]
@@ -63,7 +67,7 @@ def main(layouts: list[dict]) -> dict:
                 **layout,
                 "tokens": [o.outputs[0].token_ids for o in outputs],
                 "steps": [e.step_times.steps for e in engines],
-                "devices": [sorted(d.id for d in e.runner.kv_cache.k.devices()) for e in engines],
+                "devices": [sorted(jax.devices().index(d) for d in e.runner.kv_cache.k.devices()) for e in engines],
                 "weights": shard_fractions(engines[0].runner.params),
                 "kv_cache": shard_fractions(engines[0].runner.kv_cache),
                 "kv_heads": engines[0].runner.kv_cache.k.shape[3],

@@ -18,13 +18,29 @@ import pytest
 HERE = Path(__file__).parent
 
 
-def run_child(layouts: list[dict], num_devices: int = 4, timeout: int = 600) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(HERE / "parallel_child.py"), json.dumps(layouts)], env=env,
-                          cwd=HERE.parent, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+def child_env(num_devices: int, **extra) -> dict:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu",
+                **extra)
+
+
+def child_result(stdout: str) -> dict:
+    line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
+
+
+def run_child(layouts: list[dict], num_devices: int = 4, timeout: int = 600) -> dict:
+    proc = subprocess.run([sys.executable, str(HERE / "parallel_child.py"), json.dumps(layouts)],
+                          env=child_env(num_devices), cwd=HERE.parent, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return child_result(proc.stdout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +150,6 @@ def test_a_bad_tensor_parallel_size_is_refused_by_name(tiny_model):
 def test_server_with_tensor_and_data_parallel_flags(tmp_path):
     """`python -m jaxllm.serve -tp 2 -dp 2` on four CPU devices, through the openai client: the
     completions are transformers' greedy ones."""
-    import socket
     import time
 
     import httpx
@@ -146,10 +161,8 @@ def test_server_with_tensor_and_data_parallel_flags(tmp_path):
 
     save_tiny_model("llama", tmp_path)
     save_word_tokenizer(tmp_path, VOCAB)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    port = free_port()
+    env = child_env(4)
     cmd = [sys.executable, "-m", "jaxllm.serve", "--model", str(tmp_path), "--port", str(port), "-tp", "2", "-dp", "2", "--max-model-len", "64", "--num-gpu-blocks-override",
            "16", "--max-num-seqs", "4", "--max-num-batched-tokens", "16", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -178,3 +191,47 @@ def test_server_with_tensor_and_data_parallel_flags(tmp_path):
     tokenizer = load_tokenizer(tmp_path)
     # (continuing a prompt, the text starts with the space between words)
     assert [c.text.split() for c in choices] == [tokenizer.decode(t).split() for t in hf_tokens("llama")]
+
+
+def test_two_processes_with_jax_distributed_give_one_device_tokens():
+    """Two processes of two CPU devices each, joined by jax.distributed (gloo collectives) through the
+    environment, run one engine with tensor_parallel_size=4 over all four devices: both get
+    transformers' greedy tokens, and each holds only its own quarter of the weights and cache."""
+    env = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2")
+    layouts = json.dumps([dict(model="llama", tensor_parallel_size=4)])
+    procs = [subprocess.Popen([sys.executable, str(HERE / "parallel_child.py"), layouts], cwd=HERE.parent,
+                              env=child_env(2, **env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    results = [child_result(out) for out, _ in outs]
+    assert [r["process_index"] for r in results] == [0, 1]
+    for r in results:
+        assert r["num_devices"] == 4
+        run = r["runs"][0]
+        assert run["tokens"] == hf_tokens("llama")
+        assert run["devices"] == [[0, 1, 2, 3]]
+        assert run["weights"][".layers.wqkv"] == [0.25, 0.25] and run["kv_cache"][".k"] == [0.25, 0.25]
+
+
+def test_distributed_initialize_checks_its_arguments(monkeypatch):
+    from jaxllm import distributed
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert distributed.initialize() is False  # one process: nothing to join
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    with pytest.raises(ValueError, match="num_processes is missing: pass it or set JAX_NUM_PROCESSES"):
+        distributed.initialize()
+    with pytest.raises(ValueError, match=r"process_id=2: must be in \[0, num_processes=2\)"):
+        distributed.initialize(num_processes=2, process_id=2)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two': must be an integer"):
+        distributed.initialize(process_id=0)
+    with pytest.raises(ValueError, match="coordinator_address='node0': must be host:port"):
+        distributed.initialize("node0", num_processes=2, process_id=0)
