@@ -61,11 +61,20 @@ def main(layouts: list[dict]) -> dict:
             llm = LLM(str(folder), max_model_len=64, num_gpu_blocks_override=16, max_num_seqs=4,
                       max_num_batched_tokens=16, **kwargs)
             outputs = llm.generate(prompts, params, use_tqdm=False)
+            # Seeded random sampling with penalties, a fork (n=2) and logprobs: the sampler on
+            # vocabulary-split logits draws what one device draws.
+            sampled = llm.generate(prompts[:2], [
+                SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, top_p=0.9, seed=3, presence_penalty=0.5,
+                               logprobs=2, ignore_eos=True),
+                SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_k=20, seed=4, repetition_penalty=1.3,
+                               n=2, ignore_eos=True)], use_tqdm=False)
             engine = llm.llm_engine
             engines = getattr(engine, "engines", [engine])
             result["runs"].append({
                 **layout,
                 "tokens": [o.outputs[0].token_ids for o in outputs],
+                "sampled": [[c.token_ids for c in o.outputs] for o in sampled],
+                "logprobs": [[lp.logprob for lp in step.values()] for step in sampled[0].outputs[0].logprobs],
                 "steps": [e.step_times.steps for e in engines],
                 "devices": [sorted(jax.devices().index(d) for d in e.runner.kv_cache.k.devices()) for e in engines],
                 "weights": shard_fractions(engines[0].runner.params),

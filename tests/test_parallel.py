@@ -84,6 +84,10 @@ def test_parallel_layouts_give_the_same_greedy_tokens_as_one_device(runs, model,
     run = _find(runs, model, tp, dp)
     expected = _find(runs, "llama")["tokens"] if model == "llama" else hf_tokens(model)
     assert run["tokens"] == expected
+    if model == "llama":
+        one = _find(runs, "llama")
+        assert run["sampled"] == one["sampled"]
+        assert run["logprobs"] == [pytest.approx(lps, abs=1e-4) for lps in one["logprobs"]]
     # Each replica on its own tp devices, and every replica ran steps.
     assert run["devices"] == [list(range(i * tp, (i + 1) * tp)) for i in range(dp)]
     assert all(steps > 0 for steps in run["steps"])
