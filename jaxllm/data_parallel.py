@@ -31,6 +31,24 @@ def replica_devices(engine_config: EngineConfig, devices=None) -> list[list]:
     return [devices[i * tp:(i + 1) * tp] for i in range(dp)]
 
 
+class _Failures:
+    """The replicas' `failures` (request_id -> why the engine failed it), read and popped as one dict."""
+
+    def __init__(self, engines: list[LLMEngine]):
+        self.engines = engines
+
+    def __contains__(self, request_id: str) -> bool:
+        return any(request_id in engine.failures for engine in self.engines)
+
+    def pop(self, request_id: str, *default):
+        for engine in self.engines:
+            if request_id in engine.failures:
+                return engine.failures.pop(request_id)
+        if default:
+            return default[0]
+        raise KeyError(request_id)
+
+
 class DataParallelEngine:
     """`data_parallel_size` LLMEngines, with LLMEngine's interface (make_request, enqueue, step, ...)."""
 
@@ -43,6 +61,7 @@ class DataParallelEngine:
         self.config, self.model_config, self.tokenizer = engine_config, first.model_config, tokenizer
         self.eos_token_ids = first.eos_token_ids
         self._owner: dict[str, LLMEngine] = {}  # user request_id -> its replica
+        self.failures = _Failures(self.engines)
 
     @property
     def requests(self) -> dict[str, Request]:

@@ -48,10 +48,13 @@ def runs():
     # Llama: 4 query heads, 2 KV heads (at tp=4 each KV head is replicated on two devices), untied head.
     # Qwen3: q/k norms, tied embeddings. Qwen2: fused QKV bias. One device's tokens are transformers'
     # (test_hf_greedy_is_one_device's), which saves compiling the one-device engine for each model.
+    # Phi-3: its own checkpoint names on llama.py's weights. Gemma 2 (sliding windows, soft-caps): a
+    # family with no tensor-parallel layout, in data-parallel replicas of one device each.
     layouts = [dict(model="llama"), dict(model="llama", tensor_parallel_size=2),
                dict(model="llama", tensor_parallel_size=4), dict(model="llama", data_parallel_size=2),
                dict(model="qwen3", tensor_parallel_size=4),
-               dict(model="qwen2", tensor_parallel_size=2, data_parallel_size=2)]
+               dict(model="qwen2", tensor_parallel_size=2, data_parallel_size=2),
+               dict(model="phi3", tensor_parallel_size=2), dict(model="gemma2", data_parallel_size=2)]
     result = run_child(layouts)
     assert result["num_devices"] == 4
     return result["runs"]
@@ -79,7 +82,7 @@ def test_hf_greedy_is_one_device(runs):
 
 
 @pytest.mark.parametrize("model,tp,dp", [("llama", 2, 1), ("llama", 4, 1), ("llama", 1, 2), ("qwen3", 4, 1),
-                                         ("qwen2", 2, 2)])
+                                         ("qwen2", 2, 2), ("phi3", 2, 1), ("gemma2", 1, 2)])
 def test_parallel_layouts_give_the_same_greedy_tokens_as_one_device(runs, model, tp, dp):
     run = _find(runs, model, tp, dp)
     expected = _find(runs, "llama")["tokens"] if model == "llama" else hf_tokens(model)
@@ -144,6 +147,11 @@ def test_a_bad_tensor_parallel_size_is_refused_by_name(tiny_model):
         check_tensor_parallel(config.replace(intermediate_size=100, num_heads=8, num_kv_heads=8), 8)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=4 and the model's num_kv_heads=6"):
         check_tensor_parallel(config.replace(num_heads=12, num_kv_heads=6), 4)
+    # Families with no tensor-parallel layout say so by architecture; Phi-3 runs on llama.py's weights.
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2: GPT2LMHeadModel has no tensor-parallel layout"):
+        check_tensor_parallel(config.replace(architecture="GPT2LMHeadModel"), 2)
+    check_tensor_parallel(config.replace(architecture="Phi3ForCausalLM"), 2)
+    check_tensor_parallel(config.replace(architecture="GPT2LMHeadModel"), 1)
     for name in ("tensor_parallel_size", "data_parallel_size"):
         for bad in (0, 1.5, True):
             with pytest.raises(ValueError, match=name):
