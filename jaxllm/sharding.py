@@ -18,6 +18,12 @@ its cache. With fewer (GQA: Llama-3-70B has 8 KV heads; 16 devices), each KV hea
 the N / num_kv_heads devices whose query heads read it (vLLM's choice): every device holds exactly
 one KV head, so the cache costs N heads instead of num_kv_heads, but attention stays local. The
 model then runs with `num_kv_heads = N` (`tensor_parallel_config`), which is the same model.
+
+Families. The table covers llama.py's `Weights`: Llama, Mistral, Qwen2, Qwen3 and Phi-3 (which runs
+llama.py's forward). The other families (jaxllm/models/registry.py) refuse tensor_parallel_size > 1
+by architecture; their data-parallel replicas (one device each) keep the one-device layout. Their
+attention already goes through `paged_attention` (jaxllm/models/layers.py), windows and ALiBi
+slopes included, so a family's tensor parallelism is its rows in a table like WEIGHT_AXES.
 """
 
 from __future__ import annotations
