@@ -159,6 +159,19 @@ def test_a_bad_tensor_parallel_size_is_refused_by_name(tiny_model):
 
 
 
+def test_a_pooling_model_refuses_parallel_sizes_by_name(tmp_path):
+    from hf_models import VOCAB, save_tiny_model
+    from parallel_child import save_word_tokenizer
+
+    from jaxllm import LLM
+
+    save_tiny_model("qwen3", tmp_path)
+    save_word_tokenizer(tmp_path, VOCAB)
+    for name in ("tensor_parallel_size", "data_parallel_size"):
+        with pytest.raises(ValueError, match=rf"{name}=2: pooling models run on one device"):
+            LLM(str(tmp_path), convert="embed", **{name: 2})
+
+
 def test_server_with_tensor_and_data_parallel_flags(tmp_path):
     """`python -m jaxllm.serve -tp 2 -dp 2` on four CPU devices, through the openai client: the
     completions are transformers' greedy ones."""
