@@ -49,12 +49,15 @@ def runs():
     # Qwen3: q/k norms, tied embeddings. Qwen2: fused QKV bias. One device's tokens are transformers'
     # (test_hf_greedy_is_one_device's), which saves compiling the one-device engine for each model.
     # Phi-3: its own checkpoint names on llama.py's weights. Gemma 2 (sliding windows, soft-caps): a
-    # family with no tensor-parallel layout, in data-parallel replicas of one device each.
+    # family with no tensor-parallel layout, in data-parallel replicas of one device each. int8 weights
+    # with an FP8 KV cache: data-parallel replicas give one device's quantized tokens.
     layouts = [dict(model="llama"), dict(model="llama", tensor_parallel_size=2),
                dict(model="llama", tensor_parallel_size=4), dict(model="llama", data_parallel_size=2),
                dict(model="qwen3", tensor_parallel_size=4),
                dict(model="qwen2", tensor_parallel_size=2, data_parallel_size=2),
-               dict(model="phi3", tensor_parallel_size=2), dict(model="gemma2", data_parallel_size=2)]
+               dict(model="phi3", tensor_parallel_size=2), dict(model="gemma2", data_parallel_size=2),
+               dict(model="llama", quantization="int8", kv_cache_dtype="fp8"),
+               dict(model="llama", data_parallel_size=2, quantization="int8", kv_cache_dtype="fp8")]
     result = run_child(layouts)
     assert result["num_devices"] == 4
     return result["runs"]
@@ -69,9 +72,9 @@ def hf_tokens(model: str) -> list[list[int]]:
     return [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in PROMPTS]
 
 
-def _find(runs, model, tp=1, dp=1):
+def _find(runs, model, tp=1, dp=1, quantization=None):
     return next(r for r in runs if r["model"] == model and r.get("tensor_parallel_size", 1) == tp
-                and r.get("data_parallel_size", 1) == dp)
+                and r.get("data_parallel_size", 1) == dp and r.get("quantization") == quantization)
 
 
 def test_hf_greedy_is_one_device(runs):
@@ -157,6 +160,36 @@ def test_a_bad_tensor_parallel_size_is_refused_by_name(tiny_model):
             with pytest.raises(ValueError, match=name):
                 EngineConfig(**{name: bad})
 
+
+
+def test_data_parallel_replicas_run_quantized_weights_and_an_fp8_cache(runs):
+    one, dp = _find(runs, "llama", quantization="int8"), _find(runs, "llama", dp=2, quantization="int8")
+    assert dp["tokens"] == one["tokens"] and dp["sampled"] == one["sampled"]
+    assert dp["devices"] == [[0], [1]] and all(steps > 0 for steps in dp["steps"])
+
+
+def test_tensor_parallelism_refuses_quantization_by_name(tiny_model, tmp_path):
+    """Quantized weights and an FP8 KV cache have no sharded layout: tensor_parallel_size > 1 with either
+    is refused naming both parameters (data-parallel replicas of one device run them: `runs`)."""
+    from jaxllm import LLM
+    from jaxllm.config import EngineConfig
+    from jaxllm.models.quant import quantize_weights
+    from jaxllm.sharding import check_quantized_tensor_parallel
+
+    config, params, tok = tiny_model
+    for method in ("fp8", "int8", "awq"):  # refused before the (slow) load
+        with pytest.raises(ValueError, match=rf"tensor_parallel_size=2 with quantization='{method}'"):
+            LLM(str(tmp_path), tensor_parallel_size=2, quantization=method)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 with kv_cache_dtype='fp8'"):
+        LLM(str(tmp_path), tensor_parallel_size=2, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8_e4m3': is not supported with tensor_parallel_size=4"):
+        EngineConfig(tensor_parallel_size=4, kv_cache_dtype="fp8_e4m3")
+    # A pre-quantized checkpoint brings QuantizedWeight leaves with quantization=None: refused from them.
+    quantized = quantize_weights(params, "int8")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 with a quantized checkpoint"):
+        check_quantized_tensor_parallel(2, params=quantized)
+    check_quantized_tensor_parallel(2, params=params)
+    check_quantized_tensor_parallel(1, "int8", "fp8", quantized)
 
 
 def test_a_pooling_model_refuses_parallel_sizes_by_name(tmp_path):
