@@ -116,6 +116,14 @@ class StateReader:
                     col += shape[0]
         return self.place(out)
 
+    def lm_head(self, shape: tuple[int, int]) -> jnp.ndarray | None:
+        """The output projection `lm_head.weight` ([v, e] stored) as [e, v], or None when the config ties
+        it to the embedding (some tied checkpoints store the copy anyway: it counts as used)."""
+        if self.config.tie_word_embeddings:
+            self.mark_used("lm_head.weight")
+            return None
+        return self.single("lm_head.weight", shape, transpose=True)
+
     def mark_used(self, name: str) -> None:
         """A tensor that may be stored but is not needed (a tied lm_head's copy)."""
         self.used.add(name)

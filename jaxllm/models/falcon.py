@@ -107,9 +107,7 @@ def load_weights(config: ModelConfig, reader) -> dict:
             layers.update(ln2_w=vec("post_attention_layernorm.weight"), ln2_b=vec("post_attention_layernorm.bias"))
     params = dict(embed=reader.single(p + "word_embeddings.weight", (v, e)), layers=layers,
                   final_ln_w=reader.single(p + "ln_f.weight", (e,)), final_ln_b=reader.single(p + "ln_f.bias", (e,)),
-                  lm_head=None if config.tie_word_embeddings else reader.single("lm_head.weight", (v, e), transpose=True))
-    if config.tie_word_embeddings:
-        reader.mark_used("lm_head.weight")
+                  lm_head=reader.lm_head((v, e)))
     return params
 
 

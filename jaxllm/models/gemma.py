@@ -101,9 +101,7 @@ def load_weights(config: ModelConfig, reader) -> dict:
                       k_norm=reader.layers([(attn + "k_norm.weight", (hd,))]))
     params = dict(embed=reader.single(p + "embed_tokens.weight", (v, e)), layers=layers,
                   final_norm=reader.single(p + "norm.weight", (e,)),
-                  lm_head=None if config.tie_word_embeddings else reader.single("lm_head.weight", (v, e), transpose=True))
-    if config.tie_word_embeddings:
-        reader.mark_used("lm_head.weight")
+                  lm_head=reader.lm_head((v, e)))
     return params
 
 

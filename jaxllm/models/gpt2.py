@@ -52,10 +52,8 @@ def load_weights(config: ModelConfig, reader) -> dict:
         positions=reader.single(p + "wpe.weight", (config.max_position_embeddings, e)),
         layers=layers,
         final_ln_w=reader.single(p + "ln_f.weight", (e,)), final_ln_b=reader.single(p + "ln_f.bias", (e,)),
-        lm_head=None if config.tie_word_embeddings else reader.single("lm_head.weight", (v, e), transpose=True),
+        lm_head=reader.lm_head((v, e)),
     )
-    if config.tie_word_embeddings:
-        reader.mark_used("lm_head.weight")
     return params
 
 

@@ -252,10 +252,8 @@ def load_weights(config: ModelConfig, reader) -> Weights:
         embed=reader.single(prefix + "embed_tokens.weight", (v, e)),
         layers=layer_weights,
         final_norm=reader.single(prefix + "norm.weight", (e,)),
-        lm_head=None if config.tie_word_embeddings else reader.single("lm_head.weight", (v, e), transpose=True),
+        lm_head=reader.lm_head((v, e)),
     )
-    if config.tie_word_embeddings:
-        reader.mark_used("lm_head.weight")  # some tied checkpoints store the copy anyway
     return weights
 
 

@@ -85,9 +85,7 @@ def load_weights(config: ModelConfig, reader) -> dict:
         layers["shared_gate"] = reader.layers([(mp + "shared_expert_gate.weight", (1, e))], quantize=False)  # [L, e, 1]
     params = dict(embed=reader.single(p + "embed_tokens.weight", (v, e)), layers=layers,
                   final_norm=reader.single(p + "norm.weight", (e,)),
-                  lm_head=None if config.tie_word_embeddings else reader.single("lm_head.weight", (v, e), transpose=True))
-    if config.tie_word_embeddings:
-        reader.mark_used("lm_head.weight")
+                  lm_head=reader.lm_head((v, e)))
     return params
 
 

@@ -70,10 +70,8 @@ def load_weights(config: ModelConfig, reader) -> dict:
         final_ln_b=reader.single(p + "final_layer_norm.bias", (e,)) if final else None,
         project_in=reader.single(p + "project_in.weight", (e, wd), transpose=True) if wd != e else None,
         project_out=reader.single(p + "project_out.weight", (wd, e), transpose=True) if wd != e else None,
-        lm_head=None if config.tie_word_embeddings else reader.single("lm_head.weight", (v, wd), transpose=True),
+        lm_head=reader.lm_head((v, wd)),
     )
-    if config.tie_word_embeddings:
-        reader.mark_used("lm_head.weight")
     return params
 
 
