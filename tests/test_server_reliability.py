@@ -465,7 +465,7 @@ def test_sigterm_ends_every_request_cleanly(tiny_model_dir, tmp_path):  # noqa: 
     log = tmp_path / "server.log"
     cmd = [sys.executable, "server.py", "--model", tiny_model_dir, "--port", str(port), "--max-model-len", "512",
            "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--num-gpu-blocks-override", "128",
-           "--shutdown-timeout", "1", "--log-level", "info"]
+           "--shutdown-timeout", "0", "--log-level", "info"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -483,21 +483,27 @@ def test_sigterm_ends_every_request_cleanly(tiny_model_dir, tmp_path):  # noqa: 
 
         async def run():
             async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                streaming_started = asyncio.Event()
+
                 async def streaming():
                     lines = []
                     async with http.stream("POST", "/v1/completions", json={**long, "stream": True}) as resp:
                         async for line in resp.aiter_lines():
                             if line:
                                 lines.append(line)
+                                streaming_started.set()
                     return lines
 
                 async def whole():
                     return await http.post("/v1/completions", json=long)
 
-                tasks = [asyncio.create_task(streaming()), asyncio.create_task(whole())]
-                await asyncio.sleep(1.5)
+                tasks = [asyncio.create_task(whole()), asyncio.create_task(streaming())]
+                # Signal only once both requests are generating (the non-streaming one was sent first and runs in
+                # the same steps), and with no drain: neither can finish its 480 tokens, whatever the machine's speed.
+                await asyncio.wait_for(streaming_started.wait(), 60)
                 proc.send_signal(signal.SIGTERM)
-                return await asyncio.gather(*tasks)
+                resp, lines = await asyncio.gather(*tasks)
+                return lines, resp
 
         lines, resp = asyncio.run(run())
         assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "server_shutting_down"
