@@ -43,7 +43,20 @@ ROWS = {  # name -> (what the table says, the flags both engines get)
     "temperature": ("Qwen3-0.6B, nano-vllm workload, temperature 0.6", NANO + " --temperature 0.6"),
     "top-p": ("Qwen3-0.6B, nano-vllm workload, temperature 0.8, top_p 0.95",
               NANO + " --temperature 0.8 --top-p 0.95"),
+    "fp8": ("Llama-3-8B shape, FP8 W8A8 quantized at load, 1,000 prompts, in 150-250, out 130-230",
+            "--model-shape llama3-8b --quantization fp8 --num-prompts 1000 --input-len 150:250 --output-len 130:230 "
+            "--max-model-len 512"),
+    "single-fp8": ("Llama-3-8B shape, FP8 W8A8, one prompt, 128 in, 512 out",
+                   "--model-shape llama3-8b --quantization fp8 --num-prompts 1 --input-len 128 --output-len 512 "
+                   "--max-model-len 1024"),
+    "moe": ("Qwen3-30B-A3B shape (128 experts, 8 active), nano-vllm workload",
+            NANO.replace("qwen3-0.6b", "qwen3-30b-a3b")),
+    "json": ("Qwen3-0.6B shape, nano-vllm workload, each request held to one of 4 JSON schemas (EOS honoured)",
+             NANO + " --structured-outputs json"),
+    "json-free": ("the same, unconstrained (EOS honoured): the base of the JSON row",
+                  NANO + " --structured-outputs none"),
 }
+STRUCTURED = ("json",)  # rows whose grammars need a tokenizer (--tokenizer)
 
 
 def run_engine(script: str, flags: str, out_json: str, timeout: int, dry_run: bool) -> dict:
@@ -86,6 +99,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=1, help="alternations of the two engines per row")
     ap.add_argument("--timeout", type=int, default=900, help="seconds for one engine's process")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a tokenizer folder for the JSON row's grammars (default: the default model's; vLLM needs a "
+                         "folder: save the default model's with save_pretrained)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     vllm_spec = importlib.util.find_spec("vllm")
@@ -97,7 +113,7 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="compare-vllm-")
     rows = {}
     for name in args.rows:
-        flags = ROWS[name][1]
+        flags = ROWS[name][1] + (f" --tokenizer {args.tokenizer}" if name in STRUCTURED and args.tokenizer else "")
         row = rows[name] = {"flags": flags, "jaxllm": [], "vllm": []}
         for i in range(args.rounds):
             row["jaxllm"].append(run_engine("throughput.py", flags, f"{tmp}/{name}-jaxllm-{i}.json", args.timeout,

@@ -105,10 +105,10 @@ def build_llm(args):
 
             params = quantize_weights(params, args.quantization)
         tokenizer = None
-        if args.structured_outputs != "none":  # grammars need a tokenizer: the default model's, for any vocabulary
+        if args.structured_outputs == "json":  # grammars need a tokenizer: the default model's, for any vocabulary
             from jaxllm.loader import default_model_path, load_tokenizer
 
-            tokenizer = load_tokenizer(default_model_path())
+            tokenizer = load_tokenizer(args.tokenizer or default_model_path())
         return LLM.from_params(params, config, tokenizer, **kwargs), config
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, **kwargs)
     return llm, llm.llm_engine.model_config
@@ -273,6 +273,8 @@ def main(argv=None):
     ap.add_argument("--structured-outputs", default="off", choices=["off", "none", "json"],
                     help="json: each request constrained to one of 4 JSON schemas (EOS honoured); none: the same "
                          "workload unconstrained; off: EOS ignored, exact output lengths (the default)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="with --model-shape: a tokenizer folder or .gguf for grammars (default: the default model's)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -22,7 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import make_workload, parse_range, write_result  # noqa: E402
+from throughput import SCHEMAS, make_workload, parse_range, write_result  # noqa: E402
 
 
 def hf_config_folder(model_shape: str, dtype: str) -> str:
@@ -42,7 +42,15 @@ def hf_config_folder(model_shape: str, dtype: str) -> str:
         fields["rope_scaling"] = dict(rope_type="llama3", factor=rs.factor, low_freq_factor=rs.low_freq_factor,
                                       high_freq_factor=rs.high_freq_factor,
                                       original_max_position_embeddings=rs.original_max_position_embeddings)
-    model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2"}.get(c.architecture, "llama")
+    model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral",
+                  "Qwen3MoeForCausalLM": "qwen3_moe"}.get(c.architecture, "llama")
+    if model_type == "mixtral":  # Mixtral's experts are intermediate_size wide
+        fields.update(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                      intermediate_size=c.moe_intermediate_size)
+    elif model_type == "qwen3_moe":  # every layer sparse
+        fields.update(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                      moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
+                      decoder_sparse_step=1, mlp_only_layers=[])
     folder = tempfile.mkdtemp(prefix=f"vllm-{model_shape}-")
     AutoConfig.for_model(model_type, **fields).save_pretrained(folder)
     return folder
@@ -63,6 +71,11 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--quantization", "-q", default=None, help="fp8: W8A8 quantized at load, as jaxllm's flag")
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--structured-outputs", default="off", choices=["off", "none", "json"],
+                    help="as throughput.py: json constrains request i to its SCHEMAS[i % 4] (EOS honoured)")
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer folder (structured outputs need one)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs of the whole workload")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
@@ -71,6 +84,7 @@ def main(argv=None):
         import vllm
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
     except ImportError as e:
         raise SystemExit(f"vllm_peer.py needs vLLM importable ({e}); see benchmarks/NOTES.md, 'vLLM beside jaxllm'")
 
@@ -79,25 +93,37 @@ def main(argv=None):
     vocab = model_shape_config(args.model_shape).vocab_size
     prompts, output_lens = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, args.seed)
     optional = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens)
+                    max_num_batched_tokens=args.max_num_batched_tokens, quantization=args.quantization,
+                    tokenizer=args.tokenizer)
+    if args.structured_outputs != "off" and args.tokenizer is None:
+        raise SystemExit("--structured-outputs needs --tokenizer (a folder; grammars are over a tokenizer's vocabulary)")
     start = time.perf_counter()
     # Prefix caching off, as in throughput.py: a repeat must not reuse the previous run's KV blocks.
-    llm = LLM(model=hf_config_folder(args.model_shape, args.dtype), load_format="dummy", skip_tokenizer_init=True,
+    llm = LLM(model=hf_config_folder(args.model_shape, args.dtype), load_format="dummy",
+              skip_tokenizer_init=args.tokenizer is None, kv_cache_dtype=args.kv_cache_dtype,
               dtype=args.dtype, seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
               enable_prefix_caching=False, **{k: v for k, v in optional.items() if v is not None})
     init_s = time.perf_counter() - start
     # vLLM's top_k off is 0 or -1 depending on the version; 0 is accepted by current ones.
-    params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=n,
-                             ignore_eos=True, detokenize=False) for n in output_lens]
+    def sampling(i: int, n: int):
+        if args.structured_outputs == "off":
+            return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=n,
+                                  ignore_eos=True, detokenize=False)
+        so = StructuredOutputsParams(json=SCHEMAS[i % len(SCHEMAS)]) if args.structured_outputs == "json" else None
+        return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=n,
+                              detokenize=False, structured_outputs=so)
+
+    params = [sampling(i, n) for i, n in enumerate(output_lens)]
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(requests[:16], params[:16], use_tqdm=False)  # warm-up, not timed
-    num_in, num_out = sum(map(len, prompts)), sum(output_lens)
+    num_in = sum(map(len, prompts))
     runs = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         outputs = llm.generate(requests, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
-        assert sum(len(o.outputs[0].token_ids) for o in outputs) == num_out
+        num_out = sum(len(o.outputs[0].token_ids) for o in outputs)  # with EOS honoured, what was generated
+        assert args.structured_outputs != "off" or num_out == sum(output_lens)
         runs.append({"elapsed_s": round(elapsed, 3), "output_tokens_per_s": round(num_out / elapsed, 1),
                      "total_tokens_per_s": round((num_in + num_out) / elapsed, 1)})
         print(f"vllm {vllm.__version__}: {num_out / elapsed:,.1f} output tok/s", flush=True)
