@@ -317,19 +317,27 @@ class LLMEngine:
         t1 = time.perf_counter()
         launched = self.runner.dispatch(sched_out) if sched_out.scheduled else None
         t2 = time.perf_counter()
-        previous, self._in_flight = self._in_flight, launched
-        if not self.config.async_scheduling and launched is not None:
-            previous, self._in_flight = launched, None
-        if previous is None:
-            if launched is None and self.scheduler.waiting and not self.scheduler.running:
-                raise RuntimeError("scheduler made no progress: a waiting request cannot fit the KV cache")
-            return []
-        result = self.runner.collect(previous)
-        t3 = time.perf_counter()
-        outputs = self._process(previous.scheduler_output, result)
-        self.step_times.add(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3,
-                            len(previous.scheduler_output.scheduled))
-        return outputs
+        try:
+            previous, self._in_flight = self._in_flight, launched
+            if not self.config.async_scheduling and launched is not None:
+                previous, self._in_flight = launched, None
+                if launched.mask is not None:  # nothing is pending: the grammars are up to date
+                    launched.mask.fill()
+            if previous is None:
+                if launched is None and self.scheduler.waiting and not self.scheduler.running:
+                    raise RuntimeError("scheduler made no progress: a waiting request cannot fit the KV cache")
+                return []
+            result = self.runner.collect(previous)
+            t3 = time.perf_counter()
+            outputs = self._process(previous.scheduler_output, result)
+            self.step_times.add(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3,
+                                len(previous.scheduler_output.scheduled))
+            return outputs
+        finally:
+            # The launched step's constrained rows need the tokens just processed: their bitmask is filled
+            # now, while the device runs its model program (and always, so its launch never waits forever).
+            if launched is not None and launched.mask is not None:
+                launched.mask.fill()
 
     def _process(self, sched_out, result: ModelRunnerOutput) -> list[RequestOutput]:
         """Host work on a finished step: tokens, forks, stops, logprobs, text, outputs."""

@@ -57,32 +57,66 @@ logger = logging.getLogger("jaxllm")
 
 STEP_STATIC_ARGS = ("config", "decode_only", "prefill_kernel", "random_rows", "use_filters", "num_logprobs",
                     "num_prompt_logprobs")
+FORWARD_STATIC_ARGS = ("config", "decode_only", "prefill_kernel", "num_prompt_logprobs")
+SAMPLE_STATIC_ARGS = ("random_rows", "use_filters", "num_logprobs")
 
 
-@functools.partial(jax.jit, static_argnames=STEP_STATIC_ARGS,
-                   donate_argnames=("kv_cache", "penalty_state"), compiler_options=llama.step_compiler_options())
-def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, last_sampled, token_ids, prev_rows,
-          positions, md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets, token_bitmask,
-          config: ModelConfig, decode_only: bool, prefill_kernel: bool, random_rows: bool, use_filters: bool,
-          num_logprobs: int, num_prompt_logprobs: int):
-    """token_ids/prev_rows/positions/prompt_targets [T], sample_indices [R]: the query token each row samples
+def _run_model(params, kv_cache: KVCache, last_sampled, token_ids, prev_rows, positions, md: AttentionMetadata,
+               sample_indices, prompt_targets, config: ModelConfig, decode_only: bool, prefill_kernel: bool,
+               num_prompt_logprobs: int):
+    """The model half of a step: (logits [R, V] of the sampled rows, prompt logprobs or None, kv_cache).
+    token_ids/prev_rows/positions/prompt_targets [T], sample_indices [R]: the query token each row samples
     after. A token still being sampled by the previous step when this one was scheduled has
-    prev_rows >= 0: it is read from that step's samples, `last_sampled` [R_max], without a host round trip.
-    token_bitmask [R, W] int32: the tokens each row may sample (structured outputs), or [R, 0]: no constraint."""
+    prev_rows >= 0: it is read from that step's samples, `last_sampled` [R_max], without a host round trip."""
     token_ids = jnp.where(prev_rows >= 0, last_sampled[jnp.maximum(prev_rows, 0)], token_ids)
     model = model_module(config.architecture)
     hidden, kv_cache = model.forward_hidden(params, token_ids, positions, kv_cache, md, config, decode_only,
                                             prefill_kernel)
     logits = model.compute_logits(params, hidden[sample_indices], config)  # [R, V]
-    if token_bitmask.shape[1]:  # before sampling and logprobs, as vLLM
-        logits = apply_token_bitmask(logits, token_bitmask)
-    out, penalty_state = sample(logits, st, penalty_state, random_rows=random_rows, use_filters=use_filters,
-                                num_logprobs=num_logprobs)
     prompt = None
     if num_prompt_logprobs >= 0:
         prompt = token_logprobs(model.compute_logits(params, hidden, config), prompt_targets, num_prompt_logprobs)
+    return logits, prompt, kv_cache
+
+
+def _sample_rows(logits, st: SamplingTensors, penalty_state: PenaltyState | None, last_sampled, random_rows: bool,
+                 use_filters: bool, num_logprobs: int):
+    """The sampling half: (SamplerOutput, penalty_state, last_sampled [R_max] holding this step's samples)."""
+    out, penalty_state = sample(logits, st, penalty_state, random_rows=random_rows, use_filters=use_filters,
+                                num_logprobs=num_logprobs)
     last_sampled = jax.lax.dynamic_update_slice(jnp.zeros_like(last_sampled), out.sampled, (0,))
+    return out, penalty_state, last_sampled
+
+
+@functools.partial(jax.jit, static_argnames=STEP_STATIC_ARGS,
+                   donate_argnames=("kv_cache", "penalty_state"), compiler_options=llama.step_compiler_options())
+def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, last_sampled, token_ids, prev_rows,
+          positions, md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets,
+          config: ModelConfig, decode_only: bool, prefill_kernel: bool, random_rows: bool, use_filters: bool,
+          num_logprobs: int, num_prompt_logprobs: int):
+    """One whole step, model and sampling in one program (every step with no constrained row)."""
+    logits, prompt, kv_cache = _run_model(params, kv_cache, last_sampled, token_ids, prev_rows, positions, md,
+                                          sample_indices, prompt_targets, config, decode_only, prefill_kernel,
+                                          num_prompt_logprobs)
+    out, penalty_state, last_sampled = _sample_rows(logits, st, penalty_state, last_sampled, random_rows,
+                                                    use_filters, num_logprobs)
     return out, prompt, kv_cache, penalty_state, last_sampled
+
+
+# A step with constrained rows (structured outputs) runs as two programs, so that the host fills the
+# token bitmask while the device runs the model: the bitmask of step N+1 needs step N's tokens, which
+# the host reads and feeds to the grammars only after step N+1 is launched (async scheduling).
+_forward = functools.partial(jax.jit, static_argnames=FORWARD_STATIC_ARGS, donate_argnames=("kv_cache",),
+                             compiler_options=llama.step_compiler_options())(_run_model)
+
+
+@functools.partial(jax.jit, static_argnames=SAMPLE_STATIC_ARGS, donate_argnames=("penalty_state",))
+def _sample_masked(logits, token_bitmask, st: SamplingTensors, penalty_state: PenaltyState | None, last_sampled,
+                   random_rows: bool, use_filters: bool, num_logprobs: int):
+    """token_bitmask [R, W] int32: the tokens each row may sample, applied before sampling and logprobs
+    (as vLLM); a free row is all ones."""
+    logits = apply_token_bitmask(logits, token_bitmask)
+    return _sample_rows(logits, st, penalty_state, last_sampled, random_rows, use_filters, num_logprobs)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -300,10 +334,10 @@ class ModelRunner:
         penalty_rows = self._penalty_rows_for([s.request for s in sched])
         st, num_logprobs = self._sampling_tensors(rows, R, penalty_rows, out)
         random_rows, use_filters = sampling_flags(st)
-        token_bitmask = self._token_bitmask([r[0] for r in rows], R)
-        # A step with constrained rows runs the random+filters program whatever its rows (greedy rows
-        # still take the argmax, neutral filters change nothing): one masked program per bucket, not three.
-        if token_bitmask.shape[1]:
+        mask = self._step_mask([r[0] for r in rows], R)
+        # A step with constrained rows samples with the random+filters program whatever its rows (greedy
+        # rows still take the argmax, neutral filters change nothing): one masked program per row bucket.
+        if mask is not None:
             random_rows = use_filters = True
         sample_indices = np.zeros(R, np.int32)
         sample_indices[:len(rows)] = [r[1] for r in rows]
@@ -320,24 +354,20 @@ class ModelRunner:
             if s.samples:
                 s.request.pending_row = i
         args = dict(token_ids=token_ids, prev_rows=prev_rows, positions=positions, md=md,
-                    sample_indices=sample_indices, st=st, prompt_targets=prompt_targets, token_bitmask=token_bitmask,
+                    sample_indices=sample_indices, st=st, prompt_targets=prompt_targets,
                     decode_only=decode_only, prefill_kernel=self._prefill_kernel(T, decode_only),
                     random_rows=random_rows, use_filters=use_filters, num_logprobs=num_logprobs,
                     num_prompt_logprobs=num_prompt_logprobs)
         bucket = (T, S, R, B, decode_only, random_rows, use_filters, bool(penalty_rows), st.bias_ids.shape[1],
-                  st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs, token_bitmask.shape[1] > 0)
-        return args, bucket, prompt_spans, penalty_rows
+                  st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs, mask is not None)
+        return args, bucket, prompt_spans, penalty_rows, mask
 
-    def _token_bitmask(self, requests: list[Request], R: int) -> np.ndarray:
-        """[R, W] int32: each constrained row's allowed tokens from its matcher, all ones for the others;
-        [R, 0] when no row is constrained. A constrained request is never scheduled with a token still
-        pending, so its matcher has seen every token before this one."""
-        constrained = [(i, req.structured) for i, req in enumerate(requests) if req.structured is not None]
+    def _step_mask(self, requests: list[Request], R: int) -> "StepMask | None":
+        """The token bitmask to come of a step with constrained rows (None: no row is constrained)."""
+        constrained = [(i, req) for i, req in enumerate(requests) if req.structured is not None]
         if not constrained:
-            return np.zeros((R, 0), np.int32)
-        bitmask = np.full((R, bitmask_width(self.vocab_size)), -1, np.int32)
-        fill_token_bitmask(bitmask, constrained)
-        return bitmask
+            return None
+        return StepMask(np.full((R, bitmask_width(self.vocab_size)), -1, np.int32), constrained, Future())
 
     def _logprobs_width(self, wanted: int) -> int:
         if wanted == -1:
@@ -434,8 +464,8 @@ class ModelRunner:
     def _dummy_step_args(self, num_tokens: int, decode_only: bool, random_rows: bool,
                          prefill_kernel: bool | None = None, use_filters: bool = False, masked: bool = False):
         """An all-padding step of a bucket (nothing is written: every slot is -1): (_step's keyword
-        arguments, the bucket). `prefill_kernel` None: as a real step of that bucket. `masked`: with a
-        token bitmask (structured outputs)."""
+        arguments, the bucket). `prefill_kernel` None: as a real step of that bucket. `masked`: the two
+        programs of a step with a token bitmask (structured outputs)."""
         if prefill_kernel is None:
             prefill_kernel = self._prefill_kernel(num_tokens, decode_only)
         T, B = num_tokens, self.block_buckets[-1]
@@ -445,31 +475,56 @@ class ModelRunner:
                                logits_indices=np.zeros(S, np.int32))
         st, _ = self._sampling_tensors([], S, {}, SchedulerOutput())
         zeros = np.zeros(T, np.int32)
-        token_bitmask = np.full((S, bitmask_width(self.vocab_size) if masked else 0), -1, np.int32)
         args = dict(token_ids=zeros, prev_rows=np.full(T, -1, np.int32), positions=zeros, md=md,
-                    sample_indices=np.zeros(S, np.int32), st=st, prompt_targets=zeros, token_bitmask=token_bitmask,
+                    sample_indices=np.zeros(S, np.int32), st=st, prompt_targets=zeros,
                     decode_only=decode_only, prefill_kernel=prefill_kernel, random_rows=random_rows,
                     use_filters=use_filters, num_logprobs=-1, num_prompt_logprobs=-1)
         bucket = (T, S, S, B, decode_only, random_rows, use_filters, False, st.bias_ids.shape[1], 0, -1, -1, masked)
         return args, bucket
 
-    def _compile_step(self, args: dict) -> tuple[jax.stages.Compiled, bool]:
-        """(the step program for these arguments, whether it came from the executable cache): loaded from
-        the cache when it holds it, else traced, compiled and stored there."""
+    def _compile(self, name: str, static_names: tuple, leading: tuple, args: dict) -> tuple[jax.stages.Compiled, bool]:
+        """(the program of `fn` for these arguments, whether it came from the executable cache): loaded from
+        the cache when it holds it, else traced, compiled and stored there. `leading`: the positional
+        arguments (params and device state), `args`: the keyword ones. `name`: the jitted function's, here."""
+        fn = globals()[name]
         cache, key = self.executable_cache, None
         if cache is not None:
-            statics = {k: args[k] for k in STEP_STATIC_ARGS if k in args} | {"config": self.model_config}
-            arrays = {k: v for k, v in args.items() if k not in STEP_STATIC_ARGS}
-            key = cache.key(self.device, statics, (self.params, self.kv_cache, None, self.last_sampled, arrays))
+            statics = {k: args[k] for k in static_names if k in args} | {"config": self.model_config,
+                                                                          "program": name}
+            arrays = {k: v for k, v in args.items() if k not in static_names}
+            key = cache.key(self.device, statics, (leading, arrays))
             if (executable := cache.load(key, self.device)) is not None:
                 return executable, True
         with self.on_mesh():
-            lowered = _step.lower(self.params, self.kv_cache, None, self.last_sampled, config=self.model_config,
-                                  **args)
+            lowered = fn.lower(*leading, **args)
         executable = lowered.compile()
         if cache is not None:
             cache.store(key, executable)
         return executable, False
+
+    def _compile_programs(self, args: dict, bucket: tuple) -> list[tuple[tuple, jax.stages.Compiled, bool]]:
+        """(program key, program, loaded from the cache) for each program a step of `bucket` runs."""
+        if not bucket[-1]:
+            executable, cached = self._compile("_step", STEP_STATIC_ARGS,
+                                               (self.params, self.kv_cache, None, self.last_sampled),
+                                               {"config": self.model_config, **args})
+            return [(bucket, executable, cached)]
+        forward_key, sample_key = _split_keys(bucket)
+        fwd_args, smp_args = self._split_args(args)
+        forward, fwd_cached = self._compile("_forward", FORWARD_STATIC_ARGS,
+                                            (self.params, self.kv_cache, self.last_sampled), fwd_args)
+        out = forward.out_info[0]  # the logits [R, V] as the model program leaves them (dtype, sharding)
+        logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding)
+        bitmask = np.zeros((out.shape[0], bitmask_width(self.vocab_size)), np.int32)
+        sampler, smp_cached = self._compile("_sample_masked", SAMPLE_STATIC_ARGS,
+                                            (logits, bitmask, args["st"], None, self.last_sampled), smp_args)
+        return [(forward_key, forward, fwd_cached), (sample_key, sampler, smp_cached)]
+
+    def _split_args(self, args: dict) -> tuple[dict, dict]:
+        """A masked step's keyword arguments for `_forward` and for `_sample_masked` (which takes `st`
+        positionally, with the logits and the bitmask)."""
+        fwd = {k: v for k, v in args.items() if k not in ("st", *SAMPLE_STATIC_ARGS)}
+        return fwd | {"config": self.model_config}, {k: args[k] for k in SAMPLE_STATIC_ARGS}
 
     def _call_compiled(self, executable, args: dict, penalty_state):
         arrays = {k: v for k, v in args.items() if k not in STEP_STATIC_ARGS}
@@ -479,7 +534,7 @@ class ModelRunner:
                        prefill_kernel: bool | None = None) -> None:
         """Run one all-padding step of a bucket (compiled, or loaded from the executable cache)."""
         args, bucket = self._dummy_step_args(num_tokens, decode_only, random_rows, prefill_kernel)
-        executable, _ = self._compile_step(args)
+        [(_, executable, _)] = self._compile_programs(args, bucket)
         res, _, self.kv_cache, _, self.last_sampled = self._call_compiled(executable, args, None)
         jax.block_until_ready(res)
         self.compiled_buckets.add(bucket)
@@ -499,31 +554,30 @@ class ModelRunner:
         from tqdm.auto import tqdm
 
         shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
-        # (random_rows, use_filters, masked). A step with a constrained row always takes the one masked
-        # program (random rows and filters on: greedy rows still take the argmax, neutral filters change
-        # nothing), so structured outputs add one program per bucket, not three.
+        # (random_rows, use_filters, masked). A step with a constrained row always samples with the one
+        # masked program of its row bucket (random rows and filters on: greedy rows still take the argmax,
+        # neutral filters change nothing), after the model program of its step bucket.
         variants = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
         shapes = [(n, decode_only, random_rows, None, use_filters, masked)
                   for random_rows, use_filters, masked in variants for n, decode_only in shapes]
 
         def compile_one(shape):
-            args, bucket = self._dummy_step_args(*shape)
-            return bucket, *self._compile_step(args)
+            return self._compile_programs(*self._dummy_step_args(*shape))
 
         start, loaded = time.perf_counter(), 0
         with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="jaxllm-compile") as pool:
             futures = [pool.submit(compile_one, shape) for shape in shapes]
             for future in tqdm(as_completed(futures), total=len(futures), desc="Compiling buckets",
                                dynamic_ncols=True):
-                bucket, executable, cached = future.result()
-                self._executables[bucket] = executable
-                self.compiled_buckets.add(bucket)
-                loaded += cached
+                for key, executable, cached in future.result():
+                    self._executables[key] = executable
+                    self.compiled_buckets.add(key)
+                    loaded += cached
         logger.info("compiled %d step programs in %.1fs (%d loaded from the executable cache): %d decode and %d "
-                    "token buckets, each greedy, random, random with top-k/top-p/min-p and constrained; steps "
-                    "with penalties, allowed_token_ids, logprobs, prompt_logprobs or over 8 biases a row compile "
-                    "on first use",
-                    len(shapes), time.perf_counter() - start, loaded, len(self.config.seq_buckets),
+                    "token buckets, each greedy, random, random with top-k/top-p/min-p and constrained (a model "
+                    "and a masked sampling program); steps with penalties, allowed_token_ids, logprobs, "
+                    "prompt_logprobs or over 8 biases a row compile on first use",
+                    len(self._executables), time.perf_counter() - start, loaded, len(self.config.seq_buckets),
                     len(self.config.token_buckets))
 
     # -- device side ----------------------------------------------------------------------------
@@ -533,24 +587,30 @@ class ModelRunner:
         copies = None
         if out.block_copies:
             copies = tuple(np.asarray(x, np.int32) for x in zip(*out.block_copies))
-        args, bucket, prompt_spans, penalty_rows = self.prepare(out)
+        args, bucket, prompt_spans, penalty_rows, mask = self.prepare(out)
         fills, self._pending_fills = self._pending_fills, []
         self.prepare_seconds += time.perf_counter() - t0
-        compiling = bucket not in self.compiled_buckets
-        self.compiled_buckets.add(bucket)
-        future = self._launcher.submit(self._launch, copies, fills, bool(penalty_rows), args, bucket, compiling)
-        return InFlightStep(out, future, prompt_spans, len(out.scheduled) + len(out.forks))
+        keys = _split_keys(bucket) if mask is not None else (bucket,)
+        compiling = any(key not in self.compiled_buckets for key in keys)
+        self.compiled_buckets.update(keys)
+        future = self._launcher.submit(self._launch, copies, fills, bool(penalty_rows), args, bucket, compiling,
+                                       mask)
+        return InFlightStep(out, future, prompt_spans, len(out.scheduled) + len(out.forks), mask)
 
-    def _launch(self, copies, fills, use_penalties: bool, args: dict, bucket, compiling: bool):
-        """On the launcher thread: apply block copies and penalty fills, then run the step, in order."""
+    def _launch(self, copies, fills, use_penalties: bool, args: dict, bucket, compiling: bool,
+                mask: "StepMask | None"):
+        """On the launcher thread: apply block copies and penalty fills, then run the step, in order. A
+        step with constrained rows launches its model program, waits for the engine to fill its bitmask
+        (the device runs meanwhile), then launches its sampling program."""
         t0 = time.perf_counter()
         if copies is not None:
             self.kv_cache = _copy_blocks(self.kv_cache, *copies)
         for fill in fills:
             self.penalty_state = _fill_penalty_rows(self.penalty_state, *fill)
         state = self.penalty_state if use_penalties else None
-        executable = self._executables.get(bucket)
-        if executable is not None:  # compiled ahead of time: takes only the array arguments
+        if mask is not None:
+            res, prompt, state = self._launch_masked(args, bucket, state, mask)
+        elif (executable := self._executables.get(bucket)) is not None:  # compiled ahead: array arguments only
             res, prompt, self.kv_cache, state, self.last_sampled = self._call_compiled(executable, args, state)
         else:
             with self.on_mesh():
@@ -564,6 +624,23 @@ class ModelRunner:
                         "bitmask=%s) in %.2fs",
                         *bucket, time.perf_counter() - t0)
         return res, prompt
+
+    def _launch_masked(self, args: dict, bucket, state, mask: "StepMask"):
+        forward_key, sample_key = _split_keys(bucket)
+        fwd_args, smp_args = self._split_args(args)
+        arrays = {k: v for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS}
+        with self.on_mesh():
+            if (forward := self._executables.get(forward_key)) is not None:
+                logits, prompt, self.kv_cache = forward(self.params, self.kv_cache, self.last_sampled, **arrays)
+            else:
+                logits, prompt, self.kv_cache = _forward(self.params, self.kv_cache, self.last_sampled, **fwd_args)
+            bitmask = mask.ready.result()
+            if (sampler := self._executables.get(sample_key)) is not None:
+                res, state, self.last_sampled = sampler(logits, bitmask, args["st"], state, self.last_sampled)
+            else:
+                res, state, self.last_sampled = _sample_masked(logits, bitmask, args["st"], state, self.last_sampled,
+                                                               **smp_args)
+        return res, prompt, state
 
     def collect(self, step: "InFlightStep") -> ModelRunnerOutput:
         """Wait for a dispatched step; its sampled tokens (and logprobs) of every sampled row, on the host."""
@@ -580,6 +657,38 @@ class ModelRunner:
         return result
 
 
+def _split_keys(bucket: tuple) -> tuple[tuple, tuple]:
+    """The keys of a masked step's two programs: the model's (by its step shape and prompt logprobs) and
+    the sampler's (by its rows and their sampling features)."""
+    T, S, R, B, decode_only, random_rows, use_filters, penalties, K, A, num_logprobs, num_prompt_logprobs, _ = bucket
+    return (("forward", T, S, R, B, decode_only, num_prompt_logprobs),
+            ("sample", R, random_rows, use_filters, penalties, K, A, num_logprobs))
+
+
+@dataclass
+class StepMask:
+    """The token bitmask of a step with constrained rows. The engine fills it (`fill`) once the grammars
+    have taken the previous step's tokens, which it reads after launching this step: the host fills masks
+    while the device runs the model, and the launcher holds only the sampling program back."""
+
+    bitmask: np.ndarray  # [R, W] int32: all ones (free rows) until filled
+    rows: list[tuple[int, Request]]  # the constrained rows and their requests
+    ready: Future  # -> bitmask, once filled
+
+    def fill(self) -> None:
+        """Fill the constrained rows and release the step; idempotent. A row whose request finished in
+        the previous step stays all ones: its sample is dropped. Always releases the step, also when
+        filling raises, so the launcher never waits forever."""
+        if self.ready.done():
+            return
+        try:
+            live = [(row, req.structured) for row, req in self.rows if not req.status.finished]
+            if live:
+                fill_token_bitmask(self.bitmask, live)
+        finally:
+            self.ready.set_result(self.bitmask)
+
+
 @dataclass
 class InFlightStep:
     """A dispatched step: its schedule, and its outputs to come."""
@@ -588,3 +697,4 @@ class InFlightStep:
     future: Future  # -> (SamplerOutput, prompt logprobs or None), device arrays
     prompt_spans: dict
     num_rows: int
+    mask: StepMask | None = None  # a step with constrained rows: its bitmask, filled by the engine

@@ -11,11 +11,11 @@ need at run time; llguidance depends on nothing, builds its tokenizer from the t
 tokenizer the engine already holds, and fills bitmasks into numpy arrays. vLLM offers it as its
 `guidance` backend, with the same grammar conversions used here.
 
-The bitmask goes to the jitted step as one more input (jaxllm/grammar_mask.py applies it to the
-logits), so free and constrained rows share a step. A constrained row's mask depends on its previous
-token, so such a request is never scheduled while that token is still on the device
-(`Request.needs_latest_token`): it runs every other step under async scheduling, and free rows are not
-held back. No jax here.
+The bitmask is one more input to the step (jaxllm/grammar_mask.py applies it to the logits), so free
+and constrained rows share a step. A constrained row's mask depends on its previous token, which under
+async scheduling is still on the device when the next step is launched: such a step runs as a model
+program and a sampling program, and the engine fills the bitmask (`model_runner.StepMask`) after reading
+and processing the previous step, while the device runs the model. No jax here.
 """
 
 from __future__ import annotations

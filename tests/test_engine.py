@@ -168,14 +168,18 @@ def _gpu_style(llm, cache_dir=None):
 def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smol_tokenizer):
     """The GPU path on a CPU: every bucket compiled ahead of time in parallel, mixed steps sized from
     their token bucket; generation then compiles nothing and gives the tokens of the lazily-compiled path."""
-    from jaxllm.model_runner import _step
+    from jaxllm.model_runner import _forward, _sample_masked, _step
 
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
     runner = _gpu_style(llm)
     runner.precompile(num_threads=2)
-    # Greedy, random, random with top-k/top-p/min-p, and the masked program (random+filters with a token
-    # bitmask: structured outputs) for each decode and each token bucket.
-    assert len(runner._executables) == 4 * (len(runner.config.seq_buckets) + len(runner.config.token_buckets))
+    # Greedy, random and random with top-k/top-p/min-p whole steps, and a model program for constrained
+    # steps, for each decode and each token bucket; a masked sampling program for each row bucket.
+    num_shapes = len(runner.config.seq_buckets) + len(runner.config.token_buckets)
+    kinds = [key[0] if isinstance(key[0], str) else "step" for key in runner._executables]
+    row_buckets = set(runner.config.seq_buckets) | {runner._mixed_seqs(T, 1) for T in runner.config.token_buckets}
+    assert (kinds.count("step"), kinds.count("forward"), kinds.count("sample")) == (3 * num_shapes, num_shapes,
+                                                                                    len(row_buckets))
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=7)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     seeded = SamplingParams(temperature=0.8, seed=11, max_tokens=6, ignore_eos=True)
@@ -187,9 +191,10 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     mixed = [constrained if i % 2 else greedy for i in range(len(prompts))]
     mixes = [greedy, seeded, nucleus, [greedy, seeded, nucleus, seeded, greedy], mixed,
              [sampled_constrained, nucleus, constrained, seeded, greedy]]
-    before, buckets = _step._cache_size(), set(runner.compiled_buckets)
+    jitted = (_step, _forward, _sample_masked)
+    before, buckets = [f._cache_size() for f in jitted], set(runner.compiled_buckets)
     ahead = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
-    assert _step._cache_size() == before and runner.compiled_buckets == buckets  # nothing compiled lazily
+    assert [f._cache_size() for f in jitted] == before and runner.compiled_buckets == buckets  # nothing lazily
     runner._executables.clear()
     lazy = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
     assert [token_ids(o) for o in ahead] == [token_ids(o) for o in lazy]
@@ -214,7 +219,7 @@ LEGACY_CPU_RUNTIME = "--xla_cpu_use_thunk_runtime=false"
 
 def test_second_start_loads_step_programs_without_tracing(tmp_path):
     """Two starts, each its own process (as in use): the first compiles every program and stores it in the
-    executable cache; the second loads them without tracing `_step` (an unreadable entry aside, which
+    executable cache; the second loads them without tracing any (an unreadable entry aside, which
     is dropped and compiled again) and generates the same tokens. The children run XLA's older CPU
     runtime: jaxlib 0.10.2 cannot run an executable of its thunk runtime loaded back ("Function ... not
     found"). The GPU has no such limit, and the CPU engine does not use the cache."""
@@ -246,18 +251,20 @@ def test_executable_cache_phase(make_llm, smol_tokenizer, monkeypatch):
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=3)
     params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
               SamplingParams(temperature=0.8, seed=5, max_tokens=6, ignore_eos=True)]
-    counting = _CountingStep(model_runner._step)
-    monkeypatch.setattr(model_runner, "_step", counting)
+    counting = [_CountingStep(getattr(model_runner, name)) for name in ("_step", "_forward", "_sample_masked")]
+    for name, counter in zip(("_step", "_forward", "_sample_masked"), counting):
+        monkeypatch.setattr(model_runner, name, counter)
+    lowered = lambda: sum(c.lowered for c in counting)  # noqa: E731
     if phase == "load":
         sorted(cache_dir.rglob("*.pkl"))[0].write_bytes(b"truncated")
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
     runner = _gpu_style(llm, cache_dir)
     runner.precompile(num_threads=2)
     num_programs = len(runner._executables)
-    assert counting.lowered == (num_programs if phase == "store" else 1)  # only the unreadable entry again...
+    assert lowered() == (num_programs if phase == "store" else 1)  # only the unreadable entry again...
     assert len(list(cache_dir.rglob("*.pkl"))) == num_programs  # ...and it is stored again
     got = [token_ids(llm.generate(prompts, p, use_tqdm=False)) for p in params]
-    assert counting.lowered == (num_programs if phase == "store" else 1)  # generation found every program
+    assert lowered() == (num_programs if phase == "store" else 1)  # generation found every program
     if phase == "store":
         (cache_dir / "tokens.json").write_text(json.dumps(got))
     else:

@@ -109,6 +109,28 @@ def test_constrained_and_free_rows_in_one_batch(llm):
     assert [o.outputs[0].text for o in alone] == [texts[1], texts[4]]
 
 
+def test_constrained_request_runs_every_step_under_async_scheduling(llm, monkeypatch):
+    """The bitmask of step N+1 is filled after step N's tokens reach the grammar, while step N+1's model
+    program runs: a constrained request samples at every engine step, not every other one."""
+    engine = llm.llm_engine
+    assert engine.config.async_scheduling
+    steps = 0
+    step = engine.step
+
+    def counting_step():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    monkeypatch.setattr(engine, "step", counting_step)
+    params = SamplingParams(temperature=0.7, seed=1, max_tokens=24, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(regex="[a-z]{200,400}"))
+    (out,) = llm.generate([chat(llm, "Spell a long word.")], params, use_tqdm=False)
+    text = out.outputs[0].text
+    assert len(out.outputs[0].token_ids) == 24 and re.fullmatch("[a-z]+", text), text
+    assert steps <= 24 + 3, steps  # prefill, 23 decodes, the async pipeline's last read (every other: 48)
+
+
 def test_n_samples_each_follow_the_grammar(llm):
     params = SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=16,
                             structured_outputs=StructuredOutputsParams(choice=CITIES))

@@ -106,9 +106,10 @@ class Request:
 
     @property
     def needs_latest_token(self) -> bool:
-        """Whether sampling needs the newest token on the host (a grammar's next mask, a bad word of several
-        tokens), so the request cannot be scheduled while its previous sample is still on the device."""
-        return self.structured is not None or any(len(w) > 1 for w in self.bad_words_token_ids)
+        """Whether building the step's inputs needs the newest token on the host (a bad word of several
+        tokens), so the request cannot be scheduled while its previous sample is still on the device. A
+        grammar needs it too, but only for its bitmask, which the engine fills after the launch."""
+        return any(len(w) > 1 for w in self.bad_words_token_ids)
 
     def banned_by_bad_words(self) -> list[int]:
         """The last token of every bad word whose other tokens were just generated (vLLM's semantics:
