@@ -15,6 +15,7 @@ the same courtesy. Results go to benchmarks/results/ as JSON with device, date, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -109,6 +110,9 @@ def build_llm(args):
             from jaxllm.loader import default_model_path, load_tokenizer
 
             tokenizer = load_tokenizer(args.tokenizer or default_model_path())
+            # A grammar ends with the tokenizer's EOS (as vLLM takes it), not the shape's, which may lie past
+            # a smaller tokenizer's vocabulary.
+            config = dataclasses.replace(config, eos_token_ids=(tokenizer.eos_token_id,))
         return LLM.from_params(params, config, tokenizer, **kwargs), config
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, **kwargs)
     return llm, llm.llm_engine.model_config
