@@ -36,7 +36,7 @@ def hf_config_folder(model_shape: str, dtype: str) -> str:
                   num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
                   head_dim=c.head_dim, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
                   tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=c.max_position_embeddings,
-                  torch_dtype=dtype)
+                  torch_dtype=dtype, architectures=[c.architecture])
     if c.rope_scaling is not None:
         rs = c.rope_scaling
         fields["rope_scaling"] = dict(rope_type="llama3", factor=rs.factor, low_freq_factor=rs.low_freq_factor,
@@ -99,7 +99,8 @@ def main(argv=None):
         raise SystemExit("--structured-outputs needs --tokenizer (a folder; grammars are over a tokenizer's vocabulary)")
     start = time.perf_counter()
     # Prefix caching off, as in throughput.py: a repeat must not reuse the previous run's KV blocks.
-    llm = LLM(model=hf_config_folder(args.model_shape, args.dtype), load_format="dummy",
+    # runner="generate": with a tokenizer, vLLM would otherwise take a config-only folder for a pooling model.
+    llm = LLM(model=hf_config_folder(args.model_shape, args.dtype), load_format="dummy", runner="generate",
               skip_tokenizer_init=args.tokenizer is None, kv_cache_dtype=args.kv_cache_dtype,
               dtype=args.dtype, seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
               enable_prefix_caching=False, **{k: v for k, v in optional.items() if v is not None})
