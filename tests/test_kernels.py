@@ -364,7 +364,8 @@ def test_ragged_kernel_head_dim_256():
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_dispatch_with_features_lowers_for_cuda_without_mosaic(head_dim):
     """A Gemma 2 / Falcon step on the GPU: every feature lowers into the Triton kernels (no reference
-    attention's while loop), and the Mosaic kernel, which lacks them, is left out even where asked for."""
+    attention's while loop), and the Mosaic kernel, which lacks them, is left out where the same step
+    without features takes it (where this jaxlib has Mosaic GPU)."""
     b = random_batch(2, [300, 1, 1, 6], [310, 40, 60, 200], num_q_heads=4, num_kv_heads=2, head_dim=head_dim,
                      block_size=16, dtype=jnp.bfloat16)
     features = dict(logit_softcap=50.0)
@@ -375,6 +376,9 @@ def test_dispatch_with_features_lowers_for_cuda_without_mosaic(head_dim):
     assert "mosaic_gpu" not in text
     assert text.count("triton") >= 2
     assert "stablehlo.while" not in text
+    if head_dim == 128 and prefill.plgpu is not None:
+        plain = jax.jit(lambda *a: pallas_kernels._split_by_chunk_length(a, 0.1, True))
+        assert "mosaic_gpu" in plain.trace(*b.values()).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("kwargs, named", [(dict(sliding_window=0), "sliding_window"),
