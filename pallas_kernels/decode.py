@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +99,7 @@ def logits(q, k, *, scale: float, logit_softcap: float | None, slopes, q_pos, kv
 
 def check_features(num_q_heads: int, sliding_window, logit_softcap, alibi_slopes) -> None:
     """Refuse feature arguments the kernels cannot honour, naming the parameter."""
-    if isinstance(sliding_window, int) and sliding_window < 1:
+    if isinstance(sliding_window, numbers.Integral) and sliding_window < 1:
         raise ValueError(f"sliding_window={sliding_window} must be >= 1 (or None for no window)")
     if sliding_window is not None and jnp.ndim(sliding_window) != 0:
         raise ValueError(f"sliding_window must be a scalar, got shape {jnp.shape(sliding_window)}")
