@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                 # full table, JSON to benchmarks/results/kernels-<device>.json
     python benchmarks/kernels.py --tune          # sweep kernel parameters on a few target cases first
     python benchmarks/kernels.py --table F.json  # the targets table (F.md) of an earlier run, no GPU
+    python benchmarks/kernels.py --window        # long contexts with a 4096 sliding window against none
 
 Prints the two ceilings first (copy bandwidth: PyTorch device copy and a jitted JAX op, bytes read +
 written; dense bf16 8192^3 matmul: PyTorch and JAX), then per case the median time, KV bytes/s and %
@@ -245,6 +246,32 @@ def bench_prefill(model, chunk, ctx_before, tokens, reps, variants=None, log=pri
     return rec
 
 
+def bench_window(log, window=4096, model="llama-3-8b"):
+    """Long contexts with a sliding window against none (Mistral-7B has Llama-3-8B's heads). The kernels
+    read only the window's tiles, so decode over 32k with a 4k window should take about what a plain 4k
+    context takes (timed too, as the floor), and a prefill chunk deep in a long context about what it
+    takes over 4k. `window_kv_bytes` / `TBps` count the K/V inside the window, what the kernel must read."""
+    hkv, d = MODELS[model][1:]
+    variants = {"no_window": {}, f"window{window}": dict(sliding_window=window)}
+    for batch in (1, 8, 64):
+        bench_decode(model, batch, window, reps=16, with_ref=False, log=log, variants={"no_window": {}})
+        for ctx in (8192, 32768):
+            rec = bench_decode(model, batch, ctx, reps=16, with_ref=False, log=lambda rec: None, variants=variants)
+            rec.update(window=window, window_kv_bytes=2 * batch * min(ctx, window) * hkv * d * 2)
+            windowed = rec[f"window{window}"]
+            if "us" in windowed and "us" in rec["no_window"]:
+                windowed["TBps"] = rec["window_kv_bytes"] / (windowed["us"] * 1e-6) / 1e12
+                rec["speedup"] = rec["no_window"]["us"] / windowed["us"]
+            log(rec)
+    for chunk, ctx_before in ((2048, window - 2048), (2048, 30720)):
+        rec = bench_prefill(model, chunk, ctx_before, tokens=8192, reps=4, log=lambda rec: None,
+                            variants={"ours": {}, f"ours_window{window}": dict(sliding_window=window)})
+        rec["window"] = window
+        if "us" in rec["ours"] and "us" in rec[f"ours_window{window}"]:
+            rec["speedup"] = rec["ours"]["us"] / rec[f"ours_window{window}"]["us"]
+        log(rec)
+
+
 def tune_decode(log):
     """Decode sweep (tile, warps, pipeline depth; no split) on the cases the targets hinge on: Llama-3-8B
     shape at B=64 with 2k context (issue 5), B=256 with 1k (issue 6's step), B=256 with 2k, and Qwen3-0.6B
@@ -328,6 +355,8 @@ def main():
     ap.add_argument("--prefill-cases", default=None, metavar="CHUNK:CTX,...",
                     help="only these prefill cases, e.g. 512:0,2048:0 (default: chunks 512 and 2048 over "
                          "contexts 0 and 4096)")
+    ap.add_argument("--window", action="store_true",
+                    help="only long contexts with a 4096 sliding window against none (decode and prefill)")
     ap.add_argument("--table", metavar="JSON", default=None,
                     help="only write the targets table (.md) of an earlier run's JSON beside it; no GPU needed")
     a = ap.parse_args()
@@ -364,7 +393,8 @@ def main():
     results = dict(device=device, date=datetime.datetime.now().isoformat(timespec="seconds"), jax=jax.__version__,
                    git_commit=os.environ.get("JAXLLM_GIT_COMMIT") or commit or "unknown",
                    command=" ".join(["python"] + sys.argv), baselines=baselines, cases=[])
-    out = Path(a.out or ROOT / "benchmarks" / "results" / f"kernels-{device.replace(' ', '_')}.json")
+    stem = "kernels-window" if a.window else "kernels"
+    out = Path(a.out or ROOT / "benchmarks" / "results" / f"{stem}-{device.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def log(rec):
@@ -396,6 +426,10 @@ def main():
     if a.tune_decode_targets:
         tune_decode_targets(log)
         return
+    if a.window:
+        bench_window(log)
+        print_window_table(results)
+        return
     if a.tune or a.tune_decode:
         tune_decode(log) if a.tune_decode else tune(log)
         return
@@ -413,6 +447,17 @@ def main():
             bench_prefill(model, chunk, ctx_before, tokens=8192, reps=4, log=log)
     print_table(results)
     out.with_suffix(".md").write_text(targets_table(results))
+
+
+def print_window_table(results):
+    """One line a case of `--window`: time without and with the window, and the speed-up."""
+    print(f"\n{results['device']} jax {results['jax']}  sliding window vs none (us)")
+    for rec in results["cases"]:
+        times = "  ".join(f"{k} {v['us']:.1f}" for k, v in rec.items() if isinstance(v, dict) and "us" in v)
+        shape = (f"decode B={rec['batch']} ctx={rec['ctx']}" if rec["kind"] == "decode"
+                 else f"prefill chunk={rec['chunk']} over {rec['ctx_before']} x{rec['seqs']}")
+        speedup = f"  speed-up {rec['speedup']:.2f}x" if "speedup" in rec else ""
+        print(f"{shape:40s} {times}{speedup}")
 
 
 def print_table(results):

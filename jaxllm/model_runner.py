@@ -184,10 +184,6 @@ class ModelRunner:
         self.kv_dtype = kv_cache_jnp_dtype(engine_config.kv_cache_dtype, model_config)
         self.kv_cache = KVCache.create(model_config, num_blocks, self.block_size, self.kv_dtype,
                                        sharding=self.kv_sharding)
-        features = model_module(model_config.architecture).attention_features(model_config)
-        if features and jax.default_backend() == "gpu":
-            logger.info("%s uses %s: its attention runs on the jnp reference, not the Pallas kernels (which "
-                        "lack these features yet)", model_config.architecture, ", ".join(features))
         if self.kv_dtype == jnp.float8_e4m3fn and jax.default_backend() == "gpu":
             logger.info("kv_cache_dtype=%s: attention runs on the jnp reference, not the Pallas kernels (which "
                         "read 16-bit caches only yet)", engine_config.kv_cache_dtype)

@@ -7,7 +7,8 @@ wgmma + TMA) for chunks of at least PREFILL_MIN_TOKENS where the caller asks for
 by default in steps of at least PREFILL_MIN_BUCKET tokens), `ragged.py` (Triton) for the other chunks,
 and `decode.py` for the single tokens of a mixed step (a Mosaic or ragged tile would compute 64 tokens'
 worth for each). Everything else, the CPU included, runs the pure-jnp reference.
-Sliding windows, logit soft-capping and ALiBi run on the reference only (the kernels lack them yet).
+Sliding windows, logit soft-capping and ALiBi run in the Triton kernels (decode.py, ragged.py); a call
+that uses one keeps its long chunks on `ragged.py` too, since the Mosaic kernel lacks them.
 JAXLLM_ATTENTION=reference forces the reference anywhere; JAXLLM_PREFILL=triton keeps every chunk on
 `ragged.py` (for A/B runs).
 """
@@ -67,12 +68,13 @@ def prefill_kernel_supported(q: jax.Array, k_cache: jax.Array) -> bool:
             and q.shape[-1] in (64, 128) and 128 % block_size == 0)
 
 
-def _split_by_chunk_length(args, scale: float, prefill_kernel: bool | None = None) -> jax.Array:
+def _split_by_chunk_length(args, scale: float, prefill_kernel: bool | None = None, **features) -> jax.Array:
     """Long chunks through the Mosaic prefill kernel (if `prefill_kernel`; None: in steps of at least
     PREFILL_MIN_BUCKET tokens), short ones through the Triton ragged kernel, single tokens (decodes in a
     mixed step) through the decode kernel, which reads each K/V tile once for a handful of rows where a
     ragged tile would compute 64 tokens' worth. Each kernel works only on its own sequences and writes
-    their rows into one buffer, in place."""
+    their rows into one buffer, in place. `features` (the attention features in use) go to the Triton
+    kernels; with any, every chunk of two or more tokens goes to the ragged kernel."""
     from pallas_kernels.decode import paged_decode_attention as decode_kernel
     from pallas_kernels.prefill import ragged_paged_attention as mosaic_kernel
     from pallas_kernels.ragged import ragged_paged_attention as ragged_kernel
@@ -81,13 +83,13 @@ def _split_by_chunk_length(args, scale: float, prefill_kernel: bool | None = Non
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [S]
     if prefill_kernel is None:
         prefill_kernel = q.shape[0] >= PREFILL_MIN_BUCKET
-    if prefill_kernel and prefill_kernel_supported(q, k_cache):
+    if prefill_kernel and prefill_kernel_supported(q, k_cache) and not features:
         long = q_lens >= PREFILL_MIN_TOKENS
         out = mosaic_kernel(*args, scale=scale, keep=long)  # zeros in the other sequences' rows...
     else:
         long, out = jnp.zeros_like(q_lens, bool), jnp.zeros_like(q)
-    out = ragged_kernel(*args, scale=scale, keep=(q_lens > 1) & ~long, into=out)  # ...written in place
-    return decode_kernel(*args, scale=scale, keep=q_lens == 1, into=out)
+    out = ragged_kernel(*args, scale=scale, keep=(q_lens > 1) & ~long, into=out, **features)  # ...in place
+    return decode_kernel(*args, scale=scale, keep=q_lens == 1, into=out, **features)
 
 
 def ragged_paged_attention(
@@ -111,17 +113,21 @@ def ragged_paged_attention(
     `decode_only` (static) promises that every sequence has 0 or 1 query tokens; it selects the
     split-K decode kernel on GPU. `prefill_kernel` (static) puts chunks of at least PREFILL_MIN_TOKENS
     on the Mosaic prefill kernel where it runs (None: in steps of at least PREFILL_MIN_BUCKET tokens).
-    `sliding_window` (a scalar, traced or not), `logit_softcap` and `alibi_slopes` ([num_q_heads]) are the
-    reference's features (`reference.py`); a call that uses one runs the reference.
+    `sliding_window` (a scalar, traced or not: a query sees the last `sliding_window` positions, its own
+    included), `logit_softcap` (static: scores -> cap * tanh(scores / cap), before masking) and
+    `alibi_slopes` ([num_q_heads]: adds slope * (kv_pos - q_pos) to the scores) are the model families'
+    features, in the reference and the Triton kernels alike; a call that uses one skips the Mosaic kernel.
     """
+    from pallas_kernels.decode import check_features
+
+    check_features(q.shape[1], sliding_window, logit_softcap, alibi_slopes)
     args = (q, k_cache, v_cache, layer, block_tables, seq_lens, query_start_loc)
-    features = dict(sliding_window=sliding_window, logit_softcap=logit_softcap, alibi_slopes=alibi_slopes)
-    if any(v is not None for v in features.values()):
-        return reference_ragged_paged_attention(*args, scale=scale, **features)
+    features = {name: value for name, value in (("sliding_window", sliding_window), ("logit_softcap", logit_softcap),
+                                                ("alibi_slopes", alibi_slopes)) if value is not None}
     if kernels_supported(q, k_cache):
         if decode_only:
             from pallas_kernels.decode import paged_decode_attention
 
-            return paged_decode_attention(*args, scale=scale)
-        return _split_by_chunk_length(args, scale, prefill_kernel)
-    return reference_ragged_paged_attention(*args, scale=scale)
+            return paged_decode_attention(*args, scale=scale, **features)
+        return _split_by_chunk_length(args, scale, prefill_kernel, **features)
+    return reference_ragged_paged_attention(*args, scale=scale, **features)

@@ -15,6 +15,9 @@ Decode is bound by reading the KV cache: per token of context each kv head costs
   programs on an SM), else 3 deep (`choose_num_stages`). Tiles are 64 tokens, or 128 when unsplit
   programs are at most two an SM (`choose_block_k`).
 - Padding tokens (t >= query_start_loc[S]) are zeroed by the kernel, so every output row is written.
+- The model families' features, as the reference has them (`logits`): soft-capping and ALiBi on each
+  tile's scores; a sliding window moves the start of the context read to the window's first position,
+  so a 4k window over a 32k context streams 4k tokens (the splits share the window, not the context).
 
 Caller contract (`decode_only`): every sequence has 0 (padding) or 1 query token.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +81,54 @@ def online_softmax_step(s, v, carry):
     return acc, m_new, l
 
 
+def logits(q, k, *, scale: float, logit_softcap: float | None, slopes, q_pos, kv_pos):
+    """Scores of a tile in log2 units [M, block_k], from q [M, D] and k [block_k, D]: q.k * scale, then
+    cap * tanh(s / cap) (`logit_softcap`), then + slope * (kv_pos - q_pos) (ALiBi; slopes [M] float32 or
+    None), as the reference orders them. q_pos: [M, 1] or a scalar; kv_pos [block_k]. Masking is the
+    caller's, after this. With neither feature this is the one multiply the kernels always had."""
+    s = matmul(q, k, trans_b=True)  # [M, block_k]
+    if logit_softcap is None and slopes is None:
+        return s * (scale * LOG2E)
+    s = s * scale
+    if logit_softcap is not None:
+        s = jnp.tanh(s * (1.0 / logit_softcap)) * logit_softcap
+    if slopes is not None:
+        s = s + slopes[:, None] * (kv_pos[None, :] - q_pos).astype(jnp.float32)
+    return s * LOG2E
+
+
+def check_features(num_q_heads: int, sliding_window, logit_softcap, alibi_slopes) -> None:
+    """Refuse feature arguments the kernels cannot honour, naming the parameter."""
+    if isinstance(sliding_window, numbers.Integral) and sliding_window < 1:
+        raise ValueError(f"sliding_window={sliding_window} must be >= 1 (or None for no window)")
+    if sliding_window is not None and jnp.ndim(sliding_window) != 0:
+        raise ValueError(f"sliding_window must be a scalar, got shape {jnp.shape(sliding_window)}")
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"logit_softcap={logit_softcap} must be > 0 (or None for no soft-capping)")
+    if alibi_slopes is not None and jnp.shape(alibi_slopes) != (num_q_heads,):
+        raise ValueError(f"alibi_slopes must have shape [num_q_heads] = ({num_q_heads},), "
+                         f"got {jnp.shape(alibi_slopes)}")
+
+
+def feature_inputs(sliding_window, alibi_slopes) -> list:
+    """The kernel inputs of the features a call uses, in the order `split_feature_refs` takes them back:
+    the window [1] int32, the slopes [num_q_heads] float32."""
+    out = []
+    if sliding_window is not None:
+        out.append(jnp.asarray(sliding_window, jnp.int32).reshape(1))
+    if alibi_slopes is not None:
+        out.append(jnp.asarray(alibi_slopes, jnp.float32).reshape(-1))
+    return out
+
+
+def split_feature_refs(refs, sliding_window: bool, alibi: bool):
+    """(window_ref or None, slopes_ref or None, the refs after them) from a kernel's trailing refs."""
+    refs = list(refs)
+    window_ref = refs.pop(0) if sliding_window else None
+    slopes_ref = refs.pop(0) if alibi else None
+    return window_ref, slopes_ref, refs
+
+
 def finish(acc, m, l):
     """Output rows and log-sum-exp (natural log) from the online-softmax state; empty rows give 0, -inf."""
     empty = l == 0.0
@@ -117,11 +169,12 @@ def choose_num_stages(num_programs: int, num_splits: int) -> int:
 
 def _decode_kernel(
     layer_ref, block_tables_ref, seq_lens_ref, query_start_loc_ref, keep_ref, q_ref, k_ref, v_ref,  # inputs
-    *out_refs,  # outputs: o [splits * T * Hq, D] (f32 when split, else q dtype), then lse [splits * T * Hq]
-    # when split; before them, `into` when given (aliased to o, not read)
+    *refs,  # the features' inputs (`feature_inputs`), then `into` when given (aliased to o, not read), then
+    # the outputs: o [splits * T * Hq, D] (f32 when split, else q dtype), then lse [splits * T * Hq] when split
     num_seqs, num_tokens, num_q_heads, group, group_pad, head_dim, num_blocks, block_size, max_blocks,
-    block_k, num_splits, scale, interpret, zero_padding,
+    block_k, num_splits, scale, interpret, zero_padding, sliding_window, logit_softcap, alibi,
 ):
+    window_ref, slopes_ref, out_refs = split_feature_refs(refs, sliding_window, alibi)
     o_ref, *lse_ref = out_refs[-2:] if num_splits > 1 else out_refs[-1:]
     p, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g = jnp.arange(group_pad, dtype=jnp.int32)
@@ -153,9 +206,14 @@ def _decode_kernel(
         layer_row0 = layer_ref[0] * (num_blocks * block_size)
         q_rows = token * num_q_heads + h * group + g
         q = pltriton.load(tile(q_ref, q_rows, 0, head_dim, interpret), mask=head_ok_2d, other=0.0)  # [group_pad, D]
-        # This split's share of the context: equal parts, whole tiles.
-        per_split = pl.cdiv(pl.cdiv(ctx, num_splits), block_k) * block_k
-        start = split * per_split
+        slopes = None
+        if slopes_ref is not None:
+            slopes = pltriton.load(slopes_ref.at[h * group + g], mask=head_ok, other=0.0)  # [group_pad]
+        # The token (at ctx - 1) sees positions from `lo` on: the window's first, or 0.
+        lo = 0 if window_ref is None else jnp.maximum(ctx - window_ref[0], 0)
+        # This split's share of what the token sees: equal parts, whole tiles.
+        per_split = pl.cdiv(pl.cdiv(ctx - lo, num_splits), block_k) * block_k
+        start = lo + split * per_split
         end = jnp.minimum(ctx, start + per_split)
         num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_k)
         offs = jnp.arange(block_k, dtype=jnp.int32)
@@ -169,7 +227,8 @@ def _decode_kernel(
             ok_2d = jnp.broadcast_to(ok[:, None], (block_k, head_dim))
             k = pltriton.load(tile(k_ref, rows, col0, head_dim, interpret), mask=ok_2d, other=0.0)  # [block_k, D]
             v = pltriton.load(tile(v_ref, rows, col0, head_dim, interpret), mask=ok_2d, other=0.0)
-            s = matmul(q, k, trans_b=True) * (scale * LOG2E)  # [group_pad, block_k], log2 units
+            s = logits(q, k, scale=scale, logit_softcap=logit_softcap, slopes=slopes, q_pos=ctx - 1,
+                       kv_pos=pos)  # [group_pad, block_k], log2 units
             return online_softmax_step(jnp.where(ok[None, :], s, NEG_INF), v, carry)
 
         acc = jnp.zeros((group_pad, head_dim), jnp.float32)
@@ -180,7 +239,8 @@ def _decode_kernel(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scale", "num_splits", "block_k", "num_warps", "num_stages", "interpret"))
+    jax.jit, static_argnames=("scale", "num_splits", "block_k", "num_warps", "num_stages", "interpret",
+                              "logit_softcap"))
 def paged_decode_attention(
     q: jax.Array,  # [T, num_q_heads, head_dim]
     k_cache: jax.Array,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
@@ -198,12 +258,17 @@ def paged_decode_attention(
     interpret: bool = False,
     keep: jax.Array | None = None,  # [S] bool: only these sequences, each with exactly one query token
     into: jax.Array | None = None,  # [T, num_q_heads, head_dim], donated: the output starts as this
+    sliding_window: jax.Array | int | None = None,  # scalar, traced or not: the last `sliding_window` positions
+    logit_softcap: float | None = None,  # static: scores -> cap * tanh(scores / cap), before masking
+    alibi_slopes: jax.Array | None = None,  # [num_q_heads] float32: adds slope * (kv_pos - q_pos) to scores
 ) -> jax.Array:  # [T, num_q_heads, head_dim]; zeros for padding tokens
-    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference.
+    """Decode attention: every sequence brings 0 or 1 query token. Same semantics as the reference,
+    features included (`sliding_window`, `logit_softcap`, `alibi_slopes`).
 
     In a mixed step, `keep` picks the single-token sequences and `into` (the other kernels' output)
     receives their rows in place: one program per sequence, unsplit, nothing else written."""
     T, num_q_heads, head_dim = q.shape
+    check_features(num_q_heads, sliding_window, logit_softcap, alibi_slopes)
     num_layers, num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
     group = num_q_heads // num_kv_heads
@@ -228,6 +293,7 @@ def paged_decode_attention(
         q.reshape(T * num_q_heads, head_dim),
         k_cache.reshape(num_layers * num_blocks * block_size, num_kv_heads * head_dim),
         v_cache.reshape(num_layers * num_blocks * block_size, num_kv_heads * head_dim),
+        *feature_inputs(sliding_window, alibi_slopes),
     )
     if into is not None:
         inputs += (into.astype(q.dtype).reshape(T * num_q_heads, head_dim),)
@@ -236,7 +302,8 @@ def paged_decode_attention(
         _decode_kernel, num_seqs=num_seqs, num_tokens=T, num_q_heads=num_q_heads, group=group,
         group_pad=group_pad, head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
         max_blocks=max_blocks, block_k=block_k, num_splits=num_splits, scale=scale,
-        interpret=interpret, zero_padding=into is None)
+        interpret=interpret, zero_padding=into is None, sliding_window=sliding_window is not None,
+        logit_softcap=logit_softcap, alibi=alibi_slopes is not None)
     rows = num_splits * T * num_q_heads
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((rows, head_dim), q.dtype)

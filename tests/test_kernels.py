@@ -204,11 +204,15 @@ def test_ragged_kernel_interpret(num_q_heads):
     assert (got[n_real:] == 0).all()
 
 
-@pytest.mark.parametrize("kernel,with_into", [("ragged", False), ("ragged", True), ("decode", False), ("decode", True)])
-def test_kernel_keep_writes_only_kept_rows(kernel, with_into):
+@pytest.mark.parametrize("kernel,with_into,feature", [("ragged", False, None), ("ragged", True, None),
+                                                     ("decode", False, None), ("decode", True, None),
+                                                     ("ragged", True, "all"), ("decode", True, "all")])
+def test_kernel_keep_writes_only_kept_rows(kernel, with_into, feature):
     """The dispatch's second and third kernels: sequences outside `keep` are another kernel's; their rows
     come out as zeros, or, given `into` (that kernel's output), as into's values, written around in place.
-    The ragged kernel takes the short chunks of a mixed batch, the decode kernel its single tokens."""
+    The ragged kernel takes the short chunks of a mixed batch, the decode kernel its single tokens; with
+    the attention features too, as the dispatch passes them to both."""
+    features = {} if feature is None else kernel_features(feature)
     b = random_batch(31, **MIXED)
     q_lens = np.diff(np.asarray(b["query_start_loc"]))
     keep = (q_lens > 1) & (q_lens < 10) if kernel == "ragged" else q_lens == 1
@@ -220,8 +224,8 @@ def test_kernel_keep_writes_only_kept_rows(kernel, with_into):
     into = jnp.asarray(np.random.default_rng(0).standard_normal(b["q"].shape), b["q"].dtype)
     run = (functools.partial(ragged_kernel, block_m=16) if kernel == "ragged" else paged_decode_attention)
     got = np.asarray(run(**b, scale=0.2, block_k=16, interpret=True, keep=jnp.asarray(keep),
-                         into=into if with_into else None))
-    want = np.asarray(reference(**b, scale=0.2))
+                         into=into if with_into else None, **features))
+    want = np.asarray(reference(**b, scale=0.2, **features))
     assert rel_err(got[mine], want[mine]) < 1e-2
     np.testing.assert_array_equal(got[~mine], np.asarray(into)[~mine] if with_into else 0)
 
@@ -263,6 +267,133 @@ def test_dispatch_uses_reference_on_cpu(decode_only):
     got = pallas_kernels.ragged_paged_attention(*b.values(), scale=0.2, decode_only=decode_only)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(reference(**b, scale=0.2)))
 
+
+
+# -- the model families' attention features in the Triton kernels --------------------------------------
+
+def kernel_features(name):
+    """FEATURES[name] as a layer passes them: the window and the slopes as arrays (traced in the jitted
+    kernels), the soft-cap a static float."""
+    return {k: v if k == "logit_softcap" else jnp.asarray(v) for k, v in FEATURES[name].items()}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("kernel", ["decode", "ragged"])
+def test_kernel_attention_features(kernel, feature):
+    """Each feature and all together against the reference. 6 query heads over 2 kv heads (a GQA group of
+    3, padded), a window of 7 or 12 beside 8-token blocks and 16-token tiles; the decode kernel in 3
+    splits (some of them wholly before the window: empty), the ragged kernel over a mixed batch."""
+    b = random_batch(60, **(DECODE if kernel == "decode" else MIXED), dtype=jnp.bfloat16)
+    features = kernel_features(feature)
+    scale = 32**-0.5
+    run = (functools.partial(paged_decode_attention, num_splits=3, block_k=16) if kernel == "decode"
+           else functools.partial(ragged_kernel, block_m=16, block_k=16))
+    got = np.asarray(run(**b, scale=scale, interpret=True, **features), np.float32)
+    want = np.asarray(reference(**b, scale=scale, **features), np.float32)
+    n_real = int(b["query_start_loc"][-1])
+    assert np.isfinite(got).all()
+    assert rel_err(got[:n_real], want[:n_real]) < 1e-2
+    assert (got[n_real:] == 0).all()
+    plain = np.asarray(reference(**b, scale=scale), np.float32)
+    assert rel_err(got[:n_real], plain[:n_real]) > 5e-2  # the kernel applied the feature
+
+
+@pytest.mark.parametrize("kernel", ["decode", "ragged"])
+def test_window_skips_tiles_before_it(kernel):
+    """K/V wholly before every query's window is never read: NaN there leaves the output exact. A window
+    of 40 over contexts of up to 101 in 16-token tiles: the decode kernel starts at the window's first
+    position; the ragged kernel starts at the tile holding its first query's window start, and also runs
+    unmasked tiles between the window's lower edge and the diagonal."""
+    window, block_k = 40, 16
+    q_lens, ctx_lens = ([1, 1, 1, 0], [100, 61, 5, 0]) if kernel == "decode" else ([1, 45, 30, 0], [100, 101, 97, 0])
+    b = random_batch(61, q_lens, ctx_lens, dtype=jnp.bfloat16)
+    want = np.asarray(reference(**b, scale=0.2, sliding_window=window), np.float32)
+    k, v = np.array(b["k_cache"]), np.array(b["v_cache"])
+    tables, layer, bs = np.asarray(b["block_tables"]), int(b["layer"]), k.shape[2]
+    poisoned = 0
+    for s, (q_len, ctx) in enumerate(zip(q_lens, ctx_lens)):
+        lo = max(ctx - q_len - window + 1, 0)  # the window's start for the sequence's first query token
+        for pos in range(lo if kernel == "decode" else lo // block_k * block_k):
+            k[layer, tables[s, pos // bs], pos % bs] = v[layer, tables[s, pos // bs], pos % bs] = np.nan
+            poisoned += 1
+    assert poisoned >= 60
+    b.update(k_cache=jnp.asarray(k), v_cache=jnp.asarray(v))
+    run = (functools.partial(paged_decode_attention, num_splits=2) if kernel == "decode"
+           else functools.partial(ragged_kernel, block_m=16))
+    got = np.asarray(run(**b, scale=0.2, block_k=block_k, interpret=True, sliding_window=jnp.int32(window)),
+                     np.float32)
+    n_real = sum(q_lens)
+    assert np.isfinite(got).all()
+    assert rel_err(got[:n_real], want[:n_real]) < 1e-2
+
+
+def test_ragged_kernel_window_traced_in_a_layer_scan():
+    """Gemma 2's layer loop: windowed and global layers alternate under lax.scan, each layer's window a
+    traced scalar (NO_WINDOW on the global ones); one compiled kernel serves both."""
+    from jaxllm.models.layers import NO_WINDOW
+
+    b = random_batch(63, **LONG, dtype=jnp.bfloat16)
+    windows = jnp.asarray([7, NO_WINDOW], jnp.int32)
+
+    def layer(carry, window):
+        return carry, ragged_kernel(**b, scale=0.2, block_m=16, block_k=16, interpret=True, sliding_window=window,
+                                    logit_softcap=20.0)
+
+    _, got = jax.lax.scan(layer, 0, windows)
+    n_real = int(b["query_start_loc"][-1])
+    for i, window in enumerate([7, None]):
+        want = np.asarray(reference(**b, scale=0.2, sliding_window=window, logit_softcap=20.0), np.float32)
+        assert rel_err(np.asarray(got[i], np.float32)[:n_real], want[:n_real]) < 1e-2
+
+
+def test_ragged_kernel_head_dim_256():
+    """Gemma's head_dim with the kernel's own tiles for it (64 query rows, 64-token K/V tiles) and Gemma 2's
+    features: a traced window, soft-capping."""
+    from pallas_kernels.ragged import default_tiles
+
+    assert default_tiles(256) == (64, 64, 2) and default_tiles(128) == (128, 128, 3)
+    b = random_batch(64, [1, 70, 9, 0], [150, 70, 30, 0], num_q_heads=4, num_kv_heads=2, head_dim=256,
+                     block_size=16, dtype=jnp.bfloat16)
+    features = dict(sliding_window=jnp.int32(40), logit_softcap=50.0)
+    got = np.asarray(ragged_kernel(**b, scale=256**-0.5, interpret=True, **features), np.float32)
+    want = np.asarray(reference(**b, scale=256**-0.5, **features), np.float32)
+    assert rel_err(got[:80], want[:80]) < 1e-2
+    assert (got[80:] == 0).all()
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_dispatch_with_features_lowers_for_cuda_without_mosaic(head_dim):
+    """A Gemma 2 / Falcon step on the GPU: every feature lowers into the Triton kernels (no reference
+    attention's while loop), and the Mosaic kernel, which lacks them, is left out where the same step
+    without features takes it (where this jaxlib has Mosaic GPU)."""
+    b = random_batch(2, [300, 1, 1, 6], [310, 40, 60, 200], num_q_heads=4, num_kv_heads=2, head_dim=head_dim,
+                     block_size=16, dtype=jnp.bfloat16)
+    features = dict(logit_softcap=50.0)
+    step = jax.jit(lambda *a: pallas_kernels._split_by_chunk_length(a[:7], 0.1, True, sliding_window=a[7],
+                                                                    alibi_slopes=a[8], **features))
+    args = (*b.values(), jnp.int32(64), jnp.linspace(0.1, 0.5, 4))
+    text = step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" not in text
+    assert text.count("triton") >= 2
+    assert "stablehlo.while" not in text
+    if head_dim == 128 and prefill.plgpu is not None:
+        plain = jax.jit(lambda *a: pallas_kernels._split_by_chunk_length(a, 0.1, True))
+        assert "mosaic_gpu" in plain.trace(*b.values()).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("kwargs, named", [(dict(sliding_window=0), "sliding_window"),
+                                           (dict(sliding_window=jnp.ones(2, jnp.int32)), "sliding_window"),
+                                           (dict(logit_softcap=0.0), "logit_softcap"),
+                                           (dict(alibi_slopes=jnp.ones(4)), "alibi_slopes")])
+def test_attention_features_refuse_bad_values(kwargs, named):
+    """The dispatch names the bad argument; the jitted kernels see a window's value traced, so they check
+    shapes only."""
+    b = random_batch(3, **DECODE)
+    shape_error = named == "alibi_slopes" or jnp.ndim(kwargs.get("sliding_window", 0)) > 0
+    kernels = (paged_decode_attention, ragged_kernel) if shape_error else ()
+    for attend in (pallas_kernels.ragged_paged_attention, *kernels):
+        with pytest.raises(ValueError, match=named):
+            attend(**b, scale=0.2, **kwargs)
 
 
 # -- the Mosaic GPU prefill kernel (prefill.py) -------------------------------------------------------

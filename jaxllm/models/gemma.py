@@ -147,8 +147,3 @@ def forward_hidden(params: dict, token_ids: jax.Array, positions: jax.Array, kv_
 def compute_logits(params: dict, hidden: jax.Array, config: ModelConfig | None = None) -> jax.Array:
     return tied_or_head_logits(hidden, params["embed"], params["lm_head"],
                                None if config is None else config.final_logit_softcapping)
-
-
-def attention_features(config: ModelConfig) -> tuple[str, ...]:
-    out = ("sliding window",) if layer_windows(config) is not None else ()
-    return out + (("attention logit soft-capping",) if config.attn_logit_softcapping else ())

@@ -82,7 +82,3 @@ def forward_hidden(params: dict, token_ids: jax.Array, positions: jax.Array, kv_
 
 def compute_logits(params: dict, hidden: jax.Array, config: ModelConfig | None = None) -> jax.Array:
     return tied_or_head_logits(hidden, params["embed"], params["lm_head"])
-
-
-def attention_features(config: ModelConfig) -> tuple[str, ...]:
-    return ()

@@ -255,7 +255,3 @@ def load_weights(config: ModelConfig, reader) -> Weights:
         lm_head=reader.lm_head((v, e)),
     )
     return weights
-
-
-def attention_features(config: ModelConfig) -> tuple[str, ...]:
-    return ()

@@ -126,10 +126,6 @@ def compute_logits(params: dict, hidden: jax.Array, config: ModelConfig | None =
     return tied_or_head_logits(hidden, params["embed"], params["lm_head"])
 
 
-def attention_features(config: ModelConfig) -> tuple[str, ...]:
-    return ()
-
-
 @functools.partial(jax.jit, static_argnames=("config", "scale"))
 def init_random_weights(config: ModelConfig, key: jax.Array, scale: float = 0.02) -> dict:
     """Random weights at a real MoE model's shape (benchmarks with no checkpoint), drawn on the device in

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.llama import (LayerWeights, Weights, attention_features, compute_logits,  # noqa: F401
+from jaxllm.models.llama import (LayerWeights, Weights, compute_logits,  # noqa: F401
                                  forward_hidden, init_random_weights)
 
 

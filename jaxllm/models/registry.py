@@ -7,7 +7,6 @@ A family module provides:
         -> (hidden [T, e] after the final norm, updated cache)
     compute_logits(params, hidden, config) -> float32 logits [n, v]
     init_random_weights(config, key, scale=0.02) -> params at the config's shape
-    attention_features(config) -> the reference-only attention features it needs ("alibi", ...)
 A new family is one module and one line here. Importing this file imports no jax.
 """
 

@@ -4,6 +4,11 @@ Run on a CUDA machine from the repo root: `python tests/gpu/check_kernels.py [--
 Each case draws fresh random inputs (never zeros), shuffles and shares cache blocks between sequences,
 poisons the allocator with NaN before the kernel runs (so an unwritten output row shows), and asserts
 rel. error < 1e-2 against the pure-jnp reference (float32 math) and exact zeros on padding tokens.
+
+`--features` checks instead the model families' attention features (sliding window, logit soft-capping,
+ALiBi, and all three) in the decode and ragged kernels and through the dispatch, at real shapes (Gemma 2's
+head_dim 256 with a 4096 window and a soft-cap of 50, Falcon's and MPT's ALiBi heads, Mistral's GQA),
+each case also printing its max abs error.
 """
 
 from __future__ import annotations
@@ -73,11 +78,11 @@ def poison(nbytes):
     del x
 
 
-def check(name, fn, args, scale, log):
-    ref = np.asarray(reference(*args, scale=scale), np.float32)
+def check(name, fn, args, scale, log, **features):
+    ref = np.asarray(reference(*args, scale=scale, **features), np.float32)
     poison(4 * ref.size * 4)
     t0 = time.perf_counter()
-    out = np.asarray(fn(*args, scale=scale), np.float32)
+    out = np.asarray(fn(*args, scale=scale, **features), np.float32)
     dt = time.perf_counter() - t0
     T = out.shape[0]
     n_real = int(args[6][-1])
@@ -85,17 +90,19 @@ def check(name, fn, args, scale, log):
     finite = bool(np.isfinite(out).all())
     pad_zero = bool((out[n_real:] == 0).all())
     err = float(np.linalg.norm(out[real] - ref[real]) / max(np.linalg.norm(ref[real]), 1e-30))
+    max_abs = float(np.abs(out[real] - ref[real]).max()) if n_real else 0.0
     ok = finite and pad_zero and err < TOL
-    rec = dict(name=name, T=T, ok=ok, rel_err=err, finite=finite, padding_zero=pad_zero, seconds=round(dt, 3))
+    rec = dict(name=name, T=T, ok=ok, rel_err=err, max_abs_err=max_abs, finite=finite, padding_zero=pad_zero,
+               seconds=round(dt, 3))
     log.append(rec)
     print(("PASS" if ok else "FAIL"), json.dumps(rec), flush=True)
     return ok
 
 
-def dispatch_mosaic_always(*args, scale):
+def dispatch_mosaic_always(*args, scale, **features):
     """The dispatch asked for the Mosaic kernel (as the engine asks in its largest bucket), so these
-    small cases reach it too."""
-    return dispatch(*args, scale=scale, prefill_kernel=True)
+    small cases reach it too (with features: the Triton kernels, which it must pick instead)."""
+    return dispatch(*args, scale=scale, prefill_kernel=True, **features)
 
 
 def cases(rng):
@@ -127,10 +134,77 @@ def cases(rng):
                                                   pad_tokens=7)
 
 
+# Each feature at its model's shape: (name, heads (q, kv, head_dim), the features).
+FEATURE_MODELS = [
+    ("window 4096 (Mistral-7B heads)", (32, 8, 128), dict(sliding_window=4096)),
+    ("window 4096 + soft-cap 50 (Gemma-2-9B heads)", (16, 8, 256), dict(sliding_window=4096, logit_softcap=50.0)),
+    ("soft-cap 50, no window (Gemma-2 global layer)", (16, 8, 256), dict(logit_softcap=50.0)),
+    ("window 512 (Gemma-3-1B heads)", (4, 1, 256), dict(sliding_window=512)),
+    ("ALiBi (MPT-7B heads)", (32, 32, 128), dict(alibi_slopes="mpt")),
+    ("ALiBi (falcon-rw-1b heads, slopes x scale)", (32, 32, 64), dict(alibi_slopes="falcon")),
+    ("window 100 + soft-cap 30 + ALiBi (GQA 28/4)", (28, 4, 128), dict(sliding_window=100, logit_softcap=30.0,
+                                                                       alibi_slopes="bloom")),
+]
+
+
+def feature_arrays(features, num_q_heads, head_dim):
+    """The features as a layer passes them: the window a traced int32 scalar, the slopes an array
+    (Falcon scales its slopes with the scores)."""
+    from jaxllm.models.layers import alibi_slopes
+
+    out = dict(features)
+    if "sliding_window" in out:
+        out["sliding_window"] = jnp.int32(out["sliding_window"])
+    style = out.get("alibi_slopes")
+    if style is not None:
+        slopes = alibi_slopes(num_q_heads, style="mpt" if style == "mpt" else "bloom")
+        out["alibi_slopes"] = jnp.asarray(slopes * (head_dim**-0.5 if style == "falcon" else 1.0))
+    return out
+
+
+def feature_cases(rng):
+    """Decode batches and mixed prefill + decode batches, contexts from under a block to past 8k (so a
+    4096 window skips tiles), chunks starting before, inside and past the window."""
+    for label, (hq, hkv, d), features in FEATURE_MODELS:
+        kw = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=16, num_layers=1)
+        ctx = [1, 15, 100, 4095, 4096, 4097, 9000, int(rng.integers(1, 12000))]
+        yield f"{label} decode", "decode", kw, features, dict(q_lens=[1] * len(ctx), ctx_lens=ctx, pad_tokens=3,
+                                                            pad_seqs=1)
+        q_lens = [1, 7, 300, 1, 700, 129, 2048]
+        ctx = [50, 7, 9000, 5000, 4800, 129 + 4000, 2048]
+        yield f"{label} mixed", "ragged", kw, features, dict(q_lens=q_lens, ctx_lens=ctx, pad_tokens=5, pad_seqs=1)
+
+
+def check_feature_cases(rng, kernels, log) -> bool:
+    """Each feature case through the decode kernel (also split 4 ways), the ragged kernel and the dispatch."""
+    ok = True
+    for name, kind, kw, features, spec in feature_cases(rng):
+        args = make_case(rng, **kw, **spec)
+        scale = kw["head_dim"] ** -0.5
+        f = feature_arrays(features, kw["num_q_heads"], kw["head_dim"])
+        if kind == "decode" and "decode" in kernels:
+            ok &= check(name + " [decode kernel]", paged_decode_attention, args, scale, log, **f)
+            ok &= check(name + " [decode kernel, 4 splits]",
+                        lambda *x, scale, **f: paged_decode_attention(*x, scale=scale, num_splits=4, **f),
+                        args, scale, log, **f)
+        if "ragged" in kernels:
+            ok &= check(name + " [ragged kernel]", ragged_kernel, args, scale, log, **f)
+        if "dispatch" in kernels:
+            ok &= check(name + " [dispatch, Mosaic asked for]", dispatch_mosaic_always, args, scale, log, **f)
+            if kind == "decode":
+                ok &= check(name + " [dispatch, decode_only]",
+                            lambda *x, scale, **f: dispatch(*x, scale=scale, decode_only=True, **f),
+                            args, scale, log, **f)
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--log", default="check_kernels.json")
     ap.add_argument("--kernels", default="decode,ragged,prefill,dispatch", help="comma-separated subset to check")
+    ap.add_argument("--features", action="store_true",
+                    help="check the attention features (window, soft-cap, ALiBi) in the decode and ragged "
+                         "kernels and the dispatch instead of the plain cases")
     a = ap.parse_args()
     kernels = set(a.kernels.split(","))
     if unknown := kernels - {"decode", "ragged", "prefill", "dispatch"}:
@@ -138,7 +212,7 @@ def main():
     rng = np.random.default_rng(int(time.time()))
     log, ok = [], True
     print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
-    for name, kind, kw, spec in cases(rng):
+    for name, kind, kw, spec in ([] if a.features else cases(rng)):
         args = make_case(rng, **kw, **spec)
         scale = kw["head_dim"] ** -0.5
         if kind == "decode" and "decode" in kernels:
@@ -158,6 +232,8 @@ def main():
                 ok &= check(name + " [prefill kernel, kv tiles of 64, 3 stages]",
                             lambda *x, scale: prefill_kernel(*x, scale=scale, block_kv=64, num_stages=3),
                             args, scale, log)
+    if a.features:
+        ok &= check_feature_cases(rng, kernels, log)
     Path(a.log).parent.mkdir(parents=True, exist_ok=True)
     Path(a.log).write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__,
                                              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
