@@ -220,17 +220,18 @@ def test_packing_does_not_change_embeddings(packed, lengths, seed):
 @settings(max_examples=8, deadline=None)
 @given(lengths=st.lists(st.integers(1, 100), min_size=1, max_size=40), seed=st.integers(0, 1000))
 def test_chunked_segment_attention_equals_dense(lengths, seed):
-    """Laid out by `chunk_layout` (no sequence crosses a chunk boundary), attention within chunks equals
+    """Laid out by `aligned_starts` (no sequence crosses a chunk boundary), attention within chunks equals
     the dense segment-masked attention over the whole step, and the layout stays within the step."""
     import jax.numpy as jnp
 
-    from jaxllm.models.bert import chunk_layout, segment_attention
+    from jaxllm.models.encoder_attention import segment_attention
+    from jaxllm.pooling_layout import aligned_starts
 
     T = 512
     while sum(lengths) > T:
         lengths = lengths[:-1]
-    chunk, starts = chunk_layout(lengths, T)
-    assert T % chunk == 0 and chunk >= max(lengths)
+    chunk = next(c for c in (16, 32, 64, 128, 256, 512) if c >= max(lengths) and aligned_starts(lengths, c)[1] <= T)
+    starts = aligned_starts(lengths, chunk)[0]
     seg = np.full(T, -1, np.int32)
     for i, (s, n) in enumerate(zip(starts, lengths)):
         assert (seg[s:s + n] == -1).all() and s // chunk == (s + n - 1) // chunk and s + n <= T
