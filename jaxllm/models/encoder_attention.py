@@ -4,7 +4,9 @@ Two implementations of one function, picked by $JAXLLM_ENCODER_ATTENTION when a 
 - "jnp" (the default, and the reference): scores [chunks, h, C, C] in float32, masked, softmax, values.
   XLA writes the scores to memory and reads them back, which is what makes 512-token inputs slow on a GPU.
 - "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")`, cuDNN's fused flash attention,
-  on the same chunks with the segment mask as a bias broadcast over heads. GPU only, 16-bit only.
+  on the same chunks with the segment mask as a bias broadcast over heads. GPU only, 16-bit only. Chunks
+  shorter than FUSED_MIN_CHUNK keep the jnp attention: their scores are small, and a flash kernel's
+  query tile (64 or 128 rows) would be mostly padding.
 The cuDNN path's layout and mask are tested on the CPU through the same call with XLA's implementation
 ("xla"), against the reference; tests/gpu/check_encoder_attention.py checks cuDNN itself on a GPU.
 
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 
 ENV = "JAXLLM_ENCODER_ATTENTION"
 IMPLEMENTATIONS = ("jnp", "cudnn")
+FUSED_MIN_CHUNK = 64
 
 
 def encoder_attention_from_env(dtype: str, backend: str) -> str:
@@ -83,6 +86,6 @@ def fused_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_id
 def encoder_attention(q, k, v, segment_ids, scale: float, chunk: int | None, implementation: str) -> jax.Array:
     """[T, h, d] -> [T, h, d] by the named implementation ("jnp" or "cudnn"; "xla" runs the fused path's
     layout through XLA)."""
-    if implementation == "jnp":
+    if implementation == "jnp" or (chunk or q.shape[0]) < FUSED_MIN_CHUNK:
         return segment_attention(q, k, v, segment_ids, scale, chunk)
     return fused_segment_attention(q, k, v, segment_ids, scale, chunk, implementation)
