@@ -9,12 +9,12 @@ the same device in the same run.
 Inputs are random token ids (`vllm_pooling_peer.workload`), so tokenization is left out on every side. Each
 side runs a warm-up, then --repeats timed passes over the whole workload; a row reports the median pass
 (`elapsed_s`) and keeps every pass (`runs_s`). jaxllm's warm-up compiles nothing on a GPU (its steps compile
-when the engine starts: `start_s`); on a CPU it compiles the shapes the run needs. sentence-transformers runs
-as its `encode` does after tokenizing (sorted by length, batches of --st-batch-size, padded to the longest,
-inference mode, its Transformer -> Pooling -> Normalize modules), after one warm-up batch. vLLM runs in its own
-process (vllm_pooling_peer.py), before JAX takes the GPU (XLA reserves most of its memory), on a folder with
-the shape's config.json and sentence-transformers' pooling files (`encoder_folder`); where vLLM is not
-importable its column says so. Results go to benchmarks/results/.
+when the engine starts, once a shape: `start_s`); on a CPU it compiles the shapes the run needs.
+sentence-transformers runs as its `encode` does after tokenizing (sorted by length, batches of
+--st-batch-size, padded to the longest, inference mode, its Transformer -> Pooling -> Normalize modules),
+after one warm-up batch. vLLM runs in its own process (vllm_pooling_peer.py), before JAX takes the GPU (XLA
+reserves most of its memory), on a folder with the shape's config.json and sentence-transformers' pooling
+files (`encoder_folder`); where vLLM is not importable its column says so. Results go to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -62,23 +62,28 @@ def timed_passes(fn, repeats: int) -> dict:
             "runs_s": [round(r, 4) for r in runs]}
 
 
-def run_jaxllm(shape: str, prompts, dtype: str, max_tokens: int | None, max_seqs: int | None, repeats: int) -> dict:
+def build_engine(shape: str, dtype: str, max_tokens: int | None, max_seqs: int | None) -> tuple[PoolingEngine, float]:
+    """jaxllm's engine at `shape` with random weights, and the seconds it took to start (on a GPU: every step
+    shape compiles here, once for all of the shape's rows)."""
     config = encoder_shape_config(shape, dtype)
     params = bert.init_random_weights(config, jax.random.PRNGKey(0))
     t0 = time.perf_counter()
     engine = PoolingEngine(params, config, None, kind="embed",
                            pooler_config=PoolerConfig(pooling_type=ENCODER_POOLING[shape], normalize=True),
                            max_model_len=min(config.max_model_len, 8192), max_num_batched_tokens=max_tokens,
-                           max_num_seqs=max_seqs)  # on a GPU: every step shape compiles here
-    start = time.perf_counter() - t0
+                           max_num_seqs=max_seqs)
+    return engine, round(time.perf_counter() - t0, 2)
+
+
+def run_jaxllm(engine: PoolingEngine, prompts, repeats: int) -> dict:
     inputs = [PoolInput(p) for p in prompts]
     params_list = [PoolingParams()] * len(inputs)
     t0 = time.perf_counter()
     out = engine.pool(inputs, params_list)  # on a CPU: compiles the step shapes the run needs
     warmup = time.perf_counter() - t0
     assert len(out) == len(inputs) and np.isfinite(out[0]).all()
-    return {**timed_passes(lambda: engine.pool(inputs, params_list), repeats), "start_s": round(start, 2),
-            "warmup_s": round(warmup, 2), "compiled_step_shapes": len(engine.runner.compiled_shapes),
+    return {**timed_passes(lambda: engine.pool(inputs, params_list), repeats), "warmup_s": round(warmup, 2),
+            "compiled_step_shapes": len(engine.runner.compiled_shapes),
             "max_num_batched_tokens": engine.runner.max_num_batched_tokens, "max_num_seqs": engine.runner.max_num_seqs}
 
 
@@ -124,9 +129,11 @@ def vllm_command(python: str, folder: str, shape: str, lengths, num_requests, ar
     """The vllm_pooling_peer.py command for one shape's rows (the flags jaxllm runs with, where given)."""
     cmd = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_pooling_peer.py"),
            "--model", folder, "--lengths", *map(str, lengths), "--num-requests", *map(str, num_requests),
-           "--repeats", str(args.repeats), "--dtype", args.vllm_dtype, "--max-model-len", str(vllm_max_model_len(shape)),
+           "--repeats", str(args.repeats), "--dtype", args.vllm_dtype,
+           "--max-model-len", str(vllm_max_model_len(shape)),
            "--output-json", output_json]
-    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens)):
+    for flag, value in (("--max-num-seqs", args.max_num_seqs),
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd
@@ -256,7 +263,8 @@ def main(argv=None):
     load_before = os.getloadavg()[0]  # a shared machine's figures move with its load: recorded beside them
     vllm_rows, vllm_version = {}, None
     if "vllm" in args.compare:  # first: JAX has not touched the GPU yet (vLLM runs where JAX would not)
-        counts = {(s, n): args.num_requests or default_requests(s, n, cpu=False) for s in args.shapes for n in args.lengths}
+        counts = {(s, n): args.num_requests or default_requests(s, n, cpu=False)
+                  for s in args.shapes for n in args.lengths}
         vllm_rows, vllm_version = run_vllm(args.shapes, args.lengths, counts, args)
     if args.dry_run:
         return None
@@ -264,14 +272,16 @@ def main(argv=None):
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
     rows = []
     for shape in args.shapes:
+        engine, start_s = build_engine(shape, dtype, args.max_num_batched_tokens, args.max_num_seqs)
         for length in args.lengths:
             n = args.num_requests or default_requests(shape, length, cpu)
             prompts = workload(n, length, ENCODER_SHAPES[shape]["vocab_size"], seed=length)
             tokens = n * length
-            row = {"shape": shape, "input_len": length, "num_requests": n, "jaxllm": run_jaxllm(
-                shape, prompts, dtype, args.max_num_batched_tokens, args.max_num_seqs, args.repeats)}
+            row = {"shape": shape, "input_len": length, "num_requests": n,
+                   "jaxllm": {**run_jaxllm(engine, prompts, args.repeats), "start_s": start_s}}
             if "sentence-transformers" in args.compare:
-                row["sentence_transformers"] = run_sentence_transformers(shape, prompts, args.st_batch_size, args.repeats)
+                row["sentence_transformers"] = run_sentence_transformers(shape, prompts, args.st_batch_size,
+                                                                         args.repeats)
             if "vllm" in args.compare:
                 row["vllm"] = vllm_rows[shape, length]
                 if cpu and "elapsed_s" in row["vllm"]:  # vLLM ran the GPU's request count
@@ -304,7 +314,8 @@ def main(argv=None):
     result = {"benchmark": "embeddings", "device": device_name(), "backend": jax.default_backend(),
               "cpu_count": os.cpu_count(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions, "commit": git_commit(), "command": " ".join(["python", *sys.argv]),
-              "dtype": dtype, "repeats": args.repeats, "encoder_attention": os.environ.get("JAXLLM_ENCODER_ATTENTION") or "jnp",
+              "dtype": dtype, "repeats": args.repeats,
+              "encoder_attention": os.environ.get("JAXLLM_ENCODER_ATTENTION") or "jnp",
               "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
               "rows": rows}
     tag = "cpu" if cpu else device_name().replace(" ", "_")

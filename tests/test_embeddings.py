@@ -307,11 +307,12 @@ def test_precompiled_steps_compile_nothing_for_mixed_lengths(kind, tmp_path):
                   max_num_batched_tokens=32, max_num_seqs=4)
         step, vocab, longest = decoder_step, 300, 32
     runner = llm._pooling.runner
+    step.clear_cache()  # earlier tests' engines of the same config compiled some of these shapes on use
     runner.precompile(num_threads=2)
     assert set(runner._executables) == set(runner.buckets.shapes()) == runner.compiled_shapes
     rng = np.random.default_rng(0)
-    prompts = [{"prompt_token_ids": random_ids(int(n), i, vocab)} for i, n in enumerate(rng.integers(1, longest + 1, 24))]
-    prompts += [{"prompt_token_ids": random_ids(n, 99, vocab)} for n in (1, 2, longest, 17, 3)]
+    lengths = [int(n) for n in rng.integers(1, longest + 1, 24)] + [1, 2, longest, 17, 3]
+    prompts = [{"prompt_token_ids": random_ids(n, i, vocab)} for i, n in enumerate(lengths)]
     before, shapes = step._cache_size(), set(runner.compiled_shapes)
     ahead = llm.embed(prompts, use_tqdm=False)
     assert step._cache_size() == before and runner.compiled_shapes == shapes  # nothing compiled on use
