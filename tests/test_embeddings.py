@@ -292,23 +292,26 @@ def test_encoder_attention_setting_is_checked(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["bert", "qwen3"])
-def test_precompiled_steps_compile_nothing_for_mixed_lengths(kind, tmp_path):
-    """After `precompile` (what a GPU start runs), inputs of any mix of lengths run on the compiled
-    executables: no step is traced or compiled, and the embeddings equal those of steps compiled on use."""
+def test_precompiled_steps_compile_nothing_for_mixed_lengths(kind, tmp_path, monkeypatch):
+    """A GPU start (`precompile`, here on the CPU) compiles every step shape; inputs of any mix of lengths
+    then run on the compiled executables: no step is traced or compiled, and the embeddings equal those
+    of steps compiled on use."""
+    import jaxllm.pooling_engine
     from jaxllm.pooling_runner import decoder_step, encoder_step
 
+    step = encoder_step if kind == "bert" else decoder_step
+    step.clear_cache()  # earlier tests' engines of the same config compiled some of these shapes on use
+    monkeypatch.setattr(jaxllm.pooling_engine, "_on_cpu", lambda: False)  # the GPU's start
     if kind == "bert":
         tiny_encoder("bert", tmp_path)
         llm = LLM(str(tmp_path), tokenizer=str(MINILM), task="embed", max_num_batched_tokens=64, max_num_seqs=4)
-        step, vocab, longest = encoder_step, 30522, 64
+        vocab, longest = 30522, 64
     else:
         save_tiny_model("qwen3", tmp_path)
         llm = LLM(str(tmp_path), tokenizer=str(MINILM), convert="embed", max_model_len=32,
                   max_num_batched_tokens=32, max_num_seqs=4)
-        step, vocab, longest = decoder_step, 300, 32
+        vocab, longest = 300, 32
     runner = llm._pooling.runner
-    step.clear_cache()  # earlier tests' engines of the same config compiled some of these shapes on use
-    runner.precompile(num_threads=2)
     assert set(runner._executables) == set(runner.buckets.shapes()) == runner.compiled_shapes
     rng = np.random.default_rng(0)
     lengths = [int(n) for n in rng.integers(1, longest + 1, 24)] + [1, 2, longest, 17, 3]
