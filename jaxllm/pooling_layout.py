@@ -18,6 +18,7 @@ Host-side numpy only: nothing here imports jax.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,12 +48,12 @@ class StepLayout:
     starts: np.ndarray  # [n] int32, each sequence's first token in the step
     lengths: np.ndarray  # [n] int32
 
-    @property
+    @functools.cached_property
     def token_places(self) -> np.ndarray:
         """[sum(lengths)] int32: the step index of every real token, sequence by sequence."""
-        if not len(self.lengths):
-            return np.zeros(0, np.int32)
-        return np.concatenate([np.arange(s, s + n, dtype=np.int32) for s, n in zip(self.starts, self.lengths)])
+        packed_starts = np.cumsum(self.lengths) - self.lengths  # where each sequence starts with no gaps
+        return (np.arange(int(self.lengths.sum()), dtype=np.int32)
+                + np.repeat(self.starts - packed_starts, self.lengths)).astype(np.int32)
 
     def scatter(self, values, fill: int = 0) -> np.ndarray:
         """[sum(lengths)] per-token values (sequences concatenated) -> [T] int32, `fill` in the gaps."""
@@ -158,35 +159,36 @@ class PoolingBuckets:
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n <= self.max_model_len:
                 raise ValueError(f"input {i} has {n} tokens; a pooling step takes 1 to {self.max_model_len} "
                                  "(max_model_len)")
-        steps, current = [], []
+        steps, current, current_lens = [], [], []
         chunk, at = None, 0  # the chunk the step is laid out with so far, and where its last sequence ends
         for i, n in enumerate(lengths):
             if current and len(current) < self.max_num_seqs:
-                grown = self._fit([lengths[j] for j in current] + [n], chunk, at)
+                grown = self._fit(current_lens, n, chunk, at)
                 if grown is not None:
                     current.append(i)
+                    current_lens.append(n)
                     chunk, at = grown
                     continue
             if current:
-                steps.append(self._layout(current, [lengths[j] for j in current]))
-            current, chunk, at = [i], self._first_chunk(n), n
+                steps.append(self._layout(current, current_lens))
+            current, current_lens, chunk, at = [i], [n], self._first_chunk(n), n
         if current:
-            steps.append(self._layout(current, [lengths[j] for j in current]))
+            steps.append(self._layout(current, current_lens))
         return steps
 
-    def _fit(self, lengths: list[int], chunk: int | None, at: int) -> tuple[int | None, int] | None:
-        """(chunk, extent) of the step with lengths[-1] added to a step laid out with `chunk` and ending at
-        `at`, trying larger chunks (up to the largest) when it overflows the budget; None if none fits."""
-        n = lengths[-1]
+    def _fit(self, lengths: list[int], n: int, chunk: int | None, at: int) -> tuple[int | None, int] | None:
+        """(chunk, extent) of a step laid out with `chunk` that holds `lengths` and ends at `at`, with a
+        sequence of n tokens added; larger chunks are tried (up to the largest) when it overflows the
+        budget. None if none fits."""
         if chunk is not None and self._first_chunk(n) > chunk:
             chunk = self._first_chunk(n)
-            at = aligned_starts(lengths[:-1], chunk)[1]
+            at = aligned_starts(lengths, chunk)[1]
         end = _place(at, n, chunk) + n
         while end > self.max_num_batched_tokens:
             if chunk is None or chunk >= self.max_chunk:
                 return None
             chunk *= 2
-            end = aligned_starts(lengths, chunk)[1]
+            end = aligned_starts([*lengths, n], chunk)[1]
         return chunk, end
 
     def _layout(self, indices: list[int], lengths: list[int]) -> StepLayout:

@@ -166,12 +166,14 @@ class PoolingRunner:
     def _arrays(self, layout: StepLayout, batch: list[PoolInput]) -> tuple[np.ndarray, ...]:
         """The step's array arguments, in the order of encoder_step / decoder_step."""
         T, S = layout.shape.num_tokens, layout.shape.num_seqs
-        ids = [t for x in batch for t in x.token_ids]
+        ids = np.concatenate([x.token_ids for x in batch]) if batch else []
         token_ids, positions, segment_ids = layout.scatter(ids), layout.positions, layout.segment_ids
         seq_starts, seq_lens = layout.per_seq(layout.starts), layout.per_seq(layout.lengths)
         if self.is_encoder:
-            types = [t for x in batch for t in (x.type_ids or [0] * len(x.token_ids))]
-            return token_ids, layout.scatter(types), positions, segment_ids, seq_starts, seq_lens
+            type_ids = np.zeros(T, np.int32)
+            if any(x.type_ids for x in batch):
+                type_ids = layout.scatter(np.concatenate([x.type_ids or [0] * len(x.token_ids) for x in batch]))
+            return token_ids, type_ids, positions, segment_ids, seq_starts, seq_lens
         bs, lens = self.BLOCK_SIZE, layout.lengths
         blocks = -(-lens // bs)  # [n] per sequence
         first_block = (np.cumsum(blocks) - blocks).astype(np.int32)
