@@ -286,22 +286,22 @@ def main(argv=None):
                 row["vllm"] = vllm_rows[shape, length]
                 if cpu and "elapsed_s" in row["vllm"]:  # vLLM ran the GPU's request count
                     row["vllm"] = {"skipped": f"jaxllm ran on the CPU with {n} requests; vLLM on a GPU"}
-            line = f"{shape:18s} len {length:4d} x{n:5d}:"
+            cells = []
             for key, label in SIDES:
                 side = row.get(key)
                 if side is None:
                     continue
                 if "elapsed_s" not in side:
-                    line += f" | {label} skipped"
+                    cells.append(f"{label} skipped")
                     continue
                 side["requests_per_s"] = round(n / side["elapsed_s"], 2)
                 side["tokens_per_s"] = round(tokens / side["elapsed_s"], 1)
-                line += f" | {label} {side['requests_per_s']:10,.2f} req/s {side['tokens_per_s']:12,.1f} tok/s"
+                cells.append(f"{label} {side['requests_per_s']:10,.2f} req/s {side['tokens_per_s']:12,.1f} tok/s")
                 if key != "jaxllm":
                     ratio = round(side["elapsed_s"] / row["jaxllm"]["elapsed_s"], 2)
                     row["speedup" if key == "sentence_transformers" else "speedup_vs_vllm"] = ratio
-                    line += f" ({ratio}x)"
-            print(line, flush=True)
+                    cells[-1] += f" ({ratio}x)"
+            print(f"{shape:18s} len {length:4d} x{n:5d}: " + " | ".join(cells), flush=True)
             rows.append(row)
     versions = {"jax": jax.__version__, "python": platform.python_version()}
     if "sentence-transformers" in args.compare:
