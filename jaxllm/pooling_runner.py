@@ -98,7 +98,8 @@ class PoolingRunner:
         self.is_encoder = isinstance(config, bert.EncoderConfig)
         self.buckets = PoolingBuckets(max_num_batched_tokens, max_num_seqs, max_model_len=max_model_len,
                                       chunked=self.is_encoder, min_token_bucket=min_token_bucket)
-        self.attention = encoder_attention_from_env(config.dtype, jax.default_backend()) if self.is_encoder else None
+        self.attention = (encoder_attention_from_env(config.dtype, jax.default_backend(), config.head_dim)
+                          if self.is_encoder else None)
         self.out_dim = config.num_labels if self.is_encoder and config.is_classifier else config.hidden_size
         self.compiled_shapes: set[StepShape] = set()  # compiled ahead of time or on first use
         self._executables: dict[StepShape, object] = {}  # compiled ahead of time (precompile)

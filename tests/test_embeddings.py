@@ -289,6 +289,15 @@ def test_encoder_attention_setting_is_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLLM_ENCODER_ATTENTION", "cudnn")
     with pytest.raises(ValueError, match="JAXLLM_ENCODER_ATTENTION=cudnn needs a CUDA GPU"):
         LLM(str(tmp_path), tokenizer=str(MINILM), task="embed")
+    from jaxllm.models.encoder_attention import encoder_attention_from_env
+
+    assert encoder_attention_from_env("bfloat16", "gpu", 64) == "cudnn"
+    with pytest.raises(ValueError, match="cudnn needs bfloat16 or float16 weights; the model runs in float32"):
+        encoder_attention_from_env("float32", "gpu", 64)
+    with pytest.raises(ValueError, match="multiple of 8 up to 128; this model's is 12"):
+        encoder_attention_from_env("float16", "gpu", 12)
+    monkeypatch.delenv("JAXLLM_ENCODER_ATTENTION")
+    assert encoder_attention_from_env("float32", "cpu", 12) == "jnp"
 
 
 @pytest.mark.parametrize("kind", ["bert", "qwen3"])

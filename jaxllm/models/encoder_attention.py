@@ -25,9 +25,10 @@ IMPLEMENTATIONS = ("jnp", "cudnn")
 FUSED_MIN_CHUNK = 64
 
 
-def encoder_attention_from_env(dtype: str, backend: str) -> str:
+def encoder_attention_from_env(dtype: str, backend: str, head_dim: int) -> str:
     """The implementation $JAXLLM_ENCODER_ATTENTION names ("jnp" when unset), refused by name where it
-    cannot run: cuDNN needs a GPU and 16-bit activations."""
+    cannot run: cuDNN's flash attention needs a GPU, 16-bit activations and a head_dim that is a multiple
+    of 8 up to 128."""
     name = os.environ.get(ENV) or "jnp"
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"{ENV}={name!r}: must be one of {', '.join(IMPLEMENTATIONS)}")
@@ -36,6 +37,8 @@ def encoder_attention_from_env(dtype: str, backend: str) -> str:
     if name == "cudnn" and dtype not in ("bfloat16", "float16"):
         raise ValueError(f"{ENV}=cudnn needs bfloat16 or float16 weights; the model runs in {dtype} "
                          "(pass dtype='bfloat16', or unset it)")
+    if name == "cudnn" and (head_dim % 8 or head_dim > 128):
+        raise ValueError(f"{ENV}=cudnn needs a head_dim that is a multiple of 8 up to 128; this model's is {head_dim}")
     return name
 
 
