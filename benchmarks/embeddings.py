@@ -1,22 +1,33 @@
 """Embedding throughput: requests/s and tokens/s of jaxllm's pooling engine at real encoder shapes with random
-weights, short (~16 tokens) and long (~512) inputs, and sentence-transformers on the same device in the same run.
+weights, short (~16 tokens) and long (~512) inputs, against sentence-transformers and vLLM's pooling runner on
+the same device in the same run.
 
     python benchmarks/embeddings.py                                   # every shape, short and long
-    python benchmarks/embeddings.py --shapes all-minilm-l6-v2 --lengths 16 --compare sentence-transformers
+    python benchmarks/embeddings.py --compare sentence-transformers vllm --repeats 5
+    python benchmarks/embeddings.py --shapes bge-m3 --lengths 512 --compare vllm --dry-run
 
-Inputs are random token ids, so tokenization is left out on both sides. jaxllm runs the workload once to
-compile its step shapes (reported, not timed), then once timed. sentence-transformers runs as its `encode`
-does after tokenizing (sorted by length, batches of --st-batch-size, padded to the longest, inference mode,
-its Transformer -> Pooling -> Normalize modules), after one warm-up batch. Results go to benchmarks/results/.
+Inputs are random token ids (`vllm_pooling_peer.workload`), so tokenization is left out on every side. Each
+side runs a warm-up, then --repeats timed passes over the whole workload; a row reports the median pass
+(`elapsed_s`) and keeps every pass (`runs_s`). jaxllm's warm-up compiles nothing on a GPU (its steps compile
+when the engine starts, once a shape: `start_s`); on a CPU it compiles the shapes the run needs.
+sentence-transformers runs as its `encode` does after tokenizing (sorted by length, batches of
+--st-batch-size, padded to the longest, inference mode, its Transformer -> Pooling -> Normalize modules),
+after one warm-up batch. vLLM runs in its own process (vllm_pooling_peer.py), before JAX takes the GPU (XLA
+reserves most of its memory), on a folder with the shape's config.json and sentence-transformers' pooling
+files (`encoder_folder`); where vLLM is not importable its column says so. Results go to benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
+import json
 import logging
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.throughput import device_name, git_commit, write_result  # noqa: E402
+from benchmarks.vllm_pooling_peer import workload  # noqa: E402
 from jaxllm.models import bert  # noqa: E402
 from jaxllm.models.shapes import ENCODER_POOLING, ENCODER_SHAPES, encoder_shape_config  # noqa: E402
 from jaxllm.pooler import PoolerConfig  # noqa: E402
@@ -39,30 +51,124 @@ CPU_REQUESTS = {("all-minilm-l6-v2", 16): 512, ("all-minilm-l6-v2", 512): 16, ("
                 ("bge-base", 512): 8, ("bge-m3", 16): 64, ("bge-m3", 512): 4}
 
 
-def workload(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    """n random sequences of `length` tokens (a start and an end token around random ids: 2..vocab)."""
-    rng = np.random.default_rng(seed)
-    return [[0, *rng.integers(5, vocab - 1, length - 2).tolist(), 2] for _ in range(n)]
+def timed_passes(fn, repeats: int) -> dict:
+    """`fn` run `repeats` times: the median pass (elapsed_s), the best, and every pass."""
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return {"elapsed_s": round(statistics.median(runs), 4), "best_s": round(min(runs), 4),
+            "runs_s": [round(r, 4) for r in runs]}
 
 
-def run_jaxllm(shape: str, prompts, dtype: str, max_tokens: int | None, max_seqs: int | None) -> dict:
+def build_engine(shape: str, dtype: str, max_tokens: int | None, max_seqs: int | None) -> tuple[PoolingEngine, float]:
+    """jaxllm's engine at `shape` with random weights, and the seconds it took to start (on a GPU: every step
+    shape compiles here, once for all of the shape's rows)."""
     config = encoder_shape_config(shape, dtype)
     params = bert.init_random_weights(config, jax.random.PRNGKey(0))
+    t0 = time.perf_counter()
     engine = PoolingEngine(params, config, None, kind="embed",
                            pooler_config=PoolerConfig(pooling_type=ENCODER_POOLING[shape], normalize=True),
                            max_model_len=min(config.max_model_len, 8192), max_num_batched_tokens=max_tokens,
                            max_num_seqs=max_seqs)
+    return engine, round(time.perf_counter() - t0, 2)
+
+
+def run_jaxllm(engine: PoolingEngine, prompts, repeats: int) -> dict:
     inputs = [PoolInput(p) for p in prompts]
     params_list = [PoolingParams()] * len(inputs)
     t0 = time.perf_counter()
-    engine.pool(inputs, params_list)  # compiles every step shape the run needs
+    out = engine.pool(inputs, params_list)  # on a CPU: compiles the step shapes the run needs
     warmup = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = engine.pool(inputs, params_list)
-    elapsed = time.perf_counter() - t0
     assert len(out) == len(inputs) and np.isfinite(out[0]).all()
-    return {"elapsed_s": round(elapsed, 3), "warmup_s": round(warmup, 2),
+    return {**timed_passes(lambda: engine.pool(inputs, params_list), repeats), "warmup_s": round(warmup, 2),
+            "compiled_step_shapes": len(engine.runner.compiled_shapes),
             "max_num_batched_tokens": engine.runner.max_num_batched_tokens, "max_num_seqs": engine.runner.max_num_seqs}
+
+
+def vllm_max_model_len(shape: str) -> int:
+    s = ENCODER_SHAPES[shape]
+    return min(s["max_position_embeddings"] - s.get("position_offset", 0), 8192)
+
+
+def encoder_folder(shape: str, dtype: str, folder: str) -> str:
+    """Write `shape`'s transformers config.json and sentence-transformers' pooling files (the pooling of
+    ENCODER_POOLING, then Normalize) into `folder`: what vLLM's dummy load and pooler read."""
+    import transformers
+
+    s = ENCODER_SHAPES[shape]
+    common = dict(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+                  num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"],
+                  max_position_embeddings=s["max_position_embeddings"], torch_dtype=dtype,
+                  architectures=[s["architecture"]])
+    if s["architecture"] == "XLMRobertaModel":
+        config = transformers.XLMRobertaConfig(**common, type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5)
+    else:
+        config = transformers.BertConfig(**common)
+    config.save_pretrained(folder)
+    pooling = ENCODER_POOLING[shape]
+    files = {
+        "modules.json": [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                         {"idx": 2, "name": "2", "path": "2_Normalize",
+                          "type": "sentence_transformers.models.Normalize"}],
+        "1_Pooling/config.json": {"word_embedding_dimension": s["hidden_size"],
+                                  "pooling_mode_cls_token": pooling == "CLS",
+                                  "pooling_mode_mean_tokens": pooling == "MEAN"},
+        "sentence_bert_config.json": {"max_seq_length": vllm_max_model_len(shape), "do_lower_case": False},
+    }
+    for name, content in files.items():
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=2)
+    return folder
+
+
+def vllm_command(python: str, folder: str, shape: str, lengths, num_requests, args, output_json: str) -> list[str]:
+    """The vllm_pooling_peer.py command for one shape's rows (the flags jaxllm runs with, where given)."""
+    cmd = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_pooling_peer.py"),
+           "--model", folder, "--lengths", *map(str, lengths), "--num-requests", *map(str, num_requests),
+           "--repeats", str(args.repeats), "--dtype", args.vllm_dtype,
+           "--max-model-len", str(vllm_max_model_len(shape)),
+           "--output-json", output_json]
+    for flag, value in (("--max-num-seqs", args.max_num_seqs),
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def run_vllm(shapes, lengths, counts: dict, args) -> tuple[dict, str | None]:
+    """{(shape, length): vLLM's row} for every row, each shape in one vllm_pooling_peer.py process, and vLLM's
+    version; a row is {"skipped": why} where vLLM is not importable or its run failed."""
+    if not args.dry_run and args.vllm_python == sys.executable and importlib.util.find_spec("vllm") is None:
+        why = "vLLM is not importable here (pass --vllm-python for another environment's)"
+        print(f"vllm: skipped: {why}", flush=True)
+        return {(s, n): {"skipped": why} for s in shapes for n in lengths}, None
+    out, version = {}, None
+    for shape in shapes:
+        folder = encoder_folder(shape, args.vllm_dtype, tempfile.mkdtemp(prefix=f"vllm-{shape}-"))
+        result_json = os.path.join(folder, "result.json")
+        cmd = vllm_command(args.vllm_python, folder, shape, lengths, [counts[shape, n] for n in lengths], args,
+                           result_json)
+        print(" ".join(cmd), flush=True)
+        if args.dry_run:
+            subprocess.run([*cmd, "--dry-run"], check=True)
+            continue
+        proc = subprocess.run(cmd, text=True, capture_output=True, timeout=args.vllm_timeout)
+        if proc.returncode != 0:
+            why = f"vLLM failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}"
+            print(f"vllm: {why}", flush=True)
+            out.update({(shape, n): {"skipped": why} for n in lengths})
+            continue
+        with open(result_json) as f:
+            result = json.load(f)
+        version = result["vllm_version"]
+        for row in result["rows"]:
+            out[shape, row["input_len"]] = {k: row[k] for k in ("elapsed_s", "best_s", "runs_s")}
+            out[shape, row["input_len"]]["init_s"] = result["init_s"]
+    return out, version
 
 
 def build_sentence_transformer(shape: str, folder: str):
@@ -96,7 +202,7 @@ def build_sentence_transformer(shape: str, folder: str):
     return st
 
 
-def run_sentence_transformers(shape: str, prompts, batch_size: int) -> dict:
+def run_sentence_transformers(shape: str, prompts, batch_size: int, repeats: int) -> dict:
     import torch
 
     with tempfile.TemporaryDirectory() as folder:
@@ -118,11 +224,20 @@ def run_sentence_transformers(shape: str, prompts, batch_size: int) -> dict:
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     encode([prompts[i] for i in order[:batch_size]])  # warm-up
-    t0 = time.perf_counter()
-    outs = [encode([prompts[i] for i in order[j:j + batch_size]]) for j in range(0, len(order), batch_size)]
-    elapsed = time.perf_counter() - t0
-    assert sum(len(o) for o in outs) == len(prompts)
-    return {"elapsed_s": round(elapsed, 3), "batch_size": batch_size, "torch_threads": torch.get_num_threads()}
+
+    def one_pass():
+        outs = [encode([prompts[i] for i in order[j:j + batch_size]]) for j in range(0, len(order), batch_size)]
+        assert sum(len(o) for o in outs) == len(prompts)
+
+    return {**timed_passes(one_pass, repeats), "batch_size": batch_size, "torch_threads": torch.get_num_threads()}
+
+
+SIDES = (("jaxllm", "jaxllm"), ("sentence_transformers", "sentence-transformers"), ("vllm", "vllm"))
+
+
+def default_requests(shape: str, length: int, cpu: bool) -> int:
+    """About 64k tokens a row on a GPU, 4-8k on the 2-core CPU."""
+    return CPU_REQUESTS[(shape, length)] if cpu else max(64, 65536 // length)
 
 
 def main(argv=None):
@@ -130,52 +245,82 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", default=list(ENCODER_SHAPES), choices=list(ENCODER_SHAPES))
     ap.add_argument("--lengths", nargs="+", type=int, default=[16, 512], help="tokens per input")
     ap.add_argument("--num-requests", type=int, default=None, help="per row (default: by shape and length)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes per row and side; rows report the median")
     ap.add_argument("--dtype", default=None, help="jaxllm's weights and compute (default: float32 on a CPU, bfloat16 on a GPU)")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=None)
-    ap.add_argument("--compare", default="none", choices=["none", "sentence-transformers"])
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="jaxllm's (and vLLM's, when given)")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="jaxllm's (and vLLM's, when given)")
+    ap.add_argument("--compare", nargs="*", default=[], choices=["none", "sentence-transformers", "vllm"])
     ap.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers' encode default")
+    ap.add_argument("--vllm-python", default=sys.executable, help="the Python that has vLLM (default: this one)")
+    ap.add_argument("--vllm-dtype", default="bfloat16")
+    ap.add_argument("--vllm-timeout", type=float, default=1800, help="seconds for one shape's vLLM process")
+    ap.add_argument("--dry-run", action="store_true", help="print the vLLM commands and arguments; run nothing")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats={args.repeats} must be at least 1")
     logging.basicConfig(level=logging.WARNING)
+    load_before = os.getloadavg()[0]  # a shared machine's figures move with its load: recorded beside them
+    vllm_rows, vllm_version = {}, None
+    if "vllm" in args.compare:  # first: JAX has not touched the GPU yet (vLLM runs where JAX would not)
+        counts = {(s, n): args.num_requests or default_requests(s, n, cpu=False)
+                  for s in args.shapes for n in args.lengths}
+        vllm_rows, vllm_version = run_vllm(args.shapes, args.lengths, counts, args)
+    if args.dry_run:
+        return None
     cpu = jax.default_backend() == "cpu"
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
     rows = []
-    load_before = os.getloadavg()[0]  # a shared machine's figures move with its load: recorded beside them
     for shape in args.shapes:
+        engine, start_s = build_engine(shape, dtype, args.max_num_batched_tokens, args.max_num_seqs)
         for length in args.lengths:
-            n = args.num_requests or (CPU_REQUESTS[(shape, length)] if cpu else max(64, 65536 // length))
+            n = args.num_requests or default_requests(shape, length, cpu)
             prompts = workload(n, length, ENCODER_SHAPES[shape]["vocab_size"], seed=length)
             tokens = n * length
-            row = {"shape": shape, "input_len": length, "num_requests": n, "jaxllm": run_jaxllm(
-                shape, prompts, dtype, args.max_num_batched_tokens, args.max_num_seqs)}
-            if args.compare == "sentence-transformers":
-                row["sentence_transformers"] = run_sentence_transformers(shape, prompts, args.st_batch_size)
-            for side in ("jaxllm", "sentence_transformers"):
-                if side in row:
-                    row[side]["requests_per_s"] = round(n / row[side]["elapsed_s"], 2)
-                    row[side]["tokens_per_s"] = round(tokens / row[side]["elapsed_s"], 1)
-            if "sentence_transformers" in row:
-                row["speedup"] = round(row["sentence_transformers"]["elapsed_s"] / row["jaxllm"]["elapsed_s"], 2)
-            print(f"{shape:18s} len {length:4d} x{n:4d}: jaxllm {row['jaxllm']['requests_per_s']:9.2f} req/s "
-                  f"{row['jaxllm']['tokens_per_s']:10.1f} tok/s" + (
-                      f" | sentence-transformers {row['sentence_transformers']['requests_per_s']:9.2f} req/s "
-                      f"{row['sentence_transformers']['tokens_per_s']:10.1f} tok/s | {row['speedup']}x"
-                      if "speedup" in row else ""), flush=True)
+            row = {"shape": shape, "input_len": length, "num_requests": n,
+                   "jaxllm": {**run_jaxllm(engine, prompts, args.repeats), "start_s": start_s}}
+            if "sentence-transformers" in args.compare:
+                row["sentence_transformers"] = run_sentence_transformers(shape, prompts, args.st_batch_size,
+                                                                         args.repeats)
+            if "vllm" in args.compare:
+                row["vllm"] = vllm_rows[shape, length]
+                if cpu and "elapsed_s" in row["vllm"]:  # vLLM ran the GPU's request count
+                    row["vllm"] = {"skipped": f"jaxllm ran on the CPU with {n} requests; vLLM on a GPU"}
+            cells = []
+            for key, label in SIDES:
+                side = row.get(key)
+                if side is None:
+                    continue
+                if "elapsed_s" not in side:
+                    cells.append(f"{label} skipped")
+                    continue
+                side["requests_per_s"] = round(n / side["elapsed_s"], 2)
+                side["tokens_per_s"] = round(tokens / side["elapsed_s"], 1)
+                cells.append(f"{label} {side['requests_per_s']:10,.2f} req/s {side['tokens_per_s']:12,.1f} tok/s")
+                if key != "jaxllm":
+                    ratio = round(side["elapsed_s"] / row["jaxllm"]["elapsed_s"], 2)
+                    row["speedup" if key == "sentence_transformers" else "speedup_vs_vllm"] = ratio
+                    cells[-1] += f" ({ratio}x)"
+            print(f"{shape:18s} len {length:4d} x{n:5d}: " + " | ".join(cells), flush=True)
             rows.append(row)
     versions = {"jax": jax.__version__, "python": platform.python_version()}
-    if args.compare == "sentence-transformers":
+    if "sentence-transformers" in args.compare:
         import sentence_transformers
         import torch
 
         versions.update(torch=torch.__version__, sentence_transformers=sentence_transformers.__version__)
+    if vllm_version:
+        versions["vllm"] = vllm_version
     result = {"benchmark": "embeddings", "device": device_name(), "backend": jax.default_backend(),
               "cpu_count": os.cpu_count(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions, "commit": git_commit(), "command": " ".join(["python", *sys.argv]),
-              "dtype": dtype, "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+              "dtype": dtype, "repeats": args.repeats,
+              "encoder_attention": os.environ.get("JAXLLM_ENCODER_ATTENTION") or "jnp",
+              "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
               "rows": rows}
     tag = "cpu" if cpu else device_name().replace(" ", "_")
     write_result(result, args.output_json, f"embeddings-{tag}.json")
+    return result
 
 
 if __name__ == "__main__":

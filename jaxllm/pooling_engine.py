@@ -101,7 +101,10 @@ class PoolingEngine:
                                  "(pooling models run every sequence in one step)")
             budget = self.max_model_len
         self.runner = PoolingRunner(params, config, pooling_type=pooler_config.pooling_type,
-                                    max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
+                                    max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
+                                    max_model_len=self.max_model_len)
+        if not cpu:  # no request waits for a compile (on the CPU, where tests start many engines, on first use)
+            self.runner.precompile()
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:

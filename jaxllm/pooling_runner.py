@@ -1,25 +1,33 @@
 """Runs pooling models: packs whole sequences into fixed-shape jitted steps and returns one pooled
 vector (or one row of classifier logits) per sequence.
 
-A step holds `T` tokens (a bucket of the token budget) and `S` sequences (a bucket of the sequence
-cap). Sequences are packed back to back, each with its own segment id, and only the step's tail is
-padding. Encoders attend within their segment; decoders (any supported causal LM run for embeddings)
-go through the model's own paged-attention forward over a scratch KV cache made inside the step, with
-each sequence's slots starting on a block boundary. Only [S, e] floats come back to the host.
+Where each sequence sits in a step, and which step shapes exist, is pooling_layout.py's: sequences back
+to back with a segment id each, encoders' moved only so that none crosses an attention chunk. Encoders
+attend within their segment; decoders (any supported causal LM run for embeddings) go through the
+model's own paged-attention forward over a scratch KV cache made inside the step, with each sequence's
+slots starting on a block boundary. Only [S, e] floats come back to the host.
+
+On a GPU every shape the planner can produce is compiled at start (`precompile`), so no request waits
+for a compile; elsewhere a shape compiles on first use, and the log says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import ModelConfig, pow2_buckets
+from jaxllm.config import ModelConfig
 from jaxllm.models import bert
+from jaxllm.models.encoder_attention import encoder_attention_from_env
+from jaxllm.pooling_layout import PoolingBuckets, StepLayout, StepShape
 
 logger = logging.getLogger("jaxllm")
 
@@ -38,11 +46,12 @@ def pool_tokens(hidden: jax.Array, segment_ids: jax.Array, seq_starts: jax.Array
     return sums / jnp.maximum(seq_lens, 1)[:, None].astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "pooling_type", "chunk"))
+@functools.partial(jax.jit, static_argnames=("config", "pooling_type", "chunk", "attention"))
 def encoder_step(params: bert.EncoderWeights, token_ids, type_ids, positions, segment_ids, seq_starts, seq_lens,
-                 config: bert.EncoderConfig, pooling_type: str, chunk: int) -> jax.Array:
-    """One packed encoder step -> [S, e] pooled float32, or [S, labels] logits for a classifier."""
-    hidden = bert.forward(params, token_ids, type_ids, positions, segment_ids, config, chunk)  # [T, e]
+                 config: bert.EncoderConfig, pooling_type: str, chunk: int, attention: str = "jnp") -> jax.Array:
+    """One packed encoder step -> [S, e] pooled float32, or [S, labels] logits for a classifier.
+    token_ids, type_ids, positions, segment_ids: [T] int32; seq_starts, seq_lens: [S] int32."""
+    hidden = bert.forward(params, token_ids, type_ids, positions, segment_ids, config, chunk, attention)  # [T, e]
     if config.is_classifier:  # the head reads the first token, whatever the pooler says
         return bert.classify(params, hidden[seq_starts])
     return pool_tokens(hidden, segment_ids, seq_starts, seq_lens, pooling_type)
@@ -71,93 +80,110 @@ class PoolInput:
 
 
 class PoolingRunner:
-    """Packs PoolInputs into bucketed steps and runs them. Not thread-safe: one caller at a time."""
+    """Packs PoolInputs into the steps pooling_layout.py plans and runs them. Not thread-safe: one caller
+    at a time.
+
+    Args:
+        params, config: an encoder's or a causal LM's weights and config.
+        pooling_type: "CLS", "MEAN" or "LAST".
+        max_num_batched_tokens, max_num_seqs: a step's token budget and sequence cap.
+        max_model_len: the longest input (bounds encoders' attention chunks); default the token budget.
+    """
 
     BLOCK_SIZE = 16  # decoders' scratch cache
 
     def __init__(self, params, config, *, pooling_type: str, max_num_batched_tokens: int, max_num_seqs: int,
-                 min_token_bucket: int = 16):
+                 max_model_len: int | None = None, min_token_bucket: int = 16):
         self.params, self.config, self.pooling_type = params, config, pooling_type
         self.is_encoder = isinstance(config, bert.EncoderConfig)
-        self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
-        self.token_buckets = pow2_buckets(min(min_token_bucket, max_num_batched_tokens), max_num_batched_tokens)
-        self.seq_buckets = pow2_buckets(2, max(2, max_num_seqs))
-        self._compiled: set = set()
+        self.buckets = PoolingBuckets(max_num_batched_tokens, max_num_seqs, max_model_len=max_model_len,
+                                      chunked=self.is_encoder, min_token_bucket=min_token_bucket)
+        self.attention = (encoder_attention_from_env(config.dtype, jax.default_backend(), config.head_dim)
+                          if self.is_encoder else None)
         self.out_dim = config.num_labels if self.is_encoder and config.is_classifier else config.hidden_size
+        self.compiled_shapes: set[StepShape] = set()  # compiled ahead of time or on first use
+        self._executables: dict[StepShape, object] = {}  # compiled ahead of time (precompile)
 
-    def plan(self, lengths: list[int]) -> list[list[int]]:
-        """Indices of the inputs in each step: in order, as many as fit the token budget and sequence cap."""
-        steps, current, tokens = [], [], 0
-        for i, n in enumerate(lengths):
-            if current and (tokens + n > self.max_num_batched_tokens or len(current) == self.max_num_seqs):
-                steps.append(current)
-                current, tokens = [], 0
-            current.append(i)
-            tokens += n
-        if current:
-            steps.append(current)
-        return steps
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self.buckets.max_num_batched_tokens
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.buckets.max_num_seqs
 
     def run(self, inputs: list[PoolInput]) -> np.ndarray:
         """[len(inputs), out_dim] float32: pooled hidden states (or classifier logits), in input order."""
-        for i, x in enumerate(inputs):
-            if not 0 < len(x.token_ids) <= self.max_num_batched_tokens:
-                raise ValueError(f"input {i} has {len(x.token_ids)} tokens; a step holds 1 to "
-                                 f"{self.max_num_batched_tokens} (max_num_batched_tokens)")
         out = np.empty((len(inputs), self.out_dim), np.float32)
         pending = []
-        for step in self.plan([len(x.token_ids) for x in inputs]):
-            pending.append((step, self._launch([inputs[i] for i in step])))
-        for step, result in pending:  # launch every step first: the host packs while the device runs
-            out[step] = np.asarray(result)[: len(step)]
+        for layout in self.buckets.plan([len(x.token_ids) for x in inputs]):
+            pending.append((layout, self._launch(layout, [inputs[i] for i in layout.indices])))
+        for layout, result in pending:  # launch every step first: the host packs while the device runs
+            out[list(layout.indices)] = np.asarray(result)[: len(layout.indices)]
         return out
 
-    def _launch(self, batch: list[PoolInput]) -> jax.Array:
-        lens = np.array([len(x.token_ids) for x in batch], np.int32)
-        n_tok, n_seq = int(lens.sum()), len(batch)
-        T = next(b for b in self.token_buckets if b >= n_tok)
-        S = next(b for b in self.seq_buckets if b >= n_seq)
-        # Encoders attend within chunks that no sequence crosses; decoders read a paged cache instead.
-        chunk, starts = bert.chunk_layout(lens.tolist(), T) if self.is_encoder else (T, None)
-        if starts is None:
-            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        seq_starts = np.zeros(S, np.int32)
-        seq_starts[:n_seq] = starts
-        seq_lens = np.zeros(S, np.int32)
-        seq_lens[:n_seq] = lens
-        where = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])  # each token's place
-        token_ids = np.zeros(T, np.int32)
-        token_ids[where] = np.concatenate([x.token_ids for x in batch])
-        segment_ids = np.full(T, -1, np.int32)
-        segment_ids[where] = np.repeat(np.arange(n_seq, dtype=np.int32), lens)
-        positions = np.zeros(T, np.int32)
-        positions[where] = where - np.repeat(np.asarray(starts, np.int32), lens)
-        key = (T, S, chunk)
-        if key not in self._compiled:
-            self._compiled.add(key)
-            logger.info("compiling pooling step: %d tokens, %d sequences, attention chunks of %d", T, S, chunk)
+    def precompile(self, num_threads: int = 8) -> None:
+        """Compile every step shape the planner can produce (`PoolingBuckets.shapes`), in parallel; `run`
+        then calls the executables and compiles nothing."""
+        shapes = [s for s in self.buckets.shapes() if s not in self._executables]
+        empty = np.zeros(0, np.int32)
+
+        def compile_one(shape: StepShape):
+            args = self._arrays(StepLayout(shape, (), empty, empty), [])
+            return shape, self._step_fn.lower(self.params, *args, **self._statics(shape)).compile()
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="jaxllm-compile") as pool:
+            for shape, executable in pool.map(compile_one, shapes):
+                self._executables[shape] = executable
+                self.compiled_shapes.add(shape)
+        logger.info("compiled %d pooling step programs in %.1fs: token buckets %s, attention chunks up to %s",
+                    len(shapes), time.perf_counter() - start, list(self.buckets.token_buckets),
+                    self.buckets.max_chunk if self.is_encoder else "none (paged)")
+
+    # -- one step ---------------------------------------------------------------------------------------
+    @property
+    def _step_fn(self):
+        return encoder_step if self.is_encoder else decoder_step
+
+    def _statics(self, shape: StepShape) -> dict:
+        if self.is_encoder:
+            return dict(config=self.config, pooling_type=self.pooling_type, chunk=shape.chunk,
+                        attention=self.attention)
+        return dict(config=self.config, pooling_type=self.pooling_type, block_size=self.BLOCK_SIZE,
+                    num_blocks=shape.num_tokens // self.BLOCK_SIZE + shape.num_seqs)  # < one block wasted a sequence
+
+    def _launch(self, layout: StepLayout, batch: list[PoolInput]) -> jax.Array:
+        args = self._arrays(layout, batch)
+        executable = self._executables.get(layout.shape)
+        if executable is not None:
+            return executable(self.params, *args)
+        if layout.shape not in self.compiled_shapes:
+            self.compiled_shapes.add(layout.shape)
+            logger.info("compiling pooling step: %d tokens, %d sequences, attention chunks of %s",
+                        *dataclasses.astuple(layout.shape))
+        return self._step_fn(self.params, *args, **self._statics(layout.shape))
+
+    def _arrays(self, layout: StepLayout, batch: list[PoolInput]) -> tuple[np.ndarray, ...]:
+        """The step's array arguments, in the order of encoder_step / decoder_step."""
+        T, S = layout.shape.num_tokens, layout.shape.num_seqs
+        ids = np.concatenate([x.token_ids for x in batch]) if batch else []
+        token_ids, positions, segment_ids = layout.scatter(ids), layout.positions, layout.segment_ids
+        seq_starts, seq_lens = layout.per_seq(layout.starts), layout.per_seq(layout.lengths)
         if self.is_encoder:
             type_ids = np.zeros(T, np.int32)
             if any(x.type_ids for x in batch):
-                type_ids[where] = np.concatenate([x.type_ids or [0] * len(x.token_ids) for x in batch])
-            return encoder_step(self.params, token_ids, type_ids, positions, segment_ids, seq_starts, seq_lens,
-                                config=self.config, pooling_type=self.pooling_type, chunk=chunk)
-        return self._launch_decoder(batch, lens, T, S, seq_starts, seq_lens, token_ids, positions, segment_ids)
-
-    def _launch_decoder(self, batch, lens, T, S, starts, seq_lens, token_ids, positions, segment_ids) -> jax.Array:
-        bs = self.BLOCK_SIZE
-        blocks = -(-lens // bs)  # per sequence
-        first_block = np.concatenate([[0], np.cumsum(blocks)[:-1]]).astype(np.int32)
-        num_blocks = T // bs + S  # every sequence wastes less than one block
-        width = -(-T // bs)
-        block_tables = np.zeros((S, width), np.int32)
+                type_ids = layout.scatter(np.concatenate([x.type_ids or [0] * len(x.token_ids) for x in batch]))
+            return token_ids, type_ids, positions, segment_ids, seq_starts, seq_lens
+        bs, lens = self.BLOCK_SIZE, layout.lengths
+        blocks = -(-lens // bs)  # [n] per sequence
+        first_block = (np.cumsum(blocks) - blocks).astype(np.int32)
+        block_tables = np.zeros((S, -(-T // bs)), np.int32)
         for i, (b0, nb) in enumerate(zip(first_block, blocks)):
             block_tables[i, :nb] = np.arange(b0, b0 + nb)
         n_tok = int(lens.sum())
         slot_mapping = np.full(T, -1, np.int32)
         slot_mapping[:n_tok] = np.repeat(first_block * bs, lens) + positions[:n_tok]
         query_start_loc = np.full(S + 1, n_tok, np.int32)
-        query_start_loc[: len(batch)] = starts[: len(batch)]
-        return decoder_step(self.params, token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc,
-                            segment_ids, config=self.config, pooling_type=self.pooling_type,
-                            num_blocks=num_blocks, block_size=bs)
+        query_start_loc[: len(lens)] = layout.starts
+        return token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, segment_ids

@@ -220,17 +220,18 @@ def test_packing_does_not_change_embeddings(packed, lengths, seed):
 @settings(max_examples=8, deadline=None)
 @given(lengths=st.lists(st.integers(1, 100), min_size=1, max_size=40), seed=st.integers(0, 1000))
 def test_chunked_segment_attention_equals_dense(lengths, seed):
-    """Laid out by `chunk_layout` (no sequence crosses a chunk boundary), attention within chunks equals
+    """Laid out by `aligned_starts` (no sequence crosses a chunk boundary), attention within chunks equals
     the dense segment-masked attention over the whole step, and the layout stays within the step."""
     import jax.numpy as jnp
 
-    from jaxllm.models.bert import chunk_layout, segment_attention
+    from jaxllm.models.encoder_attention import segment_attention
+    from jaxllm.pooling_layout import aligned_starts
 
     T = 512
     while sum(lengths) > T:
         lengths = lengths[:-1]
-    chunk, starts = chunk_layout(lengths, T)
-    assert T % chunk == 0 and chunk >= max(lengths)
+    chunk = next(c for c in (16, 32, 64, 128, 256, 512) if c >= max(lengths) and aligned_starts(lengths, c)[1] <= T)
+    starts = aligned_starts(lengths, chunk)[0]
     seg = np.full(T, -1, np.int32)
     for i, (s, n) in enumerate(zip(starts, lengths)):
         assert (seg[s:s + n] == -1).all() and s // chunk == (s + n - 1) // chunk and s + n <= T
@@ -253,3 +254,82 @@ def test_pytorch_model_bin_without_safetensors(tmp_path):
         ref = model(torch.tensor([ids])).logits[0].numpy()
     raw = llm.classify([ids], PoolingParams(use_activation=False), use_tqdm=False)[0].outputs.probs
     np.testing.assert_allclose(raw, ref, atol=3e-5, rtol=1e-4)
+
+
+@settings(max_examples=6, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=12), seed=st.integers(0, 1000))
+def test_fused_attention_layout_equals_reference(lengths, seed):
+    """The cuDNN path's chunks and segment mask, run through jax.nn.dot_product_attention's XLA
+    implementation, equal the jnp reference, on a step that is not a multiple of the chunk (or is
+    shorter than it)."""
+    import jax.numpy as jnp
+
+    from jaxllm.models.encoder_attention import fused_segment_attention, segment_attention
+    from jaxllm.pooling_layout import aligned_starts
+
+    T = 200
+    while sum(lengths) > T:
+        lengths = lengths[:-1]
+    chunk = next(c for c in (16, 32, 64, 128, 256) if c >= max(lengths) and aligned_starts(lengths, c)[1] <= T)
+    seg = np.full(T, -1, np.int32)
+    for i, (s, n) in enumerate(zip(aligned_starts(lengths, chunk)[0], lengths)):
+        seg[s:s + n] = i
+    q, k, v = (jnp.asarray(a) for a in np.random.default_rng(seed).standard_normal((3, T, 2, 8)).astype(np.float32))
+    ref = np.asarray(segment_attention(q, k, v, jnp.asarray(seg), 0.5, chunk))
+    fused = np.asarray(fused_segment_attention(q, k, v, jnp.asarray(seg), 0.5, chunk, implementation="xla"))
+    assert np.isfinite(fused).all()
+    np.testing.assert_allclose(fused[seg >= 0], ref[seg >= 0], atol=1e-5)
+
+
+def test_encoder_attention_setting_is_checked(tmp_path, monkeypatch):
+    tiny_encoder("bert", tmp_path)
+    monkeypatch.setenv("JAXLLM_ENCODER_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="JAXLLM_ENCODER_ATTENTION='flash': must be one of jnp, cudnn"):
+        LLM(str(tmp_path), tokenizer=str(MINILM), task="embed")
+    monkeypatch.setenv("JAXLLM_ENCODER_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match="JAXLLM_ENCODER_ATTENTION=cudnn needs a CUDA GPU"):
+        LLM(str(tmp_path), tokenizer=str(MINILM), task="embed")
+    from jaxllm.models.encoder_attention import encoder_attention_from_env
+
+    assert encoder_attention_from_env("bfloat16", "gpu", 64) == "cudnn"
+    with pytest.raises(ValueError, match="cudnn needs bfloat16 or float16 weights; the model runs in float32"):
+        encoder_attention_from_env("float32", "gpu", 64)
+    with pytest.raises(ValueError, match="multiple of 8 up to 128; this model's is 12"):
+        encoder_attention_from_env("float16", "gpu", 12)
+    monkeypatch.delenv("JAXLLM_ENCODER_ATTENTION")
+    assert encoder_attention_from_env("float32", "cpu", 12) == "jnp"
+
+
+@pytest.mark.parametrize("kind", ["bert", "qwen3"])
+def test_precompiled_steps_compile_nothing_for_mixed_lengths(kind, tmp_path, monkeypatch):
+    """A GPU start (`precompile`, here on the CPU) compiles every step shape; inputs of any mix of lengths
+    then run on the compiled executables: no step is traced or compiled, and the embeddings equal those
+    of steps compiled on use."""
+    import jaxllm.pooling_engine
+    from jaxllm.pooling_runner import decoder_step, encoder_step
+
+    step = encoder_step if kind == "bert" else decoder_step
+    step.clear_cache()  # earlier tests' engines of the same config compiled some of these shapes on use
+    monkeypatch.setattr(jaxllm.pooling_engine, "_on_cpu", lambda: False)  # the GPU's start
+    if kind == "bert":
+        tiny_encoder("bert", tmp_path)
+        llm = LLM(str(tmp_path), tokenizer=str(MINILM), task="embed", max_num_batched_tokens=64, max_num_seqs=4)
+        vocab, longest = 30522, 64
+    else:
+        save_tiny_model("qwen3", tmp_path)
+        llm = LLM(str(tmp_path), tokenizer=str(MINILM), convert="embed", max_model_len=32,
+                  max_num_batched_tokens=32, max_num_seqs=4)
+        vocab, longest = 300, 32
+    runner = llm._pooling.runner
+    assert set(runner._executables) == set(runner.buckets.shapes()) == runner.compiled_shapes
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(1, longest + 1, 24)] + [1, 2, longest, 17, 3]
+    prompts = [{"prompt_token_ids": random_ids(n, i, vocab)} for i, n in enumerate(lengths)]
+    before, shapes = step._cache_size(), set(runner.compiled_shapes)
+    ahead = llm.embed(prompts, use_tqdm=False)
+    assert step._cache_size() == before and runner.compiled_shapes == shapes  # nothing compiled on use
+    runner._executables.clear()
+    lazy = llm.embed(prompts, use_tqdm=False)
+    assert step._cache_size() > before  # the same run without the executables does compile
+    for a, b in zip(ahead, lazy):
+        np.testing.assert_allclose(a.outputs.embedding, b.outputs.embedding, atol=1e-6)

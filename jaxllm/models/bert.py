@@ -2,7 +2,8 @@
 
 Encoders are neither paged nor autoregressive: a step packs many whole sequences one after another
 into one fixed-size token array, with a segment id per token (-1 for padding), and attention is
-bidirectional within a segment. There is no padding between sequences, only at the end of the step.
+bidirectional within a segment (models/encoder_attention.py). Sequences sit back to back, moved only so
+that none crosses an attention chunk (pooling_layout.py); the rest of the step is padding.
 
 The layers are post-LayerNorm (BERT's): x = LN(x + attn(x)); x = LN(x + mlp(x)). RoBERTa differs only
 in its position ids, which start at padding_idx + 1 (the caller passes them already offset).
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+
+from jaxllm.models.encoder_attention import encoder_attention
 
 ENCODER_ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification", "RobertaModel",
                          "RobertaForMaskedLM", "RobertaForSequenceClassification", "XLMRobertaModel",
@@ -146,49 +149,6 @@ def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Arra
     return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype) * w + b
 
 
-def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float,
-                      chunk: int | None = None) -> jax.Array:
-    """Bidirectional attention within segments of a packed batch (the jnp reference).
-
-    q, k, v: [T, h, d]; segment_ids: [T] int32, -1 for padding (padding rows come out as garbage the
-    caller never reads, but finite). Returns [T, h, d].
-
-    `chunk` (static, divides T): the caller laid the sequences out so that none crosses a multiple of
-    `chunk`, so attention runs within chunks, [T / chunk, h, chunk, chunk], not over all [T, T]."""
-    T, h, d = q.shape
-    C = chunk or T
-    n = T // C
-    qc, kc, vc = (a.reshape(n, C, h, d) for a in (q, k, v))
-    seg = segment_ids.reshape(n, C)
-    s = jnp.einsum("nthd,nshd->nhts", qc, kc, preferred_element_type=jnp.float32) * scale  # [n, h, C, C]
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)  # [n, C, C]
-    p = jax.nn.softmax(jnp.where(same[:, None], s, -1e30), axis=-1)
-    return jnp.einsum("nhts,nshd->nthd", p.astype(v.dtype), vc).reshape(T, h, d)
-
-
-def chunk_layout(lengths, num_tokens: int) -> tuple[int, list[int]]:
-    """(chunk, starts): the smallest power-of-two chunk that divides `num_tokens` and holds the sequences of
-    `lengths` laid out in order without crossing a chunk boundary (a sequence that does not fit the rest of a
-    chunk starts the next), within `num_tokens`; and each sequence's start. The whole step (one chunk,
-    sequences back to back) always fits when sum(lengths) <= num_tokens."""
-    chunk = max(16, 1 << (max(lengths) - 1).bit_length())
-    while chunk < num_tokens:
-        if num_tokens % chunk == 0:
-            starts, at = [], 0
-            for n in lengths:
-                if at // chunk != (at + n - 1) // chunk:
-                    at = (at // chunk + 1) * chunk
-                starts.append(at)
-                at += n
-            if at <= num_tokens:
-                return chunk, starts
-        chunk *= 2
-    starts = [0]
-    for n in lengths[:-1]:
-        starts.append(starts[-1] + n)
-    return num_tokens, starts
-
-
 def forward(
     params: EncoderWeights,
     token_ids: jax.Array,  # [T] int32
@@ -196,7 +156,8 @@ def forward(
     positions: jax.Array,  # [T] int32, position within its sequence (0-based, before RoBERTa's offset)
     segment_ids: jax.Array,  # [T] int32, which packed sequence a token belongs to; -1 for padding
     config: EncoderConfig,
-    chunk: int | None = None,  # static: no sequence crosses a multiple of it (see `chunk_layout`); None: T
+    chunk: int | None = None,  # static: no sequence crosses a multiple of it (pooling_layout.py); None: T
+    attention: str = "jnp",  # static: "jnp" or "cudnn" (models/encoder_attention.py)
 ) -> jax.Array:  # [T, e] the last layer's hidden states
     T = token_ids.shape[0]
     nh, hd, e = config.num_heads, config.head_dim, config.hidden_size
@@ -210,7 +171,7 @@ def forward(
         with jax.named_scope("attention"):
             qkv = x @ w.wqkv + w.bqkv  # [T, 3e]
             q, k, v = (a.reshape(T, nh, hd) for a in jnp.split(qkv, 3, axis=-1))
-            o = segment_attention(q, k, v, segment_ids, hd**-0.5, chunk)
+            o = encoder_attention(q, k, v, segment_ids, hd**-0.5, chunk, attention)  # [T, h, d]
             x = layer_norm(x + o.reshape(T, e) @ w.wo + w.bo, w.attn_ln_w, w.attn_ln_b, eps)
         with jax.named_scope("mlp"):
             h = jax.nn.gelu(x @ w.w_in + w.b_in, approximate=gelu_approx)

@@ -1,0 +1,94 @@
+"""Encoders' bidirectional attention within segments of a packed step, by chunks no sequence crosses.
+
+Two implementations of one function, picked by $JAXLLM_ENCODER_ATTENTION when a runner starts:
+- "jnp" (the default, and the reference): scores [chunks, h, C, C] in float32, masked, softmax, values.
+  XLA writes the scores to memory and reads them back, which is what makes 512-token inputs slow on a GPU.
+- "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")`, cuDNN's fused flash attention,
+  on the same chunks with the segment mask as a bias broadcast over heads. GPU only, 16-bit only. Chunks
+  shorter than FUSED_MIN_CHUNK keep the jnp attention: their scores are small, and a flash kernel's
+  query tile (64 or 128 rows) would be mostly padding.
+The cuDNN path's layout and mask are tested on the CPU through the same call with XLA's implementation
+("xla"), against the reference; tests/gpu/check_encoder_attention.py checks cuDNN itself on a GPU.
+
+Einsum letters: n chunk, t/s query/key token within a chunk, h head, d head_dim.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+ENV = "JAXLLM_ENCODER_ATTENTION"
+IMPLEMENTATIONS = ("jnp", "cudnn")
+FUSED_MIN_CHUNK = 64
+
+
+def encoder_attention_from_env(dtype: str, backend: str, head_dim: int) -> str:
+    """The implementation $JAXLLM_ENCODER_ATTENTION names ("jnp" when unset), refused by name where it
+    cannot run: cuDNN's flash attention needs a GPU, 16-bit activations and a head_dim that is a multiple
+    of 8 up to 128."""
+    name = os.environ.get(ENV) or "jnp"
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"{ENV}={name!r}: must be one of {', '.join(IMPLEMENTATIONS)}")
+    if name == "cudnn" and backend != "gpu":
+        raise ValueError(f"{ENV}=cudnn needs a CUDA GPU; this backend is {backend!r} (unset it for the jnp attention)")
+    if name == "cudnn" and dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"{ENV}=cudnn needs bfloat16 or float16 weights; the model runs in {dtype} "
+                         "(pass dtype='bfloat16', or unset it)")
+    if name == "cudnn" and (head_dim % 8 or head_dim > 128):
+        raise ValueError(f"{ENV}=cudnn needs a head_dim that is a multiple of 8 up to 128; this model's is {head_dim}")
+    return name
+
+
+def _to_chunks(x: jax.Array, chunk: int, fill) -> jax.Array:
+    """[T, ...] -> [n, C, ...], padding T up to a multiple of C with `fill` (the last, non-power-of-two
+    token bucket need not be one)."""
+    T = x.shape[0]
+    n = -(-T // chunk)
+    if n * chunk != T:
+        x = jnp.concatenate([x, jnp.full((n * chunk - T, *x.shape[1:]), fill, x.dtype)])
+    return x.reshape(n, chunk, *x.shape[1:])
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float,
+                      chunk: int | None = None) -> jax.Array:
+    """Bidirectional attention within segments of a packed step (the jnp reference).
+
+    q, k, v: [T, h, d]; segment_ids: [T] int32, -1 for padding (padding rows come out as garbage the
+    caller never reads, but finite). Returns [T, h, d].
+
+    `chunk` (static): the caller laid the sequences out so that none crosses a multiple of `chunk`, so
+    attention runs within chunks, [n, h, C, C], not over all [T, T]; None: one chunk of T."""
+    T, h, d = q.shape
+    C = chunk or T
+    qc, kc, vc = (_to_chunks(a, C, 0) for a in (q, k, v))  # [n, C, h, d]
+    seg = _to_chunks(segment_ids, C, -1)  # [n, C]
+    s = jnp.einsum("nthd,nshd->nhts", qc, kc, preferred_element_type=jnp.float32) * scale  # [n, h, C, C]
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)  # [n, C, C]
+    p = jax.nn.softmax(jnp.where(same[:, None], s, -1e30), axis=-1)
+    return jnp.einsum("nhts,nshd->nthd", p.astype(v.dtype), vc).reshape(-1, h, d)[:T]
+
+
+def fused_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float,
+                            chunk: int | None = None, implementation: str = "cudnn") -> jax.Array:
+    """`segment_attention` through `jax.nn.dot_product_attention`: each chunk a batch row, the segment
+    mask [n, 1, C, C] shared by the heads. `implementation` is the call's: "cudnn" on a GPU, "xla"
+    (the same masks through XLA) for checking the layout anywhere. Padding attends to padding, so no
+    row is all masked."""
+    T, h, d = q.shape
+    C = chunk or T
+    qc, kc, vc = (_to_chunks(a, C, 0) for a in (q, k, v))  # [n, C, h, d]
+    seg = _to_chunks(segment_ids, C, -1)  # [n, C]
+    mask = (seg[:, :, None] == seg[:, None, :])[:, None]  # [n, 1, C, C]
+    out = jax.nn.dot_product_attention(qc, kc, vc, mask=mask, scale=scale, implementation=implementation)
+    return out.reshape(-1, h, d)[:T]
+
+
+def encoder_attention(q, k, v, segment_ids, scale: float, chunk: int | None, implementation: str) -> jax.Array:
+    """[T, h, d] -> [T, h, d] by the named implementation ("jnp" or "cudnn"; "xla" runs the fused path's
+    layout through XLA)."""
+    if implementation == "jnp" or (chunk or q.shape[0]) < FUSED_MIN_CHUNK:
+        return segment_attention(q, k, v, segment_ids, scale, chunk)
+    return fused_segment_attention(q, k, v, segment_ids, scale, chunk, implementation)
