@@ -92,9 +92,11 @@ def block_sizes(n_in: int, n_out: int, group: int, interpret: bool = False) -> t
 
 def choose_num_splits(num_tiles: int, num_kw_blocks: int) -> int:
     """Split `in` only while column x row tiles leave SMs idle: aim at about two programs per SM, a power
-    of two that divides the K blocks, at most 16."""
+    of two that divides the K blocks, at most 16, and at least two K blocks a split (so the pipeline has a
+    next tile to load while one is multiplied)."""
     splits = 1
-    while (num_tiles * splits < 2 * NUM_SMS_HINT and splits < 16 and num_kw_blocks % (2 * splits) == 0):
+    while (num_tiles * splits < 2 * NUM_SMS_HINT and splits < 16 and num_kw_blocks % (2 * splits) == 0
+           and num_kw_blocks // (2 * splits) >= 2):
         splits *= 2
     return splits
 
@@ -110,10 +112,11 @@ def _int4_kernel(xt_ref, q_ref, scale_ref, zero_ref, out_ref, *, m_pad, block_m,
         words = q_ref[pl.ds(p0, block_kw), pl.ds(n0, block_n)]  # [block_kw, block_n] int32
         group_rows = lax.div(p0 + offs, jnp.int32(words_per_group))  # [block_kw]
         scale = pltriton.load(tile(scale_ref, group_rows, n0, block_n, interpret)).astype(jnp.float32)
-        zero = pltriton.load(tile(zero_ref, group_rows, n0, block_n, interpret)).astype(jnp.float32)
+        # q * scale - zero * scale: one multiply-add an element, the product shared by the eight slices
+        offset = pltriton.load(tile(zero_ref, group_rows, n0, block_n, interpret)).astype(jnp.float32) * scale
         for k in range(8):  # the row-strided slice W_k: rows 8p + k
             nibbles = lax.shift_right_logical(words, jnp.int32(4 * k)) & 0xF
-            w = ((nibbles.astype(jnp.float32) - zero) * scale).astype(xt_ref.dtype)  # [block_kw, block_n]
+            w = (nibbles.astype(jnp.float32) * scale - offset).astype(xt_ref.dtype)  # [block_kw, block_n]
             x = xt_ref[pl.ds(k * m_pad + m0, block_m), pl.ds(p0, block_kw)]  # [block_m, block_kw]
             acc = acc + matmul(x, w)
         return acc
