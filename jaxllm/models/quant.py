@@ -31,6 +31,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.decode import pltriton
 from pallas_kernels.int4_matmul import MAX_M, block_sizes, int4_matmul, pack_int4, unpack_int4
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -103,22 +104,20 @@ def matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
 
 
 def use_int4_kernel(x: jax.Array, w: QuantizedWeight) -> bool:
-    """Whether x [..., in] @ int4 `w` runs the Pallas kernel (decided when traced): on a GPU for at most
-    MAX_M rows, where the kernel's tiles fit; JAXLLM_INT4_KERNEL=1 / 0 forces it on (any rows, any
-    backend) or off."""
+    """Whether x [..., in] @ int4 `w` runs the Pallas kernel (decided when traced): on a GPU for 16-bit
+    activations of at most MAX_M rows, where the kernel's tiles fit (float32 would meet the Triton dot's
+    TF32 rounding); JAXLLM_INT4_KERNEL=1 / 0 forces it on (any rows and dtype, any backend) or off."""
     mode = os.environ.get("JAXLLM_INT4_KERNEL", "")
     if mode not in ("", "0", "1"):
         raise ValueError(f"JAXLLM_INT4_KERNEL={mode!r}: expected 0 (never), 1 (always) or unset (decode batches on a GPU)")
     if mode == "0" or w.q.ndim != 2 or w.zero is None:
         return False
-    from pallas_kernels.decode import pltriton
-
     on_gpu = jax.default_backend() == "gpu"
     n_in, n_out = w.shape
     if pltriton is None or block_sizes(n_in, n_out, n_in // w.scale.shape[0], interpret=not on_gpu) is None:
         return False
     rows = x.size // n_in
-    return mode == "1" or (on_gpu and rows <= MAX_M)
+    return mode == "1" or (on_gpu and rows <= MAX_M and x.dtype in (jnp.bfloat16, jnp.float16))
 
 
 # The stacked linear weights [L, in, out] of the families' layer pytrees (MoE routers and experts excluded).
