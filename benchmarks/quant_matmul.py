@@ -63,18 +63,22 @@ def random_int4(key, n_in: int, n_out: int) -> QuantizedWeight:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", default="1,4,16,32", help="the M values (rows of x)")
-    ap.add_argument("--reps", type=int, default=8, help="distinct weights a timed program cycles through")
+    ap.add_argument("--shapes", default=",".join(n for n, _, _ in LLAMA3_8B), help="a subset of the layer's matmuls")
+    ap.add_argument("--reps", type=int, default=16, help="distinct weights a timed program cycles through")
     ap.add_argument("--tune", action="store_true", help="time every kernel setting as well")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
+    shapes = [s for s in LLAMA3_8B if s[0] in args.shapes.split(",")]
+    if not shapes:
+        ap.error(f"--shapes: none of {args.shapes!r} is one of {', '.join(n for n, _, _ in LLAMA3_8B)}")
     interpret = jax.default_backend() != "gpu"
     result = {"benchmark": "quant_matmul", "device": device_name(), "jax_version": jax.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": git_commit(), "command": " ".join(["python"] + sys.argv), "group_size": GROUP, "cases": []}
     print(f"{'shape':>8} {'in':>6} {'out':>6} {'M':>3}  {'bf16 us':>8} {'xla-deq us':>10} {'kernel us':>9}  "
           f"{'GB/s':>6}  {'x bf16':>6}  {'err':>8}")
-    for (name, n_in, n_out), m in itertools.product(LLAMA3_8B, batches):
+    for (name, n_in, n_out), m in itertools.product(shapes, batches):
         keys = jax.random.split(jax.random.PRNGKey(n_in * n_out + m), args.reps + 1)
         xs = [jax.random.normal(k, (m, n_in), jnp.bfloat16) for k in jax.random.split(keys[-1], args.reps)]
         quantized = [random_int4(k, n_in, n_out) for k in keys[:-1]]
