@@ -115,7 +115,8 @@ def main(argv=None):
                 print(f"  best {case['best']}")
         result["cases"].append(case)
         print(f"{name:>8} {n_in:>6} {n_out:>6} {m:>3}  {case['bf16_us']:>8} {case['xla_dequant_us']:>10} "
-              f"{case['kernel_us']:>9}  {case['kernel_GBps']:>6}  {case['speedup_vs_bf16']:>6}  {err:>8.1e}", flush=True)
+              f"{case['kernel_us']:>9}  {case['kernel_GBps']:>6}  {case['speedup_vs_bf16']:>6}  {err:>8.1e}",
+              flush=True)
     date = result["date"][:10]
     write_result(result, args.output_json,
                  f"quant-matmul-{result['device'].replace(' ', '_')}-{date}-{result['commit']}.json")

@@ -105,11 +105,13 @@ def matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
 
 def use_int4_kernel(x: jax.Array, w: QuantizedWeight) -> bool:
     """Whether x [..., in] @ int4 `w` runs the Pallas kernel (decided when traced): on a GPU for 16-bit
-    activations of at most MAX_M rows, where the kernel's tiles fit (float32 would meet the Triton dot's
-    TF32 rounding); JAXLLM_INT4_KERNEL=1 / 0 forces it on (any rows and dtype, any backend) or off."""
+    activations of at most MAX_M rows, where the kernel's tiles fit (float32 activations would take the
+    Triton dot's exact path, off the tensor cores). JAXLLM_INT4_KERNEL=1 forces it on (any rows and
+    dtype, any backend: the interpreter off a GPU), =0 off."""
     mode = os.environ.get("JAXLLM_INT4_KERNEL", "")
     if mode not in ("", "0", "1"):
-        raise ValueError(f"JAXLLM_INT4_KERNEL={mode!r}: expected 0 (never), 1 (always) or unset (decode batches on a GPU)")
+        raise ValueError(f"JAXLLM_INT4_KERNEL={mode!r}: expected 0 (never), 1 (always) or unset (decode "
+                         "batches on a GPU)")
     if mode == "0" or w.q.ndim != 2 or w.zero is None:
         return False
     on_gpu = jax.default_backend() == "gpu"

@@ -56,7 +56,8 @@ def check_kernel(rng, n_in, n_out, m, group, scale_dtype, num_splits, log) -> bo
     err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
     picked = use_int4_kernel(x, QuantizedWeight(q=q, scale=scale, zero=zero, method="int4"))
     ok = bool(np.isfinite(got).all()) and err < TOL and picked == (m <= 32)
-    rec = dict(name=f"[{m}, {n_in}] @ [{n_in}, {n_out}] group {group} {jnp.dtype(scale_dtype).name} splits {num_splits}",
+    scales = jnp.dtype(scale_dtype).name
+    rec = dict(name=f"[{m}, {n_in}] @ [{n_in}, {n_out}] group {group} {scales} splits {num_splits}",
                ok=ok, rel_err=err, dispatch_picks_kernel=picked)
     log.append(rec)
     print("PASS" if ok else "FAIL", json.dumps(rec), flush=True)
@@ -102,10 +103,9 @@ def main():
     log.append(rec)
     print("PASS" if rec["ok"] else "FAIL", json.dumps(rec), flush=True)
     Path(a.log).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.log).write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__,
-                                             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                                             commit=git_commit(), command=" ".join(sys.argv), ok=ok, cases=log),
-                                      indent=1))
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    Path(a.log).write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__, date=date,
+                                           commit=git_commit(), command=" ".join(sys.argv), ok=ok, cases=log), indent=1))
     print("ALL PASS" if ok else "SOME FAILED", flush=True)
     sys.exit(0 if ok else 1)
 
