@@ -11,8 +11,9 @@ bytes, so the kernel streams the packed weights once and dequantizes them in reg
   interleaving them back in registers, the kernel multiplies each by the matching strided columns of x:
   the caller lays x out as xt [8, M, in / 8] (xt[k, m, p] = x[m, 8p + k]), a tiny copy of the activations,
   so each slice is one plain tensor-core dot [M, block_kw] x [block_kw, block_n].
-- The group of row 8p + k is p // (group / 8) for every k: one gathered [block_kw, block_n] load of
-  scale and zero serves all eight slices. A nibble becomes a float by bit operations (TWO_POW_23), not
+- The group of row 8p + k is p // (group / 8) for every k: one row of scale and zero serves a whole
+  tile when the tile lies in one group (the default tiles do for groups of 128 and more), else one
+  gathered [block_kw, block_n] load serves all eight slices. A nibble becomes a float by bit operations (TWO_POW_23), not
   by a conversion instruction.
 - One program per (column tile, row tile, split of `in`). Split-K (`num_splits`) fills the GPU when the
   column tiles alone cannot (M = 1 at 4096 x 4096 has 32 tiles of 128 for 132 SMs); the partial sums are
@@ -91,7 +92,9 @@ def block_sizes(n_in: int, n_out: int, group: int, interpret: bool = False) -> t
     the tiny shapes of the CPU tests."""
     if n_in % 8 or group % 8 or n_in % group:
         return None
-    block_kw = _largest_dividing(n_in // 8, (32, 16) + ((8, 4, 2, 1) if interpret else ()))
+    # 16 words (128 rows) when a group holds them: one scale row a tile; else 32, fewer K steps.
+    preferred = (16, 32) if (group // 8) % 16 == 0 else (32, 16)
+    block_kw = _largest_dividing(n_in // 8, preferred + ((8, 4, 2, 1) if interpret else ()))
     block_n = _largest_dividing(n_out, (128, 64, 32, 16))
     return None if block_kw is None or block_n is None else (block_kw, block_n)
 
@@ -116,9 +119,14 @@ def _int4_kernel(xt_ref, q_ref, scale_ref, zero_ref, out_ref, *, m_pad, block_m,
     def body(i, acc):
         p0 = (split * blocks_per_split + i) * block_kw
         words = q_ref[pl.ds(p0, block_kw), pl.ds(n0, block_n)]  # [block_kw, block_n] int32
-        group_rows = lax.div(p0 + offs, jnp.int32(words_per_group))  # [block_kw]
-        scale = pltriton.load(tile(scale_ref, group_rows, n0, block_n, interpret)).astype(jnp.float32)
-        zero = pltriton.load(tile(zero_ref, group_rows, n0, block_n, interpret)).astype(jnp.float32) + TWO_POW_23
+        if words_per_group % block_kw == 0:  # the tile lies in one group: one row of each, broadcast
+            g = pl.ds(lax.div(p0, jnp.int32(words_per_group)), 1)
+            scale, zero = scale_ref[g, pl.ds(n0, block_n)], zero_ref[g, pl.ds(n0, block_n)]  # [1, block_n]
+        else:  # groups of fewer rows than the tile: each word's own group row
+            group_rows = lax.div(p0 + offs, jnp.int32(words_per_group))  # [block_kw]
+            scale = pltriton.load(tile(scale_ref, group_rows, n0, block_n, interpret))  # [block_kw, block_n]
+            zero = pltriton.load(tile(zero_ref, group_rows, n0, block_n, interpret))
+        scale, zero = scale.astype(jnp.float32), zero.astype(jnp.float32) + TWO_POW_23
         for k in range(8):  # the row-strided slice W_k: rows 8p + k
             nibbles = lax.shift_right_logical(words, jnp.int32(4 * k)) if k else words
             # 2**23 + nibble, exactly, without an int-to-float conversion (a slow instruction on the GPU)
