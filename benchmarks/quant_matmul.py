@@ -23,6 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,6 +76,7 @@ def main(argv=None):
     interpret = jax.default_backend() != "gpu"
     result = {"benchmark": "quant_matmul", "device": device_name(), "jax_version": jax.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "jaxlib_version": jaxlib.__version__,
               "commit": git_commit(), "command": " ".join(["python"] + sys.argv), "group_size": GROUP, "cases": []}
     print(f"{'shape':>8} {'in':>6} {'out':>6} {'M':>3}  {'bf16 us':>8} {'xla-deq us':>10} {'kernel us':>9}  "
           f"{'GB/s':>6}  {'x bf16':>6}  {'err':>8}")
