@@ -209,7 +209,7 @@ def test_vllm_peer_awq_config(tmp_path):
 def test_awq_checkpoint_greedy_with_kernel(tmp_path, monkeypatch):
     """An AutoAWQ checkpoint (tests/test_quantization.py writes it) generates the same greedy tokens with
     every int4 matmul on the kernel (interpreted) as with XLA's dequantize path."""
-    import torch  # noqa: F401  (the checkpoint helpers write torch tensors)
+    import torch  # noqa: F401  (test_quantization.py writes checkpoints from torch tensors)
     from hf_models import tiny_hf_model
     from jaxllm.loader import load_model
     from test_model_numerics import PROMPT_LEN, TINY_SEQS, TINY_TOKENS, random_prompt, tiny_runner
