@@ -254,7 +254,8 @@ def main(argv=None):
                     help='JSON of ModelConfig fields replacing the shape\'s (a small run: \'{"num_layers": 2}\')')
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", "-q", default=None,
-                    help="fp8 or int8 (quantized at load; the only ones for --model-shape), or a checkpoint's method")
+                    help="fp8, int8 or awq (int4, groups of 128, zero points) quantize --model-shape's random weights; "
+                         "with --model, fp8 or int8 quantize a float checkpoint, else a checkpoint's method")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
     ap.add_argument("--dataset", default="random", choices=["random"])
     ap.add_argument("--num-prompts", type=int, default=64)

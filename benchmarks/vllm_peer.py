@@ -25,8 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import SCHEMAS, make_workload, parse_range, write_result  # noqa: E402
 
 
-def hf_config_folder(model_shape: str, dtype: str) -> str:
-    """A folder holding the transformers config.json of a jaxllm model shape (what vLLM's dummy load reads)."""
+# A checkpoint's quantization_config for the methods vLLM's dummy loader can only build from a config:
+# AutoAWQ's GEMM format at the group size of jaxllm's random-weight int4 (models/quant.py, INT4_GROUP).
+CHECKPOINT_QUANTIZATION = {"awq": dict(quant_method="awq", bits=4, group_size=128, zero_point=True, version="gemm")}
+
+
+def hf_config_folder(model_shape: str, dtype: str, quantization: str | None = None) -> str:
+    """A folder holding the transformers config.json of a jaxllm model shape (what vLLM's dummy load reads),
+    with a quantization_config for CHECKPOINT_QUANTIZATION's methods."""
     from transformers import AutoConfig
 
     from jaxllm.models.shapes import model_shape_config
@@ -51,6 +57,8 @@ def hf_config_folder(model_shape: str, dtype: str) -> str:
         fields.update(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                       moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
                       decoder_sparse_step=1, mlp_only_layers=[])
+    if quantization in CHECKPOINT_QUANTIZATION:
+        fields["quantization_config"] = CHECKPOINT_QUANTIZATION[quantization]
     folder = tempfile.mkdtemp(prefix=f"vllm-{model_shape}-")
     AutoConfig.for_model(model_type, **fields).save_pretrained(folder)
     return folder
@@ -71,7 +79,9 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--quantization", "-q", default=None, help="fp8: W8A8 quantized at load, as jaxllm's flag")
+    ap.add_argument("--quantization", "-q", default=None,
+                    help="fp8: W8A8 quantized at load, as jaxllm's flag; awq: int4 dummy weights from an AWQ "
+                         "quantization_config (vLLM picks its kernel: awq_marlin where it runs)")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--structured-outputs", default="off", choices=["off", "none", "json"],
                     help="as throughput.py: json constrains request i to its SCHEMAS[i % 4] (EOS honoured)")
@@ -92,19 +102,26 @@ def main(argv=None):
 
     vocab = model_shape_config(args.model_shape).vocab_size
     prompts, output_lens = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, args.seed)
+    # A method in the config.json is left to vLLM to resolve (naming "awq" would force its slower non-Marlin
+    # kernel over awq_marlin).
+    in_config = args.quantization in CHECKPOINT_QUANTIZATION
     optional = dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens, quantization=args.quantization,
-                    tokenizer=args.tokenizer)
+                    max_num_batched_tokens=args.max_num_batched_tokens,
+                    quantization=None if in_config else args.quantization, tokenizer=args.tokenizer)
     if args.structured_outputs != "off" and args.tokenizer is None:
         raise SystemExit("--structured-outputs needs --tokenizer (a folder; grammars are over a tokenizer's vocabulary)")
     start = time.perf_counter()
     # Prefix caching off, as in throughput.py: a repeat must not reuse the previous run's KV blocks.
     # runner="generate": with a tokenizer, vLLM would otherwise take a config-only folder for a pooling model.
-    llm = LLM(model=hf_config_folder(args.model_shape, args.dtype), load_format="dummy", runner="generate",
-              skip_tokenizer_init=args.tokenizer is None, kv_cache_dtype=args.kv_cache_dtype,
+    llm = LLM(model=hf_config_folder(args.model_shape, args.dtype, args.quantization), load_format="dummy",
+              runner="generate", skip_tokenizer_init=args.tokenizer is None, kv_cache_dtype=args.kv_cache_dtype,
               dtype=args.dtype, seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
               enable_prefix_caching=False, **{k: v for k, v in optional.items() if v is not None})
     init_s = time.perf_counter() - start
+    try:  # the method vLLM resolved (awq -> awq_marlin on Hopper), for the record
+        resolved_quantization = llm.llm_engine.vllm_config.model_config.quantization
+    except AttributeError:
+        resolved_quantization = None
     # vLLM's top_k off is 0 or -1 depending on the version; 0 is accepted by current ones.
     def sampling(i: int, n: int):
         if args.structured_outputs == "off":
@@ -132,6 +149,7 @@ def main(argv=None):
               "torch_version": torch.__version__, "device": torch.cuda.get_device_name(0),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "model": args.model_shape, "args": vars(args), "init_s": round(init_s, 2),
+              "vllm_quantization": resolved_quantization,
               "runs": runs, "vllm": runs[-1]}
     write_result(result, args.output_json, f"vllm-{args.model_shape}-{result['date'][:10]}.json")
     return result

@@ -26,6 +26,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import KVCache, write_kv
 from jaxllm.loader import load_model
 from jaxllm.models.quant import QuantizedWeight, dequantize, matmul
+from pallas_kernels.int4_matmul import pack_int4
 from test_model_numerics import PROMPT_LEN, TINY_SEQS, TINY_TOKENS, random_prompt, rel_err, tiny_runner
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -39,18 +40,20 @@ AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 def test_linear_dispatch_under_scan():
     """Stacked QuantizedWeights sliced by lax.scan: each format's matmul equals x @ dequantized (fp8 up
-    to its activation rounding), and act-order groups (g_idx) are honoured."""
+    to its activation rounding), and act-order (`perm`: q's row i is input row perm[i]) is honoured."""
     rng = np.random.default_rng(0)
     L, n_in, n_out, groups = 2, 64, 24, 4
     x = jnp.asarray(rng.normal(size=(5, n_in)), jnp.float32)
-    q4 = rng.integers(0, 16, (L, n_in, n_out)).astype(np.uint8).astype(ml_dtypes.uint4)
-    g_idx = np.stack([rng.permutation(np.arange(n_in) // (n_in // groups)) for _ in range(L)]).astype(np.int32)
+    values = rng.integers(0, 16, (L, n_in, n_out))
+    q4 = pack_int4(values)
+    perm = np.stack([rng.permutation(n_in) for _ in range(L)]).astype(np.int32)
     scale = rng.uniform(0.01, 0.1, (L, groups, n_out)).astype(np.float32)
     zero = rng.integers(0, 16, (L, groups, n_out)).astype(np.float32)
+    int4 = dict(q=jnp.asarray(q4), scale=jnp.asarray(scale, jnp.float16), zero=jnp.asarray(zero, jnp.float16),
+                method="int4")
     weights = {
-        "int4": QuantizedWeight(q=jnp.asarray(q4), scale=jnp.asarray(scale), zero=jnp.asarray(zero), method="int4"),
-        "int4_act_order": QuantizedWeight(q=jnp.asarray(q4), scale=jnp.asarray(scale), zero=jnp.asarray(zero),
-                                          g_idx=jnp.asarray(g_idx), method="int4"),
+        "int4": QuantizedWeight(**int4),
+        "int4_act_order": QuantizedWeight(**int4, perm=jnp.asarray(perm)),
         "int8": QuantizedWeight(q=jnp.asarray(rng.integers(-127, 128, (L, n_in, n_out)).astype(np.int8)),
                                 scale=jnp.asarray(scale[:, :1]), method="int8"),
         "fp8": QuantizedWeight(q=jnp.asarray(rng.normal(size=(L, n_in, n_out)).astype(ml_dtypes.float8_e4m3fn)),
@@ -63,11 +66,12 @@ def test_linear_dispatch_under_scan():
         _, ys = jax.jit(lambda w: jax.lax.scan(body, 0, w))(w)
         ref = jnp.einsum("ti,lio->lto", x, dequantize(w, jnp.float32))
         assert rel_err(ys, ref) < (0.05 if name == "fp8" else 1e-5), name
-    # act-order really maps row r to group g_idx[r]
-    l, r, c = 1, 7, 3
-    g = g_idx[l, r]
-    expect = (float(q4[l, r, c]) - zero[l, g, c]) * scale[l, g, c]
-    assert np.isclose(np.asarray(dequantize(weights["int4_act_order"], jnp.float32))[l, r, c], expect)
+    # act-order really puts packed row i (group i // 16) at input row perm[i]
+    s16 = np.asarray(jnp.asarray(scale, jnp.float16), np.float32)
+    l, i, c = 1, 37, 3
+    expect = (values[l, i, c] - zero[l, i // (n_in // groups), c]) * s16[l, i // (n_in // groups), c]
+    assert weights["int4_act_order"].shape == (L, n_in, n_out)
+    assert np.isclose(np.asarray(dequantize(weights["int4_act_order"], jnp.float32))[l, perm[l, i], c], expect)
 
 
 # ---------------------------------------------------------------- checkpoints in their on-disk formats

@@ -129,7 +129,8 @@ def make_arg_parser(prog: str = "jaxllm serve") -> argparse.ArgumentParser:
                        help="weight and compute dtype; auto: the checkpoint's")
     model.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
                        help="fp8 (W8A8) or int8 (weight-only): quantize a float checkpoint at load; awq, gptq, "
-                            "compressed-tensors or fp8: a checkpoint quantized with it; default: the checkpoint's own")
+                            "compressed-tensors or fp8: a checkpoint quantized with it (awq also quantizes "
+                            "--model-shape's random weights to int4); default: the checkpoint's own")
     model.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                        help="KV cache storage; fp8: float8_e4m3fn with the checkpoint's k/v scales (1.0 without)")
     model.add_argument("--max-model-len", type=int, default=None,

@@ -43,10 +43,11 @@ def random_weights_llm(shape: str, dtype: str, engine_kwargs: dict, tokenizer: s
     config = model_shape_config(shape, "bfloat16" if dtype == "auto" else dtype)
     params = init_random_weights(config, jax.random.PRNGKey(engine_kwargs["seed"]))
     if quantization is not None:  # no checkpoint to load: quantized in memory, as a float checkpoint at load
-        if quantization not in ("fp8", "int8"):
-            raise ValueError(f"--quantization {quantization} needs a checkpoint; random weights take fp8 or int8")
-        from jaxllm.models.quant import quantize_weights
+        from jaxllm.models.quant import RANDOM_WEIGHT_METHODS, quantize_weights
 
+        if quantization not in RANDOM_WEIGHT_METHODS:
+            raise ValueError(f"--quantization {quantization} needs a checkpoint; random weights take "
+                             f"{', '.join(RANDOM_WEIGHT_METHODS)}")
         params = quantize_weights(params, quantization)
     tokenizer = _WrappingTokenizer(load_tokenizer(tokenizer or default_model_path()))
     return LLM.from_params(params, config, tokenizer, **engine_kwargs)

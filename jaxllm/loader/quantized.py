@@ -16,6 +16,11 @@ layout read into one unpacked form (models/quant.py's QuantizedWeight).
                         [in/8, out], qzeros [in/g, out/8] (stored minus one in checkpoint_format "gptq",
                         as is in "gptq_v2"), scales [in/g, out], g_idx [in] (act-order with desc_act)
 
+AWQ and GPTQ are unpacked to one value a byte, fused (q | k | v, gate | up), then repacked by
+`int4_layout` into the int4 kernel's layout (pallas_kernels/int4_matmul.py: eight rows a word along the
+input axis, float16 scales and zero points), once, on the host. GPTQ act-order rows are sorted into
+contiguous groups there, with the permutation kept to gather the activations' columns to match.
+
 Embeddings, the LM head, MoE routers and experts stay in float (as vLLM's FP8 for dense models).
 """
 
@@ -25,6 +30,8 @@ import dataclasses
 
 import ml_dtypes
 import numpy as np
+
+from pallas_kernels.int4_matmul import pack_int4
 
 QUANTIZATION_METHODS = ("fp8", "int8", "awq", "gptq", "compressed-tensors")
 FP8_MAX = 448.0
@@ -114,13 +121,15 @@ def _check_compressed_tensors(qc: dict) -> None:
 
 @dataclasses.dataclass
 class UnpackedLinear:
-    """One linear layer's quantized weight in the engine's layout, on the host."""
+    """One linear layer's quantized weight, on the host: as read (int4 one value a byte, `g_idx`), or in the
+    engine's layout after `int4_layout` (int4 packed, `perm`)."""
 
-    q: np.ndarray  # [in, out] float8_e4m3fn | int8 | uint8 holding 0..15
-    scale: np.ndarray  # [groups, out] float32
-    zero: np.ndarray | None = None  # [groups, out] float32
-    g_idx: np.ndarray | None = None  # [in] int32
+    q: np.ndarray  # [in, out] float8_e4m3fn | int8 | uint8 holding 0..15; packed: [in / 8, out] int32
+    scale: np.ndarray  # [groups, out] float32; packed int4: float16
+    zero: np.ndarray | None = None  # [groups, out] float32; packed int4: float16
+    g_idx: np.ndarray | None = None  # [in] int32: each row's group (GPTQ act-order), as read
     input_scale: float | None = None
+    perm: np.ndarray | None = None  # [in] int32: packed row i is input row perm[i] (act-order, sorted)
 
 
 def quantize_float(w: np.ndarray, method: str) -> UnpackedLinear:
@@ -185,6 +194,23 @@ def read_linear(reader, name: str, shape: tuple[int, int], transpose: bool, sche
         elif not scheme.desc_act:
             raise ValueError(f"{base}.g_idx is not contiguous groups but the quantization_config has desc_act=false")
     return UnpackedLinear(q=q, scale=scales, zero=zero, g_idx=g_idx)
+
+
+def int4_layout(u: UnpackedLinear, name: str) -> UnpackedLinear:
+    """An int4 weight as read -> the int4 kernel's layout: act-order rows sorted by group (stable, so rows
+    keep their order within a group) with that permutation kept as `perm`, values packed eight rows a
+    word (`pack_int4`), scale and zero in float16 (AWQ and GPTQ store float16 scales; zeros are 0..16)."""
+    q, perm = u.q, None
+    groups = u.scale.shape[0]
+    if u.g_idx is not None:
+        counts = np.bincount(u.g_idx, minlength=groups)
+        if len(counts) != groups or (counts != q.shape[0] // groups).any():
+            raise ValueError(f"{name}: g_idx gives groups of {counts.min()} to {counts.max()} rows over {len(counts)} "
+                             f"groups; act-order needs {groups} groups of {q.shape[0] // groups} rows each")
+        perm = np.argsort(u.g_idx, kind="stable").astype(np.int32)
+        q = q[perm]
+    return UnpackedLinear(q=pack_int4(q), scale=u.scale.astype(np.float16), zero=u.zero.astype(np.float16),
+                          perm=perm)
 
 
 def _scale(reader, name: str, n_out: int) -> np.ndarray:

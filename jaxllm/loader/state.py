@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxllm.loader.quantized import QuantScheme, fuse, read_linear
+from jaxllm.loader.quantized import QuantScheme, fuse, int4_layout, read_linear
 from jaxllm.models.quant import QuantizedWeight
 
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -83,11 +83,16 @@ class StateReader:
         return self.place(out)
 
     def _quantized_layers(self, parts, transpose: bool, L: int) -> QuantizedWeight:
+        method = self.scheme.kernel_method
         per_layer = []
         for i in range(L):
             names = [t.format(i=i) for t, _ in parts]
-            per_layer.append(fuse([read_linear(self, n, shape, transpose, self.scheme)
-                                   for n, (_, shape) in zip(names, parts)], names))
+            fused = fuse([read_linear(self, n, shape, transpose, self.scheme) for n, (_, shape) in zip(names, parts)],
+                         names)
+            per_layer.append(int4_layout(fused, ", ".join(names)) if method == "int4" else fused)
+        if any(p.perm is not None for p in per_layer):  # act-order in some layers only: the others in order
+            for p in per_layer:
+                p.perm = np.arange(p.q.shape[0] * 8, dtype=np.int32) if p.perm is None else p.perm
         first = per_layer[0]
 
         def stack(field, dtype=None):
@@ -96,11 +101,9 @@ class StateReader:
             array = np.stack([getattr(p, field) for p in per_layer])
             return self.place(array if dtype is None else array.astype(dtype))
 
-        method = self.scheme.kernel_method
         return QuantizedWeight(
-            q=stack("q", ml_dtypes.uint4 if method == "int4" else None), scale=stack("scale", np.float32),
-            zero=stack("zero", np.float32), g_idx=stack("g_idx", np.int32),
-            input_scale=stack("input_scale", np.float32), method=method)
+            q=stack("q"), scale=stack("scale", None if method == "int4" else np.float32), zero=stack("zero"),
+            perm=stack("perm", np.int32), input_scale=stack("input_scale", np.float32), method=method)
 
     def experts(self, parts: list[tuple[str, tuple[int, ...]]], num_experts: int) -> jnp.ndarray:
         """Per-layer, per-expert matrices (names with `{i}` and `{j}`), fused along the output axis:
