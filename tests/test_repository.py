@@ -63,9 +63,14 @@ def test_every_runtime_dependency_is_imported_by_the_package():
     assert not left, f"declared in pyproject.toml but imported nowhere in {PACKAGES}: {left}"
 
 
+# Dev dependencies that a library the tests use imports, not the tests themselves, and why.
+IMPORTED_BY_LIBRARIES = {"absl-py": "jax.experimental.pallas.mosaic_gpu, which tests/test_kernels.py lowers"}
+
+
 def test_every_dev_dependency_is_imported_by_the_tests_or_benchmarks():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
-    left = unused(declared, imported_modules(("tests", "benchmarks", "examples")))
+    left = [d for d in unused(declared, imported_modules(("tests", "benchmarks", "examples")))
+            if d not in IMPORTED_BY_LIBRARIES]
     assert not left, f"declared as dev dependencies but imported nowhere in tests, benchmarks or examples: {left}"
 
 
