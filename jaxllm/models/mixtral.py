@@ -30,7 +30,7 @@ def config_from_hf(hf: dict) -> dict:
     mixtral = arch == "MixtralForCausalLM"
     max_pos = int(hf.get("max_position_embeddings", 4096))
     window = hf.get("sliding_window")
-    if window and (mixtral or hf.get("use_sliding_window")):  # as llama.py for Mistral
+    if window and (mixtral or hf.get("use_sliding_window")):  # no window on this path: cap the context there
         max_pos = min(max_pos, int(window))
     return dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],

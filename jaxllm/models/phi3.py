@@ -5,7 +5,7 @@ LongRoPE (the 128k models) runs in its short regime: HF switches every position 
 once a sequence passes original_max_position_embeddings, so the context is capped there (the 128k
 models serve 4k contexts). Its attention factor, which HF multiplies into cos and sin, is folded
 into the attention scale (squared: q and k both carry it). Partial rotary factors below 1 are refused.
-Phi-3's `sliding_window` caps the context too (as llama.py does for Mistral): within the window, full
+Phi-3's `sliding_window` caps the context too (as mixtral.py does): within the window, full
 attention is the same computation.
 """
 
