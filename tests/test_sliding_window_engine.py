@@ -71,3 +71,30 @@ def test_a_window_no_query_exceeds_is_dropped(mistral):
                       num_gpu_blocks_override=8).llm_engine
     assert engine.model_config.sliding_window is None
     assert engine.kv_cache_manager.sliding_window is None and engine.kv_cache_manager.num_free_blocks == 8
+
+
+def test_preemption_and_abort_under_a_window_leak_nothing(mistral):
+    """A pool of 5 usable blocks, the least a sequence may need with chunks of 8 (positions back to the
+    window's start, 13 in all, span up to 5 blocks), and two decoding requests needing up to 3 each: they
+    preempt each other and are recomputed (from prefix-cache hits, dead ones not taken); an abort
+    mid-decode frees the rest."""
+    hf, config, params = mistral
+    prompts = [[(5 * i + 1) % 297 + 3 for i in range(19)], [(13 * i + 2) % 297 + 3 for i in range(23)]]
+    llm = make_llm(config, params, num_gpu_blocks_override=6, max_num_batched_tokens=8, token_buckets=(8,))
+    engine = llm.llm_engine
+    params_greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, detokenize=False)
+    for i, p in enumerate(prompts + [prompts[0][:9]]):
+        engine.add_request(str(i), {"prompt_token_ids": p}, params_greedy)
+    outputs, aborted = {}, False
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        third = engine.requests.get("2")
+        if not aborted and third is not None and third.num_output_tokens >= 2:
+            engine.abort_request("2")
+            aborted = True
+    assert engine.scheduler.num_preemptions > 0 and aborted
+    assert engine.kv_cache_manager.num_free_blocks == 5 and not engine.kv_cache_manager.req_to_blocks
+    for i, p in enumerate(prompts):
+        assert outputs[str(i)] == hf_greedy(hf, p, 16), f"prompt {i}"
