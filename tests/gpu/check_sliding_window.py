@@ -107,8 +107,10 @@ def main():
         "peak_blocks_held": peak, "preemptions": engine.scheduler.num_preemptions, "seconds": round(seconds, 2),
         "equal": [a == b for a, b in zip(mine, want)],
         "first_diff": [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(mine, want)]}
+    # The pool is smaller than the blocks the sequences would hold without freeing: no preemption means
+    # blocks went back as they left the window.
     ok["window"] = (all(report["window"]["equal"]) and engine.scheduler.num_preemptions == 0
-                    and peak <= num_blocks - 1)
+                    and num_blocks - 1 < report["window"]["blocks_without_freeing"])
 
     short = LLM.from_params(params, cfg, None, max_model_len=WINDOW, block_size=BLOCK, max_num_seqs=4,
                             max_num_batched_tokens=CHUNK, num_gpu_blocks_override=64)
