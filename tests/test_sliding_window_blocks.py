@@ -99,11 +99,33 @@ def test_dead_prefix_hits_are_not_taken():
     add_request(manager, "a", tokens)  # 1..6, blocks of 0-19 hashed
     manager.free("a")
     computed, num_computed = manager.get_computed_blocks(tokens)
-    assert num_computed == 20 and [b.block_id for b in computed] == [1, 2, 3, 4, 5]
-    # The query at 20 sees 15..20: the hits holding 0-11 are dead and stay free.
+    # The query at 20 sees 15..20: the blocks holding 0-11 are dead, given as null, and stay free.
+    assert num_computed == 20 and [b.block_id for b in computed] == [NULL_BLOCK_ID] * 3 + [4, 5]
     assert manager.allocate_slots("b", tokens, 20, 1, computed) == [7]
     assert manager.get_block_ids("b") == [NULL_BLOCK_ID] * 3 + [4, 5, 7]
     assert ref_counts(manager)[1:8] == [0, 0, 0, 1, 1, 0, 1] and manager.num_free_blocks == 6
+
+
+def test_a_hit_needs_only_the_blocks_its_next_query_sees():
+    """Decoding frees a request's head first, so the pool evicts it first: its tail must still hit."""
+    manager = make_manager()
+    tokens = prompt(12)
+    add_request(manager, "a", tokens)
+    for pos in range(12, 21):
+        tokens.append(pos)
+        manager.allocate_slots("a", tokens, pos, 1)
+    manager.free("a")
+    manager.allocate_slots("x", prompt(20, start=500), 0, 20)  # 5 blocks: evicts a's head
+    assert manager.block_pool.get_cached_block(hash_block_tokens(None, tokens[:4])) is None
+    computed, num_computed = manager.get_computed_blocks(tokens)
+    assert num_computed == 20 and computed[:3] == [manager.block_pool.null_block] * 3
+    assert manager.allocate_slots("b", tokens, 20, 1, computed) is not None
+    assert manager.get_block_ids("b")[:3] == [NULL_BLOCK_ID] * 3
+    # Window 1: the last hit is dead too, yet it must be cached (the request chains on its hash).
+    one = KVCacheManager(10, BS, True, sliding_window=1)
+    one.allocate_slots("a", prompt(9), 0, 9)
+    computed, num_computed = one.get_computed_blocks(prompt(9))
+    assert num_computed == 8 and computed[0] is one.block_pool.null_block and computed[1].block_id == 2
 
 
 def test_fork_does_not_resurrect_freed_entries():

@@ -111,22 +111,45 @@ class KVCacheManager:
 
         At least one token is always left to compute (its logits are needed), so the count is at most
         len(token_ids) - 1, rounded down to a multiple of block_size. Returns ([], 0) when caching is off.
+
+        With a sliding window, only the blocks the prefix's next query can see must be cached (and at
+        least the last one, on whose hash the request's chain goes on): the dead blocks before them are
+        given as the null block, so a long context whose head was evicted still hits its tail.
         """
         if not self.enable_prefix_caching:
             return [], 0
         max_cached_blocks = (len(token_ids) - 1) // self.block_size
-        computed_blocks: list[KVCacheBlock] = []
-        parent_hash = None
-        for i in range(max_cached_blocks):
-            parent_hash = hash_block_tokens(parent_hash, token_ids[i * self.block_size : (i + 1) * self.block_size])
-            block = self.block_pool.get_cached_block(parent_hash)
-            if block is None:
-                break
-            computed_blocks.append(block)
+        if self.sliding_window is not None:
+            computed_blocks = self._longest_window_hit(token_ids, max_cached_blocks)
+        else:
+            computed_blocks = []
+            parent_hash = None
+            for i in range(max_cached_blocks):
+                parent_hash = hash_block_tokens(parent_hash, token_ids[i * self.block_size : (i + 1) * self.block_size])
+                block = self.block_pool.get_cached_block(parent_hash)
+                if block is None:
+                    break
+                computed_blocks.append(block)
         num_computed_tokens = len(computed_blocks) * self.block_size
         self.prefix_cache_queries += len(token_ids)
         self.prefix_cache_hits += num_computed_tokens
         return computed_blocks, num_computed_tokens
+
+    def _longest_window_hit(self, token_ids: Sequence[int], max_cached_blocks: int) -> list[KVCacheBlock]:
+        bs = self.block_size
+        cached: list[KVCacheBlock | None] = []
+        parent_hash = None
+        for i in range(max_cached_blocks):
+            parent_hash = hash_block_tokens(parent_hash, token_ids[i * bs : (i + 1) * bs])
+            cached.append(self.block_pool.get_cached_block(parent_hash))
+        run = [0] * (max_cached_blocks + 1)  # run[k]: how many blocks up to block k - 1 are cached in a row
+        for k in range(1, max_cached_blocks + 1):
+            run[k] = run[k - 1] + 1 if cached[k - 1] is not None else 0
+        for k in range(max_cached_blocks, 0, -1):
+            first_live = min(self.num_dead_blocks(k * bs), k - 1)
+            if run[k] >= k - first_live:
+                return [self.block_pool.null_block] * first_live + cached[first_live:k]
+        return []
 
     def allocate_slots(
         self,
