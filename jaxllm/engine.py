@@ -71,7 +71,7 @@ class LLMEngine:
         window = model_config.all_layers_window
         if window is not None and not model_config.layer_types and window >= engine_config.max_model_len:
             # No query of max_model_len tokens reaches past the window: full attention is the same
-            # computation, and runs on the GPU kernels (which lack windows).
+            # computation, and its long prefill chunks can take the Mosaic kernel (which lacks windows).
             model_config = model_config.replace(sliding_window=None)
         self.mesh = None
         if engine_config.tensor_parallel_size > 1 or devices is not None:

@@ -64,8 +64,8 @@ def test_blocks_leave_the_window_and_greedy_tokens_match_transformers(mistral):
 
 
 def test_a_window_no_query_exceeds_is_dropped(mistral):
-    """max_model_len within the window: full attention is the same computation (and runs on the GPU
-    kernels), and there is nothing to free."""
+    """max_model_len within the window: full attention is the same computation (and long prefill chunks
+    can take the Mosaic kernel), and there is nothing to free."""
     _, config, params = mistral
     engine = make_llm(config, params, max_model_len=WINDOW, max_num_batched_tokens=8, token_buckets=(8,),
                       num_gpu_blocks_override=8).llm_engine

@@ -6,8 +6,8 @@ same GPU, in float32.
 2. The KV pool is sized below what the sequences would need without freeing (each would hold all its
    blocks), so the run only fits because blocks that leave the window go back to the pool: no preemption,
    and the peak number of held blocks stays under the window-aware bound.
-3. With max_model_len within the window, the engine drops the window (its attention runs on the Pallas
-   kernels) and gives the same tokens on the short prompt.
+3. With max_model_len within the window, the engine drops the window (long prefill chunks can then take
+   the Mosaic kernel) and gives the same tokens on the short prompt.
 
     python tests/gpu/check_sliding_window.py --log $OUT/check_sliding_window.json
 """
