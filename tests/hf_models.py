@@ -58,6 +58,7 @@ FAMILY_MODELS = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}})),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DENSE, sliding_window=None)),
+    "phi3_window": ("Phi3Config", "Phi3ForCausalLM", dict(_DENSE, sliding_window=5)),
     # LongRoPE's short regime (sequences within original_max_position_embeddings), attention factor ~1.15
     "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
         _DENSE, sliding_window=None, original_max_position_embeddings=64, rope_parameters=dict(

@@ -415,8 +415,8 @@ def test_tokenizer_errors(saved, tmp_path):
 
 
 def test_sliding_window_is_read_as_transformers_reads_it():
-    """Mistral slides on every layer and keeps its whole context; Qwen2 only with use_sliding_window, from
-    max_window_layers on; Mixtral (no window on its path) is capped at the window instead."""
+    """Mistral and Phi-3 slide on every layer and keep their whole context; Qwen2 only with
+    use_sliding_window, from max_window_layers on; Mixtral (no window on its path) is capped at the window."""
     from jaxllm.config import model_config_from_hf
 
     base = dict(architectures=["MistralForCausalLM"], vocab_size=10, hidden_size=8, intermediate_size=8,
@@ -432,6 +432,9 @@ def test_sliding_window_is_read_as_transformers_reads_it():
     assert (every.sliding_window, every.all_layers_window) == (4096, 4096)
     mixed = model_config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 1})
     assert mixed.layer_types == ("full_attention", "sliding_attention") and mixed.all_layers_window is None
+    phi3 = model_config_from_hf({**base, "architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 4096,
+                                 "sliding_window": 2047})  # Phi-3-mini-4k's
+    assert (phi3.max_position_embeddings, phi3.all_layers_window) == (4096, 2047)
     mixtral = {**base, "architectures": ["MixtralForCausalLM"], "num_local_experts": 2, "num_experts_per_tok": 1}
     assert model_config_from_hf(mixtral).max_position_embeddings == 4096
 
