@@ -80,6 +80,8 @@ FAMILY_MODELS = {
     # 4 experts, top 2: with 13-token prompts every expert gets rows and some get none in a decode step
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         _DENSE, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "mixtral_window": ("MixtralConfig", "MixtralForCausalLM", dict(
+        _DENSE, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
         _DENSE, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
         norm_topk_prob=False)),

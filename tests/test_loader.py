@@ -415,8 +415,8 @@ def test_tokenizer_errors(saved, tmp_path):
 
 
 def test_sliding_window_is_read_as_transformers_reads_it():
-    """Mistral and Phi-3 slide on every layer and keep their whole context; Qwen2 only with
-    use_sliding_window, from max_window_layers on; Mixtral (no window on its path) is capped at the window."""
+    """Mistral, Phi-3 and Mixtral slide on every layer and keep their whole context; Qwen2 only with
+    use_sliding_window, from max_window_layers on; Qwen-MoE (its window pattern not run) is capped at it."""
     from jaxllm.config import model_config_from_hf
 
     base = dict(architectures=["MistralForCausalLM"], vocab_size=10, hidden_size=8, intermediate_size=8,
@@ -435,8 +435,13 @@ def test_sliding_window_is_read_as_transformers_reads_it():
     phi3 = model_config_from_hf({**base, "architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 4096,
                                  "sliding_window": 2047})  # Phi-3-mini-4k's
     assert (phi3.max_position_embeddings, phi3.all_layers_window) == (4096, 2047)
-    mixtral = {**base, "architectures": ["MixtralForCausalLM"], "num_local_experts": 2, "num_experts_per_tok": 1}
-    assert model_config_from_hf(mixtral).max_position_embeddings == 4096
+    mixtral = model_config_from_hf({**base, "architectures": ["MixtralForCausalLM"], "num_local_experts": 2,
+                                    "num_experts_per_tok": 1})
+    assert (mixtral.max_position_embeddings, mixtral.all_layers_window) == (32768, 4096)
+    qwen_moe = {**base, "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 2, "num_experts_per_tok": 1,
+                "moe_intermediate_size": 8, "use_sliding_window": True}
+    assert (model_config_from_hf(qwen_moe).max_position_embeddings, model_config_from_hf(qwen_moe).sliding_window) == \
+        (4096, None)
 
 
 @pytest.mark.parametrize("family,patch,named", [
