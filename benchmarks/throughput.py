@@ -315,6 +315,9 @@ def main(argv=None):
         "max_num_batched_tokens": llm.llm_engine.config.max_num_batched_tokens,
         "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2), "compiles_during_run": compiles,
         "async_scheduling": llm.llm_engine.config.async_scheduling, "step_times": llm.llm_engine.step_times.summary(),
+        # A window on every layer frees the blocks that leave it: fewer preemptions for long contexts.
+        "sliding_window": config.sliding_window, "num_kv_blocks": llm.llm_engine.kv_cache_manager.num_blocks,
+        "num_preemptions": getattr(getattr(llm.llm_engine, "scheduler", None), "num_preemptions", None),
         "prepare_ms_per_step": round(llm.llm_engine.runner.prepare_seconds * 1e3
                                      / max(llm.llm_engine.step_times.steps, 1), 3),
         "scan_unroll": os.environ.get("JAXLLM_SCAN_UNROLL", "1"),

@@ -46,7 +46,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute and weight dtype: float32 | bfloat16 | float16
     hidden_act: str = "silu"  # silu | gelu | gelu_tanh | relu
     # Sliding-window attention: each query sees the last `sliding_window` positions (its own included),
-    # on the layers that `layer_types` marks "sliding_attention" (every layer when layer_types is empty).
+    # on the layers that `layer_types` marks "sliding_attention". layer_types empty: every layer slides,
+    # and nothing but the mask depends on it (Mistral; the engine may then drop a window no query exceeds).
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)
@@ -88,6 +89,15 @@ class ModelConfig:
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
                              f"{self.num_experts}")
+
+    @property
+    def all_layers_window(self) -> int | None:
+        """The sliding window when every attention layer has it, else None. Only then can the KV blocks
+        that fall out of the window be freed: a full-attention layer (Gemma 2 and 3 mix them in) reads
+        every position of the context."""
+        if self.sliding_window is None or "full_attention" in self.layer_types:
+            return None
+        return self.sliding_window
 
     @property
     def q_size(self) -> int:

@@ -68,6 +68,11 @@ class LLMEngine:
         """`devices`: the devices this engine runs on, its weights and KV cache sharded over the first
         `engine_config.tensor_parallel_size` of them; default: JAX's first device, or its first
         tensor_parallel_size devices."""
+        window = model_config.all_layers_window
+        if window is not None and not model_config.layer_types and window >= engine_config.max_model_len:
+            # No query of max_model_len tokens reaches past the window: full attention is the same
+            # computation, and its long prefill chunks can take the Mosaic kernel (which lacks windows).
+            model_config = model_config.replace(sliding_window=None)
         self.mesh = None
         if engine_config.tensor_parallel_size > 1 or devices is not None:
             self.mesh = make_mesh(engine_config.tensor_parallel_size, devices)
@@ -103,8 +108,9 @@ class LLMEngine:
                     num_blocks * engine_config.block_size)
         if on_gpu:
             self.runner.precompile()
+        # Every layer windowed: blocks that leave the window go back to the pool (jaxllm/core/kv_cache_manager.py).
         self.kv_cache_manager = KVCacheManager(num_blocks, engine_config.block_size,
-                                               engine_config.enable_prefix_caching)
+                                               engine_config.enable_prefix_caching, model_config.all_layers_window)
         self.scheduler = Scheduler(self.kv_cache_manager, engine_config.max_num_seqs,
                                    engine_config.max_num_batched_tokens, engine_config.enable_chunked_prefill)
         self.requests: dict[str, Request] = {}  # user request_id -> its first sample
@@ -122,6 +128,16 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self.grammar_compiler = GrammarCompiler(tokenizer, model_config.vocab_size, self.eos_token_ids)
 
+    def _blocks_per_seq(self) -> int:
+        """The blocks one sequence of max_model_len may hold at once. With every layer windowed, a step
+        keeps only the blocks of its first query's window and of its new tokens (plus the null block)."""
+        cfg = self.config
+        window = self.model_config.all_layers_window
+        if window is None:
+            return cfg.max_blocks_per_seq
+        span = window - 1 + cfg.max_num_batched_tokens
+        return min(cfg.max_blocks_per_seq, -(-span // cfg.block_size) + 1) + 1
+
     def _num_kv_blocks(self) -> int:
         cfg = self.config
         # Per device: each holds 1/tp of every block (its KV heads).
@@ -131,7 +147,7 @@ class LLMEngine:
         if cfg.num_gpu_blocks is not None:
             num_blocks = cfg.num_gpu_blocks
         elif jax.default_backend() == "cpu":
-            wanted = cfg.max_num_seqs * cfg.max_blocks_per_seq
+            wanted = cfg.max_num_seqs * cfg.max_blocks_per_seq + (self.model_config.all_layers_window is not None)
             num_blocks = min(wanted, int(CPU_KV_CACHE_SPACE_GIB * 2**30) // per_block)
         else:
             # After a warm-up step of the largest bucket: what stays (weights, ...) plus that step's scratch,
@@ -156,10 +172,11 @@ class LLMEngine:
                         "largest step (device peak so far %.1f GiB), %.1f GiB for the KV cache", limit / 2**30,
                         cfg.gpu_memory_utilization, used / 2**30, stats.get("peak_bytes_in_use", 0) / 2**30,
                         num_blocks * per_block / 2**30)
-        if num_blocks < cfg.max_blocks_per_seq:
+        needed = self._blocks_per_seq()
+        if num_blocks < needed:
             raise ValueError(
                 f"the KV cache has room for {num_blocks} blocks ({num_blocks * cfg.block_size} tokens), fewer than one "
-                f"sequence of max_model_len={cfg.max_model_len} needs ({cfg.max_blocks_per_seq} blocks): raise "
+                f"sequence of max_model_len={cfg.max_model_len} needs ({needed} blocks): raise "
                 f"gpu_memory_utilization (now {cfg.gpu_memory_utilization}) or num_gpu_blocks_override, "
                 f"or lower max_model_len")
         return num_blocks

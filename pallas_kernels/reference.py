@@ -124,7 +124,14 @@ def ragged_paged_attention(
         _, l, acc = chunk(0, init)
     else:
         needed = (jnp.max(seq_lens) + chunk_len - 1) // chunk_len  # chunks past every context are skipped
-        _, l, acc = jax.lax.fori_loop(0, jnp.minimum(needed, num_chunks), chunk, init)
+        first = 0
+        if sliding_window is not None:
+            # So are chunks before every query's window: a long context costs its window, not its length,
+            # and block-table entries freed out of the window (the null block) are mostly never gathered.
+            q_len = query_start_loc[1:] - query_start_loc[:-1]  # [S]
+            lowest = jnp.where(q_len > 0, seq_lens - q_len - sliding_window + 1, jnp.iinfo(jnp.int32).max)  # [S]
+            first = jnp.maximum(jnp.min(lowest), 0) // chunk_len
+        _, l, acc = jax.lax.fori_loop(first, jnp.minimum(needed, num_chunks), chunk, init)
     out = (acc / jnp.maximum(l, 1e-30)[..., None]).transpose(0, 2, 1, 3, 4).reshape(W * R, num_q_heads, head_dim)
     # Each real token is one item's row; unused rows point past the end and are dropped.
     out = jnp.zeros((T, num_q_heads, head_dim), jnp.float32).at[token.reshape(-1)].set(out, mode="drop")

@@ -16,7 +16,7 @@ _SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attent
               head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
 
 # name -> (HF config class, model class, config overrides). Between them: Llama untied and tied,
-# Llama 3 rope scaling, Mistral, Qwen2's qkv bias, Qwen3's q/k norm.
+# Llama 3 rope scaling, Mistral (with and without its window), Qwen2's qkv bias and window, Qwen3's q/k norm.
 TINY_MODELS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=3, tie_word_embeddings=False)),
     # original_max_position_embeddings=16 puts head_dim 16's frequencies in all three llama3 bands
@@ -27,6 +27,12 @@ TINY_MODELS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, tie_word_embeddings=False,
                                                             sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_hidden_layers=2, tie_word_embeddings=False)),
+    # Windows shorter than the tests' sequences: Mistral's on every layer, Qwen2's on its second only.
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=2, tie_word_embeddings=False,
+                                                                   sliding_window=6)),
+    "qwen2_window_from_layer_1": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_hidden_layers=2, tie_word_embeddings=False, use_sliding_window=True, sliding_window=5,
+        max_window_layers=1)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_hidden_layers=2, tie_word_embeddings=True)),
 }
 
@@ -52,6 +58,7 @@ FAMILY_MODELS = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}})),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DENSE, sliding_window=None)),
+    "phi3_window": ("Phi3Config", "Phi3ForCausalLM", dict(_DENSE, sliding_window=5)),
     # LongRoPE's short regime (sequences within original_max_position_embeddings), attention factor ~1.15
     "phi3_longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
         _DENSE, sliding_window=None, original_max_position_embeddings=64, rope_parameters=dict(
@@ -73,6 +80,8 @@ FAMILY_MODELS = {
     # 4 experts, top 2: with 13-token prompts every expert gets rows and some get none in a decode step
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         _DENSE, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "mixtral_window": ("MixtralConfig", "MixtralForCausalLM", dict(
+        _DENSE, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
         _DENSE, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
         norm_topk_prob=False)),

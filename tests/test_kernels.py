@@ -125,6 +125,36 @@ def test_reference_attention_features(case, feature):
     assert rel_err(got[:n_real], dense_attention(b, scale)[:n_real]) > 1e-2  # the feature changed the result
 
 
+@pytest.mark.parametrize("kernel", ["reference", "decode", "ragged"])
+def test_window_over_blocks_freed_out_of_it(kernel):
+    """Every sequence deep in its context, its table holding the null block (block 0, filled with large
+    values) where blocks left the window, as the engine's tables do: what is gathered of the null block is
+    masked. The reference starts its loop at the first chunk any window reaches; the kernels (interpreted)
+    skip their tiles before the window."""
+    window, bs = 7, 8
+    q_lens = [1, 1, 0, 1, 1] if kernel == "decode" else [1, 9, 0, 1, 2]
+    b = random_batch(11, q_lens=q_lens, ctx_lens=[70, 90, 0, 64, 83], block_size=bs, pad_tokens=3,
+                     dtype=jnp.float32 if kernel == "reference" else jnp.bfloat16)
+    tables = np.asarray(b["block_tables"]).copy()
+    for s, (ctx, n) in enumerate(zip(np.asarray(b["seq_lens"]), q_lens)):
+        tables[s, :max(0, ctx - n - window + 1) // bs] = 0  # dead for this sequence's first query
+    b["block_tables"] = jnp.asarray(tables)
+    b["k_cache"] = b["k_cache"].at[:, 0].set(1e4)
+    b["v_cache"] = b["v_cache"].at[:, 0].set(1e4)
+    scale = 32**-0.5
+    if kernel == "reference":
+        run = jax.jit(functools.partial(reference, scale=scale, kv_chunk_tokens=16))
+    elif kernel == "decode":
+        run = functools.partial(paged_decode_attention, scale=scale, num_splits=3, block_k=16, interpret=True)
+    else:
+        run = functools.partial(ragged_kernel, scale=scale, block_m=16, block_k=16, interpret=True)
+    got = np.asarray(run(**b, sliding_window=jnp.int32(window)), np.float32)
+    want = dense_attention(b, scale, window=window)
+    n_real = int(b["query_start_loc"][-1])
+    assert rel_err(got[:n_real], want[:n_real]) < (1e-5 if kernel == "reference" else 1e-2)
+    assert (got[n_real:] == 0).all()
+
+
 @pytest.mark.parametrize("rows", [1, 2, 16, 64])
 @pytest.mark.parametrize("case", [MIXED, DECODE, LONG], ids=["mixed", "decode", "long"])
 def test_reference_rows_per_item(monkeypatch, case, rows):

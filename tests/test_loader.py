@@ -414,17 +414,34 @@ def test_tokenizer_errors(saved, tmp_path):
         load_tokenizer(tmp_path / "vocab.txt")
 
 
-def test_sliding_window_caps_the_context():
-    """No sliding-window attention: a window below the context length caps max_position_embeddings instead."""
+def test_sliding_window_is_read_as_transformers_reads_it():
+    """Mistral, Phi-3 and Mixtral slide on every layer and keep their whole context; Qwen2 only with
+    use_sliding_window, from max_window_layers on; Qwen-MoE (its window pattern not run) is capped at it."""
     from jaxllm.config import model_config_from_hf
 
     base = dict(architectures=["MistralForCausalLM"], vocab_size=10, hidden_size=8, intermediate_size=8,
-                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                 max_position_embeddings=32768, sliding_window=4096)
-    assert model_config_from_hf(base).max_position_embeddings == 4096
-    assert model_config_from_hf({**base, "sliding_window": None}).max_position_embeddings == 32768
+    mistral = model_config_from_hf(base)
+    assert (mistral.max_position_embeddings, mistral.sliding_window, mistral.layer_types) == (32768, 4096, ())
+    assert mistral.all_layers_window == 4096
+    assert model_config_from_hf({**base, "sliding_window": None}).sliding_window is None
     qwen = {**base, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False}
-    assert model_config_from_hf(qwen).max_position_embeddings == 32768
+    assert model_config_from_hf(qwen).sliding_window is None
+    every = model_config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 0})
+    assert (every.sliding_window, every.all_layers_window) == (4096, 4096)
+    mixed = model_config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 1})
+    assert mixed.layer_types == ("full_attention", "sliding_attention") and mixed.all_layers_window is None
+    phi3 = model_config_from_hf({**base, "architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 4096,
+                                 "sliding_window": 2047})  # Phi-3-mini-4k's
+    assert (phi3.max_position_embeddings, phi3.all_layers_window) == (4096, 2047)
+    mixtral = model_config_from_hf({**base, "architectures": ["MixtralForCausalLM"], "num_local_experts": 2,
+                                    "num_experts_per_tok": 1})
+    assert (mixtral.max_position_embeddings, mixtral.all_layers_window) == (32768, 4096)
+    qwen_moe = {**base, "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 2, "num_experts_per_tok": 1,
+                "moe_intermediate_size": 8, "use_sliding_window": True}
+    assert (model_config_from_hf(qwen_moe).max_position_embeddings, model_config_from_hf(qwen_moe).sliding_window) == \
+        (4096, None)
 
 
 @pytest.mark.parametrize("family,patch,named", [

@@ -49,13 +49,15 @@ def runs():
     # Qwen3: q/k norms, tied embeddings. Qwen2: fused QKV bias. One device's tokens are transformers'
     # (test_hf_greedy_is_one_device's), which saves compiling the one-device engine for each model.
     # Phi-3: its own checkpoint names on llama.py's weights. Gemma 2 (sliding windows, soft-caps): a
-    # family with no tensor-parallel layout, in data-parallel replicas of one device each. int8 weights
+    # family with no tensor-parallel layout, in data-parallel replicas of one device each. Mistral with a
+    # window shorter than the sequences: the window rides into each shard's attention. int8 weights
     # with an FP8 KV cache: data-parallel replicas give one device's quantized tokens.
     layouts = [dict(model="llama"), dict(model="llama", tensor_parallel_size=2),
                dict(model="llama", tensor_parallel_size=4), dict(model="llama", data_parallel_size=2),
                dict(model="qwen3", tensor_parallel_size=4),
                dict(model="qwen2", tensor_parallel_size=2, data_parallel_size=2),
                dict(model="phi3", tensor_parallel_size=2), dict(model="gemma2", data_parallel_size=2),
+               dict(model="mistral_window", tensor_parallel_size=2),
                dict(model="llama", quantization="int8", kv_cache_dtype="fp8"),
                dict(model="llama", data_parallel_size=2, quantization="int8", kv_cache_dtype="fp8")]
     result = run_child(layouts)
@@ -85,7 +87,7 @@ def test_hf_greedy_is_one_device(runs):
 
 
 @pytest.mark.parametrize("model,tp,dp", [("llama", 2, 1), ("llama", 4, 1), ("llama", 1, 2), ("qwen3", 4, 1),
-                                         ("qwen2", 2, 2), ("phi3", 2, 1), ("gemma2", 1, 2)])
+                                         ("qwen2", 2, 2), ("phi3", 2, 1), ("gemma2", 1, 2), ("mistral_window", 2, 1)])
 def test_parallel_layouts_give_the_same_greedy_tokens_as_one_device(runs, model, tp, dp):
     run = _find(runs, model, tp, dp)
     expected = _find(runs, "llama")["tokens"] if model == "llama" else hf_tokens(model)

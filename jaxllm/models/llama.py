@@ -83,6 +83,11 @@ def forward_hidden(
     hd, nq, nkv = config.head_dim, config.num_heads, config.num_kv_heads
     cos, sin = rope_tables(positions, rope_inv_freq(config))
     x = params.embed[token_ids]  # [T, e]
+    # A static window when every layer slides (no window: the kernels' program, unchanged); else each
+    # layer's [L], picked by the layer index in the loop.
+    windows = layers.layer_windows(config)
+    per_layer = windows is not None and config.all_layers_window is None
+    window = jnp.asarray(windows) if per_layer else config.all_layers_window  # [L] or a static int or None
 
     def layer(carry, w):
         # The layer index rides in the carry, not in the scanned inputs: a scanned index is sliced out
@@ -102,7 +107,8 @@ def forward_hidden(
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             scale = config.attn_scale if config.attn_scale is not None else hd**-0.5
             o, cache = layers.attention(q, k, v, cache, i, md, scale=scale, decode_only=decode_only,
-                                        prefill_kernel=prefill_kernel)
+                                        prefill_kernel=prefill_kernel,
+                                        sliding_window=window[i] if per_layer else window)
             x = x + linear(o, w.wo)
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, config.rms_norm_eps)
@@ -202,11 +208,7 @@ def config_from_hf(hf: dict) -> dict:
     model_type = hf.get("model_type", "")
     num_heads = hf["num_attention_heads"]
     rope_theta, rope_scaling = rope_from_hf(hf)
-    # No sliding-window attention on this path: cap the context at the window, where full attention is identical.
-    max_pos = int(hf.get("max_position_embeddings", 2048))
-    window = hf.get("sliding_window")
-    if window and (arch == "MistralForCausalLM" or model_type == "mistral" or hf.get("use_sliding_window")):
-        max_pos = min(max_pos, int(window))
+    window, types = _sliding_window(hf, arch, model_type)
     qwen2 = arch == "Qwen2ForCausalLM" or (arch is None and model_type == "qwen2")
     qwen3 = arch == "Qwen3ForCausalLM" or (arch is None and model_type == "qwen3")
     if hf.get("hidden_act", "silu") != "silu":
@@ -222,11 +224,33 @@ def config_from_hf(hf: dict) -> dict:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        max_position_embeddings=max_pos,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        sliding_window=window,
+        layer_types=types,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=qwen2 or bool(hf.get("attention_bias", False)),
         qk_norm=qwen3,
     )
+
+
+def _sliding_window(hf: dict, arch: str | None, model_type: str) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types) as transformers reads them: Mistral slides on every layer; Qwen2 and
+    Qwen3 only with use_sliding_window, on the layers from max_window_layers on (or as layer_types says).
+    Every layer sliding gives layer_types () (ModelConfig.layer_types)."""
+    window = hf.get("sliding_window")
+    if not window:
+        return None, ()
+    if arch == "MistralForCausalLM" or (arch is None and model_type == "mistral"):
+        return int(window), ()
+    if not hf.get("use_sliding_window"):
+        return None, ()
+    num_layers = hf["num_hidden_layers"]
+    first = hf.get("max_window_layers", 0)
+    types = tuple(hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                            for i in range(num_layers)])
+    if "sliding_attention" not in types:
+        return None, ()
+    return int(window), (() if "full_attention" not in types else types)
 
 
 def load_weights(config: ModelConfig, reader) -> Weights:

@@ -30,13 +30,16 @@ def config_from_hf(hf: dict) -> dict:
     mixtral = arch == "MixtralForCausalLM"
     max_pos = int(hf.get("max_position_embeddings", 4096))
     window = hf.get("sliding_window")
-    if window and (mixtral or hf.get("use_sliding_window")):  # as llama.py for Mistral
+    # Mixtral slides on every layer; Qwen-MoE's windowed layers follow a pattern this path does not run, so
+    # its window caps the context instead (within it, full attention is the same computation).
+    if window and not mixtral and hf.get("use_sliding_window"):
         max_pos = min(max_pos, int(window))
     return dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=rope_theta, rope_scaling=rope_scaling, max_position_embeddings=max_pos,
+        sliding_window=int(window) if window and mixtral else None,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2MoeForCausalLM", qk_norm=arch == "Qwen3MoeForCausalLM",
         num_experts=int(hf.get("num_local_experts") or hf["num_experts"]),
@@ -107,7 +110,7 @@ def forward_hidden(params: dict, token_ids: jax.Array, positions: jax.Array, kv_
                 q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             o, cache = attention(q, k, v, cache, i, md, scale=hd**-0.5, decode_only=decode_only,
-                                 prefill_kernel=prefill_kernel)
+                                 prefill_kernel=prefill_kernel, sliding_window=config.all_layers_window)
             x = x + linear(o, w["wo"])
         with jax.named_scope("moe"):
             h = rms_norm(x, w["mlp_norm"], eps)

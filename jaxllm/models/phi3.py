@@ -5,8 +5,8 @@ LongRoPE (the 128k models) runs in its short regime: HF switches every position 
 once a sequence passes original_max_position_embeddings, so the context is capped there (the 128k
 models serve 4k contexts). Its attention factor, which HF multiplies into cos and sin, is folded
 into the attention scale (squared: q and k both carry it). Partial rotary factors below 1 are refused.
-Phi-3's `sliding_window` caps the context too (as llama.py does for Mistral): within the window, full
-attention is the same computation.
+Phi-3's `sliding_window` applies to every layer, as Mistral's: the model serves its whole context, and the
+KV blocks that leave the window go back to the pool.
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ def config_from_hf(hf: dict) -> dict:
             1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
         extra = dict(attn_scale=attention_factor**2 * head_dim**-0.5, options=(("rope_ext_factors", short),))
         max_pos = min(max_pos, original)
-    if hf.get("sliding_window"):
-        max_pos = min(max_pos, int(hf["sliding_window"]))
+    window = int(hf["sliding_window"]) if hf.get("sliding_window") else None
     return extra | dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=rope_theta,
-        max_position_embeddings=max_pos, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        max_position_embeddings=max_pos, sliding_window=window,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
 def load_weights(config: ModelConfig, reader) -> Weights:

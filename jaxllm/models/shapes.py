@@ -23,6 +23,10 @@ MODEL_SHAPES: dict[str, dict] = {
                         intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                         rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
                         rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), eos_token_ids=(128001, 128009)),
+    # Every layer slides over the last 4096 positions: blocks that leave the window go back to the pool.
+    "mistral-7b-v0.1": dict(architecture="MistralForCausalLM", vocab_size=32000, hidden_size=4096,
+                            intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                            max_position_embeddings=32768, sliding_window=4096, rms_norm_eps=1e-5, eos_token_ids=(2,)),
     # Mixture of experts (bf16: Mixtral-8x7B's 46.7B parameters are 93 GB, one H200)
     "mixtral-8x7b": dict(architecture="MixtralForCausalLM", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                          num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
