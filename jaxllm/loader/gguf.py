@@ -60,7 +60,7 @@ class GGUFFile:
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
+_FLOAT32, _STRING, _ARRAY = 6, 8, 9
 
 
 def read_gguf(path: Path) -> GGUFFile:
@@ -93,6 +93,10 @@ def read_gguf(path: Path) -> GGUFFile:
                 pos += dt.itemsize * count
                 return items
             return [value(item_kind) for _ in range(count)]
+        if kind == _FLOAT32:
+            # The converter wrote config.json's decimal (rms_norm_eps 1e-05) as float32; its shortest decimal
+            # gives back that value rather than 9.99999974e-06.
+            return float(str(np.float32(scalar("<f"))))
         return scalar(_SCALARS[kind])
 
     if buf[:4] != b"GGUF":
