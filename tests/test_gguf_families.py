@@ -34,6 +34,7 @@ _GEMMA3 = dict(num_hidden_layers=6, layer_types=None, query_pre_attn_scalar=16, 
     "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0}})
 CASES = {
     "mixtral": ("mixtral", "llama", {}),
+    "mixtral_split_experts": ("mixtral", "llama", {}),  # a file from before llama.cpp stacked experts
     "qwen2_moe": ("qwen2_moe", "qwen2moe", {}),
     "qwen3_moe": ("qwen3_moe", "qwen3moe", {}),
     "gemma": ("gemma", "gemma", {}),
@@ -125,8 +126,10 @@ def llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def converter_tensors(arch: str, cfg, ckpt: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-    """(GGUF name, array) as convert_hf_to_gguf.py writes the checkpoint's tensors."""
+def converter_tensors(arch: str, cfg, ckpt: dict[str, np.ndarray], stack_experts: bool = True,
+                      ) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, array) as convert_hf_to_gguf.py writes the checkpoint's tensors; with stack_experts
+    False, as it wrote Mixtral before April 2024 (blk.{i}.ffn_gate.{j}.weight, one per expert)."""
     tensor_map = gguf.get_tensor_name_map(_ARCH[arch], cfg.num_hidden_layers)
     out, experts = [], {}
     for name, w in ckpt.items():
@@ -142,6 +145,11 @@ def converter_tensors(arch: str, cfg, ckpt: dict[str, np.ndarray]) -> list[tuple
             g = w.reshape(nkv, nq // nkv + 2, hd, w.shape[1])
             w = np.concatenate([g[:, :-2].reshape(-1, w.shape[1]), g[:, -2].reshape(-1, w.shape[1]),
                                 g[:, -1].reshape(-1, w.shape[1])])
+        if ".experts." in name and not stack_experts:
+            layer, j, proj = name.split(".")[2], name.split(".")[5], name.split(".")[6]
+            stem = {"w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}[proj]
+            out.append((f"blk.{layer}.{stem}.{j}.weight", w))
+            continue
         if ".experts." in name:  # the converter stacks a layer's experts per projection: [experts, out, in]
             head, _, tail = name.partition(".experts.")
             j, proj = tail.split(".", 1)
@@ -156,10 +164,11 @@ def converter_tensors(arch: str, cfg, ckpt: dict[str, np.ndarray]) -> list[tuple
     return out
 
 
-def write_gguf(case: str, folder, path, tokenizer: dict | None = None):
-    """The case's tiny model saved to `folder` and converted to `path`; returns (HF model, checkpoint)."""
-    model_name, arch, overrides = CASES[case]
-    model = tiny_hf_model(model_name, **overrides)
+def write_gguf(case: str, folder, path, tokenizer: dict | None = None, expert_type=None, **overrides):
+    """The case's tiny model saved to `folder` and converted to `path`; returns (HF model, checkpoint).
+    `expert_type`: a GGML block type for the stacked expert tensors; `overrides`: more config fields."""
+    model_name, arch, case_overrides = CASES[case]
+    model = tiny_hf_model(model_name, **case_overrides, **overrides)
     model.save_pretrained(folder)
     ckpt = {}
     for f in sorted(glob.glob(f"{folder}/*.safetensors")):
@@ -171,7 +180,10 @@ def write_gguf(case: str, folder, path, tokenizer: dict | None = None):
     w.add_eos_token_id(2)
     for key, value in (tokenizer or {}).items():
         getattr(w, f"add_{key}")(value)
-    for name, array in converter_tensors(arch, cfg, ckpt):
+    for name, array in converter_tensors(arch, cfg, ckpt, stack_experts=case != "mixtral_split_experts"):
+        if expert_type is not None and name.endswith("_exps.weight"):
+            w.add_tensor(name, gguf.quants.quantize(array, expert_type), raw_dtype=expert_type)
+            continue
         if case in F16_CASES and array.ndim >= 2:
             array = array.astype(np.float16)
         w.add_tensor(name, np.ascontiguousarray(array))
@@ -221,6 +233,27 @@ def test_gguf_reads_back_the_checkpoint(case, tmp_path):
             assert np.all((ours[key] == want) | (ours[key] == want.astype(np.float16).astype(np.float32))), key
         else:  # Gemma's norms: (w + 1) - 1
             np.testing.assert_allclose(ours[key], want, rtol=0, atol=2e-7, err_msg=key)
+
+
+def test_quantized_experts_read_one_expert_at_a_time(tmp_path):
+    """Stacked experts in Q8_0 (blocks of 32 along each row): each expert dequantizes alone to its slice
+    of the whole tensor, and the model loads."""
+    path = tmp_path / "q8.gguf"
+    _, ckpt = write_gguf("qwen3_moe", tmp_path / "hf", path, expert_type=gguf.GGMLQuantizationType.Q8_0,
+                         moe_intermediate_size=32)
+    file = read_gguf(path)
+    layout = file_layout(file)
+    tensors = GGUFTensors(file, layout, gguf_model_config(file, layout=layout))
+    for layer, proj, stem in [(0, "gate_proj", "ffn_gate_exps"), (1, "down_proj", "ffn_down_exps")]:
+        stacked = file.tensors[f"blk.{layer}.{stem}.weight"]
+        assert stacked.ggml_type == gguf.GGMLQuantizationType.Q8_0 and stacked.shape[0] == 4
+        whole = gguf.quants.dequantize(stacked.data, stacked.ggml_type).reshape(stacked.shape)
+        for j in range(4):
+            name = f"model.layers.{layer}.mlp.experts.{j}.{proj}.weight"
+            np.testing.assert_array_equal(tensors[name], whole[j])
+            np.testing.assert_allclose(tensors[name], ckpt[name], atol=np.abs(ckpt[name]).max() / 100)
+    config, _ = load_model(path)
+    assert (config.num_experts, config.moe_intermediate_size) == (4, 32)
 
 
 @pytest.mark.parametrize("case", ["mixtral", "gemma3", "falcon_new", "phi3_longrope"])

@@ -123,20 +123,22 @@ _LAYER = "model.layers.{i}."
 
 
 def _llama(m: _Meta, shapes, read) -> GGUFLayout:
-    """Llama and Mistral; Mixtral when the file has stacked experts."""
+    """Llama and Mistral; Mixtral when the file has experts (`expert_count`)."""
     _refuse_rope_scaling(m, shapes)
     hf = _attention_config(m, shapes) | dict(
         intermediate_size=int(m("feed_forward_length")), rope_theta=float(m("rope.freq_base", 10000.0)),
         attention_bias="blk.0.attn_q.bias" in shapes, architectures=["LlamaForCausalLM"])
     names = _MODEL | _layer_names(_LAYER, _ATTENTION | _PRE_NORMS)
-    if "blk.0.ffn_gate_exps.weight" in shapes:
-        hf.update(architectures=["MixtralForCausalLM"], num_local_experts=int(m("expert_count")),
+    if num_experts := int(m("expert_count", 0)):
+        hf.update(architectures=["MixtralForCausalLM"], num_local_experts=num_experts,
                   num_experts_per_tok=int(m("expert_used_count")))
         moe = _LAYER + "block_sparse_moe."
-        names |= {"blk.{i}.ffn_gate_inp.weight": moe + "gate.weight",
-                  "blk.{i}.ffn_gate_exps.weight": moe + "experts.{j}.w1.weight",
-                  "blk.{i}.ffn_down_exps.weight": moe + "experts.{j}.w2.weight",
-                  "blk.{i}.ffn_up_exps.weight": moe + "experts.{j}.w3.weight"}
+        names |= {"blk.{i}.ffn_gate_inp.weight": moe + "gate.weight"}
+        for gguf_stem, hf_stem in (("ffn_gate", "w1"), ("ffn_down", "w2"), ("ffn_up", "w3")):
+            names[f"blk.{{i}}.{gguf_stem}_exps.weight"] = moe + f"experts.{{j}}.{hf_stem}.weight"
+            # files converted before April 2024 keep one tensor per expert: blk.{i}.ffn_gate.{j}.weight
+            names |= {f"blk.{{i}}.{gguf_stem}.{j}.weight": moe + f"experts.{j}.{hf_stem}.weight"
+                      for j in range(num_experts)}
     else:
         names |= _layer_names(_LAYER, _MLP)
     return GGUFLayout(hf, names, _unpermute_qk)
