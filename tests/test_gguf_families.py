@@ -316,14 +316,22 @@ def test_gguf_tokenizer_of_a_gpt2_file(tmp_path):
     assert out.outputs[0].text == tokenizer.decode(out.outputs[0].token_ids)
 
 
-def test_unknown_and_unconverted_architectures_are_refused(tmp_path):
-    """A GGUF architecture jaxllm does not read is named, with OPT's absence explained."""
-    path = tmp_path / "bloom.gguf"
-    w = gguf.GGUFWriter(path, "bloom")
+def bare_gguf(path, arch: str, **metadata):
+    w = gguf.GGUFWriter(path, arch)
+    for key, value in metadata.items():
+        getattr(w, f"add_{key}")(value)
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_unknown_architectures_and_missing_metadata_are_named(tmp_path):
+    """A GGUF architecture jaxllm does not read is named, with OPT's absence explained; so is the metadata
+    key a file lacks."""
     with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'bloom'.*gemma3.*OPT has no GGUF"):
-        load_model(path)
+        load_model(bare_gguf(tmp_path / "bloom.gguf", "bloom"))
+    with pytest.raises(ValueError, match=r"lacks 'gemma2.embedding_length'"):
+        load_model(bare_gguf(tmp_path / "gemma2.gguf", "gemma2", block_count=1, head_count=2))
