@@ -11,7 +11,6 @@ families' logits and greedy tokens equal transformers'.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 
 import gguf
