@@ -8,7 +8,8 @@ made to a tensor, to undo. gguf.py stays generic; the knowledge of each architec
 What the converter changes, beyond renaming (GGUF names: `gguf.constants.TENSOR_NAMES`):
 - llama (Llama, Mistral and Mixtral, which llama.cpp stores as arch "llama"): q/k rows interleaved
   within each head (GPT-J rotary order); Mixtral's experts stacked into one [experts, out, in] tensor
-  per projection (ffn_gate_exps, ffn_up_exps, ffn_down_exps), as for qwen2moe and qwen3moe.
+  per projection (ffn_gate_exps, ffn_up_exps, ffn_down_exps), as for qwen2moe and qwen3moe (Mixtral files
+  converted before April 2024 keep one tensor per expert: blk.{i}.ffn_gate.{j}.weight).
 - gemma, gemma2, gemma3: every RMSNorm weight w stored as 1 + w (llama.cpp multiplies by the weight
   as stored); the tied lm_head left out.
 - gpt2: Conv1D's [in, out] matrices stored [out, in]; the tied head written again as `output`.
