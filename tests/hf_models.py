@@ -90,16 +90,16 @@ FAMILY_MODELS = {
 }
 
 
-def tiny_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
+def tiny_hf_model(name: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
     """A tiny random HF model in float32 eval mode. Every parameter is redrawn, norms and biases
     included (HF inits those to ones and zeros, which would hide a misplaced norm or bias), at a
-    scale where attention is far from uniform."""
+    scale where attention is far from uniform. `config_overrides` replace fields of its config."""
     if name in FAMILY_MODELS:
         config_cls, model_cls, kwargs = FAMILY_MODELS[name]
-        config = getattr(transformers, config_cls)(**kwargs)
+        config = getattr(transformers, config_cls)(**{**kwargs, **config_overrides})
     else:
         config_cls, model_cls, overrides = TINY_MODELS[name]
-        config = getattr(transformers, config_cls)(**_SMALL, **overrides)
+        config = getattr(transformers, config_cls)(**{**_SMALL, **overrides, **config_overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).float().eval()
     gen = torch.Generator().manual_seed(seed)

@@ -1,9 +1,10 @@
 """llama.cpp GGUF files -> ModelConfig and Weights.
 
 Every tensor is dequantized to float32 with the `gguf` library and renamed to its Hugging Face name,
-so `hf.weights_from_state` does the layout conversion for both formats. One llama.cpp quirk is
-undone on the way: its converter reorders the rows of Llama's q/k projections so that each head's
-rotary pairs sit next to each other (GPT-J style); jaxllm, like HF, rotates half-split pairs.
+so `hf.weights_from_state` does the layout conversion for both formats, and the metadata becomes the
+config.json that the family's `config_from_hf` reads. What llama.cpp's converter did to each
+architecture's tensors (Llama's interleaved q/k rows, Gemma's 1 + w norms, stacked experts, ...) is
+undone on the way; that knowledge lives in gguf_arch.py, this module is the same for every architecture.
 
 The header is parsed here rather than by `gguf.GGUFReader`, which slices a np.memmap for each of
 the ~100k tokenizer strings and so spent 2-4 s of a 5-10 s load on metadata this loader never uses.
@@ -21,40 +22,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, model_config_from_hf
+from jaxllm.loader.gguf_arch import GGUFLayout, gguf_layout
 from jaxllm.loader.hf import weights_from_state
-from jaxllm.models.llama import Weights
-
-# GGUF `general.architecture` -> the HF architecture with the same computation.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# Only llama.cpp's Llama converter interleaves q/k rows; its Qwen converters keep HF's order.
-_PERMUTED_QK = ("llama",)
-
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-
 
 def load_gguf_file(path: Path, dtype: str = "auto", quantization: str | None = None,
-                   on_host: bool = False) -> tuple[ModelConfig, Weights]:
+                   on_host: bool = False) -> tuple[ModelConfig, object]:
     """The GGUF's blocks are dequantized to `dtype`; `quantization` "fp8" or "int8" then requantizes the
     linear weights in the engine's own formats. `on_host`: numpy arrays, not arrays on the default device."""
     scheme = None
@@ -68,8 +41,9 @@ def load_gguf_file(path: Path, dtype: str = "auto", quantization: str | None = N
                              "a GGUF file takes fp8 or int8 (quantized at load)")
         scheme = QuantScheme(quantization, from_checkpoint=False)
     file = read_gguf(path)
-    config = gguf_model_config(file, "float32" if dtype == "auto" else dtype)
-    return config, weights_from_state(config, GGUFTensors(file, config), scheme, on_host)
+    layout = file_layout(file)
+    config = gguf_model_config(file, "float32" if dtype == "auto" else dtype, layout)
+    return config, weights_from_state(config, GGUFTensors(file, layout, config), scheme, on_host)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +60,7 @@ class GGUFFile:
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
+_FLOAT32, _STRING, _ARRAY = 6, 8, 9
 
 
 def read_gguf(path: Path) -> GGUFFile:
@@ -119,6 +93,10 @@ def read_gguf(path: Path) -> GGUFFile:
                 pos += dt.itemsize * count
                 return items
             return [value(item_kind) for _ in range(count)]
+        if kind == _FLOAT32:
+            # The converter wrote config.json's decimal (rms_norm_eps 1e-05) as float32; its shortest decimal
+            # gives back that value rather than 9.99999974e-06.
+            return float(str(np.float32(scalar("<f"))))
         return scalar(_SCALARS[kind])
 
     if buf[:4] != b"GGUF":
@@ -150,89 +128,52 @@ def read_gguf(path: Path) -> GGUFFile:
     return GGUFFile(metadata, tensors)
 
 
-def gguf_model_config(file: GGUFFile, dtype: str = "float32") -> ModelConfig:
+def file_layout(file: GGUFFile) -> GGUFLayout:
+    """How `file` maps onto its Hugging Face checkpoint (jaxllm/loader/gguf_arch.py)."""
+    shapes = {name: t.shape for name, t in file.tensors.items()}
+    return gguf_layout(file.metadata, shapes, lambda name: _dequantize(file.tensors[name]))
+
+
+def gguf_model_config(file: GGUFFile, dtype: str = "float32", layout: GGUFLayout | None = None) -> ModelConfig:
     """The ModelConfig that the `<arch>.*` and `tokenizer.ggml.*` metadata describe."""
-    arch = file.metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
-
-    def meta(key, default=None):
-        return file.metadata.get(f"{arch}.{key}", default)
-
-    tensor_names = set(file.tensors)
-    num_heads = int(meta("attention.head_count"))
-    num_kv_heads = meta("attention.head_count_kv", num_heads)
-    if isinstance(num_kv_heads, list):
-        raise ValueError(f"per-layer attention.head_count_kv in {arch} GGUF is not supported")
-    hidden = int(meta("embedding_length"))
-    head_dim = int(meta("attention.key_length", hidden // num_heads))
-    rope_dim = int(meta("rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
-        raise ValueError(f"partial rotary embedding (rope.dimension_count={rope_dim}, head_dim={head_dim}) "
-                         "is not supported")
-    if meta("rope.scaling.type", "none") != "none" or "rope_freqs.weight" in tensor_names:
-        raise ValueError("rope scaling in a GGUF (rope.scaling.type, or the rope_freqs.weight of Llama 3.1+ files) "
-                         "is not supported; load the model's Hugging Face folder instead")
-    vocab = meta("vocab_size") or len(file.metadata.get("tokenizer.ggml.tokens", ())) or \
-        file.tensors["token_embd.weight"].shape[0]
-    eos = [file.metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    return ModelConfig(
-        architecture=ARCHITECTURES[arch],
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(meta("feed_forward_length")),
-        num_layers=int(meta("block_count")),
-        num_heads=num_heads,
-        num_kv_heads=int(num_kv_heads),
-        head_dim=head_dim,
-        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(meta("rope.freq_base", 10000.0)),
-        max_position_embeddings=int(meta("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        qkv_bias="blk.0.attn_q.bias" in tensor_names,
-        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
-        bos_token_id=file.metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=tuple(dict.fromkeys(int(i) for i in eos if i is not None)),
-        dtype=dtype,
-    )
+    layout = layout or file_layout(file)
+    return model_config_from_hf(layout.hf_config, dtype)
 
 
 class GGUFTensors(Mapping):
-    """A GGUF file's tensors under their HF names, dequantized to float32 [out, in] on access.
-    Tensors with no HF counterpart keep their GGUF name (so the loader can report them)."""
+    """A GGUF file's tensors under their HF names, dequantized to float32 in HF's layout on access. A stacked
+    expert tensor [experts, out, in] reads as one tensor per expert. Tensors with no HF counterpart keep
+    their GGUF name (so the loader can report them)."""
 
-    def __init__(self, file: GGUFFile, config: ModelConfig):
-        self._config = config
-        self._permuted = file.metadata.get("general.architecture") in _PERMUTED_QK
-        self._tensors = {_hf_name(name): t for name, t in file.tensors.items()}
+    def __init__(self, file: GGUFFile, layout: GGUFLayout, config: ModelConfig):
+        self._config, self._restore = config, layout.restore
+        self._sources: dict[str, tuple[GGUFTensor, int | None]] = {}  # HF name -> (tensor, expert or None)
+        for name, tensor in file.tensors.items():
+            if name in layout.consumed:
+                continue
+            hf_name = layout.hf_name(name) or name
+            if "{j}" in hf_name:
+                self._sources.update({hf_name.replace("{j}", str(j)): (tensor, j) for j in range(tensor.shape[0])})
+            else:
+                self._sources[hf_name] = (tensor, None)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        tensor = self._tensors[name]
-        array = gguf.quants.dequantize(tensor.data, tensor.ggml_type).reshape(tensor.shape)
-        if self._permuted and (".q_proj." in name or ".k_proj." in name):
-            heads = self._config.num_heads if ".q_proj." in name else self._config.num_kv_heads
-            array = unpermute_rotary_rows(array, heads)
-        return array
+        tensor, expert = self._sources[name]
+        array = _dequantize(tensor, expert)
+        return array if self._restore is None else self._restore(name, array, self._config)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
+        return iter(self._sources)
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self._sources)
 
 
-def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row order. Within each head llama.cpp stores row j of the first half
-    and row j of the second half next to each other (rows 2j, 2j+1); HF keeps the halves apart."""
-    rows = w.shape[0]
-    per_head = w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:])  # [head, pair, half, ...]
-    return per_head.swapaxes(1, 2).reshape(w.shape)  # [head, half, pair, ...]
-
-
-def _hf_name(gguf_name: str) -> str:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    return gguf_name
+def _dequantize(tensor: GGUFTensor, expert: int | None = None) -> np.ndarray:
+    """float32 in numpy order; with `expert`, only that slice of a stacked [experts, ...] tensor (whose
+    rows, quantized or not, are contiguous per expert)."""
+    data, shape = tensor.data, tensor.shape
+    if expert is not None:
+        rows = data.shape[0] // shape[0]
+        data, shape = data[expert * rows:(expert + 1) * rows], shape[1:]
+    return gguf.quants.dequantize(data, tensor.ggml_type).reshape(shape)
