@@ -40,26 +40,31 @@ CPU_KV_CACHE_SPACE_GIB = float(os.environ.get("JAXLLM_CPU_KVCACHE_SPACE", "1"))
 @dataclasses.dataclass
 class StepTimes:
     """Where the engine's wall time goes, summed over steps: host scheduling, building and launching the
-    step, waiting for the device, and host work on the results. `wait` near zero means host-bound."""
+    step, waiting for the device, host work on the results, and structured outputs' grammar work (the
+    matchers taking the sampled tokens, and filling the next step's token bitmask; not in `process`).
+    `wait` near zero means host-bound."""
 
     steps: int = 0
     schedule: float = 0.0
     dispatch: float = 0.0
     wait: float = 0.0
     process: float = 0.0
+    grammar: float = 0.0
     rows: int = 0
 
-    def add(self, schedule: float, dispatch: float, wait: float, process: float, rows: int) -> None:
+    def add(self, schedule: float, dispatch: float, wait: float, process: float, grammar: float, rows: int) -> None:
         self.steps += 1
         self.schedule += schedule
         self.dispatch += dispatch
         self.wait += wait
         self.process += process
+        self.grammar += grammar
         self.rows += rows
 
     def summary(self) -> dict:
         n = max(self.steps, 1)
-        per_step = {k: round(getattr(self, k) / n * 1e3, 3) for k in ("schedule", "dispatch", "wait", "process")}
+        per_step = {k: round(getattr(self, k) / n * 1e3, 3)
+                    for k in ("schedule", "dispatch", "wait", "process", "grammar")}
         return {"steps": self.steps, "mean_rows": round(self.rows / n, 1), "ms_per_step": per_step}
 
 
@@ -124,6 +129,7 @@ class LLMEngine:
         self._probe_ran = False  # a step that ran the probe came back without error
         self.failures: dict[str, str] = {}  # request_id -> why the engine failed it (read once by the caller)
         self.step_times = StepTimes()
+        self._accept_seconds = 0.0  # this step's grammar matchers taking their tokens (in `_process`)
         self._seed_rng = random.Random(engine_config.seed)
         self._arrivals = itertools.count()
         self.grammar_compiler = GrammarCompiler(tokenizer, model_config.vocab_size, self.eos_token_ids)
@@ -334,27 +340,39 @@ class LLMEngine:
         t1 = time.perf_counter()
         launched = self.runner.dispatch(sched_out) if sched_out.scheduled else None
         t2 = time.perf_counter()
+        sync_fill = 0.0  # without async scheduling the mask fills before the wait, not after the processing
         try:
             previous, self._in_flight = self._in_flight, launched
             if not self.config.async_scheduling and launched is not None:
                 previous, self._in_flight = launched, None
-                if launched.mask is not None:  # nothing is pending: the grammars are up to date
-                    launched.mask.fill()
+                sync_fill = self._fill_mask(launched)  # nothing is pending: the grammars are up to date
             if previous is None:
                 if launched is None and self.scheduler.waiting and not self.scheduler.running:
                     raise RuntimeError("scheduler made no progress: a waiting request cannot fit the KV cache")
                 return []
             result = self.runner.collect(previous)
             t3 = time.perf_counter()
+            self._accept_seconds = 0.0
             outputs = self._process(previous.scheduler_output, result)
-            self.step_times.add(t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3,
-                                len(previous.scheduler_output.scheduled))
+            t4 = time.perf_counter()
+            fill = sync_fill + self._fill_mask(launched)
+            self.step_times.add(t1 - t0, t2 - t1, t3 - t2 - sync_fill, t4 - t3 - self._accept_seconds,
+                                self._accept_seconds + fill, len(previous.scheduler_output.scheduled))
             return outputs
         finally:
             # The launched step's constrained rows need the tokens just processed: their bitmask is filled
             # now, while the device runs its model program (and always, so its launch never waits forever).
             if launched is not None and launched.mask is not None:
                 launched.mask.fill()
+
+    @staticmethod
+    def _fill_mask(step) -> float:
+        """Fill a launched step's token bitmask, if it has one and it is not filled yet; the seconds taken."""
+        if step is None or step.mask is None:
+            return 0.0
+        t0 = time.perf_counter()
+        step.mask.fill()
+        return time.perf_counter() - t0
 
     def _process(self, sched_out, result: ModelRunnerOutput) -> list[RequestOutput]:
         """Host work on a finished step: tokens, forks, stops, logprobs, text, outputs."""
@@ -371,7 +389,9 @@ class LLMEngine:
             try:
                 self._add_logprobs(req, row, result)
                 if req.structured is not None:
+                    t0 = time.perf_counter()
                     self._advance_grammar(req)
+                    self._accept_seconds += time.perf_counter() - t0
                 finished = req.status.finished
                 stop_str = self.detokenizers[req.request_id].update(
                     req.output_token_ids[-1], finished, stop_terminated=req.status == RequestStatus.FINISHED_STOPPED)

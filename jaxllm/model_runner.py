@@ -48,7 +48,8 @@ from jaxllm.models import llama
 from jaxllm.models.registry import model_module
 from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
 from jaxllm.sharding import kv_cache_sharding
-from jaxllm.structured_output import bitmask_width, fill_token_bitmask
+from jaxllm.step_mask import BitmaskBuffers, StepMask
+from jaxllm.structured_output import bitmask_width
 
 import pallas_kernels
 
@@ -218,6 +219,7 @@ class ModelRunner:
         # branch predicates back on the host), while the engine's thread schedules and prepares the next.
         self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
         self._pending_fills: list[tuple] = []
+        self.bitmask_buffers = BitmaskBuffers(bitmask_width(self.vocab_size))
         self.penalty_rows: OrderedDict[str, int] = OrderedDict()  # request_id -> row, least recently used first
 
     # -- penalty rows ---------------------------------------------------------------------------
@@ -358,12 +360,9 @@ class ModelRunner:
                   st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs, mask is not None)
         return args, bucket, prompt_spans, penalty_rows, mask
 
-    def _step_mask(self, requests: list[Request], R: int) -> "StepMask | None":
+    def _step_mask(self, requests: list[Request], R: int) -> StepMask | None:
         """The token bitmask to come of a step with constrained rows (None: no row is constrained)."""
-        constrained = [(i, req) for i, req in enumerate(requests) if req.structured is not None]
-        if not constrained:
-            return None
-        return StepMask(np.full((R, bitmask_width(self.vocab_size)), -1, np.int32), constrained, Future())
+        return self.bitmask_buffers.step_mask(requests, R)
 
     def _logprobs_width(self, wanted: int) -> int:
         if wanted == -1:
@@ -594,7 +593,7 @@ class ModelRunner:
         return InFlightStep(out, future, prompt_spans, len(out.scheduled) + len(out.forks), mask)
 
     def _launch(self, copies, fills, use_penalties: bool, args: dict, bucket, compiling: bool,
-                mask: "StepMask | None"):
+                mask: StepMask | None):
         """On the launcher thread: apply block copies and penalty fills, then run the step, in order. A
         step with constrained rows launches its model program, waits for the engine to fill its bitmask
         (the device runs meanwhile), then launches its sampling program."""
@@ -621,7 +620,7 @@ class ModelRunner:
                         *bucket, time.perf_counter() - t0)
         return res, prompt
 
-    def _launch_masked(self, args: dict, bucket, state, mask: "StepMask"):
+    def _launch_masked(self, args: dict, bucket, state, mask: StepMask):
         forward_key, sample_key = _split_keys(bucket)
         fwd_args, smp_args = self._split_args(args)
         arrays = {k: v for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS}
@@ -643,6 +642,8 @@ class ModelRunner:
         n = step.num_rows
         sampler_output, prompt_logprobs = step.future.result()
         host = jax.device_get(sampler_output)
+        if step.mask is not None:  # the sampling program that read the bitmask is done
+            self.bitmask_buffers.release(step.mask)
         result = ModelRunnerOutput(sampled=host.sampled[:n], logprob=host.logprob[:n])
         if host.rank is not None:
             result.rank, result.top_ids, result.top_logprobs = host.rank[:n], host.top_ids[:n], host.top_logprobs[:n]
@@ -659,30 +660,6 @@ def _split_keys(bucket: tuple) -> tuple[tuple, tuple]:
     T, S, R, B, decode_only, random_rows, use_filters, penalties, K, A, num_logprobs, num_prompt_logprobs, _ = bucket
     return (("forward", T, S, R, B, decode_only, num_prompt_logprobs),
             ("sample", R, random_rows, use_filters, penalties, K, A, num_logprobs))
-
-
-@dataclass
-class StepMask:
-    """The token bitmask of a step with constrained rows. The engine fills it (`fill`) once the grammars
-    have taken the previous step's tokens, which it reads after launching this step: the host fills masks
-    while the device runs the model, and the launcher holds only the sampling program back."""
-
-    bitmask: np.ndarray  # [R, W] int32: all ones (free rows) until filled
-    rows: list[tuple[int, Request]]  # the constrained rows and their requests
-    ready: Future  # -> bitmask, once filled
-
-    def fill(self) -> None:
-        """Fill the constrained rows and release the step; idempotent. A row whose request finished in
-        the previous step stays all ones: its sample is dropped. Always releases the step, also when
-        filling raises, so the launcher never waits forever."""
-        if self.ready.done():
-            return
-        try:
-            live = [(row, req.structured) for row, req in self.rows if not req.status.finished]
-            if live:
-                fill_token_bitmask(self.bitmask, live)
-        finally:
-            self.ready.set_result(self.bitmask)
 
 
 @dataclass

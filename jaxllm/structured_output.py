@@ -14,7 +14,7 @@ tokenizer the engine already holds, and fills bitmasks into numpy arrays. vLLM o
 The bitmask is one more input to the step (jaxllm/grammar_mask.py applies it to the logits), so free
 and constrained rows share a step. A constrained row's mask depends on its previous token, which under
 async scheduling is still on the device when the next step is launched: such a step runs as a model
-program and a sampling program, and the engine fills the bitmask (`model_runner.StepMask`) after reading
+program and a sampling program, and the engine fills the bitmask (`step_mask.StepMask`) after reading
 and processing the previous step, while the device runs the model. No jax here.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -69,6 +70,17 @@ class Matcher:
 _executor = None  # llguidance's thread pool, for filling many rows at once
 
 
+def fill_threads() -> int:
+    """Threads filling a step's bitmask: every CPU this process may run on (at most 32). llguidance's
+    default takes 80% of them, one thread on a 2-CPU host; while the mask fills, the engine's thread waits
+    on it (the GIL released), the launcher waits for it and the device runs the model."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 32))
+
+
 def fill_token_bitmask(bitmask: np.ndarray, rows: list[tuple[int, Matcher]]) -> None:
     """Write the tokens each matcher allows next into its row of `bitmask` ([R, W] int32 words, token t
     at bit t % 32 of word t // 32); several rows are filled in parallel. A complete match allows only EOS."""
@@ -81,7 +93,7 @@ def fill_token_bitmask(bitmask: np.ndarray, rows: list[tuple[int, Matcher]]) -> 
         llguidance.numpy.fill_next_token_bitmask(matcher._m, bitmask, row)
         return
     if _executor is None:
-        _executor = llguidance.LLExecutor()
+        _executor = llguidance.LLExecutor(fill_threads())
     llguidance.numpy.fill_next_token_bitmask_par(_executor, [(m._m, row) for row, m in rows], bitmask)
 
 
