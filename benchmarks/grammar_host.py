@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from jaxllm.core.request import RequestStatus  # noqa: E402
 from jaxllm.sampling_params import StructuredOutputsParams  # noqa: E402
 from jaxllm.step_mask import BitmaskBuffers  # noqa: E402
-from jaxllm.structured_output import GrammarCompiler, bitmask_width, fill_threads  # noqa: E402
+from jaxllm.structured_output import GrammarCompiler, bitmask_width  # noqa: E402
 from throughput import SCHEMAS, git_commit, write_result  # noqa: E402
 
 
@@ -91,8 +91,8 @@ def main(argv=None):
     summary["total_ms"] = {"median": round(1e3 * float(np.median(total)), 3),
                            "mean": round(1e3 * float(np.mean(total)), 3)}
     result = {"benchmark": "grammar_host", "commit": git_commit(), "command": " ".join(sys.argv),
-              "rows": args.rows, "steps": args.steps, "vocab": args.vocab, "fill_threads": fill_threads(),
-              "cpus": os.cpu_count(), "restarts": restarts, **summary}
+              "rows": args.rows, "steps": args.steps, "vocab": args.vocab, "cpus": os.cpu_count(), "restarts": restarts,
+              **summary}
     print(result, flush=True)
     write_result(result, args.output_json, f"grammar_host-{args.rows}rows.json")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import OrderedDict
 
 import numpy as np
@@ -67,18 +66,9 @@ class Matcher:
         return self._m.get_error()
 
 
-_executor = None  # llguidance's thread pool, for filling many rows at once
-
-
-def fill_threads() -> int:
-    """Threads filling a step's bitmask: every CPU this process may run on (at most 32). llguidance's
-    default takes 80% of them, one thread on a 2-CPU host; while the mask fills, the engine's thread waits
-    on it (the GIL released), the launcher waits for it and the device runs the model."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 32))
+# llguidance's thread pool, for filling many rows at once: 80% of the CPUs (at most 32), its default. The
+# fill releases the GIL. All the CPUs measured no faster on a loaded 2-CPU host (benchmarks/grammar_host.py).
+_executor = None
 
 
 def fill_token_bitmask(bitmask: np.ndarray, rows: list[tuple[int, Matcher]]) -> None:
@@ -93,7 +83,7 @@ def fill_token_bitmask(bitmask: np.ndarray, rows: list[tuple[int, Matcher]]) -> 
         llguidance.numpy.fill_next_token_bitmask(matcher._m, bitmask, row)
         return
     if _executor is None:
-        _executor = llguidance.LLExecutor(fill_threads())
+        _executor = llguidance.LLExecutor()
     llguidance.numpy.fill_next_token_bitmask_par(_executor, [(m._m, row) for row, m in rows], bitmask)
 
 
