@@ -123,12 +123,66 @@ def test_constrained_request_runs_every_step_under_async_scheduling(llm, monkeyp
         return step()
 
     monkeypatch.setattr(engine, "step", counting_step)
+    # Two steps are in flight: a bitmask buffer is handed out again only after its step was collected.
+    buffers, in_flight, used = engine.runner.bitmask_buffers, [], set()
+    step_mask, release = buffers.step_mask, buffers.release
+
+    def recording_step_mask(requests, num_rows):
+        mask = step_mask(requests, num_rows)
+        assert all(mask.bitmask is not m.bitmask for m in in_flight)
+        in_flight.append(mask)
+        used.add(id(mask.bitmask))
+        return mask
+
+    def recording_release(mask):
+        in_flight.remove(mask)
+        release(mask)
+
+    monkeypatch.setattr(buffers, "step_mask", recording_step_mask)
+    monkeypatch.setattr(buffers, "release", recording_release)
+    engine.step_times = type(engine.step_times)()
     params = SamplingParams(temperature=0.7, seed=1, max_tokens=24, ignore_eos=True,
                             structured_outputs=StructuredOutputsParams(regex="[a-z]{200,400}"))
     (out,) = llm.generate([chat(llm, "Spell a long word.")], params, use_tqdm=False)
     text = out.outputs[0].text
     assert len(out.outputs[0].token_ids) == 24 and re.fullmatch("[a-z]+", text), text
     assert steps <= 24 + 3, steps  # prefill, 23 decodes, the async pipeline's last read (every other: 48)
+    assert not in_flight and len(used) <= 3, len(used)  # 24 steps' masks in a few reused buffers
+    assert engine.step_times.grammar > 0 and engine.step_times.summary()["ms_per_step"]["grammar"] > 0
+
+
+def test_reused_bitmask_buffer_fills_as_a_fresh_one(llm):
+    """A buffer back from an earlier step leaves no bits behind: a row constrained then and free now is
+    all ones again, as is a finished request's; a mask never filled does not go back."""
+    from types import SimpleNamespace
+
+    from jaxllm.core.request import RequestStatus
+    from jaxllm.step_mask import BitmaskBuffers
+    from jaxllm.structured_output import bitmask_width, fill_token_bitmask
+
+    compiler = llm.llm_engine.grammar_compiler
+    width = bitmask_width(llm.llm_engine.model_config.vocab_size)
+    so = StructuredOutputsParams
+    json_row, code_row, city_row = (compiler.compile(s).matcher() for s in (so(json=PERSON), so(regex=CODE),
+                                                                             so(choice=CITIES)))
+    running, finished = RequestStatus.RUNNING, RequestStatus.FINISHED_STOPPED
+    req = lambda matcher, status=running: SimpleNamespace(structured=matcher, status=status)  # noqa: E731
+    buffers = BitmaskBuffers(width)
+    first = buffers.step_mask([req(json_row), req(code_row), req(None), req(city_row)], 4)
+    first.fill()
+    second = buffers.step_mask([req(json_row)], 4)
+    assert second.bitmask is not first.bitmask  # the first step is still in flight
+    buffers.release(second)  # never filled: not reused
+    buffers.release(first)
+    later = [req(None), req(code_row), req(city_row), req(json_row, finished)]
+    third = buffers.step_mask(later, 4)
+    assert third.bitmask is first.bitmask
+    third.fill()
+    fresh = np.full((4, width), -1, np.int32)
+    fill_token_bitmask(fresh, [(1, code_row), (2, city_row)])
+    np.testing.assert_array_equal(third.bitmask, fresh)
+    assert (third.bitmask[[0, 3]] == -1).all() and not (third.bitmask[1] == -1).all()
+    assert buffers.step_mask(later, 4).bitmask is not second.bitmask
 
 
 def test_n_samples_each_follow_the_grammar(llm):
