@@ -15,6 +15,7 @@ only two steps later.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 import time
@@ -90,11 +91,12 @@ def main(argv=None):
     total = [sum(parts) for parts in zip(*times.values())]
     summary["total_ms"] = {"median": round(1e3 * float(np.median(total)), 3),
                            "mean": round(1e3 * float(np.mean(total)), 3)}
-    result = {"benchmark": "grammar_host", "commit": git_commit(), "command": " ".join(sys.argv),
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result = {"benchmark": "grammar_host", "date": date, "commit": git_commit(), "command": " ".join(sys.argv),
               "rows": args.rows, "steps": args.steps, "vocab": args.vocab, "cpus": os.cpu_count(), "restarts": restarts,
               **summary}
     print(result, flush=True)
-    write_result(result, args.output_json, f"grammar_host-{args.rows}rows.json")
+    write_result(result, args.output_json, f"grammar_host-{args.rows}rows-{date[:10]}.json")
 
 
 if __name__ == "__main__":
