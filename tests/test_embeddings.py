@@ -281,10 +281,34 @@ def test_fused_attention_layout_equals_reference(lengths, seed):
     np.testing.assert_allclose(fused[seg >= 0], ref[seg >= 0], atol=1e-5)
 
 
+@settings(max_examples=6, deadline=None)
+@given(lengths=st.lists(st.integers(1, 200), min_size=1, max_size=8), seed=st.integers(0, 1000))
+def test_looped_attention_equals_reference(lengths, seed):
+    """The CPU's tile-at-a-time attention equals the jnp reference on chunks of 128 and 256 tokens, on a
+    step that is not a multiple of the chunk, padding rows included (they must stay finite)."""
+    import jax.numpy as jnp
+
+    from jaxllm.models.encoder_attention import LOOP_MIN_CHUNK, encoder_attention, segment_attention
+    from jaxllm.pooling_layout import aligned_starts
+
+    T = 600
+    while sum(lengths) > T // 2:
+        lengths = lengths[:-1]
+    chunk = max(LOOP_MIN_CHUNK, 128 if max(lengths) <= 128 else 256)
+    seg = np.full(T, -1, np.int32)
+    for i, (s, n) in enumerate(zip(aligned_starts(lengths, chunk)[0], lengths)):
+        seg[s:s + n] = i
+    q, k, v = (jnp.asarray(a) for a in np.random.default_rng(seed).standard_normal((3, T, 3, 8)).astype(np.float32))
+    ref = np.asarray(segment_attention(q, k, v, jnp.asarray(seg), 0.5, chunk))
+    looped = np.asarray(encoder_attention(q, k, v, jnp.asarray(seg), 0.5, chunk, "loop"))
+    assert looped.shape == ref.shape and np.isfinite(looped).all()
+    np.testing.assert_allclose(looped, ref, atol=1e-5)
+
+
 def test_encoder_attention_setting_is_checked(tmp_path, monkeypatch):
     tiny_encoder("bert", tmp_path)
     monkeypatch.setenv("JAXLLM_ENCODER_ATTENTION", "flash")
-    with pytest.raises(ValueError, match="JAXLLM_ENCODER_ATTENTION='flash': must be one of jnp, cudnn"):
+    with pytest.raises(ValueError, match="JAXLLM_ENCODER_ATTENTION='flash': must be one of jnp, loop, cudnn"):
         LLM(str(tmp_path), tokenizer=str(MINILM), task="embed")
     monkeypatch.setenv("JAXLLM_ENCODER_ATTENTION", "cudnn")
     with pytest.raises(ValueError, match="JAXLLM_ENCODER_ATTENTION=cudnn needs a CUDA GPU"):
@@ -297,6 +321,9 @@ def test_encoder_attention_setting_is_checked(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="multiple of 8 up to 128; this model's is 12"):
         encoder_attention_from_env("float16", "gpu", 12)
     monkeypatch.delenv("JAXLLM_ENCODER_ATTENTION")
+    assert encoder_attention_from_env("float32", "cpu", 12) == "loop"
+    assert encoder_attention_from_env("bfloat16", "gpu", 64) == "jnp"
+    monkeypatch.setenv("JAXLLM_ENCODER_ATTENTION", "jnp")
     assert encoder_attention_from_env("float32", "cpu", 12) == "jnp"
 
 

@@ -157,7 +157,7 @@ def forward(
     segment_ids: jax.Array,  # [T] int32, which packed sequence a token belongs to; -1 for padding
     config: EncoderConfig,
     chunk: int | None = None,  # static: no sequence crosses a multiple of it (pooling_layout.py); None: T
-    attention: str = "jnp",  # static: "jnp" or "cudnn" (models/encoder_attention.py)
+    attention: str = "jnp",  # static: "jnp", "loop" or "cudnn" (models/encoder_attention.py)
 ) -> jax.Array:  # [T, e] the last layer's hidden states
     T = token_ids.shape[0]
     nh, hd, e = config.num_heads, config.head_dim, config.hidden_size
