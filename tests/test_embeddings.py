@@ -43,6 +43,7 @@ ENCODERS = {  # name -> (config class, model class, config overrides)
     "bert": ("BertConfig", "BertModel", dict(vocab_size=30522, type_vocab_size=2)),
     "xlmr": ("XLMRobertaConfig", "XLMRobertaModel", dict(vocab_size=300, type_vocab_size=1, pad_token_id=1,
                                                           max_position_embeddings=66)),
+    "bert_long": ("BertConfig", "BertModel", dict(vocab_size=30522, type_vocab_size=2, max_position_embeddings=300)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(vocab_size=30522, num_labels=3)),
     "bert_cross": ("BertConfig", "BertForSequenceClassification", dict(vocab_size=30522, num_labels=1)),
     "xlmr_cls": ("XLMRobertaConfig", "XLMRobertaForSequenceClassification",
@@ -123,6 +124,23 @@ def test_tiny_encoder_matches_transformers(name, pooling, tmp_path):
         with torch_threads(1), torch.no_grad():
             hidden = model(torch.tensor([p])).last_hidden_state[0].numpy()
         ref = hidden[0] if pooling == "CLS" else hidden.mean(0)
+        np.testing.assert_allclose(out.outputs.embedding, ref, atol=3e-5, rtol=1e-4)
+
+
+def test_long_inputs_on_cpu_attention_match_transformers(tmp_path):
+    """Inputs of 130 to 300 tokens take attention chunks of 256 and 512, which the CPU's default attention
+    ("loop") runs one tile at a time: the embeddings still equal transformers'."""
+    model = tiny_encoder("bert_long", tmp_path)
+    llm = LLM(str(tmp_path), tokenizer=str(MINILM), task="embed", max_num_batched_tokens=1024,
+              override_pooler_config={"pooling_type": "MEAN", "normalize": False})
+    runner = llm._pooling.runner
+    assert runner.attention == "loop"
+    prompts = [random_ids(n, i, 30522) for i, n in enumerate([300, 130, 7, 200, 260])]
+    outs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+    assert max(s.chunk for s in runner.compiled_shapes) >= 256
+    for p, out in zip(prompts, outs):
+        with torch_threads(1), torch.no_grad():
+            ref = model(torch.tensor([p])).last_hidden_state[0].numpy().mean(0)
         np.testing.assert_allclose(out.outputs.embedding, ref, atol=3e-5, rtol=1e-4)
 
 
