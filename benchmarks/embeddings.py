@@ -274,9 +274,10 @@ def main(argv=None):
         return None
     cpu = jax.default_backend() == "cpu"
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
-    rows = []
+    rows, attention = [], None
     for shape in args.shapes:
         engine, start_s = build_engine(shape, dtype, args.max_num_batched_tokens, args.max_num_seqs)
+        attention = engine.runner.attention  # $JAXLLM_ENCODER_ATTENTION, or the backend's default
         for length in args.lengths:
             n = args.num_requests or default_requests(shape, length, cpu)
             prompts = workload(n, length, ENCODER_SHAPES[shape]["vocab_size"], seed=length)
@@ -305,7 +306,9 @@ def main(argv=None):
                     ratio = round(side["elapsed_s"] / row["jaxllm"]["elapsed_s"], 2)
                     row["speedup" if key == "sentence_transformers" else "speedup_vs_vllm"] = ratio
                     cells[-1] += f" ({ratio}x)"
-            print(f"{shape:18s} len {length:4d} x{n:5d}: " + " | ".join(cells), flush=True)
+            row["load_average_1m"] = round(os.getloadavg()[0], 2)  # each row's figures beside the load they ran under
+            print(f"{shape:18s} len {length:4d} x{n:5d}: " + " | ".join(cells) + f" | load {row['load_average_1m']}",
+                  flush=True)
             rows.append(row)
     versions = {"jax": jax.__version__, "python": platform.python_version()}
     if "sentence-transformers" in args.compare:
@@ -319,7 +322,7 @@ def main(argv=None):
               "cpu_count": os.cpu_count(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions, "commit": git_commit(), "command": " ".join(["python", *sys.argv]),
               "dtype": dtype, "repeats": args.repeats,
-              "encoder_attention": os.environ.get("JAXLLM_ENCODER_ATTENTION") or "jnp",
+              "encoder_attention": attention,
               "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
               "rows": rows}
     tag = "cpu" if cpu else device_name().replace(" ", "_")

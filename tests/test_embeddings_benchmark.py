@@ -58,4 +58,6 @@ def test_short_run_reports_the_median_and_why_vllm_is_missing(tmp_path, capsys):
     assert result["repeats"] == 3 and len(row["jaxllm"]["runs_s"]) == 3
     assert row["jaxllm"]["elapsed_s"] == sorted(row["jaxllm"]["runs_s"])[1] and row["jaxllm"]["requests_per_s"] > 0
     assert "not importable" in row["vllm"]["skipped"] and "speedup_vs_vllm" not in row
+    assert result["encoder_attention"] == "loop"  # the CPU's default, recorded as the runner resolved it
+    assert row["load_average_1m"] >= 0
     assert "vllm skipped" in capsys.readouterr().out
