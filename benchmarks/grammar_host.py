@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import os
+import platform
 import sys
 import time
 from types import SimpleNamespace
@@ -92,7 +94,10 @@ def main(argv=None):
     summary["total_ms"] = {"median": round(1e3 * float(np.median(total)), 3),
                            "mean": round(1e3 * float(np.mean(total)), 3)}
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    result = {"benchmark": "grammar_host", "date": date, "commit": git_commit(), "command": " ".join(sys.argv),
+    # Host work only: the device is the host's processor, and llguidance's version is what matters, not jax's.
+    result = {"benchmark": "grammar_host", "device": f"{platform.machine()} host, {os.cpu_count()} CPUs",
+              "llguidance_version": importlib.metadata.version("llguidance"),
+              "date": date, "commit": git_commit(), "command": " ".join(sys.argv),
               "rows": args.rows, "steps": args.steps, "vocab": args.vocab, "cpus": os.cpu_count(), "restarts": restarts,
               **summary}
     print(result, flush=True)
