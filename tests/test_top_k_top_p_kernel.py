@@ -92,9 +92,13 @@ def test_sample_with_the_kernel_gives_the_sorts_tokens(monkeypatch):
 
 
 def test_switch(monkeypatch):
-    """The CPU keeps the sort by default; an unknown JAXLLM_TOP_P_KERNEL value is refused."""
+    """The kernel is a GPU's default, the sort the CPU's, and JAXLLM_TOP_P_SEARCH_WAYS picks the XLA search
+    over the default; an unknown JAXLLM_TOP_P_KERNEL value is refused."""
     monkeypatch.delenv("JAXLLM_TOP_P_KERNEL", raising=False)
-    assert jax.default_backend() != "gpu" and not sampler.use_top_p_kernel()
+    monkeypatch.delenv("JAXLLM_TOP_P_SEARCH_WAYS", raising=False)
+    assert sampler.use_top_p_kernel() == (jax.default_backend() == "gpu")
+    monkeypatch.setenv("JAXLLM_TOP_P_SEARCH_WAYS", "16")
+    assert not sampler.use_top_p_kernel()
     monkeypatch.setenv("JAXLLM_TOP_P_KERNEL", "yes")
     with pytest.raises(ValueError, match="JAXLLM_TOP_P_KERNEL='yes'"):
         sampler.use_top_p_kernel()
