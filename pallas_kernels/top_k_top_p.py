@@ -3,23 +3,25 @@
 `sampler.apply_top_k_top_p` keeps the logits whose ordered key (`sampler.ordered_key`) is at least the
 key of the smallest logit that top_k then top_p keep. That key is the largest t for which a monotone
 test holds: count(keys >= t) >= k for top-k, mass(keys >= t) >= top_p * mass(top-k set) for top-p. The
-search narrows an interval of keys [lo, hi] by testing NUM_CANDIDATES keys spread over it in one read of
-the row; each element is compared with every candidate in registers, and a [C, block_v] accumulator
-per program collects the counts (or masses) across the row's tiles, reduced to [C] once per pass. The
-next interval lies between the last candidate that holds and the first that fails, 1 / (C + 1) of the
-last, so a 32-bit key is found in at most ceil(32 / log2(C + 1)) passes (8 at C = 16), fewer when the
-interval starts small; a pass that tests every key left ends the loop.
+search narrows an interval of keys [lo, hi] by testing NUM_CANDIDATES keys spread over it (lo the
+first) in one read of the row; each element is compared with every candidate in registers, and a
+[C, block_v] accumulator per program collects the counts (or masses) across the row's tiles, reduced to
+[C] once per pass. The next interval lies between the last candidate that holds and the first that
+fails, 1 / C of the last, so a 32-bit key is found in at most 32 / log2(C) passes (8 at C = 16), fewer
+when the interval starts small; a pass that tests every key left ends the loop. Testing lo, known to
+hold, costs a candidate but gives top-p the top-k set's mass (its whole) in its first pass.
 
 All passes run in one kernel, so the row is read from L2 / HBM once per pass and nothing of size
 [R, V, C] exists: a first pass for the row's min and max, the top-k search (skipped where top_k is off:
-the threshold is then the min key), a pass for the top-k set's mass and the top-p search (both skipped
-where top_p >= 1). Masses are exp(logit - max), unnormalised, as in the reference.
+the threshold is then the min key) and the top-p search (skipped where top_p >= 1). Masses are
+exp(logit - max), unnormalised, as in the reference.
 
 Cost at 256 x 151,936 on an H200 (estimate, to be measured with benchmarks/sampler_bench.py): a pass
 reads 156 MB (the rows do not fit the 50 MB L2), 52 us at ~3 TB/s, and compares 39M elements with 16
-candidates (~3 instructions each: ~55 us of the SMs' 32-bit throughput). top_p alone is 10 passes
-(min / max, the mass, 8 search passes): ~0.5-0.6 ms, against 4.3 ms for the sort; top_k and top_p
-together add up to 8 counting passes.
+candidates (~3 instructions each: ~55 us of the SMs' 32-bit throughput). top_p alone is 9 passes
+(min / max, 8 search passes): ~0.5 ms, against 4.3 ms for the sort; top_k adds up to 8 counting
+passes, and top_p after it searches a narrower interval (~5 passes at top_k = 50): ~0.8 ms. Rows
+of at most one an SM (R <= 132) take one row's time, ~9 x 30 us.
 
 Exactness: counts are exact, so the top-k threshold equals the reference's. Masses are float32 sums in
 another order than XLA's, so a top-p cut-off whose mass lies within rounding of top_p may land on the
@@ -45,29 +47,33 @@ NUM_CANDIDATES = 16  # keys tested a pass: a power of two (Triton's block shapes
 BLOCK_V = 1024  # logits a tile: the [C, block_v] accumulator is 64 registers a thread at 8 warps
 
 
-def _search_max_key(measure, enough, lo, hi, *, num_tiles: int, load_tile, num_candidates: int):
+def _search_max_key(measure, enough, lo, hi, dtype, *, num_tiles: int, load_tile, num_candidates: int):
     """The largest key in [lo, hi] (uint32 scalars) where `enough` holds, given that it holds at lo and
     fails above some key. One read of the row a pass: measure(x [T], key [T], cand [C]) -> [C, T]
-    contributions, summed over the row to [C] and tested by enough([C]) -> [C] bool (true on a prefix)."""
-    j = jnp.arange(num_candidates, dtype=jnp.int32).astype(jnp.uint32) + 1  # [C]
+    contributions (of `dtype`), summed over the row to [C] and tested by enough(sums [C], whole) -> [C] bool
+    (true on a prefix), where `whole` is the sum at the first lo (the whole set's count or mass: the first
+    candidate of every pass is lo itself, so the first pass measures it for nothing)."""
+    j = jnp.arange(num_candidates, dtype=jnp.int32).astype(jnp.uint32)  # [C]
 
-    def one_pass(bounds):
-        lo, hi = bounds
+    def one_pass(state):
+        lo, hi, whole = state
         span = hi - lo
-        step = span // (num_candidates + 1) + 1
-        cand = lo + jnp.minimum(j * step, span)  # [C], ascending, in (lo, hi]; j * step < 2**32
+        step = span // num_candidates + 1
+        cand = lo + jnp.minimum(j * step, span)  # [C], ascending, in [lo, hi]; j * step < 2**32
 
         def tile(i, acc):
             x, key = load_tile(i)
             return acc + measure(x, key, cand)
 
-        first = measure(*load_tile(0), cand)
-        ok = enough(lax.fori_loop(1, num_tiles, tile, first).sum(axis=1))  # [C]
+        sums = lax.fori_loop(1, num_tiles, tile, measure(*load_tile(0), cand)).sum(axis=1)  # [C]
+        whole = jnp.where(whole < 0, jnp.sum(jnp.where(j == 0, sums, 0)), whole)
+        ok = enough(sums, whole) | (j == 0)  # lo holds; rounding must not make it fail
         new_lo = jnp.max(jnp.where(ok, cand, lo))
         new_hi = jnp.min(jnp.where(ok, hi, cand - 1))  # below the first candidate that fails
-        return new_lo, new_hi
+        return new_lo, new_hi, whole
 
-    return lax.while_loop(lambda b: b[0] < b[1], one_pass, (lo, hi))[0]
+    unmeasured = jnp.full((), -1, dtype)
+    return lax.while_loop(lambda state: state[0] < state[1], one_pass, (lo, hi, unmeasured))[0]
 
 
 def _threshold_kernel(logits_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: int, block_v: int,
@@ -100,22 +106,17 @@ def _threshold_kernel(logits_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: 
     def count(x, key, cand):
         return (key[None, :] >= cand[:, None]).astype(jnp.int32)  # [C, T]
 
-    kth = search(count, lambda counts: counts >= k, lo, jnp.where(k < vocab_size, hi, lo))
+    kth = search(count, lambda counts, _: counts >= k, lo, jnp.where(k < vocab_size, hi, lo), jnp.int32)
 
     # top_p over the top-k set: the nucleus's smallest key is the largest t with
-    # mass(keys >= t) >= top_p * mass(keys >= kth). Candidates lie above kth, so no mass outside the set counts.
+    # mass(keys >= t) >= top_p * mass(keys >= kth). No mass below kth counts: every candidate is >= kth.
     top_p = top_p_ref[row]
 
     def mass(x, key, cand):
         return jnp.where(key[None, :] >= cand[:, None], jnp.exp(x - x_max)[None, :], 0.0)  # [C, T]
 
     def nucleus():
-        def kept_mass(i, acc):
-            x, key = load_tile(i)
-            return acc + jnp.where(key >= kth, jnp.exp(x - x_max), 0.0)
-
-        need = top_p * lax.fori_loop(0, num_tiles, kept_mass, jnp.zeros((block_v,), jnp.float32)).sum()
-        return search(mass, lambda masses: masses >= need, kth, hi)
+        return search(mass, lambda masses, whole: masses >= top_p * whole, kth, hi, jnp.float32)
 
     out_ref[row] = lax.cond((top_p < 1.0) & (kth < hi), nucleus, lambda: kth)
 
@@ -135,9 +136,9 @@ def top_k_top_p_threshold(
     """The ordered key of the smallest logit that top_k then top_p keep, per row (semantics:
     `top_k_top_p_threshold_reference`). Every row needs a finite logit."""
     R, V = logits.shape
-    if num_candidates & (num_candidates - 1) or block_v & (block_v - 1):
+    if num_candidates < 2 or num_candidates & (num_candidates - 1) or block_v & (block_v - 1):
         raise ValueError(f"top_k_top_p_threshold: num_candidates={num_candidates} and block_v={block_v} "
-                         "must be powers of two")
+                         "must be powers of two, num_candidates at least 2")
     kernel = functools.partial(_threshold_kernel, vocab_size=V, block_v=min(block_v, next_pow2(V)),
                                num_candidates=num_candidates)
     return pl.pallas_call(

@@ -51,6 +51,7 @@ def mixed_rows(rng, R: int, V: int) -> np.ndarray:
     (40, {}),
     (300, dict(block_v=128)),  # three tiles, the last partial
     (300, dict(block_v=64, num_candidates=4)),
+    (300, dict(block_v=256, num_candidates=2)),  # a binary search
 ])
 def test_kernel_equals_the_reference(V, kernel_args):
     rng = np.random.default_rng(V)
@@ -114,7 +115,8 @@ def test_kernel_lowers_for_triton():
     assert "xla.gpu.triton" in text and grid == [256, 1, 1]
 
 
-def test_refuses_tiles_that_are_not_powers_of_two():
-    with pytest.raises(ValueError, match="powers of two"):
-        top_k_top_p_threshold(jnp.zeros((1, 8)), jnp.zeros(1, jnp.int32), jnp.ones(1), num_candidates=15,
+@pytest.mark.parametrize("num_candidates", [15, 1])
+def test_refuses_candidates_that_cannot_search(num_candidates):
+    with pytest.raises(ValueError, match="powers of two, num_candidates at least 2"):
+        top_k_top_p_threshold(jnp.zeros((1, 8)), jnp.zeros(1, jnp.int32), jnp.ones(1), num_candidates=num_candidates,
                               interpret=True)
