@@ -1,8 +1,9 @@
 """Device time of the sampler at a real vocabulary: greedy, temperature only, and the top-k/top-p/min-p
-filters (the threshold search at several widths, and the sort it replaced), with the filters' masks
-checked against the sort on the device.
+filters (the XLA threshold search at several widths, the Pallas threshold kernel in one or more tilings,
+and the sort), with the filters' masks checked against the sort on the device.
 
     python benchmarks/sampler_bench.py --rows 1 64 256 --vocab 151936 --output-json sampler.json
+    python benchmarks/sampler_bench.py --rows 256 --ways --kernel-tiles 1024:16:8 2048:16:8 1024:8:4 512:32:8
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from jaxllm import sampler  # noqa: E402
+from pallas_kernels.top_k_top_p import top_k_top_p_threshold  # noqa: E402
 from throughput import device_name, git_commit, write_result  # noqa: E402
 
 
@@ -31,6 +33,18 @@ def tensors(R: int, top_p: float, top_k: int, temperature: float) -> sampler.Sam
         presence_penalty=np.zeros(R, f32), frequency_penalty=np.zeros(R, f32), repetition_penalty=np.ones(R, f32),
         penalty_rows=np.full(R, -1, i32), count_rows=np.full(R, -1, i32), bias_ids=np.full((R, 8), 1 << 30, i32),
         bias_values=np.zeros((R, 8), f32), allowed_ids=np.zeros((R, 0), i32), has_allowed=np.zeros(R, bool))
+
+
+def kernel_filter(tiling: str):
+    """`apply_top_k_top_p` on the threshold kernel tiled as "block_v:num_candidates:num_warps"."""
+    block_v, num_candidates, num_warps = (int(v) for v in tiling.split(":"))
+
+    def apply(logits, top_k, top_p):
+        threshold = top_k_top_p_threshold(logits, top_k, top_p, block_v=block_v, num_candidates=num_candidates,
+                                          num_warps=num_warps, interpret=jax.default_backend() != "gpu")
+        return sampler.keep_from_threshold(logits, threshold)
+
+    return apply
 
 
 def time_ms(fn, *args, repeats: int) -> float:
@@ -47,7 +61,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--ways", type=int, nargs="+", default=[4, 16, 64], help="threshold search widths")
+    ap.add_argument("--ways", type=int, nargs="*", default=[4, 16, 64], help="XLA threshold search widths")
+    ap.add_argument("--kernel-tiles", nargs="*", default=["1024:16:8"],
+                    help="threshold kernel tilings, block_v:num_candidates:num_warps")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
@@ -62,10 +78,14 @@ def main(argv=None):
                                               ("temperature", tensors(R, 1.0, 0, 0.8), False, True),
                                               ("top_p", tensors(R, 0.95, 0, 0.8), True, True),
                                               ("top_k_top_p", tensors(R, 0.95, 50, 0.8), True, True)):
-            for ways in (args.ways if filters else [None]) + (["sort"] if filters else []):
+            variants = ([*args.ways, "sort", *(f"kernel{tiling}" for tiling in args.kernel_tiles)] if filters
+                        else [None])
+            for ways in variants:
                 saved = sampler.apply_top_k_top_p
                 if ways == "sort":
                     sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_sorted
+                elif isinstance(ways, str):
+                    sampler.apply_top_k_top_p = kernel_filter(ways.removeprefix("kernel"))
                 elif ways is not None:
                     sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_search
                     sampler.SEARCH_WAYS, sampler.SEARCH_PASSES = ways, -(-32 // (ways.bit_length() - 1))
@@ -79,13 +99,27 @@ def main(argv=None):
         # The sort-based filter's parts.
         row["sort_only_ms"] = time_ms(jax.jit(lambda x: jnp.sort(x, axis=-1)), flat, repeats=args.repeats)
         row["cumsum_only_ms"] = time_ms(jax.jit(lambda x: jnp.cumsum(x, axis=-1)), flat, repeats=args.repeats)
-        # The filter's mask against the sort's, on the device.
-        for logits in (flat, peaked):
-            for tk in (0, 50):
-                a = jax.jit(sampler.apply_top_k_top_p_search)(logits, jnp.full(R, tk, jnp.int32), jnp.full(R, 0.95))
-                b = jax.jit(sampler.apply_top_k_top_p_sorted)(logits, jnp.full(R, tk, jnp.int32), jnp.full(R, 0.95))
-                row.setdefault("mask_mismatches", 0)
-                row["mask_mismatches"] += int(jnp.sum(jnp.isfinite(a) != jnp.isfinite(b)))
+        # The kernel alone (the threshold keys, no sampling around it).
+        for tiling in args.kernel_tiles:
+            block_v, num_candidates, num_warps = (int(v) for v in tiling.split(":"))
+            kernel = jax.jit(lambda x, k, p, b=block_v, c=num_candidates, w=num_warps: top_k_top_p_threshold(
+                x, k, p, block_v=b, num_candidates=c, num_warps=w, interpret=jax.default_backend() != "gpu"))
+            for tk, label in ((0, "top_p"), (50, "top_k_top_p")):
+                top_k, top_p = jnp.full(R, tk, jnp.int32), jnp.full(R, 0.95, jnp.float32)
+                row[f"threshold_kernel{tiling}_{label}_ms"] = time_ms(kernel, flat, top_k, top_p, repeats=args.repeats)
+                row[f"threshold_kernel{tiling}_{label}_peaked_ms"] = time_ms(kernel, peaked, top_k, top_p,
+                                                                             repeats=args.repeats)
+        # The filters' masks against the sort's, on the device (a top-p cut-off within float32 rounding of
+        # top_p may differ by a tie's worth of tokens: the masses are summed in another order).
+        checks = {**({"mask_mismatches": sampler.apply_top_k_top_p_search} if args.ways else {}),
+                  **{f"kernel{tiling}_mask_mismatches": kernel_filter(tiling) for tiling in args.kernel_tiles}}
+        for label, apply in checks.items():
+            row[label] = 0
+            for logits in (flat, peaked):
+                for tk in (0, 50):
+                    a = jax.jit(apply)(logits, jnp.full(R, tk, jnp.int32), jnp.full(R, 0.95))
+                    b = jax.jit(sampler.apply_top_k_top_p_sorted)(logits, jnp.full(R, tk, jnp.int32), jnp.full(R, 0.95))
+                    row[label] += int(jnp.sum(jnp.isfinite(a) != jnp.isfinite(b)))
         kept = jax.jit(sampler.apply_top_k_top_p_sorted)(flat, jnp.zeros(R, jnp.int32), jnp.full(R, 0.95))
         row["kept_of_vocab_flat_top_p"] = round(float(jnp.mean(jnp.isfinite(kept))), 4)
         print(row, flush=True)

@@ -119,7 +119,8 @@ def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
 # Measured on an H200 (benchmarks/sampler_bench.py, 256 rows x 151,936, 2026-12-02): XLA reduces the
 # [R, V, ways] comparisons far below memory speed: 5.3 ms at 2 ways (32 passes), 24 ms at 4, 13.4 ms at
 # 16, 21 ms at 64, against 4.3 ms for the sort (3.4 ms of it the sort itself, 0.7 the cumsum). So the
-# sort stays the default and JAXLLM_TOP_P_SEARCH_WAYS=N picks the search.
+# sort stays the CPU's default and JAXLLM_TOP_P_SEARCH_WAYS=N picks the search; on a GPU the same search
+# runs as one Pallas kernel a row (pallas_kernels/top_k_top_p.py), which reads the row once a pass.
 SEARCH_WAYS = int(os.environ.get("JAXLLM_TOP_P_SEARCH_WAYS") or 16)
 SEARCH_PASSES = -(-32 // (SEARCH_WAYS.bit_length() - 1))
 
@@ -180,17 +181,43 @@ def top_k_top_p_threshold(logits: jax.Array, top_k: jax.Array, top_p: jax.Array)
 def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Keep the top_k tokens (ties with the k-th kept; 0 = all), then the smallest prefix of those,
     by descending probability, whose mass reaches top_p (at least one token; ties with its last kept).
-    By one sort of [R, V], or by the threshold search when JAXLLM_TOP_P_SEARCH_WAYS is set."""
+    On a GPU by the threshold kernel (pallas_kernels/top_k_top_p.py), elsewhere by one sort of [R, V];
+    see `use_top_p_kernel` for the switches. JAXLLM_TOP_P_SEARCH_WAYS=N picks the search in XLA."""
+    if use_top_p_kernel():
+        from pallas_kernels.top_k_top_p import top_k_top_p_threshold as threshold_kernel
+
+        return keep_from_threshold(logits, threshold_kernel(logits, top_k, top_p,
+                                                            interpret=jax.default_backend() != "gpu"))
     if os.environ.get("JAXLLM_TOP_P_SEARCH_WAYS"):
         return apply_top_k_top_p_search(logits, top_k, top_p)
     return apply_top_k_top_p_sorted(logits, top_k, top_p)
 
 
+def use_top_p_kernel() -> bool:
+    """Whether `apply_top_k_top_p` runs the Pallas threshold kernel (decided when traced): on a GPU unless
+    JAXLLM_TOP_P_SEARCH_WAYS asks for the XLA search. JAXLLM_TOP_P_KERNEL=1 forces it on (any backend: the
+    interpreter off a GPU), =0 off (the sort)."""
+    mode = os.environ.get("JAXLLM_TOP_P_KERNEL", "")
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"JAXLLM_TOP_P_KERNEL={mode!r}: expected 0 (the sort), 1 (the kernel) or unset "
+                         "(the kernel on a GPU)")
+    if mode:
+        return mode == "1"
+    from pallas_kernels.decode import pltriton
+
+    return (jax.default_backend() == "gpu" and pltriton is not None
+            and not os.environ.get("JAXLLM_TOP_P_SEARCH_WAYS"))
+
+
+def keep_from_threshold(logits: jax.Array, threshold: jax.Array) -> jax.Array:
+    """Mask the logits [R, V] whose ordered key lies below the row's threshold key [R]."""
+    return jnp.where(ordered_key(logits) >= threshold[:, None], logits, NEG_INF)
+
+
 def apply_top_k_top_p_search(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """`apply_top_k_top_p` with no sort: both cut-offs are value thresholds found by
     `top_k_top_p_threshold`."""
-    threshold = top_k_top_p_threshold(logits, top_k, top_p)
-    return jnp.where(ordered_key(logits) >= threshold[:, None], logits, NEG_INF)
+    return keep_from_threshold(logits, top_k_top_p_threshold(logits, top_k, top_p))
 
 
 def apply_top_k_top_p_sorted(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
