@@ -43,8 +43,12 @@ from jaxllm.sampler import ordered_key
 from jaxllm.sampler import top_k_top_p_threshold as top_k_top_p_threshold_reference  # noqa: F401
 from pallas_kernels.decode import next_pow2, pltriton
 
-NUM_CANDIDATES = 16  # keys tested a pass: a power of two (Triton's block shapes)
-BLOCK_V = 1024  # logits a tile: the [C, block_v] accumulator is 64 registers a thread at 8 warps
+# Measured on an H200 at 256 x 151,936 (benchmarks/sampler_bench.py --kernel-tiles, 2026-12-03): the
+# threshold alone took 1.65 ms at 2048:4:8 (block_v : candidates : warps), 1.76 at 1024:8:4, 1.88 at
+# 2048:16:8, 2.52 at 1024:16:8, 2.92 at 1024:32:8. Fewer candidates a pass cost more passes but less work
+# a tile; the sweep's best is the default.
+NUM_CANDIDATES = 4  # keys tested a pass: a power of two (Triton's block shapes)
+BLOCK_V = 2048  # logits a tile
 
 
 def _search_max_key(measure, enough, lo, hi, dtype, *, num_tiles: int, load_tile, num_candidates: int):

@@ -93,11 +93,15 @@ def test_sample_with_the_kernel_gives_the_sorts_tokens(monkeypatch):
 
 
 def test_switch(monkeypatch):
-    """The kernel is a GPU's default, the sort the CPU's, and JAXLLM_TOP_P_SEARCH_WAYS picks the XLA search
+    """The kernel is a GPU's default from KERNEL_MIN_ROWS rows, the sort the CPU's, and JAXLLM_TOP_P_SEARCH_WAYS picks the XLA search
     over the default; an unknown JAXLLM_TOP_P_KERNEL value is refused."""
     monkeypatch.delenv("JAXLLM_TOP_P_KERNEL", raising=False)
     monkeypatch.delenv("JAXLLM_TOP_P_SEARCH_WAYS", raising=False)
-    assert sampler.use_top_p_kernel() == (jax.default_backend() == "gpu")
+    assert sampler.use_top_p_kernel(256) == (jax.default_backend() == "gpu")
+    assert not sampler.use_top_p_kernel(sampler.KERNEL_MIN_ROWS - 1)  # few rows: the sort
+    monkeypatch.setenv("JAXLLM_TOP_P_KERNEL", "1")
+    assert sampler.use_top_p_kernel(1)
+    monkeypatch.delenv("JAXLLM_TOP_P_KERNEL")
     monkeypatch.setenv("JAXLLM_TOP_P_SEARCH_WAYS", "16")
     assert not sampler.use_top_p_kernel()
     monkeypatch.setenv("JAXLLM_TOP_P_KERNEL", "yes")

@@ -76,7 +76,7 @@ def sampled_tokens(layers: int, kernel: bool) -> list[list[int]]:
     from jaxllm import LLM, SamplingParams
     from jaxllm.models.shapes import init_random_weights, model_shape_config
 
-    os.environ["JAXLLM_TOP_P_KERNEL"] = "" if kernel else "0"
+    os.environ["JAXLLM_TOP_P_KERNEL"] = "1" if kernel else "0"  # 16 rows: below the kernel's default minimum
     jax.clear_caches()  # the switch is read when a step is traced
     assert use_top_p_kernel() == kernel
     config = model_shape_config("qwen3-0.6b", num_layers=layers)
