@@ -4,10 +4,10 @@
     python benchmarks/gemm_rates.py --only moe --tokens 256 8192
 
 FP8 (Llama-3-8B's four matmuls): bf16 `x @ w` against W8A8 as `quant.matmul` runs it (activations
-quantized per token, weight [in, out] float8_e4m3fn, scales applied after), the bare fp8 dot of
-already-quantized activations, and the same dot with the weight stored [out, in]: cuBLASLt's FP8 GEMMs
+quantized per token, weight [out, in] float8_e4m3fn, scales applied after), the bare fp8 dot of
+already-quantized activations, and the same dot with the weight stored [in, out]: cuBLASLt's FP8 GEMMs
 on Hopper take both operands with the contracted dimension innermost ("TN"), so a weight stored
-[in, out] may cost a transpose a call.
+[in, out] costs a transpose a call (which is why quant.py stores fp8 weights [out, in]).
 
 MoE (Qwen3-30B-A3B's and Mixtral-8x7B's experts): the grouped GEMM of `models/moe.py`
 (`jax.lax.ragged_dot`, tokens sorted by expert, uniform random routing) against one dense matmul with
@@ -69,31 +69,32 @@ def gemm_kinds(fn, *args) -> list[str]:
 
 def fp8_cases(tokens: list[int]) -> list[dict]:
     cases = []
-    print(f"{'shape':>8} {'M':>5}  {'bf16 us':>8} {'w8a8 us':>8} {'fp8 dot':>8} {'fp8 dot NK':>10}  "
-          f"{'bf16 TF/s':>9} {'NK TF/s':>8}  kinds (w8a8 | NK)")
+    print(f"{'shape':>8} {'M':>5}  {'bf16 us':>8} {'w8a8 us':>8} {'fp8 dot':>8} {'dot [in,out]':>12}  "
+          f"{'bf16 TF/s':>9} {'w8a8 TF/s':>9}  kinds (w8a8 | [in, out])")
     for (name, n_in, n_out), m in ((s, m) for s in LLAMA3_8B for m in tokens):
         k1, k2 = jax.random.split(jax.random.PRNGKey(m + n_out))
         x = jax.random.normal(k1, (m, n_in), jnp.bfloat16)
         w = jax.random.normal(k2, (n_in, n_out), jnp.bfloat16) * 0.02
         qw = quant.quantize_array(w, "fp8")
-        xq, x_scale = quant.quantize_fp8_activations(x, None)
-        wq_nk = qw.q.T.copy()  # [out, in]
+        xq, _ = quant.quantize_fp8_activations(x, None)
+        wq_kn = qw.q.T.copy()  # [in, out]
         bf16 = jax.jit(lambda x, w: x @ w)
         w8a8 = jax.jit(quant.matmul)
-        dot = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.bfloat16))
-        dot_nk = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                                                          preferred_element_type=jnp.bfloat16))
+        dot_kn = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.bfloat16))
+        dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                                       preferred_element_type=jnp.bfloat16))
         t = {"bf16": seconds(bf16, x, w), "w8a8": seconds(w8a8, x, qw), "fp8_dot": seconds(dot, xq, qw.q),
-             "fp8_dot_nk": seconds(dot_nk, xq, wq_nk)}
+             "fp8_dot_kn": seconds(dot_kn, xq, wq_kn)}
         flops = 2 * m * n_in * n_out
         case = {"shape": name, "in": n_in, "out": n_out, "m": m, **{f"{k}_us": round(v * 1e6, 2) for k, v in t.items()},
-                "bf16_tflops": round(flops / t["bf16"] / 1e12, 1), "fp8_nk_tflops": round(flops / t["fp8_dot_nk"] / 1e12, 1),
+                "bf16_tflops": round(flops / t["bf16"] / 1e12, 1), "fp8_tflops": round(flops / t["fp8_dot"] / 1e12, 1),
+                "w8a8_tflops": round(flops / t["w8a8"] / 1e12, 1),
                 "kinds_w8a8": gemm_kinds(w8a8, x, qw), "kinds_fp8_dot": gemm_kinds(dot, xq, qw.q),
-                "kinds_fp8_dot_nk": gemm_kinds(dot_nk, xq, wq_nk)}
+                "kinds_fp8_dot_kn": gemm_kinds(dot_kn, xq, wq_kn)}
         cases.append(case)
         print(f"{name:>8} {m:>5}  {case['bf16_us']:>8} {case['w8a8_us']:>8} {case['fp8_dot_us']:>8} "
-              f"{case['fp8_dot_nk_us']:>10}  {case['bf16_tflops']:>9} {case['fp8_nk_tflops']:>8}  "
-              f"{','.join(case['kinds_w8a8'])} | {','.join(case['kinds_fp8_dot_nk'])}", flush=True)
+              f"{case['fp8_dot_kn_us']:>12}  {case['bf16_tflops']:>9} {case['w8a8_tflops']:>9}  "
+              f"{','.join(case['kinds_w8a8'])} | {','.join(case['kinds_fp8_dot_kn'])}", flush=True)
     return cases
 
 

@@ -56,7 +56,7 @@ def test_linear_dispatch_under_scan():
         "int4_act_order": QuantizedWeight(**int4, perm=jnp.asarray(perm)),
         "int8": QuantizedWeight(q=jnp.asarray(rng.integers(-127, 128, (L, n_in, n_out)).astype(np.int8)),
                                 scale=jnp.asarray(scale[:, :1]), method="int8"),
-        "fp8": QuantizedWeight(q=jnp.asarray(rng.normal(size=(L, n_in, n_out)).astype(ml_dtypes.float8_e4m3fn)),
+        "fp8": QuantizedWeight(q=jnp.asarray(rng.normal(size=(L, n_out, n_in)).astype(ml_dtypes.float8_e4m3fn)),
                                scale=jnp.asarray(scale[:, :1]), method="fp8"),
     }
     for name, w in weights.items():

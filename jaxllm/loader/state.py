@@ -89,6 +89,8 @@ class StateReader:
             names = [t.format(i=i) for t, _ in parts]
             fused = fuse([read_linear(self, n, shape, transpose, self.scheme) for n, (_, shape) in zip(names, parts)],
                          names)
+            if method == "fp8":  # [out, in], contracted axis innermost (models/quant.py)
+                fused.q = np.ascontiguousarray(fused.q.T)
             per_layer.append(int4_layout(fused, ", ".join(names)) if method == "int4" else fused)
         if any(p.perm is not None for p in per_layer):  # act-order in some layers only: the others in order
             for p in per_layer:

@@ -6,14 +6,18 @@ the layer loop: every leaf carries the same leading axes, so `lax.scan` slices i
 program and a quantized one gets its own.
 
     method   q                       scale                    compute
-    fp8      float8_e4m3fn [in, out]  [1, out] per channel     W8A8: x quantized per token (or by the
+    fp8      float8_e4m3fn [out, in]  [1, out] per channel     W8A8: x quantized per token (or by the
                                                                checkpoint's static input_scale), an fp8
                                                                dot with float32 accumulation
     int8     int8 [in, out]           [1, out] per channel     weight-only: dequantized into the dot
     int4     int32 [in / 8, out]      [in / group, out] f16    weight-only, with zero points (AWQ, GPTQ):
              eight rows a word                                 the Pallas kernel, or dequantized into the dot
 
-On Hopper XLA lowers the fp8 dot to a cuBLASLt fp8 GEMM; elsewhere (the CPU) it is emulated. int8
+On Hopper XLA lowers the fp8 dot to a cuBLASLt fp8 GEMM, which takes both operands with the contracted
+axis innermost: so fp8 keeps q [out, in], as checkpoints store it. Kept [in, out], every call paid a
+transpose of the weight before its GEMM (H200, benchmarks/gemm_rates.py, 2026-12-03: Llama-3-8B's qkv at
+16 tokens 204 us against 61 us, at 8,192 tokens 449 against 304 us; bf16 51 and 552 us). Elsewhere (the
+CPU) the fp8 dot is emulated. int8
 dequantizes inside the jitted program, which XLA fuses into the dot's operand on a GPU. int4 is packed
 in the layout of `pallas_kernels/int4_matmul.py` (the loader repacks AWQ and GPTQ into it), whose kernel
 dequantizes in registers: it runs on a GPU for decode batches (at most MAX_M rows), where reading the
@@ -43,7 +47,7 @@ METHODS = ("fp8", "int8", "int4")
 class QuantizedWeight:
     """A quantized matrix and its scales; `w ≈ (q - zero) * scale` row group by row group."""
 
-    q: jax.Array  # [..., in, out] float8_e4m3fn | int8; int4: [..., in / 8, out] int32 (`pack_int4`)
+    q: jax.Array  # [..., in, out] int8; fp8: [..., out, in] float8_e4m3fn; int4: [..., in / 8, out] int32
     scale: jax.Array  # [..., groups, out] float32 (int4: float16); rows g*in/groups .. (g+1)*in/groups share group g
     zero: jax.Array | None = None  # [..., groups, out] int4's zero points (float16); None: 0
     perm: jax.Array | None = None  # [..., in] int32: q's row i multiplies input column perm[i] (GPTQ act-order)
@@ -53,8 +57,10 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, ...]:
         """The float matrix's shape [..., in, out]."""
-        *lead, rows, n_out = self.q.shape
-        return (*lead, rows * 8 if self.method == "int4" else rows, n_out)
+        *lead, rows, cols = self.q.shape
+        if self.method == "fp8":
+            return (*lead, cols, rows)
+        return (*lead, rows * 8 if self.method == "int4" else rows, cols)
 
 
 def dequantize(w: QuantizedWeight, dtype) -> jax.Array:
@@ -68,7 +74,7 @@ def dequantize(w: QuantizedWeight, dtype) -> jax.Array:
 
 def _dequantize_rows(w: QuantizedWeight, dtype) -> jax.Array:
     """q's rows dequantized [..., in, out], in q's order (act-order weights: the input's order by `perm`)."""
-    q = (unpack_int4(w.q) if w.method == "int4" else w.q).astype(jnp.float32)
+    q = {"int4": unpack_int4, "fp8": lambda q: q.swapaxes(-1, -2)}.get(w.method, lambda q: q)(w.q).astype(jnp.float32)
     *lead, n_in, n_out = q.shape
     groups = w.scale.shape[-2]
     q = q.reshape(*lead, groups, n_in // groups, n_out)
@@ -92,7 +98,8 @@ def matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x [..., in] @ w -> [..., out] in x's dtype."""
     if w.method == "fp8" and w.scale.shape[-2] == 1:
         xq, x_scale = quantize_fp8_activations(x, w.input_scale)
-        y = jnp.matmul(xq, w.q, preferred_element_type=jnp.float32)  # [..., out]
+        y = jax.lax.dot_general(xq, w.q, (((xq.ndim - 1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)  # [..., out]
         return (y * x_scale * w.scale[0]).astype(x.dtype)
     if w.perm is not None:  # act-order: the input's columns in q's row order
         x = jnp.take(x, w.perm, axis=-1)
@@ -139,8 +146,8 @@ def quantize_array(w: jax.Array, method: str) -> QuantizedWeight:
     amax = jnp.maximum(jnp.max(jnp.abs(wf), axis=-2, keepdims=True), 1e-12)  # [..., 1, out]
     if method == "fp8":
         scale = amax / FP8_MAX
-        return QuantizedWeight(q=jnp.clip(wf / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale=scale,
-                               method="fp8")
+        q = jnp.clip(wf / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).swapaxes(-1, -2)  # [..., out, in]
+        return QuantizedWeight(q=q, scale=scale, method="fp8")
     if method == "int8":
         scale = amax / 127.0
         return QuantizedWeight(q=jnp.clip(jnp.round(wf / scale), -127, 127).astype(jnp.int8), scale=scale,
