@@ -46,7 +46,7 @@ from jaxllm.grammar_mask import apply_token_bitmask
 from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks, kv_cache_jnp_dtype
 from jaxllm.models import llama
 from jaxllm.models.registry import model_module
-from jaxllm.sampler import PenaltyState, SamplingTensors, sample, token_logprobs
+from jaxllm.sampler import PenaltyState, SamplingTensors, greedy_sample, sample, token_logprobs
 from jaxllm.sharding import kv_cache_sharding
 from jaxllm.step_mask import BitmaskBuffers, StepMask
 from jaxllm.structured_output import bitmask_width
@@ -56,10 +56,12 @@ import pallas_kernels
 logger = logging.getLogger("jaxllm")
 
 
-STEP_STATIC_ARGS = ("config", "decode_only", "prefill_kernel", "random_rows", "use_filters", "num_logprobs",
-                    "num_prompt_logprobs")
 FORWARD_STATIC_ARGS = ("config", "decode_only", "prefill_kernel", "num_prompt_logprobs")
 SAMPLE_STATIC_ARGS = ("random_rows", "use_filters", "num_logprobs")
+FORWARD_ARRAY_ARGS = ("token_ids", "prev_rows", "positions", "md", "sample_indices", "prompt_targets")
+# Sparse bias columns a row always has (padding included): the greedy samples of the model program take
+# these, so stop tokens held back by min_tokens, bad words and a few logit biases need no other program.
+MIN_BIAS_COLUMNS = 8
 
 
 def _run_model(params, kv_cache: KVCache, last_sampled, token_ids, prev_rows, positions, md: AttentionMetadata,
@@ -80,44 +82,39 @@ def _run_model(params, kv_cache: KVCache, last_sampled, token_ids, prev_rows, po
     return logits, prompt, kv_cache
 
 
-def _sample_rows(logits, st: SamplingTensors, penalty_state: PenaltyState | None, last_sampled, random_rows: bool,
-                 use_filters: bool, num_logprobs: int):
-    """The sampling half: (SamplerOutput, penalty_state, last_sampled [R_max] holding this step's samples)."""
+# A step runs the model program of its shape, which also takes the greedy samples, and, unless every row
+# is plain greedy, a sampling program after it on the logits the model program returns. So the heavy
+# programs, one per step shape, do not multiply with the sampling features (random rows, top-k/top-p,
+# penalties, logprobs, structured outputs): a cold start compiles each shape once, and a step with a
+# feature no program had yet compiles only a small sampling program.
+@functools.partial(jax.jit, static_argnames=FORWARD_STATIC_ARGS, donate_argnames=("kv_cache",),
+                   compiler_options=llama.step_compiler_options())
+def _forward(params, kv_cache: KVCache, last_sampled, token_ids, prev_rows, positions, md: AttentionMetadata,
+             sample_indices, bias_ids, bias_values, prompt_targets, config: ModelConfig, decode_only: bool,
+             prefill_kernel: bool, num_prompt_logprobs: int):
+    """The model and greedy sampling with the rows' sparse biases (bias_ids/bias_values [R, 8]: stop tokens
+    held back by min_tokens, bad words, logit_bias): (SamplerOutput, logits [R, V] float32, prompt
+    logprobs or None, kv_cache, last_sampled). A plain greedy step's only program."""
+    logits, prompt, kv_cache = _run_model(params, kv_cache, last_sampled, token_ids, prev_rows, positions, md,
+                                          sample_indices, prompt_targets, config, decode_only, prefill_kernel,
+                                          num_prompt_logprobs)
+    out = greedy_sample(logits, bias_ids, bias_values)
+    last_sampled = jax.lax.dynamic_update_slice(jnp.zeros_like(last_sampled), out.sampled, (0,))
+    return out, logits, prompt, kv_cache, last_sampled
+
+
+@functools.partial(jax.jit, static_argnames=SAMPLE_STATIC_ARGS, donate_argnames=("penalty_state",))
+def _sample(logits, token_bitmask, st: SamplingTensors, penalty_state: PenaltyState | None, last_sampled,
+            random_rows: bool, use_filters: bool, num_logprobs: int):
+    """Sampling after `_forward`, for steps that are not plain greedy: logits [R, V] float32.
+    token_bitmask [R, W] int32 or None: the tokens each constrained row may sample, applied before sampling
+    and logprobs (as vLLM); a free row is all ones."""
+    if token_bitmask is not None:
+        logits = apply_token_bitmask(logits, token_bitmask)
     out, penalty_state = sample(logits, st, penalty_state, random_rows=random_rows, use_filters=use_filters,
                                 num_logprobs=num_logprobs)
     last_sampled = jax.lax.dynamic_update_slice(jnp.zeros_like(last_sampled), out.sampled, (0,))
     return out, penalty_state, last_sampled
-
-
-@functools.partial(jax.jit, static_argnames=STEP_STATIC_ARGS,
-                   donate_argnames=("kv_cache", "penalty_state"), compiler_options=llama.step_compiler_options())
-def _step(params, kv_cache: KVCache, penalty_state: PenaltyState | None, last_sampled, token_ids, prev_rows,
-          positions, md: AttentionMetadata, sample_indices, st: SamplingTensors, prompt_targets,
-          config: ModelConfig, decode_only: bool, prefill_kernel: bool, random_rows: bool, use_filters: bool,
-          num_logprobs: int, num_prompt_logprobs: int):
-    """One whole step, model and sampling in one program (every step with no constrained row)."""
-    logits, prompt, kv_cache = _run_model(params, kv_cache, last_sampled, token_ids, prev_rows, positions, md,
-                                          sample_indices, prompt_targets, config, decode_only, prefill_kernel,
-                                          num_prompt_logprobs)
-    out, penalty_state, last_sampled = _sample_rows(logits, st, penalty_state, last_sampled, random_rows,
-                                                    use_filters, num_logprobs)
-    return out, prompt, kv_cache, penalty_state, last_sampled
-
-
-# A step with constrained rows (structured outputs) runs as two programs, so that the host fills the
-# token bitmask while the device runs the model: the bitmask of step N+1 needs step N's tokens, which
-# the host reads and feeds to the grammars only after step N+1 is launched (async scheduling).
-_forward = functools.partial(jax.jit, static_argnames=FORWARD_STATIC_ARGS, donate_argnames=("kv_cache",),
-                             compiler_options=llama.step_compiler_options())(_run_model)
-
-
-@functools.partial(jax.jit, static_argnames=SAMPLE_STATIC_ARGS, donate_argnames=("penalty_state",))
-def _sample_masked(logits, token_bitmask, st: SamplingTensors, penalty_state: PenaltyState | None, last_sampled,
-                   random_rows: bool, use_filters: bool, num_logprobs: int):
-    """token_bitmask [R, W] int32: the tokens each row may sample, applied before sampling and logprobs
-    (as vLLM); a free row is all ones."""
-    logits = apply_token_bitmask(logits, token_bitmask)
-    return _sample_rows(logits, st, penalty_state, last_sampled, random_rows, use_filters, num_logprobs)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -413,9 +410,9 @@ class ModelRunner:
                 num_logprobs = max(num_logprobs, self._logprobs_width(p.logprobs))
 
         V = self.vocab_size
-        # At least 8 columns even when no row has a bias: a scatter of [R, 8] costs nothing, and min_tokens,
-        # bad words or a logit_bias arriving then needs no other program.
-        K = _pow2_at_least(max((len(b) for b in biases), default=0), 8)
+        # At least MIN_BIAS_COLUMNS even when no row has a bias: a scatter of [R, 8] costs nothing, and
+        # min_tokens, bad words or a logit_bias arriving then needs no other program.
+        K = _pow2_at_least(max((len(b) for b in biases), default=0), MIN_BIAS_COLUMNS)
         bias_ids = np.full((R, K), V, np.int32)
         bias_values = np.zeros((R, K), np.float32)
         for i, b in enumerate(biases):
@@ -458,7 +455,7 @@ class ModelRunner:
 
     def _dummy_step_args(self, num_tokens: int, decode_only: bool, random_rows: bool,
                          prefill_kernel: bool | None = None, use_filters: bool = False, masked: bool = False):
-        """An all-padding step of a bucket (nothing is written: every slot is -1): (_step's keyword
+        """An all-padding step of a bucket (nothing is written: every slot is -1): (the step's keyword
         arguments, the bucket). `prefill_kernel` None: as a real step of that bucket. `masked`: the two
         programs of a step with a token bitmask (structured outputs)."""
         if prefill_kernel is None:
@@ -497,83 +494,90 @@ class ModelRunner:
             cache.store(key, executable)
         return executable, False
 
-    def _compile_programs(self, args: dict, bucket: tuple) -> list[tuple[tuple, jax.stages.Compiled, bool]]:
-        """(program key, program, loaded from the cache) for each program a step of `bucket` runs."""
-        if not bucket[-1]:
-            executable, cached = self._compile("_step", STEP_STATIC_ARGS,
-                                               (self.params, self.kv_cache, None, self.last_sampled),
-                                               {"config": self.model_config, **args})
-            return [(bucket, executable, cached)]
-        forward_key, sample_key = _split_keys(bucket)
-        fwd_args, smp_args = self._split_args(args)
-        forward, fwd_cached = self._compile("_forward", FORWARD_STATIC_ARGS,
-                                            (self.params, self.kv_cache, self.last_sampled), fwd_args)
-        out = forward.out_info[0]  # the logits [R, V] as the model program leaves them (dtype, sharding)
-        logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding)
-        bitmask = np.zeros((out.shape[0], bitmask_width(self.vocab_size)), np.int32)
-        sampler, smp_cached = self._compile("_sample_masked", SAMPLE_STATIC_ARGS,
-                                            (logits, bitmask, args["st"], None, self.last_sampled), smp_args)
-        return [(forward_key, forward, fwd_cached), (sample_key, sampler, smp_cached)]
+    def _compile_programs(self, args: dict, bucket: tuple,
+                          have: dict | None = None) -> list[tuple[tuple, jax.stages.Compiled, bool]]:
+        """(program key, program, loaded from the cache) for each program a step of `bucket` runs that
+        `have` (programs by key) does not hold; the model program's outputs type the sampler's inputs."""
+        have = {} if have is None else have
+        keys, programs = _program_keys(bucket), []
+        if (forward := have.get(keys[0])) is None:
+            forward, cached = self._compile("_forward", FORWARD_STATIC_ARGS,
+                                            (self.params, self.kv_cache, self.last_sampled), self._forward_args(args))
+            programs.append((keys[0], forward, cached))
+        if len(keys) == 2 and keys[1] not in have:
+            out = forward.out_info[1]  # the logits [R, V] as the model program leaves them (dtype, sharding)
+            logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding)
+            bitmask = np.zeros((out.shape[0], bitmask_width(self.vocab_size)), np.int32) if bucket[-1] else None
+            sampler, cached = self._compile("_sample", SAMPLE_STATIC_ARGS,
+                                            (logits, bitmask, args["st"], None, self.last_sampled),
+                                            {k: args[k] for k in SAMPLE_STATIC_ARGS})
+            programs.append((keys[1], sampler, cached))
+        return programs
 
-    def _split_args(self, args: dict) -> tuple[dict, dict]:
-        """A masked step's keyword arguments for `_forward` and for `_sample_masked` (which takes `st`
-        positionally, with the logits and the bitmask)."""
-        fwd = {k: v for k, v in args.items() if k not in ("st", *SAMPLE_STATIC_ARGS)}
-        return fwd | {"config": self.model_config}, {k: args[k] for k in SAMPLE_STATIC_ARGS}
-
-    def _call_compiled(self, executable, args: dict, penalty_state):
-        arrays = {k: v for k, v in args.items() if k not in STEP_STATIC_ARGS}
-        return executable(self.params, self.kv_cache, penalty_state, self.last_sampled, **arrays)
+    def _forward_args(self, args: dict) -> dict:
+        """A step's keyword arguments for `_forward`. Its greedy samples take the first MIN_BIAS_COLUMNS
+        biases a row: a step with more runs a sampling program after it, whose samples are the step's."""
+        st = args["st"]
+        return {k: args[k] for k in FORWARD_ARRAY_ARGS + FORWARD_STATIC_ARGS if k != "config"} | {
+            "bias_ids": st.bias_ids[:, :MIN_BIAS_COLUMNS], "bias_values": st.bias_values[:, :MIN_BIAS_COLUMNS],
+            "config": self.model_config}
 
     def run_dummy_step(self, num_tokens: int, decode_only: bool, random_rows: bool = False,
                        prefill_kernel: bool | None = None) -> None:
         """Run one all-padding step of a bucket (compiled, or loaded from the executable cache)."""
         args, bucket = self._dummy_step_args(num_tokens, decode_only, random_rows, prefill_kernel)
-        [(_, executable, _)] = self._compile_programs(args, bucket)
-        res, _, self.kv_cache, _, self.last_sampled = self._call_compiled(executable, args, None)
+        programs = {key: executable for key, executable, _ in self._compile_programs(args, bucket)}
+        res, _, _ = self._run_step(args, bucket, None, None, programs)
         jax.block_until_ready(res)
-        self.compiled_buckets.add(bucket)
-        stats = executable.memory_analysis()
-        self.last_dummy_step_temp_bytes = None if stats is None else stats.temp_size_in_bytes
+        self.compiled_buckets.update(programs)
+        temps = [stats.temp_size_in_bytes for p in programs.values() if (stats := p.memory_analysis()) is not None]
+        self.last_dummy_step_temp_bytes = max(temps) if temps else None
 
     def precompile(self, num_threads: int = 8) -> None:
-        """Compile every ordinary step at start, in parallel: one program per decode batch bucket and one
-        per token bucket, each for all-greedy batches, for batches with random rows, for batches whose
-        random rows truncate (top_k, top_p, min_p), and for batches with a constrained row (structured
-        outputs: the random+filters program with a token bitmask input): any mix of temperature, top_k,
-        top_p, min_p, seed, stop conditions, structured outputs and up to 8 logit biases or banned tokens a
-        row runs on these. Programs still compiled on first use, and logged then: steps with penalties,
-        more than 8 biases in a row, allowed_token_ids, logprobs or prompt_logprobs. The executables are
-        kept and called directly by `_launch`; a second start loads them from the executable cache without
+        """Compile every ordinary step at start, in parallel: the model program of each decode batch bucket
+        and each token bucket (which also samples plain greedy rows), then for each row bucket a sampling
+        program for random rows, one for random rows that truncate (top_k, top_p, min_p), and one for
+        steps with a constrained row (structured outputs: random rows and filters with a token bitmask
+        input): any mix of temperature, top_k, top_p, min_p, seed, stop conditions, structured outputs
+        and up to 8 logit biases or banned tokens a row runs on these. Sampling programs still compiled
+        on first use, and logged then: steps with penalties, more than 8 biases in a row,
+        allowed_token_ids or logprobs; and a model program for prompt_logprobs. The executables are kept
+        and called directly by `_launch`; a second start loads them from the executable cache without
         tracing."""
         from tqdm.auto import tqdm
 
         shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
         # (random_rows, use_filters, masked). A step with a constrained row always samples with the one
         # masked program of its row bucket (random rows and filters on: greedy rows still take the argmax,
-        # neutral filters change nothing), after the model program of its step bucket.
-        variants = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
-        shapes = [(n, decode_only, random_rows, None, use_filters, masked)
-                  for random_rows, use_filters, masked in variants for n, decode_only in shapes]
-
-        def compile_one(shape):
-            return self._compile_programs(*self._dummy_step_args(*shape))
-
+        # neutral filters change nothing).
+        sampling = ((True, False, False), (True, True, False), (True, True, True))
         start, loaded = time.perf_counter(), 0
         with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="jaxllm-compile") as pool:
-            futures = [pool.submit(compile_one, shape) for shape in shapes]
-            for future in tqdm(as_completed(futures), total=len(futures), desc="Compiling buckets",
-                               dynamic_ncols=True):
-                for key, executable, cached in future.result():
-                    self._executables[key] = executable
-                    self.compiled_buckets.add(key)
-                    loaded += cached
-        logger.info("compiled %d step programs in %.1fs (%d loaded from the executable cache): %d decode and %d "
-                    "token buckets, each greedy, random, random with top-k/top-p/min-p and constrained (a model "
-                    "and a masked sampling program); steps with penalties, allowed_token_ids, logprobs, "
-                    "prompt_logprobs or over 8 biases a row compile on first use",
+            def submit(phase):  # model programs first: their outputs type the sampling programs' inputs
+                jobs = {}
+                for shape, variant in phase:
+                    args, bucket = self._dummy_step_args(*shape, random_rows=variant[0], use_filters=variant[1],
+                                                         masked=variant[2])
+                    jobs.setdefault(_program_keys(bucket)[-1], (args, bucket))
+                return [pool.submit(self._compile_programs, args, bucket, self._executables)
+                        for args, bucket in jobs.values()]
+
+            for phase, what in (([(s, (False, False, False)) for s in shapes], "model programs"),
+                                ([(s, v) for v in sampling for s in shapes], "sampling programs")):
+                futures = submit(phase)
+                for future in tqdm(as_completed(futures), total=len(futures), desc=f"Compiling {what}",
+                                   dynamic_ncols=True):
+                    for key, executable, cached in future.result():
+                        self._executables[key] = executable
+                        self.compiled_buckets.add(key)
+                        loaded += cached
+        num_models = sum(key[0] == "forward" for key in self._executables)
+        logger.info("compiled %d step programs in %.1fs (%d loaded from the executable cache): a model program for "
+                    "each of %d decode and %d token buckets, and %d sampling programs (random, random with "
+                    "top-k/top-p/min-p, constrained) for their row buckets; sampling with penalties, "
+                    "allowed_token_ids, logprobs or over 8 biases a row, and prompt_logprobs, compile on first use",
                     len(self._executables), time.perf_counter() - start, loaded, len(self.config.seq_buckets),
-                    len(self.config.token_buckets))
+                    len(self.config.token_buckets), len(self._executables) - num_models)
 
     # -- device side ----------------------------------------------------------------------------
     def dispatch(self, out: SchedulerOutput) -> "InFlightStep":
@@ -585,7 +589,7 @@ class ModelRunner:
         args, bucket, prompt_spans, penalty_rows, mask = self.prepare(out)
         fills, self._pending_fills = self._pending_fills, []
         self.prepare_seconds += time.perf_counter() - t0
-        keys = _split_keys(bucket) if mask is not None else (bucket,)
+        keys = _program_keys(bucket)
         compiling = any(key not in self.compiled_buckets for key in keys)
         self.compiled_buckets.update(keys)
         future = self._launcher.submit(self._launch, copies, fills, bool(penalty_rows), args, bucket, compiling,
@@ -603,14 +607,7 @@ class ModelRunner:
         for fill in fills:
             self.penalty_state = _fill_penalty_rows(self.penalty_state, *fill)
         state = self.penalty_state if use_penalties else None
-        if mask is not None:
-            res, prompt, state = self._launch_masked(args, bucket, state, mask)
-        elif (executable := self._executables.get(bucket)) is not None:  # compiled ahead: array arguments only
-            res, prompt, self.kv_cache, state, self.last_sampled = self._call_compiled(executable, args, state)
-        else:
-            with self.on_mesh():
-                res, prompt, self.kv_cache, state, self.last_sampled = _step(
-                    self.params, self.kv_cache, state, self.last_sampled, config=self.model_config, **args)
+        res, prompt, state = self._run_step(args, bucket, state, mask, self._executables)
         if use_penalties:
             self.penalty_state = state
         if compiling:
@@ -620,22 +617,29 @@ class ModelRunner:
                         *bucket, time.perf_counter() - t0)
         return res, prompt
 
-    def _launch_masked(self, args: dict, bucket, state, mask: StepMask):
-        forward_key, sample_key = _split_keys(bucket)
-        fwd_args, smp_args = self._split_args(args)
-        arrays = {k: v for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS}
+    def _run_step(self, args: dict, bucket: tuple, state: PenaltyState | None, mask: StepMask | None,
+                  programs: dict) -> tuple:
+        """Launch a step's programs, those compiled ahead from `programs` (by key), the others through jit:
+        (SamplerOutput, prompt logprobs or None, penalty state). A step with constrained rows waits for the
+        engine to fill its bitmask between its two programs, while the device runs the first."""
+        keys = _program_keys(bucket)
+        fwd_args = self._forward_args(args)
         with self.on_mesh():
-            if (forward := self._executables.get(forward_key)) is not None:
-                logits, prompt, self.kv_cache = forward(self.params, self.kv_cache, self.last_sampled, **arrays)
+            if (forward := programs.get(keys[0])) is not None:
+                arrays = {k: v for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS}
+                out, logits, prompt, self.kv_cache, self.last_sampled = forward(self.params, self.kv_cache,
+                                                                                self.last_sampled, **arrays)
             else:
-                logits, prompt, self.kv_cache = _forward(self.params, self.kv_cache, self.last_sampled, **fwd_args)
-            bitmask = mask.ready.result()
-            if (sampler := self._executables.get(sample_key)) is not None:
-                res, state, self.last_sampled = sampler(logits, bitmask, args["st"], state, self.last_sampled)
-            else:
-                res, state, self.last_sampled = _sample_masked(logits, bitmask, args["st"], state, self.last_sampled,
-                                                               **smp_args)
-        return res, prompt, state
+                out, logits, prompt, self.kv_cache, self.last_sampled = _forward(self.params, self.kv_cache,
+                                                                                 self.last_sampled, **fwd_args)
+            if len(keys) == 2:
+                bitmask = None if mask is None else mask.ready.result()
+                if (sampler := programs.get(keys[1])) is not None:
+                    out, state, self.last_sampled = sampler(logits, bitmask, args["st"], state, self.last_sampled)
+                else:
+                    out, state, self.last_sampled = _sample(logits, bitmask, args["st"], state, self.last_sampled,
+                                                            **{k: args[k] for k in SAMPLE_STATIC_ARGS})
+        return out, prompt, state
 
     def collect(self, step: "InFlightStep") -> ModelRunnerOutput:
         """Wait for a dispatched step; its sampled tokens (and logprobs) of every sampled row, on the host."""
@@ -654,12 +658,15 @@ class ModelRunner:
         return result
 
 
-def _split_keys(bucket: tuple) -> tuple[tuple, tuple]:
-    """The keys of a masked step's two programs: the model's (by its step shape and prompt logprobs) and
-    the sampler's (by its rows and their sampling features)."""
-    T, S, R, B, decode_only, random_rows, use_filters, penalties, K, A, num_logprobs, num_prompt_logprobs, _ = bucket
-    return (("forward", T, S, R, B, decode_only, num_prompt_logprobs),
-            ("sample", R, random_rows, use_filters, penalties, K, A, num_logprobs))
+def _program_keys(bucket: tuple) -> tuple[tuple, ...]:
+    """The programs a step of `bucket` runs, in order: the model program (by its step shape and prompt
+    logprobs), then, unless every row is plain greedy, a sampling program (by its rows and their sampling
+    features)."""
+    T, S, R, B, decode_only, random_rows, use_filters, penalties, K, A, num_logprobs, num_prompt_logprobs, masked = bucket
+    forward = ("forward", T, S, R, B, decode_only, num_prompt_logprobs)
+    if not (random_rows or penalties or K > MIN_BIAS_COLUMNS or A or num_logprobs >= 0 or masked):
+        return (forward,)
+    return forward, ("sample", R, random_rows, use_filters, penalties, K, A, num_logprobs, masked)
 
 
 @dataclass

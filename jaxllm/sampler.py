@@ -272,6 +272,20 @@ def process_logits(logits: jax.Array, t: SamplingTensors, penalty_state: Penalty
     return logits
 
 
+def raw_logprob(raw: jax.Array, sampled: jax.Array, lse: jax.Array | None = None) -> jax.Array:
+    """The logprob [R] of each row's sampled token under the raw logits [R, V]: one logsumexp a row, no
+    [R, V] log-softmax in memory."""
+    lse = jax.nn.logsumexp(raw, axis=-1) if lse is None else lse
+    return jnp.take_along_axis(raw, sampled[:, None], axis=-1)[:, 0] - lse
+
+
+def greedy_sample(logits: jax.Array, bias_ids: jax.Array, bias_values: jax.Array) -> SamplerOutput:
+    """`sample` for all-greedy rows with no penalties, allowed_token_ids or logprobs: the argmax after the
+    sparse biases (bias_ids/bias_values [R, K]), and the raw logprob."""
+    sampled = jnp.argmax(apply_sparse_bias(logits, bias_ids, bias_values), axis=-1).astype(jnp.int32)
+    return SamplerOutput(sampled=sampled, logprob=raw_logprob(logits, sampled))
+
+
 def sample(logits: jax.Array, t: SamplingTensors, penalty_state: PenaltyState | None = None, *,
            use_filters: bool, random_rows: bool = True,
            num_logprobs: int = -1) -> tuple[SamplerOutput, PenaltyState | None]:
@@ -295,10 +309,8 @@ def sample(logits: jax.Array, t: SamplingTensors, penalty_state: PenaltyState | 
         drawn = jnp.argmax(scaled + gumbel_noise(t.seeds, t.sample_index, V), axis=-1)
         sampled = jnp.where(greedy, sampled, drawn)
     sampled = sampled.astype(jnp.int32)
-
-    # The sampled token's raw logprob: one logsumexp per row, no [R, V] log-softmax in memory.
     lse = jax.nn.logsumexp(raw, axis=-1)
-    logprob = jnp.take_along_axis(raw, sampled[:, None], axis=-1)[:, 0] - lse
+    logprob = raw_logprob(raw, sampled, lse)
     out = SamplerOutput(sampled=sampled, logprob=logprob)
     if num_logprobs >= 0:
         raw_logprobs = raw - lse[:, None]

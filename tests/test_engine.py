@@ -58,15 +58,15 @@ def test_shared_prefix_is_computed_once(make_llm, smol_tokenizer):
 
 
 def test_thirty_varied_prompts_compile_a_handful_of_programs(make_llm, smol_tokenizer):
-    from jaxllm.model_runner import _step
+    from jaxllm.model_runner import _forward
 
     llm = make_llm(max_num_seqs=16, max_num_batched_tokens=128, num_gpu_blocks_override=256)
-    before = _step._cache_size()
+    before = _forward._cache_size()
     prompts = random_prompts(smol_tokenizer, 30, 3, 100, seed=4)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
-    compiled = _step._cache_size() - before
+    compiled = _forward._cache_size() - before
     runner = llm.llm_engine.runner
     assert compiled <= len(runner.compiled_buckets) <= 12, sorted(runner.compiled_buckets)
 
@@ -168,18 +168,17 @@ def _gpu_style(llm, cache_dir=None):
 def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smol_tokenizer):
     """The GPU path on a CPU: every bucket compiled ahead of time in parallel, mixed steps sized from
     their token bucket; generation then compiles nothing and gives the tokens of the lazily-compiled path."""
-    from jaxllm.model_runner import _forward, _sample_masked, _step
+    from jaxllm.model_runner import _forward, _sample
 
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
     runner = _gpu_style(llm)
     runner.precompile(num_threads=2)
-    # Greedy, random and random with top-k/top-p/min-p whole steps, and a model program for constrained
-    # steps, for each decode and each token bucket; a masked sampling program for each row bucket.
+    # A model program for each decode and each token bucket; for each row bucket a random, a random with
+    # top-k/top-p/min-p and a masked sampling program.
     num_shapes = len(runner.config.seq_buckets) + len(runner.config.token_buckets)
-    kinds = [key[0] if isinstance(key[0], str) else "step" for key in runner._executables]
+    kinds = [key[0] for key in runner._executables]
     row_buckets = set(runner.config.seq_buckets) | {runner._mixed_seqs(T, 1) for T in runner.config.token_buckets}
-    assert (kinds.count("step"), kinds.count("forward"), kinds.count("sample")) == (3 * num_shapes, num_shapes,
-                                                                                    len(row_buckets))
+    assert (kinds.count("forward"), kinds.count("sample")) == (num_shapes, 3 * len(row_buckets))
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=7)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     seeded = SamplingParams(temperature=0.8, seed=11, max_tokens=6, ignore_eos=True)
@@ -191,7 +190,7 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     mixed = [constrained if i % 2 else greedy for i in range(len(prompts))]
     mixes = [greedy, seeded, nucleus, [greedy, seeded, nucleus, seeded, greedy], mixed,
              [sampled_constrained, nucleus, constrained, seeded, greedy]]
-    jitted = (_step, _forward, _sample_masked)
+    jitted = (_forward, _sample)
     before, buckets = [f._cache_size() for f in jitted], set(runner.compiled_buckets)
     ahead = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
     assert [f._cache_size() for f in jitted] == before and runner.compiled_buckets == buckets  # nothing lazily
@@ -201,7 +200,7 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
 
 
 class _CountingStep:
-    """Stands in for model_runner._step: counts traces (`lower`), delegates everything."""
+    """Stands in for a jitted step program of model_runner: counts traces (`lower`), delegates everything."""
 
     def __init__(self, step):
         self.step, self.lowered = step, 0
@@ -251,8 +250,8 @@ def test_executable_cache_phase(make_llm, smol_tokenizer, monkeypatch):
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=3)
     params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
               SamplingParams(temperature=0.8, seed=5, max_tokens=6, ignore_eos=True)]
-    counting = [_CountingStep(getattr(model_runner, name)) for name in ("_step", "_forward", "_sample_masked")]
-    for name, counter in zip(("_step", "_forward", "_sample_masked"), counting):
+    counting = [_CountingStep(getattr(model_runner, name)) for name in ("_forward", "_sample")]
+    for name, counter in zip(("_forward", "_sample"), counting):
         monkeypatch.setattr(model_runner, name, counter)
     lowered = lambda: sum(c.lowered for c in counting)  # noqa: E731
     if phase == "load":
