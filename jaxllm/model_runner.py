@@ -29,6 +29,7 @@ import bisect
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -533,7 +534,7 @@ class ModelRunner:
         temps = [stats.temp_size_in_bytes for p in programs.values() if (stats := p.memory_analysis()) is not None]
         self.last_dummy_step_temp_bytes = max(temps) if temps else None
 
-    def precompile(self, num_threads: int = 8) -> None:
+    def precompile(self, num_threads: int | None = None) -> None:
         """Compile every ordinary step at start, in parallel: the model program of each decode batch bucket
         and each token bucket (which also samples plain greedy rows), then for each row bucket a sampling
         program for random rows, one for random rows that truncate (top_k, top_p, min_p), and one for
@@ -552,6 +553,8 @@ class ModelRunner:
         # neutral filters change nothing).
         sampling = ((True, False, False), (True, True, False), (True, True, True))
         start, loaded = time.perf_counter(), 0
+        # XLA compiles a program on about one core (LLVM, ptxas): a thread per core.
+        num_threads = num_threads or os.cpu_count() or 8
         with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="jaxllm-compile") as pool:
             def submit(phase):  # model programs first: their outputs type the sampling programs' inputs
                 jobs = {}
