@@ -629,13 +629,28 @@ class ModelRunner:
                 logits, prompt, self.kv_cache = forward(self.params, self.kv_cache, self.last_sampled, **arrays)
             else:
                 logits, prompt, self.kv_cache = _forward(self.params, self.kv_cache, self.last_sampled, **fwd_args)
+            sampler = self._executables.get(sample_key)
+            # The sampling tensors go to the device now, while the engine's thread waits for the previous step:
+            # once the bitmask is filled, this thread launches the sampler while the engine's thread schedules
+            # and prepares the next step, and any host work left here then is taken from that step.
+            st = jax.device_put(args["st"], self._sampling_tensors_sharding(sampler))
             bitmask = mask.ready.result()
-            if (sampler := self._executables.get(sample_key)) is not None:
-                res, state, self.last_sampled = sampler(logits, bitmask, args["st"], state, self.last_sampled)
+            if sampler is not None:
+                res, state, self.last_sampled = sampler(logits, bitmask, st, state, self.last_sampled)
             else:
-                res, state, self.last_sampled = _sample_masked(logits, bitmask, args["st"], state, self.last_sampled,
+                res, state, self.last_sampled = _sample_masked(logits, bitmask, st, state, self.last_sampled,
                                                                **smp_args)
         return res, prompt, state
+
+    def _sampling_tensors_sharding(self, sampler: jax.stages.Compiled | None):
+        """Where the masked sampler takes its SamplingTensors: as its compiled program placed them, or (traced
+        on first use) on this runner's device, replicated over its mesh."""
+        if sampler is not None:
+            (_, _, st_sharding, _, _), _ = sampler.input_shardings
+            return st_sharding
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(self.device)
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
     def collect(self, step: "InFlightStep") -> ModelRunnerOutput:
         """Wait for a dispatched step; its sampled tokens (and logprobs) of every sampled row, on the host."""
