@@ -636,13 +636,29 @@ class ModelRunner:
                 out, logits, prompt, self.kv_cache, self.last_sampled = _forward(self.params, self.kv_cache,
                                                                                  self.last_sampled, **fwd_args)
             if len(keys) == 2:
-                bitmask = None if mask is None else mask.ready.result()
-                if (sampler := programs.get(keys[1])) is not None:
-                    out, state, self.last_sampled = sampler(logits, bitmask, args["st"], state, self.last_sampled)
+                sampler, st, bitmask = programs.get(keys[1]), args["st"], None
+                if mask is not None:
+                    # The sampling tensors go to the device before the wait for the bitmask: the launch that
+                    # follows the fill runs while the engine's thread schedules and prepares the next step,
+                    # and the two threads trade the GIL around each array a launch converts.
+                    st = jax.device_put(st, self._sampling_tensors_sharding(sampler))
+                    bitmask = mask.ready.result()
+                if sampler is not None:
+                    out, state, self.last_sampled = sampler(logits, bitmask, st, state, self.last_sampled)
                 else:
-                    out, state, self.last_sampled = _sample(logits, bitmask, args["st"], state, self.last_sampled,
+                    out, state, self.last_sampled = _sample(logits, bitmask, st, state, self.last_sampled,
                                                             **{k: args[k] for k in SAMPLE_STATIC_ARGS})
         return out, prompt, state
+
+    def _sampling_tensors_sharding(self, sampler: jax.stages.Compiled | None):
+        """Where the sampling program takes its SamplingTensors: as its compiled program placed them, or
+        (traced on first use) on this runner's device, replicated over its mesh."""
+        if sampler is not None:
+            (_, _, st_sharding, _, _), _ = sampler.input_shardings
+            return st_sharding
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(self.device)
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
     def collect(self, step: "InFlightStep") -> ModelRunnerOutput:
         """Wait for a dispatched step; its sampled tokens (and logprobs) of every sampled row, on the host."""
