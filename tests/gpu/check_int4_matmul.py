@@ -14,8 +14,6 @@ near-ties (printed; asserted for the first token of each request).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from throughput import git_commit  # noqa: E402  ($JAXLLM_GIT_COMMIT first: the device copy's .git is stale)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 
 from jaxllm.models.quant import QuantizedWeight, use_int4_kernel  # noqa: E402
 from pallas_kernels.int4_matmul import int4_matmul, int4_matmul_reference, pack_int4  # noqa: E402
@@ -59,9 +57,7 @@ def check_kernel(rng, n_in, n_out, m, group, scale_dtype, num_splits, log) -> bo
     scales = jnp.dtype(scale_dtype).name
     rec = dict(name=f"[{m}, {n_in}] @ [{n_in}, {n_out}] group {group} {scales} splits {num_splits}",
                ok=ok, rel_err=err, dispatch_picks_kernel=picked)
-    log.append(rec)
-    print("PASS" if ok else "FAIL", json.dumps(rec), flush=True)
-    return ok
+    return report.case(log, rec)
 
 
 def greedy_tokens(shape: str, layers: int, kernel: bool) -> list[list[int]]:
@@ -99,15 +95,8 @@ def main():
               for k, x in zip(with_kernel, without)]
     rec = dict(name="engine greedy tokens, kernel vs XLA dequantize", ok=same_first >= 0.9,
                same_first_token=same_first, mean_common_prefix=float(np.mean(prefix)))
-    ok &= rec["ok"]
-    log.append(rec)
-    print("PASS" if rec["ok"] else "FAIL", json.dumps(rec), flush=True)
-    Path(a.log).parent.mkdir(parents=True, exist_ok=True)
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    Path(a.log).write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__, date=date,
-                                           commit=git_commit(), command=" ".join(sys.argv), ok=ok, cases=log), indent=1))
-    print("ALL PASS" if ok else "SOME FAILED", flush=True)
-    sys.exit(0 if ok else 1)
+    ok &= report.case(log, rec)
+    report.finish(a.log, ok, log)
 
 
 if __name__ == "__main__":

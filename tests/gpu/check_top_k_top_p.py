@@ -14,8 +14,6 @@ with JAXLLM_TOP_P_KERNEL=0; the tokens must agree (printed; asserted for 90% of 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from throughput import git_commit  # noqa: E402  ($JAXLLM_GIT_COMMIT first: the device copy's .git is stale)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 
 from jaxllm.sampler import ordered_key, use_top_p_kernel  # noqa: E402
 from pallas_kernels.top_k_top_p import top_k_top_p_threshold, top_k_top_p_threshold_reference  # noqa: E402
@@ -67,9 +65,7 @@ def check_kernel(rng, R: int, V: int, log) -> bool:
            if top_p[r] >= 1.0 or not nucleus_ok(x[r], keys[r], int(got[r]), int(kth[r]), float(top_p[r]))]
     rec = dict(name=f"threshold [{R}, {V}]", ok=not bad, exact_rows=int(exact.sum()), rows=R,
                wrong_rows=[int(r) for r in bad[:8]])
-    log.append(rec)
-    print("PASS" if rec["ok"] else "FAIL", json.dumps(rec), flush=True)
-    return rec["ok"]
+    return report.case(log, rec)
 
 
 def sampled_tokens(layers: int, kernel: bool) -> list[list[int]]:
@@ -108,15 +104,8 @@ def main():
     same_all = float(np.mean([k == s for k, s in zip(with_kernel, without)]))
     rec = dict(name="engine top-p tokens, kernel vs sort", ok=same_first >= 0.9, same_first_token=same_first,
                same_sequence=same_all)
-    ok &= rec["ok"]
-    log.append(rec)
-    print("PASS" if rec["ok"] else "FAIL", json.dumps(rec), flush=True)
-    Path(a.log).parent.mkdir(parents=True, exist_ok=True)
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    Path(a.log).write_text(json.dumps(dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__, date=date,
-                                           commit=git_commit(), command=" ".join(sys.argv), ok=ok, cases=log), indent=1))
-    print("ALL PASS" if ok else "SOME FAILED", flush=True)
-    sys.exit(0 if ok else 1)
+    ok &= report.case(log, rec)
+    report.finish(a.log, ok, log)
 
 
 if __name__ == "__main__":
