@@ -96,15 +96,11 @@ def build_llm(args):
                   max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                   enable_prefix_caching=False, kv_cache_dtype=args.kv_cache_dtype)
     if args.model_shape:
-        from jaxllm.models.shapes import init_random_weights, model_shape_config
+        from jaxllm.models.shapes import model_shape_config, random_weights
 
         config = model_shape_config(args.model_shape, dtype=args.dtype if args.dtype != "auto" else "bfloat16",
                                     **args.shape_overrides)
-        params = init_random_weights(config, jax.random.PRNGKey(args.seed))
-        if args.quantization:  # random weights have no checkpoint: quantized in memory, as at load
-            from jaxllm.models.quant import quantize_weights
-
-            params = quantize_weights(params, args.quantization)
+        params = random_weights(config, jax.random.PRNGKey(args.seed), args.quantization)
         tokenizer = None
         if args.structured_outputs == "json":  # grammars need a tokenizer: the default model's, for any vocabulary
             from jaxllm.loader import default_model_path, load_tokenizer

@@ -37,6 +37,24 @@ logger = logging.getLogger("jaxllm")
 CPU_KV_CACHE_SPACE_GIB = float(os.environ.get("JAXLLM_CPU_KVCACHE_SPACE", "1"))
 
 
+def kv_cache_room(stats: dict, gpu_memory_utilization: float, temp: int | None) -> tuple[float, float, float, dict]:
+    """(bytes the KV cache may take on a device, the usable limit, bytes used, the stats), from the device's
+    `memory_stats()` after a warm-up step whose scratch XLA planned at `temp` bytes (None: unknown, so the
+    peak counts). K and V are one buffer each, so both must fit in free memory as it lies, not only in its
+    sum: freed weights can leave holes below the live ones, and a cache sized by the sum failed its first
+    step. The step's scratch may have to come out of the same block."""
+    limit = stats.get("bytes_limit", 0) * gpu_memory_utilization
+    if temp is None:
+        used = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
+    else:
+        used = stats.get("bytes_in_use", 0) + temp
+    room = limit - used
+    largest = stats.get("largest_free_block_bytes")
+    if largest is not None and 0 < largest - (temp or 0) < room:
+        room = largest - (temp or 0)
+    return room, limit, used, stats
+
+
 @dataclasses.dataclass
 class StepTimes:
     """Where the engine's wall time goes, summed over steps: host scheduling, building and launching the
@@ -162,18 +180,15 @@ class LLMEngine:
             # the executable cache, must not differ between a cold and a warm start.
             # The device with the least room left decides (shards are even; a replicated vocabulary is not).
             devices = [self.runner.device] if self.mesh is None else list(self.mesh.devices.flat)
-            rooms = []
-            for device in devices:
-                stats = device.memory_stats() or {}
-                limit = stats.get("bytes_limit", 0) * cfg.gpu_memory_utilization
-                temp = self.runner.last_dummy_step_temp_bytes
-                if temp is None:
-                    used = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
-                else:
-                    used = stats.get("bytes_in_use", 0) + temp
-                rooms.append((limit - used, limit, used, stats))
-            _, limit, used, stats = min(rooms, key=lambda r: r[0])
-            num_blocks = max(int(limit - used), 0) // per_block
+            temp = self.runner.last_dummy_step_temp_bytes
+            rooms = [kv_cache_room(device.memory_stats() or {}, cfg.gpu_memory_utilization, temp)
+                     for device in devices]
+            room, limit, used, stats = min(rooms, key=lambda r: r[0])
+            if room < limit - used:
+                logger.warning("memory: the largest free block is %.1f GiB of %.1f GiB free (fragmented): the KV "
+                               "cache gets %.1f GiB", stats["largest_free_block_bytes"] / 2**30,
+                               (limit - used) / 2**30, room / 2**30)
+            num_blocks = max(int(room), 0) // per_block
             logger.info("memory: %.1f GiB usable (gpu_memory_utilization=%.2f), %.1f GiB for weights and the "
                         "largest step (device peak so far %.1f GiB), %.1f GiB for the KV cache", limit / 2**30,
                         cfg.gpu_memory_utilization, used / 2**30, stats.get("peak_bytes_in_use", 0) / 2**30,

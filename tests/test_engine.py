@@ -132,6 +132,44 @@ def test_too_small_a_cache_names_the_flag(tiny_model):
         LLM.from_params(params, config, tok, num_gpu_blocks_override=2, max_model_len=256)
 
 
+def test_kv_cache_room_fits_free_memory_as_it_lies():
+    """The cache's room is what the limit leaves after weights and a step's scratch; when freed weights left
+    holes, it is what the largest free block holds beside that scratch, never more than the block."""
+    from jaxllm.engine import kv_cache_room
+
+    gib = 2**30
+    stats = {"bytes_limit": 105 * gib, "bytes_in_use": 8 * gib, "peak_bytes_in_use": 40 * gib}
+    room, limit, used, _ = kv_cache_room(stats, 0.9, temp=2 * gib)
+    assert (limit, used) == (94.5 * gib, 10 * gib) and room == 84.5 * gib
+    assert kv_cache_room(stats, 0.9, temp=None)[0] == 54.5 * gib  # scratch unknown: the peak counts
+    # 16 GiB of freed float weights below 8 GiB of FP8 ones: the largest block is the 81 GiB above them
+    room = kv_cache_room({**stats, "largest_free_block_bytes": 81 * gib}, 0.9, temp=2 * gib)[0]
+    assert room == 79 * gib
+    assert kv_cache_room({**stats, "largest_free_block_bytes": 97 * gib}, 0.9, 2 * gib)[0] == 84.5 * gib
+
+
+def test_random_weights_quantized_come_back_to_the_device():
+    """`random_weights(..., "fp8")`: the quantized weights after their trip through the host (which packs
+    them in device memory) equal quantizing the float weights in place, and live on the device."""
+    import jax
+
+    from jaxllm.config import ModelConfig
+    from jaxllm.models.quant import QuantizedWeight, quantize_weights
+    from jaxllm.models.shapes import init_random_weights, random_weights
+
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48,
+                         num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16)
+    key = jax.random.PRNGKey(3)
+    got = random_weights(config, key, "fp8")
+    want = quantize_weights(init_random_weights(config, key), "fp8")
+    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
+    assert any(is_q(v) for v in vars(got.layers).values())
+    got_leaves, want_leaves = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(got_leaves) == len(want_leaves)
+    for g, w in zip(got_leaves, want_leaves):
+        assert isinstance(g, jax.Array) and g.dtype == w.dtype and (g == w).all()
+
+
 def test_async_scheduling_gives_the_same_outputs_as_sync(make_llm, smol_tokenizer):
     """Step N+1 is launched before step N's tokens are read; outputs, stops included, must not change."""
     prompts = random_prompts(smol_tokenizer, 6, 5, 40, seed=6)

@@ -38,16 +38,13 @@ def random_weights_llm(shape: str, dtype: str, engine_kwargs: dict, tokenizer: s
 
     from jaxllm import LLM
     from jaxllm.loader import default_model_path, load_tokenizer
-    from jaxllm.models.shapes import init_random_weights, model_shape_config
+    from jaxllm.models.quant import RANDOM_WEIGHT_METHODS
+    from jaxllm.models.shapes import model_shape_config, random_weights
 
+    if quantization is not None and quantization not in RANDOM_WEIGHT_METHODS:
+        raise ValueError(f"--quantization {quantization} needs a checkpoint; random weights take "
+                         f"{', '.join(RANDOM_WEIGHT_METHODS)}")
     config = model_shape_config(shape, "bfloat16" if dtype == "auto" else dtype)
-    params = init_random_weights(config, jax.random.PRNGKey(engine_kwargs["seed"]))
-    if quantization is not None:  # no checkpoint to load: quantized in memory, as a float checkpoint at load
-        from jaxllm.models.quant import RANDOM_WEIGHT_METHODS, quantize_weights
-
-        if quantization not in RANDOM_WEIGHT_METHODS:
-            raise ValueError(f"--quantization {quantization} needs a checkpoint; random weights take "
-                             f"{', '.join(RANDOM_WEIGHT_METHODS)}")
-        params = quantize_weights(params, quantization)
+    params = random_weights(config, jax.random.PRNGKey(engine_kwargs["seed"]), quantization)
     tokenizer = _WrappingTokenizer(load_tokenizer(tokenizer or default_model_path()))
     return LLM.from_params(params, config, tokenizer, **engine_kwargs)

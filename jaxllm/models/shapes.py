@@ -54,6 +54,27 @@ def init_random_weights(config: ModelConfig, key, scale: float = 0.02):
     return model_module(config.architecture).init_random_weights(config, key, scale=scale)
 
 
+def random_weights(config: ModelConfig, key, quantization: str | None = None):
+    """Random weights at `config`'s shape, quantized in memory when `quantization` names one of
+    `quant.RANDOM_WEIGHT_METHODS` (random weights have no checkpoint to quantize at load).
+
+    Quantizing on the device leaves the float weights' memory as holes below the quantized ones, and each
+    half of the KV cache needs one contiguous buffer: an FP8 Llama-3-8B lost its 16 GiB of float weights to
+    a hole the cache could not use. So the quantized weights go to the host and come back into an emptied
+    pool, packed at its bottom (8 GiB each way for that model: about a second)."""
+    import jax
+
+    params = init_random_weights(config, key)
+    if quantization is None:
+        return params
+    from jaxllm.models.quant import quantize_weights
+
+    params = quantize_weights(params, quantization)  # the float weights are freed here
+    host = jax.device_get(params)
+    del params
+    return jax.device_put(host)
+
+
 # Encoders (embedding models) at real shapes: all-MiniLM-L6-v2, bge-base-en-v1.5 (BERT) and bge-m3 (XLM-RoBERTa),
 # with the pooling their sentence-transformers files declare.
 ENCODER_SHAPES: dict[str, dict] = {
