@@ -340,7 +340,9 @@ def test_encoder_attention_setting_is_checked(tmp_path, monkeypatch):
         encoder_attention_from_env("float16", "gpu", 12)
     monkeypatch.delenv("JAXLLM_ENCODER_ATTENTION")
     assert encoder_attention_from_env("float32", "cpu", 12) == "loop"
-    assert encoder_attention_from_env("bfloat16", "gpu", 64) == "jnp"
+    assert encoder_attention_from_env("bfloat16", "gpu", 64) == "cudnn"  # the GPU's default where it can run
+    assert encoder_attention_from_env("float32", "gpu", 64) == "jnp"
+    assert encoder_attention_from_env("bfloat16", "gpu", 256) == "jnp"
     monkeypatch.setenv("JAXLLM_ENCODER_ATTENTION", "jnp")
     assert encoder_attention_from_env("float32", "cpu", 12) == "jnp"
 

@@ -1,19 +1,19 @@
 """Encoders' bidirectional attention within segments of a packed step, by chunks no sequence crosses.
 
 Three implementations of one function, picked by $JAXLLM_ENCODER_ATTENTION when a runner starts:
-- "jnp" (the default on a GPU, and the reference): scores [chunks, h, C, C] in float32, masked, softmax,
-  values. XLA writes the scores to memory and reads them back, which is what makes 512-token inputs slow
-  on a GPU.
+- "jnp" (the reference, and the GPU's default where cuDNN cannot run): scores [chunks, h, C, C] in
+  float32, masked, softmax, values. XLA writes the scores to memory and reads them back, which is what
+  makes 512-token inputs slow on a GPU.
 - "loop" (the default on a CPU): the same arithmetic one (chunk, head) tile at a time in a `lax.map`, so
   a tile's [C, C] scores (1 MiB at C = 512) stay in cache between the matmul, the softmax and the values.
   XLA's CPU batched matmul and softmax over all tiles at once stream every score through memory; one
   tile at a time made the attention of four 512-token inputs about 2x faster on a 2-core x86 host.
   Chunks shorter than LOOP_MIN_CHUNK keep the jnp attention: their tiles are small, and hundreds of
   loop iterations cost more than the memory they save.
-- "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")`, cuDNN's fused flash attention,
-  on the same chunks with the segment mask as a bias broadcast over heads. GPU only, 16-bit only. Chunks
-  shorter than FUSED_MIN_CHUNK keep the jnp attention: their scores are small, and a flash kernel's
-  query tile (64 or 128 rows) would be mostly padding.
+- "cudnn" (the GPU's default): `jax.nn.dot_product_attention(..., implementation="cudnn")`, cuDNN's
+  fused flash attention, on the same chunks with the segment mask as a bias broadcast over heads. GPU
+  only, 16-bit only. Chunks shorter than FUSED_MIN_CHUNK keep the jnp attention: their scores are small,
+  and a flash kernel's query tile (64 or 128 rows) would be mostly padding.
 The cuDNN path's layout and mask are tested on the CPU through the same call with XLA's implementation
 ("xla"), against the reference; tests/gpu/check_encoder_attention.py checks cuDNN itself on a GPU.
 
@@ -33,20 +33,30 @@ FUSED_MIN_CHUNK = 64
 LOOP_MIN_CHUNK = 128
 
 
+def cudnn_unsupported(dtype: str, backend: str, head_dim: int) -> str | None:
+    """Why cuDNN's flash attention cannot run this model here, or None when it can."""
+    if backend != "gpu":
+        return f"needs a CUDA GPU; this backend is {backend!r}"
+    if dtype not in ("bfloat16", "float16"):
+        return f"needs bfloat16 or float16 weights; the model runs in {dtype}"
+    if head_dim % 8 or head_dim > 128:
+        return f"needs a head_dim that is a multiple of 8 up to 128; this model's is {head_dim}"
+    return None
+
+
 def encoder_attention_from_env(dtype: str, backend: str, head_dim: int) -> str:
-    """The implementation $JAXLLM_ENCODER_ATTENTION names (when unset: "loop" on a CPU, "jnp" elsewhere),
-    refused by name where it cannot run: cuDNN's flash attention needs a GPU, 16-bit activations and a
-    head_dim that is a multiple of 8 up to 128."""
-    name = os.environ.get(ENV) or ("loop" if backend == "cpu" else "jnp")
+    """The implementation $JAXLLM_ENCODER_ATTENTION names, refused by name where it cannot run. Unset:
+    "loop" on a CPU; on a GPU "cudnn" where it can run (1.3x to 2.5x faster whole bge-m3 steps on an H200,
+    benchmarks/results/check-encoder-attention-H200.json), else "jnp"."""
+    name = os.environ.get(ENV)
+    if not name:
+        if backend == "cpu":
+            return "loop"
+        return "jnp" if cudnn_unsupported(dtype, backend, head_dim) else "cudnn"
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"{ENV}={name!r}: must be one of {', '.join(IMPLEMENTATIONS)}")
-    if name == "cudnn" and backend != "gpu":
-        raise ValueError(f"{ENV}=cudnn needs a CUDA GPU; this backend is {backend!r} (unset it for the jnp attention)")
-    if name == "cudnn" and dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"{ENV}=cudnn needs bfloat16 or float16 weights; the model runs in {dtype} "
-                         "(pass dtype='bfloat16', or unset it)")
-    if name == "cudnn" and (head_dim % 8 or head_dim > 128):
-        raise ValueError(f"{ENV}=cudnn needs a head_dim that is a multiple of 8 up to 128; this model's is {head_dim}")
+    if name == "cudnn" and (why := cudnn_unsupported(dtype, backend, head_dim)):
+        raise ValueError(f"{ENV}=cudnn {why} (unset it for the default attention)")
     return name
 
 
