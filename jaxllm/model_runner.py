@@ -58,11 +58,18 @@ import pallas_kernels
 logger = logging.getLogger("jaxllm")
 
 
-FORWARD_STATIC_ARGS = ("config", "decode_only", "prefill_kernel", "num_prompt_logprobs", "layout")
+FORWARD_STATIC_ARGS = ("config", "decode_only", "prefill_kernel", "num_prompt_logprobs", "layout", "return_logits")
 SAMPLE_STATIC_ARGS = ("random_rows", "use_filters", "num_logprobs")
 # Sparse bias columns a row always has (padding included): the greedy samples of the model program take
 # these, so stop tokens held back by min_tokens, bad words and a few logit biases need no other program.
 MIN_BIAS_COLUMNS = 8
+# Plain-greedy decode steps of up to this many rows run a model program that does not return its logits.
+# On an H200, one Qwen3-0.6B sequence ran at 588 output tok/s before the logits became an output of the
+# model program (57e01c2) and at 218 after (11fa3f7), the same call, nothing else changed between them:
+# a step of a few rows is launch-bound, and a fresh [R, V] output buffer each step is the suspect (XLA
+# re-records a CUDA graph whose buffers move). Larger steps keep one program for both uses: there the
+# output cost nothing measurable, and a second program per shape would double the start's compiles.
+GREEDY_ONLY_MAX_ROWS = 16
 
 
 def _run_model(params, kv_cache: KVCache, last_sampled, token_ids, prev_rows, positions, md: AttentionMetadata,
@@ -114,11 +121,11 @@ def unpack_inputs(packed: jax.Array, layout: tuple) -> dict[str, jax.Array]:
 @functools.partial(jax.jit, static_argnames=FORWARD_STATIC_ARGS, donate_argnames=("kv_cache",),
                    compiler_options=llama.step_compiler_options())
 def _forward(params, kv_cache: KVCache, last_sampled, packed, bias_values, config: ModelConfig, decode_only: bool,
-             prefill_kernel: bool, num_prompt_logprobs: int, layout: tuple):
+             prefill_kernel: bool, num_prompt_logprobs: int, layout: tuple, return_logits: bool = True):
     """The model and greedy sampling with the rows' sparse biases (bias_ids/bias_values [R, 8]: stop tokens
-    held back by min_tokens, bad words, logit_bias): (SamplerOutput, logits [R, V] float32, prompt
-    logprobs or None, kv_cache, last_sampled). A plain greedy step's only program. packed: the int32
-    inputs (`pack_inputs`), bias_values [R, 8] float32."""
+    held back by min_tokens, bad words, logit_bias): (SamplerOutput, logits [R, V] float32 or None when
+    not `return_logits`, prompt logprobs or None, kv_cache, last_sampled). A plain greedy step's only
+    program. packed: the int32 inputs (`pack_inputs`), bias_values [R, 8] float32."""
     a = unpack_inputs(packed, layout)
     md = AttentionMetadata(slot_mapping=a["slot_mapping"], block_tables=a["block_tables"], seq_lens=a["seq_lens"],
                            query_start_loc=a["query_start_loc"], logits_indices=a["logits_indices"])
@@ -127,7 +134,7 @@ def _forward(params, kv_cache: KVCache, last_sampled, packed, bias_values, confi
                                           decode_only, prefill_kernel, num_prompt_logprobs)
     out = greedy_sample(logits, a["bias_ids"], bias_values)
     last_sampled = jax.lax.dynamic_update_slice(jnp.zeros_like(last_sampled), out.sampled, (0,))
-    return out, logits, prompt, kv_cache, last_sampled
+    return out, logits if return_logits else None, prompt, kv_cache, last_sampled
 
 
 @functools.partial(jax.jit, static_argnames=SAMPLE_STATIC_ARGS, donate_argnames=("penalty_state",))
@@ -521,15 +528,18 @@ class ModelRunner:
             cache.store(key, executable)
         return executable, False
 
-    def _compile_programs(self, args: dict, bucket: tuple,
-                          have: dict | None = None) -> list[tuple[tuple, jax.stages.Compiled, bool]]:
+    def _compile_programs(self, args: dict, bucket: tuple, have: dict | None = None,
+                          model_only: bool = False) -> list[tuple[tuple, jax.stages.Compiled, bool]]:
         """(program key, program, loaded from the cache) for each program a step of `bucket` runs that
-        `have` (programs by key) does not hold; the model program's outputs type the sampler's inputs."""
+        `have` (programs by key) does not hold, or only its model program; the model program's outputs
+        type the sampler's inputs."""
         have = {} if have is None else have
         keys, programs = _program_keys(bucket), []
+        keys = keys[:1] if model_only else keys
         if (forward := have.get(keys[0])) is None:
             forward, cached = self._compile("_forward", FORWARD_STATIC_ARGS,
-                                            (self.params, self.kv_cache, self.last_sampled), self._forward_args(args))
+                                            (self.params, self.kv_cache, self.last_sampled),
+                                            self._forward_args(args, keys[0][-1]))
             programs.append((keys[0], forward, cached))
         if len(keys) == 2 and keys[1] not in have:
             out = forward.out_info[1]  # the logits [R, V] as the model program leaves them (dtype, sharding)
@@ -541,7 +551,7 @@ class ModelRunner:
             programs.append((keys[1], sampler, cached))
         return programs
 
-    def _forward_args(self, args: dict) -> dict:
+    def _forward_args(self, args: dict, return_logits: bool) -> dict:
         """A step's keyword arguments for `_forward`. Its greedy samples take the first MIN_BIAS_COLUMNS
         biases a row: a step with more runs a sampling program after it, whose samples are the step's."""
         st, md = args["st"], args["md"]
@@ -549,7 +559,8 @@ class ModelRunner:
         arrays |= {f.name: getattr(md, f.name) for f in dataclasses.fields(md)}
         arrays["bias_ids"] = st.bias_ids[:, :MIN_BIAS_COLUMNS]
         packed, layout = pack_inputs(arrays)
-        return {k: args[k] for k in FORWARD_STATIC_ARGS if k not in ("config", "layout")} | {
+        return {k: args[k] for k in FORWARD_STATIC_ARGS if k not in ("config", "layout", "return_logits")} | {
+            "return_logits": return_logits,
             "packed": packed, "bias_values": st.bias_values[:, :MIN_BIAS_COLUMNS], "config": self.model_config,
             "layout": layout}
 
@@ -566,7 +577,8 @@ class ModelRunner:
 
     def precompile(self, num_threads: int | None = None) -> None:
         """Compile every ordinary step at start, in parallel: the model program of each decode batch bucket
-        and each token bucket (which also samples plain greedy rows), then for each row bucket a sampling
+        and each token bucket (which also samples plain greedy rows; small decode buckets have a second one
+        without logits for their greedy steps, GREEDY_ONLY_MAX_ROWS), then for each row bucket a sampling
         program for random rows, one for random rows that truncate (top_k, top_p, min_p), and one for
         steps with a constrained row (structured outputs: random rows and filters with a token bitmask
         input): any mix of temperature, top_k, top_p, min_p, seed, stop conditions, structured outputs
@@ -586,18 +598,21 @@ class ModelRunner:
         # XLA compiles a program on about one core (LLVM, ptxas): a thread per core.
         num_threads = num_threads or os.cpu_count() or 8
         with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="jaxllm-compile") as pool:
-            def submit(phase):  # model programs first: their outputs type the sampling programs' inputs
-                jobs = {}
+            def submit(phase, models: bool):  # model programs first: their outputs type the samplers' inputs
+                jobs = {}  # one job a program: the model program of a shape serves all its sampling variants
                 for shape, variant in phase:
                     args, bucket = self._dummy_step_args(*shape, random_rows=variant[0], use_filters=variant[1],
                                                          masked=variant[2])
-                    jobs.setdefault(_program_keys(bucket)[-1], (args, bucket))
-                return [pool.submit(self._compile_programs, args, bucket, self._executables)
+                    jobs.setdefault(_program_keys(bucket)[0 if models else -1], (args, bucket))
+                return [pool.submit(self._compile_programs, args, bucket, self._executables, models)
                         for args, bucket in jobs.values()]
 
-            for phase, what in (([(s, (False, False, False)) for s in shapes], "model programs"),
-                                ([(s, v) for v in sampling for s in shapes], "sampling programs")):
-                futures = submit(phase)
+            # Small greedy decode steps have a model program without logits (GREEDY_ONLY_MAX_ROWS) besides
+            # the one a sampling program follows.
+            variants = ((False, False, False),) + sampling
+            for phase, models, what in (([(s, v) for v in variants for s in shapes], True, "model programs"),
+                                        ([(s, v) for v in sampling for s in shapes], False, "sampling programs")):
+                futures = submit(phase, models)
                 for future in tqdm(as_completed(futures), total=len(futures), desc=f"Compiling {what}",
                                    dynamic_ncols=True):
                     for key, executable, cached in future.result():
@@ -606,11 +621,12 @@ class ModelRunner:
                         loaded += cached
         num_models = sum(key[0] == "forward" for key in self._executables)
         logger.info("compiled %d step programs in %.1fs (%d loaded from the executable cache): a model program for "
-                    "each of %d decode and %d token buckets, and %d sampling programs (random, random with "
+                    "each of %d decode and %d token buckets (and a greedy one without logits for decode buckets "
+                    "of up to %d rows), and %d sampling programs (random, random with "
                     "top-k/top-p/min-p, constrained) for their row buckets; sampling with penalties, "
                     "allowed_token_ids, logprobs or over 8 biases a row, and prompt_logprobs, compile on first use",
                     len(self._executables), time.perf_counter() - start, loaded, len(self.config.seq_buckets),
-                    len(self.config.token_buckets), len(self._executables) - num_models)
+                    len(self.config.token_buckets), GREEDY_ONLY_MAX_ROWS, len(self._executables) - num_models)
 
     # -- device side ----------------------------------------------------------------------------
     def dispatch(self, out: SchedulerOutput) -> "InFlightStep":
@@ -656,7 +672,7 @@ class ModelRunner:
         (SamplerOutput, prompt logprobs or None, penalty state). A step with constrained rows waits for the
         engine to fill its bitmask between its two programs, while the device runs the first."""
         keys = _program_keys(bucket)
-        fwd_args = self._forward_args(args)
+        fwd_args = self._forward_args(args, keys[0][-1])
         with self.on_mesh():
             if (forward := programs.get(keys[0])) is not None:
                 arrays = {k: v for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS}
@@ -712,8 +728,11 @@ def _program_keys(bucket: tuple) -> tuple[tuple, ...]:
     logprobs), then, unless every row is plain greedy, a sampling program (by its rows and their sampling
     features)."""
     T, S, R, B, decode_only, random_rows, use_filters, penalties, K, A, num_logprobs, num_prompt_logprobs, masked = bucket
-    forward = ("forward", T, S, R, B, decode_only, num_prompt_logprobs)
-    if not (random_rows or penalties or K > MIN_BIAS_COLUMNS or A or num_logprobs >= 0 or masked):
+    sampled = random_rows or penalties or K > MIN_BIAS_COLUMNS or A or num_logprobs >= 0 or masked
+    # The last field: whether the model program returns its logits (`_forward`'s return_logits).
+    forward = ("forward", T, S, R, B, decode_only, num_prompt_logprobs,
+               bool(sampled) or not (decode_only and T <= GREEDY_ONLY_MAX_ROWS))
+    if not sampled:
         return (forward,)
     return forward, ("sample", R, random_rows, use_filters, penalties, K, A, num_logprobs, masked)
 

@@ -206,17 +206,22 @@ def _gpu_style(llm, cache_dir=None):
 def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smol_tokenizer):
     """The GPU path on a CPU: every bucket compiled ahead of time in parallel, mixed steps sized from
     their token bucket; generation then compiles nothing and gives the tokens of the lazily-compiled path."""
+    from jaxllm import model_runner
     from jaxllm.model_runner import _forward, _sample
 
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
     runner = _gpu_style(llm)
     runner.precompile(num_threads=2)
-    # A model program for each decode and each token bucket; for each row bucket a random, a random with
-    # top-k/top-p/min-p and a masked sampling program.
+    # A model program for each decode and each token bucket, and one without logits for each small decode
+    # bucket's greedy steps; for each row bucket a random, a random with top-k/top-p/min-p and a masked
+    # sampling program.
     num_shapes = len(runner.config.seq_buckets) + len(runner.config.token_buckets)
+    small = [S for S in runner.config.seq_buckets if S <= model_runner.GREEDY_ONLY_MAX_ROWS]
     kinds = [key[0] for key in runner._executables]
     row_buckets = set(runner.config.seq_buckets) | {runner._mixed_seqs(T, 1) for T in runner.config.token_buckets}
-    assert (kinds.count("forward"), kinds.count("sample")) == (num_shapes, 3 * len(row_buckets))
+    assert small and (kinds.count("forward"), kinds.count("sample")) == (num_shapes + len(small),
+                                                                         3 * len(row_buckets))
+    assert sum(not key[-1] for key in runner._executables if key[0] == "forward") == len(small)
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=7)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     seeded = SamplingParams(temperature=0.8, seed=11, max_tokens=6, ignore_eos=True)
