@@ -5,6 +5,7 @@ token each, with the engine's own code (jaxllm/step_mask.py, jaxllm/structured_o
 
     python benchmarks/grammar_host.py                        # 144 rows, the default model's tokenizer
     python benchmarks/grammar_host.py --rows 256 --steps 300 --output-json grammar_host.json
+    python benchmarks/grammar_host.py --accept one             # the matchers take their tokens one at a time
 
 The tokenizer's vocabulary is padded to --vocab (151,936, Qwen3's), so each row is 4,748 words as on
 the H200 workload. Each row samples a random token its mask allows; a match that completes restarts
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from jaxllm.core.request import RequestStatus  # noqa: E402
 from jaxllm.sampling_params import StructuredOutputsParams  # noqa: E402
 from jaxllm.step_mask import BitmaskBuffers  # noqa: E402
-from jaxllm.structured_output import GrammarCompiler, bitmask_width  # noqa: E402
+from jaxllm.structured_output import GrammarCompiler, accept_tokens, bitmask_width  # noqa: E402
 from throughput import SCHEMAS, git_commit, write_result  # noqa: E402
 
 
@@ -50,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=151936, help="the model's vocabulary (padded tokenizer)")
     ap.add_argument("--tokenizer", default=None, help="a tokenizer folder or .gguf (default: the default model's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--accept", default="batch", choices=["batch", "one"],
+                    help="the matchers take their tokens on llguidance's threads (the engine's way) or one at a time")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     for name in ("rows", "steps", "vocab"):
@@ -75,8 +78,11 @@ def main(argv=None):
         t2 = time.perf_counter()
         tokens = [allowed_token(mask.bitmask[i], rng) for i in range(args.rows)]
         t3 = time.perf_counter()
-        for req, token in zip(requests, tokens):  # as LLMEngine._advance_grammar, one row at a time
-            req.structured.accept(token)
+        if args.accept == "batch":  # as LLMEngine._accept_tokens
+            accept_tokens([(req.structured, token) for req, token in zip(requests, tokens)])
+        else:
+            for req, token in zip(requests, tokens):
+                req.structured.accept(token)
         t4 = time.perf_counter()
         in_flight.append(mask)
         if len(in_flight) > 2:  # collected two steps later: its buffer may be reused
@@ -98,7 +104,7 @@ def main(argv=None):
     result = {"benchmark": "grammar_host", "device": f"{platform.machine()} host, {os.cpu_count()} CPUs",
               "llguidance_version": importlib.metadata.version("llguidance"),
               "date": date, "commit": git_commit(), "command": " ".join(sys.argv),
-              "rows": args.rows, "steps": args.steps, "vocab": args.vocab, "cpus": os.cpu_count(), "restarts": restarts,
+              "rows": args.rows, "steps": args.steps, "accept": args.accept, "vocab": args.vocab, "cpus": os.cpu_count(), "restarts": restarts,
               **summary}
     print(result, flush=True)
     write_result(result, args.output_json, f"grammar_host-{args.rows}rows-{date[:10]}.json")

@@ -30,7 +30,7 @@ from jaxllm.model_runner import ModelRunner, ModelRunnerOutput
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.sharding import make_mesh, shard_weights
-from jaxllm.structured_output import GrammarCompiler
+from jaxllm.structured_output import GrammarCompiler, accept_tokens
 
 logger = logging.getLogger("jaxllm")
 
@@ -399,13 +399,15 @@ class LLMEngine:
         touched: dict[str, ParentRequest] = {}
         if self._probe is not None and any(s.request is self._probe for s in sched_out.scheduled):
             self._probe_ran = True
-        for req, row in self.scheduler.update_from_output(sched_out, result.sampled):
+        advanced = self.scheduler.update_from_output(sched_out, result.sampled)
+        accepted = self._accept_tokens([req for req, _ in advanced if req.structured is not None])
+        for req, row in advanced:
             touched[req.parent.request_id] = req.parent
             try:
                 self._add_logprobs(req, row, result)
                 if req.structured is not None:
                     t0 = time.perf_counter()
-                    self._advance_grammar(req)
+                    self._advance_grammar(req, accepted.get(req.request_id))
                     self._accept_seconds += time.perf_counter() - t0
                 finished = req.status.finished
                 stop_str = self.detokenizers[req.request_id].update(
@@ -490,14 +492,30 @@ class LLMEngine:
         self._probe, self._probe_ran = self._held.pop(0), False
         self.scheduler.waiting.appendleft(self._probe)
 
-    def _advance_grammar(self, req: Request) -> None:
-        """The matcher takes the sampled token. A complete match allows only EOS next, so it ends as any
-        request does (as vLLM); a match that took EOS under ignore_eos, or failed (a token outside the
-        grammar: only when another setting masked every token it allowed), stops the request, and that
-        last token's text is left out like a stop token's."""
+    def _accept_tokens(self, requests: list[Request]) -> dict[str, bool]:
+        """Each constrained request's matcher takes its sampled token, all at once on llguidance's threads:
+        {request_id: whether the grammar took it}. If the batch call fails, {} (each request then takes its
+        token alone in `_advance_grammar`, so a failure names its request)."""
+        if not requests:
+            return {}
+        t0 = time.perf_counter()
+        try:
+            ok = accept_tokens([(req.structured, req.output_token_ids[-1]) for req in requests])
+        except Exception:  # noqa: BLE001 - retried one request at a time
+            logger.exception("taking the sampled tokens into %d grammars at once failed", len(requests))
+            return {}
+        finally:
+            self._accept_seconds += time.perf_counter() - t0
+        return {req.request_id: taken for req, taken in zip(requests, ok)}
+
+    def _advance_grammar(self, req: Request, taken: bool | None = None) -> None:
+        """The matcher takes the sampled token (unless `_accept_tokens` did: `taken`). A complete match
+        allows only EOS next, so it ends as any request does (as vLLM); a match that took EOS under
+        ignore_eos, or failed (a token outside the grammar: only when another setting masked every token it
+        allowed), stops the request, and that last token's text is left out like a stop token's."""
         matcher = req.structured
         token = req.output_token_ids[-1]
-        if not matcher.accept(token):
+        if not (matcher.accept(token) if taken is None else taken):
             logger.warning("request %s: token %d is outside its structured output (%s): stopping it",
                            req.request_id, token, matcher.error.splitlines()[0] if matcher.error else "")
         elif token not in self.eos_token_ids:

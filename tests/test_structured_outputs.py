@@ -224,3 +224,27 @@ def test_compile_cache_and_parallel_fill(llm):
     allowed = lambda row: set(np.nonzero(np.unpackbits(together[row].view(np.uint8), bitorder="little"))[0])  # noqa: E731
     assert {tok.decode([t]) for t in allowed(2)} >= {"Paris", "London"}
     assert all(tok.decode([t])[0].isdigit() for t in allowed(1))
+
+
+def test_tokens_taken_at_once_as_one_at_a_time(llm):
+    """`accept_tokens` (llguidance's threads) leaves every matcher where `Matcher.accept` one at a time
+    does, refusals included: same verdicts, same next-token masks."""
+    from jaxllm.structured_output import accept_tokens, bitmask_width, fill_token_bitmask
+
+    compiler, tok = llm.llm_engine.grammar_compiler, llm.get_tokenizer()
+    so = StructuredOutputsParams
+    specs = [so(json=PERSON), so(regex=CODE), so(choice=CITIES), so(json_object=True)] * 2
+    steps = [tok.encode(text, add_special_tokens=False)[:3] for text in
+             ('{"name', "12a", "Paris", '{"a', "x1", "99", "Lond", " {")]
+    together, alone = ([compiler.compile(s).matcher() for s in specs] for _ in range(2))
+    verdicts = []
+    for i in range(3):
+        tokens = [step[i] if i < len(step) else tok.eos_token_id for step in steps]
+        verdicts += accept_tokens(list(zip(together, tokens)))
+        assert verdicts[-len(tokens):] == [m.accept(t) for m, t in zip(alone, tokens)]
+    assert True in verdicts and False in verdicts  # refusals (a letter in CODE, "x1" as JSON) are compared too
+    width = bitmask_width(llm.llm_engine.model_config.vocab_size)
+    masks = [np.zeros((len(specs), width), np.int32) for _ in range(2)]
+    for mask, matchers in zip(masks, (together, alone)):
+        fill_token_bitmask(mask, list(enumerate(matchers)))
+    np.testing.assert_array_equal(*masks)
