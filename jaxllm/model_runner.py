@@ -236,7 +236,7 @@ class ModelRunner:
         self.executable_cache = ExecutableCache.from_jax_config() if mesh is None else None
         if self.executable_cache is not None:
             pallas_kernels.prepare_to_load_programs()
-        self.last_dummy_step_temp_bytes: int | None = None  # XLA's scratch for the last run_dummy_step
+        self.last_dummy_step_temp_bytes: int | None = None  # XLA's scratch and fresh outputs, last run_dummy_step
         leaf = next(iter(jax.tree_util.tree_leaves(params)), None)
         if mesh is not None:
             self.device = mesh.devices.flat[0]
@@ -572,8 +572,11 @@ class ModelRunner:
         res, _, _ = self._run_step(args, bucket, None, None, programs)
         jax.block_until_ready(res)
         self.compiled_buckets.update(programs)
-        temps = [stats.temp_size_in_bytes for p in programs.values() if (stats := p.memory_analysis()) is not None]
-        self.last_dummy_step_temp_bytes = max(temps) if temps else None
+        # The step's memory beyond what stays: each program's scratch and its outputs that are not a donated
+        # input (the model program's [R, V] logits live on while the sampling program runs).
+        stats = [s for p in programs.values() if (s := p.memory_analysis()) is not None]
+        self.last_dummy_step_temp_bytes = sum(s.temp_size_in_bytes + s.output_size_in_bytes - s.alias_size_in_bytes
+                                              for s in stats) if stats else None
 
     def precompile(self, num_threads: int | None = None) -> None:
         """Compile every ordinary step at start, in parallel: the model program of each decode batch bucket
