@@ -241,7 +241,8 @@ def compare_hf(args, config, llm, prompts, output_lens, result):
               f"  -> jaxllm x{hf['jaxllm_ratio']:.2f}")
 
 
-def main(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """This benchmark's flags; profile_step.py builds its engine from their defaults too."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: the default model)")
     ap.add_argument("--model-shape", default=None,
@@ -277,7 +278,11 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default=None,
                     help="with --model-shape: a tokenizer folder or .gguf for grammars (default: the default model's)")
     ap.add_argument("--output-json", default=None)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("jaxllm").setLevel(logging.INFO)
 
