@@ -56,7 +56,8 @@ ROWS = {  # name -> (what the table says, the flags both engines get)
     "json-free": ("the same, unconstrained (EOS honoured): the base of the JSON row",
                   NANO + " --structured-outputs none"),
 }
-STRUCTURED = ("json",)  # rows whose grammars need a tokenizer (--tokenizer)
+# Rows whose EOS (and grammars) come from a tokenizer (--tokenizer): json-free stops at json's EOS, on both sides.
+TOKENIZER_ROWS = ("json", "json-free")
 
 
 def run_engine(script: str, flags: str, out_json: str, timeout: int, dry_run: bool) -> dict:
@@ -100,8 +101,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=900, help="seconds for one engine's process")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--tokenizer", default=None,
-                    help="a tokenizer folder for the JSON row's grammars (default: the default model's; vLLM needs a "
-                         "folder: save the default model's with save_pretrained)")
+                    help="a tokenizer folder for the JSON rows' grammars and EOS (default: the default model's; "
+                         "vLLM needs a folder: save the default model's with save_pretrained)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     vllm_spec = importlib.util.find_spec("vllm")
@@ -113,7 +114,7 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="compare-vllm-")
     rows = {}
     for name in args.rows:
-        flags = ROWS[name][1] + (f" --tokenizer {args.tokenizer}" if name in STRUCTURED and args.tokenizer else "")
+        flags = ROWS[name][1] + (f" --tokenizer {args.tokenizer}" if name in TOKENIZER_ROWS and args.tokenizer else "")
         row = rows[name] = {"flags": flags, "jaxllm": [], "vllm": []}
         for i in range(args.rounds):
             row["jaxllm"].append(run_engine("throughput.py", flags, f"{tmp}/{name}-jaxllm-{i}.json", args.timeout,

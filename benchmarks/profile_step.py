@@ -5,8 +5,10 @@
 
 `decode` runs the roofline's decode step (batch B, context L, greedy argmax); `engine` runs the
 nano-vllm workload through the real engine (scheduler, sampler, async launch) and profiles a few steps
-once the batch is full. The summary lists, for each line of the GPU plane (each stream, and XLA's op
-and module lines), every name with its count, total time and share. Nsight Compute was tried first: under
+once the batch is full; it builds the engine as throughput.py does, and takes throughput.py's engine flags
+after its own (`--kv-cache-dtype fp8`, `--shape-overrides '{"num_layers": 2}'`, `--max-num-seqs 64`). The
+summary lists, for each line of the GPU plane (each stream, and XLA's op and module lines), every name with
+its count, total time and share. Nsight Compute was tried first: under
 it the JAX process crashed or hung on the lent H200.
 """
 
@@ -72,16 +74,22 @@ def profile_decode(args):
         jax.block_until_ready(out)
 
 
-def profile_engine(args):
+def engine_args(args, throughput_flags: list[str]) -> argparse.Namespace:
+    """throughput.py's arguments for the engine: its parser's defaults (so a flag it adds has a value here
+    too), this run's shape and limits, then any throughput.py flags given after ours."""
+    from throughput import arg_parser
+
+    return arg_parser().parse_args(["--model-shape", args.model_shape, "--max-model-len", str(args.max_model_len),
+                                    "--max-num-seqs", "256", "--max-num-batched-tokens", "8192", *throughput_flags])
+
+
+def profile_engine(args, throughput_flags: list[str]):
     import jax
 
     from jaxllm import SamplingParams
     from throughput import build_llm, make_workload
 
-    ns = argparse.Namespace(model_shape=args.model_shape, dtype="auto", seed=0, max_num_seqs=256,
-                            max_num_batched_tokens=8192, no_async_scheduling=False, max_model_len=args.max_model_len,
-                            gpu_memory_utilization=0.9, model=None)
-    llm, config = build_llm(ns)
+    llm, config = build_llm(engine_args(args, throughput_flags))
     prompts, output_lens = make_workload(args.num_prompts, args.input_len, args.output_len, config.vocab_size, 0)
     engine = llm.llm_engine
     for i, (p, n) in enumerate(zip(prompts, output_lens)):
@@ -190,7 +198,9 @@ def main(argv=None):
     ap.add_argument("--output-len", type=parse_range, default=(100, 1024))
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--top", type=int, default=40, help="names listed per device line")
-    args = ap.parse_args(argv)
+    args, throughput_flags = ap.parse_known_args(argv)
+    if throughput_flags and args.mode != "engine":
+        ap.error(f"unrecognized arguments: {' '.join(throughput_flags)} (only `engine` takes throughput.py's flags)")
     if args.mode == "summarize":
         if not args.trace or not os.path.isfile(args.trace):
             ap.error(f"summarize needs an existing .xplane.pb file, got {args.trace!r}")
@@ -198,7 +208,7 @@ def main(argv=None):
     elif args.mode == "decode":
         profile_decode(args)
     else:
-        profile_engine(args)
+        profile_engine(args, throughput_flags)
 
 
 if __name__ == "__main__":

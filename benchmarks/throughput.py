@@ -8,7 +8,7 @@ Prompts are random token ids (vLLM's `--dataset random`); EOS is ignored so ever
 its output length. `--structured-outputs json` constrains request i to the i % 4-th of a handful of JSON
 schemas (vLLM's structured outputs workload, in the shape of its json-mode benchmark): a request then ends
 when its object is complete, so throughput counts the output tokens actually generated. Run it once with
-and once without (`none`, EOS still honoured) on the same prompts to compare. jaxllm is warmed up on a short run first (compilation is reported, not timed); HF gets
+and once without (`none`, EOS still honoured: the tokenizer's, as with `json`) on the same prompts to compare. jaxllm is warmed up on a short run first (compilation is reported, not timed); HF gets
 the same courtesy. Results go to benchmarks/results/ as JSON with device, date, jax version and commit.
 """
 
@@ -102,12 +102,13 @@ def build_llm(args):
                                     **args.shape_overrides)
         params = random_weights(config, jax.random.PRNGKey(args.seed), args.quantization)
         tokenizer = None
-        if args.structured_outputs == "json":  # grammars need a tokenizer: the default model's, for any vocabulary
+        if args.structured_outputs != "off":  # a tokenizer (the default model's, for any vocabulary) for its EOS
             from jaxllm.loader import default_model_path, load_tokenizer
 
             tokenizer = load_tokenizer(args.tokenizer or default_model_path())
             # A grammar ends with the tokenizer's EOS (as vLLM takes it), not the shape's, which may lie past
-            # a smaller tokenizer's vocabulary.
+            # a smaller tokenizer's vocabulary; `none` stops at the same EOS, so that it is the base of `json`
+            # and vLLM (which takes EOS from the same tokenizer) stops where jaxllm does.
             config = dataclasses.replace(config, eos_token_ids=(tokenizer.eos_token_id,))
         return LLM.from_params(params, config, tokenizer, **kwargs), config
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, **kwargs)
@@ -241,7 +242,8 @@ def compare_hf(args, config, llm, prompts, output_lens, result):
               f"  -> jaxllm x{hf['jaxllm_ratio']:.2f}")
 
 
-def main(argv=None):
+def arg_parser() -> argparse.ArgumentParser:
+    """This benchmark's flags; profile_step.py builds its engine from their defaults too."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: the default model)")
     ap.add_argument("--model-shape", default=None,
@@ -275,9 +277,14 @@ def main(argv=None):
                     help="json: each request constrained to one of 4 JSON schemas (EOS honoured); none: the same "
                          "workload unconstrained; off: EOS ignored, exact output lengths (the default)")
     ap.add_argument("--tokenizer", default=None,
-                    help="with --model-shape: a tokenizer folder or .gguf for grammars (default: the default model's)")
+                    help="with --model-shape and --structured-outputs json or none: a tokenizer folder or .gguf, "
+                         "for grammars and EOS (default: the default model's)")
     ap.add_argument("--output-json", default=None)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("jaxllm").setLevel(logging.INFO)
 

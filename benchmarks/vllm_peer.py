@@ -5,7 +5,8 @@
 
 The same flags as throughput.py give the same prompts and output lengths (its `make_workload`, draw for
 draw) and the same sampling parameters; vLLM runs dummy (random) weights at the shape's transformers
-config, prefix caching off, EOS ignored. vLLM is not a dependency of jaxllm: on the GPU machine it comes
+config, prefix caching off, EOS ignored (with --structured-outputs: the tokenizer's EOS honoured, as
+throughput.py honours it). vLLM is not a dependency of jaxllm: on the GPU machine it comes
 from the wheel kit described in benchmarks/NOTES.md ("vLLM beside jaxllm").
 """
 
@@ -85,7 +86,8 @@ def main(argv=None):
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--structured-outputs", default="off", choices=["off", "none", "json"],
                     help="as throughput.py: json constrains request i to its SCHEMAS[i % 4] (EOS honoured)")
-    ap.add_argument("--tokenizer", default=None, help="a tokenizer folder (structured outputs need one)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a tokenizer folder (structured outputs need one: grammars and EOS come from it)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs of the whole workload")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
@@ -109,7 +111,9 @@ def main(argv=None):
                     max_num_batched_tokens=args.max_num_batched_tokens,
                     quantization=None if in_config else args.quantization, tokenizer=args.tokenizer)
     if args.structured_outputs != "off" and args.tokenizer is None:
-        raise SystemExit("--structured-outputs needs --tokenizer (a folder; grammars are over a tokenizer's vocabulary)")
+        # Without one vLLM has no EOS and would run every request to max_tokens, where jaxllm stops at EOS.
+        raise SystemExit("--structured-outputs needs --tokenizer (a folder: grammars are over its vocabulary, and "
+                         "EOS is its EOS, as throughput.py takes it)")
     start = time.perf_counter()
     # Prefix caching off, as in throughput.py: a repeat must not reuse the previous run's KV blocks.
     # runner="generate": with a tokenizer, vLLM would otherwise take a config-only folder for a pooling model.

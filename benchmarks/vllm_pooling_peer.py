@@ -3,11 +3,13 @@
     python benchmarks/vllm_pooling_peer.py --model FOLDER --lengths 16 512 --num-requests 4096 128 \
         --repeats 5 --output-json vllm-embed.json
 
-FOLDER holds a transformers config.json at an encoder's shape and sentence-transformers' modules.json and
-1_Pooling/config.json, so that vLLM pools (CLS or mean) and normalises as jaxllm does; embeddings.py
-writes it (`encoder_folder`). vLLM loads random ("dummy") weights at that shape, with no tokenizer: the
-inputs are `workload`'s token ids, the ones embeddings.py gives jaxllm, draw for draw. Each row: one
-warm-up pass of up to 64 inputs, then --repeats timed passes of `LLM.embed` over all of them.
+FOLDER holds a transformers config.json at an encoder's shape, sentence-transformers' modules.json and
+1_Pooling/config.json, so that vLLM pools (CLS or mean) and normalises as jaxllm does, and a placeholder
+tokenizer of the shape's vocabulary (vLLM's pooling runner will not start without one: its scoring input
+processor asks for the tokenizer); benchmarks/encoder_folder.py writes it. vLLM loads random ("dummy")
+weights at that shape; the inputs are `workload`'s token ids, the ones embeddings.py gives jaxllm, draw for
+draw, so the tokenizer encodes nothing. Each row: one warm-up pass of up to 64 inputs, then --repeats timed
+passes of `LLM.embed` over all of them.
 
 This file imports neither jax nor jaxllm: vLLM and JAX never share a process (embeddings.py runs this
 before JAX takes the GPU). `--dry-run` prints vLLM's arguments and the rows without importing vLLM.
@@ -33,7 +35,7 @@ def workload(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def llm_kwargs(args) -> dict:
     """vLLM's `LLM(...)` arguments for this run."""
-    kwargs = dict(model=args.model, runner="pooling", load_format="dummy", skip_tokenizer_init=True,
+    kwargs = dict(model=args.model, runner="pooling", load_format="dummy",
                   dtype=args.dtype, seed=0, gpu_memory_utilization=args.gpu_memory_utilization,
                   max_model_len=args.max_model_len)
     optional = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
@@ -42,7 +44,7 @@ def llm_kwargs(args) -> dict:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a folder with config.json (see embeddings.encoder_folder)")
+    ap.add_argument("--model", required=True, help="a folder as benchmarks/encoder_folder.py writes it")
     ap.add_argument("--lengths", nargs="+", type=int, required=True, help="tokens per input, one per row")
     ap.add_argument("--num-requests", nargs="+", type=int, required=True, help="inputs per row, one per length")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per row")

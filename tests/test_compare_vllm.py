@@ -1,13 +1,17 @@
-"""benchmarks/compare_vllm.py: the table it writes, and the commands it runs (no engine is started)."""
+"""benchmarks/compare_vllm.py: the table it writes, the commands it runs (no engine is started), and the EOS
+that throughput.py's rows with a tokenizer stop at (a tiny engine is built, nothing runs)."""
 
 from __future__ import annotations
 
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import compare_vllm  # noqa: E402
+import throughput  # noqa: E402
 
 
 def test_table_has_the_vllm_column_and_the_ratio_range():
@@ -27,3 +31,32 @@ def test_both_engines_get_the_same_flags_alternated(capsys):
     assert [c.split()[1].rsplit("/", 1)[-1] for c in commands] == ["throughput.py", "vllm_peer.py"] * 4
     flags = [c.split(" ", 2)[2].rsplit(" --output-json", 1)[0] for c in commands]
     assert flags[0] == flags[1] == flags[2] == flags[3] and flags[4] == flags[5] and "--top-p 0.95" in flags[4]
+
+
+def test_both_json_rows_get_the_tokenizer_on_both_sides(capsys):
+    compare_vllm.main(["--rows", "json", "json-free", "single-qwen", "--tokenizer", "/tok", "--dry-run"])
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 6
+    for command in commands[:4]:  # json and json-free, throughput.py then vllm_peer.py
+        assert "--tokenizer /tok" in command and "--structured-outputs" in command
+    assert "--tokenizer" not in commands[4] and "--tokenizer" not in commands[5]
+
+
+def test_json_free_stops_at_the_tokenizers_eos_as_json_does():
+    # vLLM takes EOS from the tokenizer it is given; jaxllm's `none` must stop at the same id as its `json`
+    from jaxllm.loader import default_model_path, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(default_model_path())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tiny = '{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 1, "num_heads": 2, ' \
+           '"num_kv_heads": 1, "head_dim": 32}'
+    for mode in ("none", "json"):
+        args = throughput.arg_parser().parse_args(["--model-shape", "qwen3-0.6b", "--shape-overrides", tiny,
+                                                   "--max-model-len", "64", "--max-num-seqs", "2",
+                                                   "--max-num-batched-tokens", "64", "--structured-outputs", mode])
+        _, config = throughput.build_llm(args)
+        assert config.eos_token_ids == (tokenizer.eos_token_id,)
+    args.structured_outputs = "off"  # the random workload ignores EOS: the shape's stays
+    assert throughput.build_llm(args)[1].eos_token_ids == (151645,)
