@@ -102,7 +102,7 @@ def test_tool_choice_grammars():
 
 def test_auto_tool_choice_and_reasoning_in_a_chat_message():
     """What the chat endpoint makes of a finished text with --tool-call-parser hermes and
-    --reasoning-parser qwen3, whole and streamed (the stream holds the text and sends the calls at the end)."""
+    --reasoning-parser qwen3, whole and streamed (the stream's deltas add up to the whole message)."""
     from types import SimpleNamespace
 
     from jaxllm.entrypoints.protocol import ChatCompletionRequest
@@ -117,10 +117,61 @@ def test_auto_tool_choice_and_reasoning_in_a_chat_message():
     assert finish == "tool_calls" and message["reasoning_content"] == "Paris needs a call."
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
         ("get_weather", {"city": "Paris"})]
-    partial = SimpleNamespace(text=text[:40], finish_reason=None)
-    assert serving._stream_deltas(req, partial, "") == ([], "")
-    (delta,), _ = serving._stream_deltas(req, SimpleNamespace(text=text, finish_reason="stop"), "")
-    assert delta["tool_calls"][0]["index"] == 0 and delta["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert _streamed(serving, req, text) == _whole(message)
     # Plain content with no call: finish_reason stays.
     message, finish = serving._chat_message(req, "It is sunny.", "stop")
     assert finish == "stop" and message["content"] == "It is sunny." and "tool_calls" not in message
+
+
+def _streamed(serving, req, text: str, step: int = 3) -> dict:
+    """What a client assembles from the chat stream's deltas of `text` arriving `step` characters at a time:
+    reasoning, content, and each call's name and arguments by index."""
+    from types import SimpleNamespace
+
+    got, calls, sent = {"reasoning_content": "", "content": ""}, {}, ""
+    for end in [*range(step, len(text), step), len(text)]:
+        done = end == len(text)
+        deltas, sent = serving._stream_deltas(req, SimpleNamespace(text=text[:end], finish_reason="stop" if done
+                                                                   else None), sent)
+        for delta in deltas:
+            for key in ("reasoning_content", "content"):
+                got[key] += delta.get(key, "")
+            for call in delta.get("tool_calls", []):
+                c = calls.setdefault(call["index"], {"name": "", "arguments": ""})
+                c["name"] += call.get("function", {}).get("name", "")
+                c["arguments"] += call.get("function", {}).get("arguments", "")
+    return {**{k: v.strip() or None for k, v in got.items()}, "calls": [calls[i] for i in sorted(calls)]}
+
+
+def _whole(message: dict) -> dict:
+    return {"reasoning_content": message.get("reasoning_content"), "content": (message["content"] or "").strip() or None,
+            "calls": [dict(name=c["function"]["name"], arguments=c["function"]["arguments"])
+                      for c in message.get("tool_calls", [])]}
+
+
+@pytest.mark.parametrize("text", [
+    "It is sunny in Paris.",
+    "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n'
+    '<tool_call>{"name": "get_time", "arguments": {"tz": "CET"}}</tool_call>',
+    "Is 1 < 2? Yes, and <tool is not a tag.",
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}',  # cut short: the call counts at the end
+])
+@pytest.mark.parametrize("step", [1, 7])
+def test_hermes_stream_adds_up_to_the_whole_message(text, step):
+    """--tool-call-parser hermes with tool_choice "auto": the content streams as it comes and each call
+    arrives whole once complete, and what a client assembles equals the non-streamed message."""
+    from jaxllm.entrypoints.protocol import ChatCompletionRequest
+    from jaxllm.entrypoints.serving import OpenAIServing
+
+    serving = OpenAIServing.__new__(OpenAIServing)
+    serving.tool_parser, serving.reasoning_parser = get_tool_parser("hermes"), None
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Paris?"}],
+                                                "tools": [WEATHER, TIME]})
+    message, _ = serving._chat_message(req, text, "stop")
+    assert _streamed(serving, req, text, step) == _whole(message)
+    if "Let me check" in text:  # the content went out before the call was complete
+        from types import SimpleNamespace
+
+        deltas, _ = serving._stream_deltas(req, SimpleNamespace(text=text[:30], finish_reason=None), "")
+        assert deltas == [{"content": "Let me check."}]

@@ -35,12 +35,12 @@ class _ThinkParser:
         if self.open_ended or text.lstrip().startswith(self.start):
             reasoning = text.replace(self.start, "", 1)
             if not finished:
-                reasoning = _hold_back(reasoning, self.end)
+                reasoning = hold_back(reasoning, self.end)
             return reasoning, ""
         return "", text
 
 
-def _hold_back(text: str, tag: str) -> str:
+def hold_back(text: str, tag: str) -> str:
     """`text` without a tail that may be the start of `tag`."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-k:]):

@@ -367,10 +367,25 @@ class OpenAIServing:
 
     def _holds_stream(self, req) -> bool:
         """Whether a stream's text is held until the end: calls parsed from the whole text ("required",
-        "auto" with a parser) are sent in one delta with the finish_reason."""
+        "auto" with a parser that cannot split a growing text) are sent in one delta with the finish_reason."""
         tools = req.tool_request
-        return tools is not None and (tools.choice == "required" or
-                                      (tools.choice == "auto" and self.tool_parser is not None))
+        return tools is not None and (tools.choice == "required" or (
+            tools.choice == "auto" and self.tool_parser is not None and not self._streams_calls(req)))
+
+    def _streams_calls(self, req) -> bool:
+        """"auto" with a parser that splits a growing text (hermes): content streams, each call once complete."""
+        tools = req.tool_request
+        return tools is not None and tools.choice == "auto" and hasattr(self.tool_parser, "split_stream")
+
+    def _stream_state(self, req, text: str, done: bool) -> tuple[str, str, list]:
+        """(reasoning so far, content so far, the calls complete so far) of a growing text."""
+        reasoning, content = (self.reasoning_parser.split_stream(text, done) if self.reasoning_parser is not None
+                              else ("", text))
+        calls = []
+        if self._streams_calls(req):
+            content, calls = self.tool_parser.split_stream(content, done)
+            calls = calls if req.tool_request.parallel else calls[:1]
+        return reasoning, content, calls
 
     def _stream_deltas(self, req, o, sent_text: str) -> tuple[list[dict], str]:
         """The delta(s) for output `o` of a stream, given the text already turned into deltas; returns
@@ -393,16 +408,19 @@ class OpenAIServing:
             if "tool_calls" in delta:
                 delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
             return [delta] if delta else [], text
-        if self.reasoning_parser is not None:
-            old_r, old_c = self.reasoning_parser.split_stream(sent_text, False) if sent_text else ("", "")
-            new_r, new_c = self.reasoning_parser.split_stream(text, done)
+        if self.reasoning_parser is not None or self._streams_calls(req):
+            old_r, old_c, old_calls = self._stream_state(req, sent_text, False) if sent_text else ("", "", [])
+            new_r, new_c, new_calls = self._stream_state(req, text, done)
             delta = {}
             if new_r[len(old_r):]:
                 delta["reasoning_content"] = new_r[len(old_r):]
-            if new_c[len(old_c):]:
+            if new_c.startswith(old_c) and new_c[len(old_c):]:
                 delta["content"] = new_c[len(old_c):]
-            covered = text if done or delta else sent_text
-            return ([delta] if delta else []), covered
+            deltas = [delta] if delta else []
+            deltas += [{"tool_calls": [{"index": i, **call.to_dict()}]}
+                       for i, call in enumerate(new_calls) if i >= len(old_calls)]
+            covered = text if done or deltas else sent_text
+            return deltas, covered
         return ([{"content": text[len(sent_text):]}] if text[len(sent_text):] else []), text
 
     async def chat_stream(self, prep: Prepared) -> AsyncIterator[dict]:

@@ -4,7 +4,9 @@
     llama3_json  Llama 3.x:  [<|python_tag|>]{"name": ..., "parameters": {...}}, several separated by ";"
     mistral      Mistral:  [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
 
-A text that holds no well-formed call is returned as content, as vLLM does.
+A text that holds no well-formed call is returned as content, as vLLM does. A parser with `split_stream`
+(hermes) also splits a growing text, so a stream sends the content as it comes and each call once it is
+complete; the others hold a stream's text until it ends.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+
+from jaxllm.entrypoints.reasoning_parsers import hold_back
 
 
 @dataclass
@@ -55,6 +59,23 @@ def _json_values(text: str) -> list:
 class HermesToolParser:
     start, end = "<tool_call>", "</tool_call>"
     _pattern = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+    _closed = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+    def split_stream(self, text: str, finished: bool) -> tuple[str, list[ToolCall]]:
+        """(content so far, the calls complete so far) of a growing text. The content before the first
+        <tool_call> goes out as it comes (a partial tag and trailing whitespace held back); a call counts
+        once its </tool_call> arrives (or the text ends), and calls stop at the first malformed one."""
+        at = text.find(self.start)
+        if at < 0:
+            return (text if finished else hold_back(text, self.start).rstrip()), []
+        calls = []
+        for body in (self._pattern if finished else self._closed).findall(text, at):
+            values = _json_values(body)
+            call = _call(values[0], "arguments") if len(values) == 1 else None
+            if call is None:
+                break
+            calls.append(call)
+        return text[:at].rstrip(), calls
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         if self.start not in text:
