@@ -2,6 +2,7 @@
 
     python benchmarks/gemm_rates.py                       # FP8 and grouped (MoE) tables; JSON to results/
     python benchmarks/gemm_rates.py --only moe --tokens 256 8192
+    python benchmarks/gemm_rates.py --only moe --kernel-tiles 64,128,64,4,3 128,256,64,8,4   # a tile sweep
 
 FP8 (Llama-3-8B's four matmuls): bf16 `x @ w` against W8A8 as `quant.matmul` runs it (activations
 quantized per token, weight [out, in] float8_e4m3fn, scales applied after), the bare fp8 dot of
@@ -11,8 +12,10 @@ on Hopper take both operands with the contracted dimension innermost ("TN"), so 
 
 MoE (Qwen3-30B-A3B's and Mixtral-8x7B's experts): the grouped GEMM of `models/moe.py`
 (`jax.lax.ragged_dot`, tokens sorted by expert, uniform random routing) against one dense matmul with
-the same rows and weight shape (the same FLOPs), which is the rate a grouped GEMM can hope for; and
-JAX's Mosaic GPU grouped GEMM (`pallas.ops.gpu.ragged_dot_mgpu`) with `--mosaic`.
+the same rows and weight shape (the same FLOPs), which is the rate a grouped GEMM can hope for; our
+Pallas Triton grouped GEMM (`pallas_kernels/grouped_matmul.py`, what `moe.grouped_matmul` runs on a GPU)
+at its default tiles, and at each `--kernel-tiles` setting for a sweep; and JAX's Mosaic GPU grouped
+GEMM (`pallas.ops.gpu.ragged_dot_mgpu`) with `--mosaic`.
 
 Each case prints the custom calls and fusions in the optimized HLO (`__cublas$lt$matmul$f8`, a Triton
 GEMM fusion, ...), so a slow row says whether XLA fell back to upcasting or to a loop.
@@ -36,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from jaxllm.models import moe, quant  # noqa: E402
+from pallas_kernels.grouped_matmul import choose_tiles, grouped_matmul  # noqa: E402
 from quant_matmul import LLAMA3_8B  # noqa: E402
 from throughput import device_name, git_commit, write_result  # noqa: E402
 
@@ -107,11 +111,23 @@ def mosaic_ragged_dot():
     return ragged_dot_mgpu.ragged_dot
 
 
-def moe_cases(tokens: list[int], mosaic: bool = False) -> list[dict]:
+def kernel_seconds(rows, w, group_sizes, want, **tiles) -> tuple[float | str, float | None]:
+    """(seconds a call, max abs error against ragged_dot) of the grouped GEMM kernel at these tiles, or
+    (the error's first line, None) where it does not compile or run."""
+    try:
+        fn = jax.jit(lambda a, b, g: grouped_matmul(a, b, g, **tiles))
+        err = float(jnp.max(jnp.abs(fn(rows, w, group_sizes).astype(jnp.float32) - want.astype(jnp.float32))))
+        return seconds(fn, rows, w, group_sizes), err
+    except Exception as ex:  # noqa: BLE001 - a tile setting Triton refuses (shared memory, registers)
+        return f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}", None
+
+
+def moe_cases(tokens: list[int], mosaic: bool = False, kernel_tiles: tuple = ()) -> list[dict]:
     cases = []
-    mgpu = mosaic_ragged_dot() if mosaic and jax.default_backend() == "gpu" else None
-    print(f"{'shape':>14} {'T':>5} {'rows':>6}  {'dense us':>9} {'ragged us':>9} {'% dense':>7} {'mgpu us':>8}  "
-          f"{'ragged TF/s':>11}  kinds")
+    on_gpu = jax.default_backend() == "gpu"
+    mgpu = mosaic_ragged_dot() if mosaic and on_gpu else None
+    print(f"{'shape':>14} {'T':>5} {'rows':>6}  {'dense us':>9} {'ragged us':>9} {'% dense':>7} {'kernel us':>9} "
+          f"{'% dense':>7} {'mgpu us':>8}  {'ragged TF/s':>11} {'kernel TF/s':>11} {'kernel w TB/s':>13}  kinds")
     for (name, e, f, n_exp, k), T in ((s, T) for s in MOE_SHAPES for T in tokens):
         keys = jax.random.split(jax.random.PRNGKey(T + f), 4)
         x = jax.random.normal(keys[0], (T, e), jnp.bfloat16)
@@ -135,17 +151,40 @@ def moe_cases(tokens: list[int], mosaic: bool = False) -> list[dict]:
                 t_mgpu = seconds(fn, rows, w, group_sizes)
             except Exception as ex:  # noqa: BLE001 - shapes or tiles the kernel does not take
                 t_mgpu = f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"
+        t_kernel, kernel_err, sweep = None, None, {}
+        if on_gpu:  # the interpreter would time Python, not the kernel
+            ragged_out = ragged(rows, w, group_sizes)
+            t_kernel, kernel_err = kernel_seconds(rows, w, group_sizes, ragged_out)
+            for bm, bn, bk, warps, stages in kernel_tiles:
+                t, err_t = kernel_seconds(rows, w, group_sizes, ragged_out, block_m=bm, block_n=bn, block_k=bk,
+                                          num_warps=warps, num_stages=stages)
+                sweep[f"{bm},{bn},{bk},{warps},{stages}"] = dict(
+                    us=round(t * 1e6, 1) if isinstance(t, float) else t, max_abs_err=err_t)
+        kernel_ok = isinstance(t_kernel, float)
         flops = 2 * T * k * e * 2 * f
+        # The weights of the experts with rows: what a decode step must read at least once.
+        weight_bytes = int(jnp.sum(group_sizes > 0)) * e * 2 * f * w.dtype.itemsize
         case = {"shape": name, "tokens": T, "rows": T * k, "hidden": e, "expert_ffn": f, "experts": n_exp,
                 "dense_us": round(t_dense * 1e6, 1), "ragged_us": round(t_ragged * 1e6, 1),
                 "ragged_pct_of_dense": round(100 * t_dense / t_ragged, 1),
                 "ragged_tflops": round(flops / t_ragged / 1e12, 1), "dense_tflops": round(flops / t_dense / 1e12, 1),
+                "kernel_us": round(t_kernel * 1e6, 1) if kernel_ok else t_kernel,
+                "kernel_pct_of_dense": round(100 * t_dense / t_kernel, 1) if kernel_ok else None,
+                "kernel_tflops": round(flops / t_kernel / 1e12, 1) if kernel_ok else None,
+                "kernel_weight_tb_per_s": round(weight_bytes / t_kernel / 1e12, 2) if kernel_ok else None,
+                "kernel_max_abs_err_vs_ragged": kernel_err,
+                "kernel_tiles": list(choose_tiles(T * k, n_exp, e, 2 * f) or ()), "kernel_sweep": sweep,
                 "mgpu_us": round(t_mgpu * 1e6, 1) if isinstance(t_mgpu, float) else t_mgpu,
                 "first_rows_max_abs_err": err, "kinds_ragged": gemm_kinds(ragged, rows, w, group_sizes)}
         cases.append(case)
         print(f"{name:>14} {T:>5} {T * k:>6}  {case['dense_us']:>9} {case['ragged_us']:>9} "
-              f"{case['ragged_pct_of_dense']:>7} {str(case['mgpu_us'])[:40]:>8}  {case['ragged_tflops']:>11}  "
+              f"{case['ragged_pct_of_dense']:>7} {str(case['kernel_us'])[:40]:>9} {str(case['kernel_pct_of_dense']):>7} "
+              f"{str(case['mgpu_us'])[:40]:>8}  {case['ragged_tflops']:>11} {str(case['kernel_tflops']):>11} "
+              f"{str(case['kernel_weight_tb_per_s']):>13}  "
               f"{','.join(case['kinds_ragged'])}", flush=True)
+        for tiles, rec in sweep.items():
+            us = f"{rec['us']} us" if isinstance(rec["us"], float) else rec["us"]
+            print(f"{'':>14} kernel tiles {tiles} (block_m,n,k,warps,stages): {us}", flush=True)
     return cases
 
 
@@ -155,6 +194,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 256, 2048, 8192], help="rows of x (tokens)")
     ap.add_argument("--mosaic", action="store_true",
                     help="also JAX's Mosaic GPU grouped GEMM (it aborted the process on an H200 with jax 0.11.2)")
+    ap.add_argument("--kernel-tiles", nargs="+", default=[], metavar="BM,BN,BK,WARPS,STAGES",
+                    help="also time the grouped GEMM kernel at these tiles (a sweep), e.g. 64,128,64,4,3")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     result = {"benchmark": "gemm_rates", "device": device_name(), "jax_version": jax.__version__,
@@ -164,7 +205,10 @@ def main(argv=None):
     if args.only in (None, "fp8"):
         result["fp8"] = fp8_cases(args.tokens)
     if args.only in (None, "moe"):
-        result["moe"] = moe_cases(args.tokens, args.mosaic)
+        tiles = tuple(tuple(int(v) for v in t.split(",")) for t in args.kernel_tiles)
+        if any(len(t) != 5 for t in tiles):
+            ap.error(f"--kernel-tiles {args.kernel_tiles}: each is BM,BN,BK,WARPS,STAGES")
+        result["moe"] = moe_cases(args.tokens, args.mosaic, tiles)
     write_result(result, args.output_json,
                  f"gemm-rates-{result['device'].replace(' ', '_')}-{result['date'][:10]}-{result['commit']}.json")
     return result

@@ -1,8 +1,12 @@
 """Mixture-of-experts MLP: top-k routing and the experts as one grouped GEMM.
 
 Each token's k (token, expert) pairs are sorted by expert, so every expert's rows are contiguous, and
-`jax.lax.ragged_dot` multiplies each group of rows by its expert's matrix in one call: no per-expert
-loop, and no compute on the experts a token does not use. Routing follows vLLM's fused_topk: softmax
+`grouped_matmul` multiplies each group of rows by its expert's matrix in one call: no per-expert loop.
+On a GPU that is the Pallas kernel of `pallas_kernels/grouped_matmul.py`, which computes only the rows
+each expert has: XLA expands `jax.lax.ragged_dot` into dense work per group (on an H200 it ran at the
+cost of a dense matmul over all the experts, benchmarks/gemm_rates.py). Elsewhere (the CPU) ragged_dot
+is fine and stays. JAXLLM_MOE_KERNEL=0 keeps ragged_dot everywhere, =1 forces the kernel wherever its
+tiles fit (on a CPU in the Pallas interpreter, for tests). Routing follows vLLM's fused_topk: softmax
 over the router logits in float32, the top k, renormalised to sum to one when asked (`norm_topk_prob`;
 always for Mixtral).
 
@@ -11,10 +15,39 @@ Einsum letters: t token, e embedding, x expert, f expert ffn, k routed slot.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
 from jaxllm.models.layers import activation
+from pallas_kernels.decode import pltriton
+from pallas_kernels.grouped_matmul import choose_tiles
+from pallas_kernels.grouped_matmul import grouped_matmul as grouped_matmul_kernel
+
+
+def use_grouped_kernel(x: jax.Array, w: jax.Array) -> bool:
+    """Whether x [rows, e] @ experts w [x, e, f] runs the Pallas kernel (decided when traced): on a GPU for
+    16-bit operands whose shape the kernel's tiles fit (float32 would take the Triton dot's exact path,
+    off the tensor cores). JAXLLM_MOE_KERNEL=1 forces it on (any dtype, any backend: the interpreter off
+    a GPU), =0 off."""
+    mode = os.environ.get("JAXLLM_MOE_KERNEL", "")
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"JAXLLM_MOE_KERNEL={mode!r}: expected 0 (never), 1 (always) or unset (16-bit experts "
+                         "on a GPU)")
+    if mode == "0" or pltriton is None or x.dtype != w.dtype:
+        return False
+    on_gpu = jax.default_backend() == "gpu"
+    if choose_tiles(x.shape[0], w.shape[0], w.shape[1], w.shape[2], interpret=not on_gpu) is None:
+        return False
+    return mode == "1" or (on_gpu and x.dtype in (jnp.bfloat16, jnp.float16))
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [rows, e] sorted by expert @ w [x, e, f], group_sizes [x] rows each -> [rows, f] in x's dtype."""
+    if use_grouped_kernel(x, w):
+        return grouped_matmul_kernel(x, w, group_sizes, interpret=jax.default_backend() != "gpu")
+    return jax.lax.ragged_dot(x, w, group_sizes)
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -36,8 +69,8 @@ def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up:
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
     token = order // k  # [t*k]: the token of each sorted pair
     group_sizes = jnp.zeros(num_experts, jnp.int32).at[flat].add(1)  # [x]
-    h = jax.lax.ragged_dot(x[token], w_gate_up, group_sizes)  # [t*k, 2f]
+    h = grouped_matmul(x[token], w_gate_up, group_sizes)  # [t*k, 2f]
     gate, up = jnp.split(h, 2, axis=-1)
-    y = jax.lax.ragged_dot(activation(act, gate) * up, w_down, group_sizes)  # [t*k, e]
+    y = grouped_matmul(activation(act, gate) * up, w_down, group_sizes)  # [t*k, e]
     y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((T, x.shape[-1]), jnp.float32).at[token].add(y).astype(x.dtype)

@@ -1,0 +1,174 @@
+"""The MoE grouped GEMM kernel (pallas_kernels/grouped_matmul.py) on the CPU: against jax.lax.ragged_dot
+and exact float64 arithmetic under the Triton backend's interpreter, its tiles and row-tile bound,
+lowered for the GPU at the MoE models' expert shapes, the dispatch in moe.grouped_matmul, and a tiny
+MoE model's greedy tokens with the kernel forced on."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.models import moe
+from pallas_kernels.grouped_matmul import (Tiles, choose_tiles, grouped_matmul, grouped_matmul_reference,
+                                           num_row_tiles)
+
+
+def exact(x, w, sizes) -> np.ndarray:
+    """Each group's rows times its matrix in float64; rows past the groups are zero."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    out, start = np.zeros((x.shape[0], w.shape[2])), 0
+    for g, size in enumerate(sizes):
+        out[start:start + size] = x[start:start + size] @ w[g]
+        start += size
+    return out
+
+
+# (group sizes, rows, k, n, block_m): empty groups; all rows in one group; one row per group; a decode
+# step (few rows, most groups empty); 17 rows a group at block_m 16, where the tiles reach the static
+# bound on padding; rows that fill no whole tile; rows past the last group (zeros, as ragged_dot).
+CASES = [([3, 0, 17, 5, 0], 25, 64, 128, None), ([0, 0, 40, 0], 40, 64, 128, None), ([1] * 8, 8, 64, 128, None),
+         ([0, 1, 0, 0, 2, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0], 4, 128, 64, None), ([17] * 4, 68, 64, 128, 16),
+         ([5, 0, 4], 11, 64, 128, None)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("sizes,rows,k,n,block_m", CASES)
+def test_kernel_matches_ragged_dot(sizes, rows, k, n, block_m, dtype):
+    rng = np.random.default_rng(rows * k + len(sizes))
+    x = jnp.asarray(rng.normal(size=(rows, k)), dtype)
+    w = jnp.asarray(rng.normal(size=(len(sizes), k, n)), dtype)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    got = grouped_matmul(x, w, group_sizes, block_m=block_m, interpret=True)
+    want = grouped_matmul_reference(x, w, group_sizes)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    ref64 = exact(x, w, sizes)
+    scale = np.abs(ref64).max()
+    tol = 8e-3 if dtype == jnp.bfloat16 else 1e-5  # bf16 output rounding
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.abs(got - ref64).max() < tol * scale and np.abs(want - ref64).max() < tol * scale
+    assert np.abs(got - want).max() <= tol * scale
+    assert not got[sum(sizes):].any()
+
+
+def test_tiles():
+    """block_m follows the average rows a group (vLLM's H200 tables for Qwen3-30B-A3B and Mixtral); k and n
+    take power-of-two tiles of at least 16 on the GPU, any in the interpreter; operands past int32
+    offsets are refused; the row-tile bound is at most the rows (a decode step launches few programs)."""
+    assert choose_tiles(8, 128, 2048, 1536) == Tiles(16, 64, 128, 4, 4)  # Qwen3-30B-A3B, one token
+    assert choose_tiles(256 * 8, 128, 2048, 1536).block_m == 32  # 16 rows a group
+    assert choose_tiles(512 * 2, 8, 4096, 28672).block_m == 128
+    assert choose_tiles(8192 * 8, 128, 768, 2048) == Tiles(128, 128, 64, 8, 4)
+    assert choose_tiles(64, 60, 1408, 2048).block_k == 128 and choose_tiles(8192, 60, 1408, 2048).block_k == 64
+    assert choose_tiles(48, 4, 64, 40) is None and choose_tiles(48, 4, 64, 40, interpret=True).block_n == 8
+    assert choose_tiles(48, 4, 24, 64) is None and choose_tiles(48, 4, 24, 64, interpret=True).block_k == 8
+    assert choose_tiles(65536, 8, 4096, 65536) is None  # out [65536, 65536]: past int32 offsets
+    assert num_row_tiles(8, 128, 16) == 8 and num_row_tiles(68, 4, 16) == 8 and num_row_tiles(4096, 8, 128) == 39
+
+
+def test_kernel_refuses_bad_shapes():
+    x, w, sizes = jnp.zeros((4, 64), jnp.bfloat16), jnp.zeros((2, 64, 32), jnp.bfloat16), jnp.array([2, 2])
+    with pytest.raises(ValueError, match="x has 48 columns but w is"):
+        grouped_matmul(jnp.zeros((4, 48), jnp.bfloat16), w, sizes, interpret=True)
+    with pytest.raises(ValueError, match="w is float32 but x is bfloat16"):
+        grouped_matmul(x, w.astype(jnp.float32), sizes, interpret=True)
+    with pytest.raises(ValueError, match="group_sizes"):
+        grouped_matmul(x, w, jnp.array([4]), interpret=True)
+    with pytest.raises(ValueError, match="does not fit the kernel's tiles"):
+        grouped_matmul(jnp.zeros((4, 24), jnp.bfloat16), jnp.zeros((2, 24, 32), jnp.bfloat16), sizes)
+    with pytest.raises(ValueError, match="block_k=128 and block_n=32 must divide k=64"):
+        grouped_matmul(x, w, sizes, block_k=128, interpret=True)
+
+
+# (hidden, expert ffn, experts): the experts of Qwen3-30B-A3B, Mixtral-8x7B and Qwen1.5-MoE-A2.7B
+EXPERT_SHAPES = [(2048, 768, 128), (4096, 14336, 8), (2048, 1408, 60)]
+
+
+@pytest.mark.parametrize("hidden,ffn,experts", EXPERT_SHAPES)
+def test_kernel_lowers_for_triton(hidden, ffn, experts):
+    """The Pallas Triton lowering takes both expert matmuls at decode and prefill sizes (the GPU compiles
+    what this emits); the grid is the row-tile bound times the column tiles."""
+    for rows in (8, 8192):
+        for k, n in ((hidden, 2 * ffn), (ffn, hidden)):
+            args = (jax.ShapeDtypeStruct((rows, k), jnp.bfloat16), jax.ShapeDtypeStruct((experts, k, n), jnp.bfloat16),
+                    jax.ShapeDtypeStruct((experts,), jnp.int32))
+            text = grouped_matmul.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            tiles = choose_tiles(rows, experts, k, n)
+            grid = int(re.search(r"grid_x = (\d+) : i32", text).group(1))
+            assert "xla.gpu.triton" in text
+            assert grid == num_row_tiles(rows, experts, tiles.block_m) * (n // tiles.block_n)
+
+
+def test_dispatch(monkeypatch):
+    """JAXLLM_MOE_KERNEL: 1 puts moe.grouped_matmul on the kernel (the interpreter on a CPU) with ragged_dot's
+    result; 0 and the CPU default keep ragged_dot; on a GPU the default takes 16-bit operands whose shape
+    fits the tiles; anything else is refused."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(10, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(4, 64, 32)), jnp.bfloat16)
+    sizes = jnp.array([3, 0, 6, 1], jnp.int32)
+    calls = []
+    monkeypatch.setattr(moe, "grouped_matmul_kernel", lambda *a, **k: calls.append(k) or grouped_matmul(*a, **k))
+    run = lambda: jax.jit(lambda *a: moe.grouped_matmul(*a))(x, w, sizes)  # a fresh trace: the switch is read then
+    monkeypatch.delenv("JAXLLM_MOE_KERNEL", raising=False)
+    ragged = run()
+    assert not calls
+    monkeypatch.setenv("JAXLLM_MOE_KERNEL", "1")
+    kernel = run()
+    assert calls and calls[0]["interpret"] is True
+    kernel, ragged = np.asarray(kernel, np.float32), np.asarray(ragged, np.float32)
+    assert np.abs(kernel - ragged).max() < 2e-2 * np.abs(ragged).max()
+    monkeypatch.setenv("JAXLLM_MOE_KERNEL", "0")
+    assert not moe.use_grouped_kernel(x, w)
+    monkeypatch.setenv("JAXLLM_MOE_KERNEL", "yes")
+    with pytest.raises(ValueError, match="JAXLLM_MOE_KERNEL='yes'"):
+        moe.use_grouped_kernel(x, w)
+
+    monkeypatch.delenv("JAXLLM_MOE_KERNEL")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    rows = jax.ShapeDtypeStruct((64, 2048), jnp.bfloat16)
+    assert moe.use_grouped_kernel(rows, jax.ShapeDtypeStruct((128, 2048, 1536), jnp.bfloat16))
+    assert not moe.use_grouped_kernel(jax.ShapeDtypeStruct((64, 2048), jnp.float32),
+                                      jax.ShapeDtypeStruct((128, 2048, 1536), jnp.float32))
+    assert not moe.use_grouped_kernel(rows, jax.ShapeDtypeStruct((128, 2048, 24), jnp.bfloat16))  # tiles
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_moe_model_greedy_with_kernel(family, tmp_path, monkeypatch):
+    """A tiny Qwen2-MoE checkpoint (with its shared expert) and a tiny Mixtral one generate the same greedy
+    tokens, and the same float32 logits to 1e-5, with both expert matmuls of every layer on the kernel
+    (interpreted) as with ragged_dot."""
+    from hf_models import save_tiny_model
+    from jaxllm.loader import load_model
+    from test_model_numerics import PROMPT_LEN, TINY_SEQS, TINY_TOKENS, random_prompt, tiny_runner
+
+    save_tiny_model(family, tmp_path)
+    config, params = load_model(tmp_path)
+    prompt = random_prompt(PROMPT_LEN, seed=1)
+    calls = []
+    monkeypatch.setattr(moe, "grouped_matmul_kernel", lambda *a, **k: calls.append(1) or grouped_matmul(*a, **k))
+
+    def greedy(mode: str, new_tokens: int = 5):
+        monkeypatch.setenv("JAXLLM_MOE_KERNEL", mode)
+        jax.clear_caches()  # the switch is read when a step is traced
+        runner = tiny_runner(config, params)
+        seq = runner.add(prompt + [0] * new_tokens)
+        logits = runner.step_last_logits([seq], [PROMPT_LEN], TINY_TOKENS, TINY_SEQS)[0]
+        out, all_logits = [], [logits]
+        for i in range(new_tokens):
+            out.append(int(np.argmax(logits)))
+            seq.token_ids[PROMPT_LEN + i] = out[-1]
+            if i + 1 < new_tokens:
+                logits = runner.step_last_logits([seq], [1], TINY_TOKENS, TINY_SEQS)[0]
+                all_logits.append(logits)
+        return out, np.stack(all_logits)
+
+    ragged_tokens, ragged_logits = greedy("0")
+    assert not calls
+    kernel_tokens, kernel_logits = greedy("1")
+    assert len(calls) == 2  # both expert matmuls of the layer body (traced once under the scan)
+    assert kernel_tokens == ragged_tokens
+    assert np.abs(kernel_logits - ragged_logits).max() < 1e-5 * np.abs(ragged_logits).max()
