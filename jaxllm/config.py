@@ -164,6 +164,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "fp8" | "fp8_e4m3" (kv_cache.py)
     tensor_parallel_size: int = 1  # devices one replica's weights and KV cache are sharded over (jaxllm/sharding.py)
     data_parallel_size: int = 1  # engine replicas over disjoint device groups (jaxllm/data_parallel.py)
+    # vLLM's --reasoning-parser (entrypoints/reasoning_parsers.py): structured outputs start after the reasoning
+    reasoning_parser: str | None = None
     token_buckets: tuple[int, ...] = field(default=())  # filled in by __post_init__ when empty
     seq_buckets: tuple[int, ...] = field(default=())
 

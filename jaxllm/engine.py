@@ -55,6 +55,24 @@ def kv_cache_room(stats: dict, gpu_memory_utilization: float, temp: int | None) 
     return room, limit, used, stats
 
 
+def reasoning_tags(reasoning_parser: str | None, tokenizer) -> tuple[int, int] | None:
+    """The token ids of a reasoning parser's start and end tags (<think>, </think>), or None without one;
+    each tag must be one token of the tokenizer, or the parser is refused by name."""
+    if reasoning_parser is None:
+        return None
+    from jaxllm.entrypoints.reasoning_parsers import get_reasoning_parser
+
+    parser = get_reasoning_parser(reasoning_parser)
+    ids = []
+    for tag in (parser.start, parser.end):
+        encoded = tokenizer.encode(tag, add_special_tokens=False) if tokenizer is not None else []
+        if len(encoded) != 1:
+            raise ValueError(f"reasoning_parser={reasoning_parser!r}: {tag} is not one token of this model's "
+                             f"tokenizer ({encoded}), so the end of the reasoning cannot be found")
+        ids.append(encoded[0])
+    return ids[0], ids[1]
+
+
 @dataclasses.dataclass
 class StepTimes:
     """Where the engine's wall time goes, summed over steps: host scheduling, building and launching the
@@ -151,6 +169,7 @@ class LLMEngine:
         self._seed_rng = random.Random(engine_config.seed)
         self._arrivals = itertools.count()
         self.grammar_compiler = GrammarCompiler(tokenizer, model_config.vocab_size, self.eos_token_ids)
+        self._reasoning_tags = reasoning_tags(engine_config.reasoning_parser, tokenizer)
 
     def _blocks_per_seq(self) -> int:
         """The blocks one sequence of max_model_len may hold at once. With every layer windowed, a step
@@ -259,7 +278,8 @@ class LLMEngine:
                 request_id=request_id if i == 0 else f"{i}_{request_id}", prompt_token_ids=token_ids,
                 sampling_params=params, max_tokens=max_tokens, seed=(seed + i) & 0xFFFFFFFF,
                 eos_token_ids=self.eos_token_ids, arrival=arrival, prompt=text, index=i, parent=parent,
-                bad_words_token_ids=bad_words_token_ids, structured=grammar and grammar.matcher()))
+                bad_words_token_ids=bad_words_token_ids,
+                structured=grammar and grammar.matcher(wait_for=self._reasoning_end_to_come(token_ids))))
         first = parent.samples[0]
         first.pending_children = parent.samples[1:]
         return first
@@ -491,6 +511,18 @@ class LLMEngine:
             return
         self._probe, self._probe_ran = self._held.pop(0), False
         self.scheduler.waiting.appendleft(self._probe)
+
+    def _reasoning_end_to_come(self, prompt_token_ids: list[int]) -> int | None:
+        """With a reasoning parser, the token that ends the reasoning if the prompt has not ended it already
+        (a template that turns thinking off writes <think></think> into the prompt): a constrained output
+        is free until that token, as vLLM constrains the answer and not the reasoning."""
+        if self._reasoning_tags is None:
+            return None
+        start, end = self._reasoning_tags
+        ids = list(prompt_token_ids)
+        last_end = max((i for i, t in enumerate(ids) if t == end), default=-1)
+        last_start = max((i for i, t in enumerate(ids) if t == start), default=-1)
+        return None if last_end > last_start else end
 
     def _accept_tokens(self, requests: list[Request]) -> dict[str, bool]:
         """Each constrained request's matcher takes its sampled token, all at once on llguidance's threads:

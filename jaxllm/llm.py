@@ -98,6 +98,8 @@ class LLM(PoolingMixin):
             "compressed-tensors" (checkpoints quantized with them).
         kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3": an E4M3 cache with the
             checkpoint's k/v scales (1.0 when it has none), twice the tokens in the same memory.
+        reasoning_parser: "qwen3" or "deepseek_r1" (vLLM's --reasoning-parser): a structured output is
+            free while the model reasons and constrained from the token after </think> on.
     """
 
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
@@ -109,7 +111,7 @@ class LLM(PoolingMixin):
                  skip_tokenizer_init: bool = False, trust_remote_code: bool = False, max_logprobs: int = 20,
                  generation_config: str = "auto", override_generation_config: dict | None = None,
                  tensor_parallel_size: int = 1, data_parallel_size: int = 1, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto", **kwargs):
+                 kv_cache_dtype: str = "auto", reasoning_parser: str | None = None, **kwargs):
         from jaxllm.generation_config import default_sampling_params
         from jaxllm.loader import default_model_path, load_model, load_tokenizer
         from jaxllm.loader.model_id import resolve_model_path
@@ -133,6 +135,8 @@ class LLM(PoolingMixin):
             if quantization is not None or kv_cache_dtype != "auto":
                 raise ValueError(f"quantization={quantization!r} and kv_cache_dtype={kv_cache_dtype!r}: pooling "
                                  "models run unquantized (None and 'auto')")
+            if reasoning_parser is not None:
+                raise ValueError(f"reasoning_parser={reasoning_parser!r}: pooling models generate no reasoning")
             for name, value in (("tensor_parallel_size", tensor_parallel_size),
                                 ("data_parallel_size", data_parallel_size)):
                 if value != 1:
@@ -150,7 +154,7 @@ class LLM(PoolingMixin):
                    enable_chunked_prefill=enable_chunked_prefill, seed=seed, num_gpu_blocks=num_gpu_blocks_override,
                    async_scheduling=async_scheduling, max_logprobs=max_logprobs,
                    kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size,
-                   data_parallel_size=data_parallel_size)
+                   data_parallel_size=data_parallel_size, reasoning_parser=reasoning_parser)
         self.model = path
         self._default_sampling = default_sampling
 

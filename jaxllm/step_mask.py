@@ -38,11 +38,13 @@ class StepMask:
     def fill(self) -> None:
         """Fill the constrained rows and release the step; idempotent. A row whose request finished in
         the previous step stays all ones: its sample is dropped. Always releases the step, also when
-        filling raises, so the launcher never waits forever."""
+        filling raises, so the launcher never waits forever. A matcher still waiting for the end of its
+        reasoning leaves its row free."""
         if self.ready.done():
             return
         try:
-            live = [(row, req.structured) for row, req in self.rows if not req.status.finished]
+            live = [(row, req.structured) for row, req in self.rows
+                    if not req.status.finished and not req.structured.waiting]
             self.filled_rows = {row for row, _ in live}
             stale = sorted(self.stale_rows - self.filled_rows)
             if stale:

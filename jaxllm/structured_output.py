@@ -40,26 +40,38 @@ class Grammar:
         self._tokenizer = tokenizer
         self.serialized = serialized
 
-    def matcher(self) -> "Matcher":
+    def matcher(self, wait_for: int | None = None) -> "Matcher":
         import llguidance
 
-        return Matcher(llguidance.LLMatcher(self._tokenizer, self.serialized))
+        return Matcher(llguidance.LLMatcher(self._tokenizer, self.serialized), wait_for)
 
 
 class Matcher:
-    """The state of one sample's match: which tokens may come next, and whether it is complete."""
+    """The state of one sample's match: which tokens may come next, and whether it is complete.
 
-    def __init__(self, matcher):
+    `wait_for`: a token (a reasoning model's </think>) before which the output is free, as vLLM applies a
+    constraint to the answer and not to the reasoning; the match starts with the token after it."""
+
+    def __init__(self, matcher, wait_for: int | None = None):
         self._m = matcher
+        self.wait_for = wait_for
+
+    @property
+    def waiting(self) -> bool:
+        return self.wait_for is not None
 
     def accept(self, token: int) -> bool:
         """Advance by a sampled token; False if the grammar refuses it (then the match is dead)."""
+        if self.waiting:
+            if token == self.wait_for:
+                self.wait_for = None
+            return True
         return self._m.consume_token(token)
 
     @property
     def terminated(self) -> bool:
         """The match is over: EOS was accepted, or the grammar allows nothing more, or it failed."""
-        return self._m.is_stopped() or self._m.is_error()
+        return not self.waiting and (self._m.is_stopped() or self._m.is_error())
 
     @property
     def error(self) -> str:
@@ -96,9 +108,15 @@ def fill_token_bitmask(bitmask: np.ndarray, rows: list[tuple[int, Matcher]]) -> 
 def accept_tokens(pairs: list[tuple[Matcher, int]]) -> list[bool]:
     """`Matcher.accept` for many matchers at once, on llguidance's thread pool (the GIL released): at 144
     rows, one at a time cost about 1 ms a step (benchmarks/grammar_host.py)."""
-    if len(pairs) == 1:
-        return [pairs[0][0].accept(pairs[0][1])]
-    return _llguidance_executor().consume_token_par([(m._m, token) for m, token in pairs])
+    matching = [i for i, (m, _) in enumerate(pairs) if not m.waiting]
+    ok = [m.accept(token) if m.waiting else True for m, token in pairs]
+    if len(matching) == 1:
+        ok[matching[0]] = pairs[matching[0]][0].accept(pairs[matching[0]][1])
+    elif matching:
+        taken = _llguidance_executor().consume_token_par([(pairs[i][0]._m, pairs[i][1]) for i in matching])
+        for i, t in zip(matching, taken):
+            ok[i] = t
+    return ok
 
 
 def bitmask_width(vocab_size: int) -> int:

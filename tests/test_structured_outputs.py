@@ -248,3 +248,38 @@ def test_tokens_taken_at_once_as_one_at_a_time(llm):
     for mask, matchers in zip(masks, (together, alone)):
         fill_token_bitmask(mask, list(enumerate(matchers)))
     np.testing.assert_array_equal(*masks)
+
+
+def test_constraint_starts_after_the_reasoning(llm, monkeypatch):
+    """With a reasoning parser, a constrained output is free until the token that ends the reasoning, and
+    matches its grammar from the next token on (vLLM's default); a prompt that already ended the reasoning
+    is constrained from the start. The default model has no <think> tokens, so two of its ordinary tokens
+    stand in for them: the end tag is a token the free greedy output samples, so the reasoning ends there."""
+    engine = llm.llm_engine
+    prompt = chat(llm, "Which city is in Germany? Think first.")
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].outputs[0]
+    ids = list(free.token_ids)
+    prompt_ids = llm.get_tokenizer().encode(prompt, add_special_tokens=False)
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i] + prompt_ids)  # the end tag's first sample
+    start = next(t for t in range(1000, 2000) if t not in ids + prompt_ids)
+    monkeypatch.setattr(engine, "_reasoning_tags", (start, ids[k]))
+    choice = SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(choice=CITIES))
+    out = llm.generate([prompt], choice, use_tqdm=False)[0].outputs[0]
+    assert list(out.token_ids[:k + 1]) == ids[:k + 1]  # free through the end of the reasoning
+    answer = llm.get_tokenizer().decode(list(out.token_ids[k + 1:]), skip_special_tokens=True)
+    assert answer in CITIES and out.finish_reason == "stop"
+    ended = prompt_ids + [start, ids[k]]
+    out = llm.generate([{"prompt_token_ids": ended}], choice, use_tqdm=False)[0].outputs[0]
+    assert out.text in CITIES  # the prompt ended the reasoning: constrained from the first token
+
+
+def test_reasoning_parser_needs_its_tags_as_tokens():
+    from jaxllm.engine import reasoning_tags
+    from jaxllm.loader import default_model_path, load_tokenizer
+
+    tok = load_tokenizer(default_model_path())
+    with pytest.raises(ValueError, match="reasoning_parser='qwen3': <think> is not one token"):
+        reasoning_tags("qwen3", tok)
+    with pytest.raises(ValueError, match="--reasoning-parser 'r1'"):
+        reasoning_tags("r1", tok)
+    assert reasoning_tags(None, tok) is None

@@ -31,7 +31,7 @@ def load_app(args: argparse.Namespace):
                          enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed,
                          num_gpu_blocks_override=args.num_gpu_blocks_override, max_logprobs=args.max_logprobs,
                          kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
-                         data_parallel_size=args.data_parallel_size)
+                         data_parallel_size=args.data_parallel_size, reasoning_parser=args.reasoning_parser)
     if args.model_shape:
         from jaxllm.entrypoints.random_weights import random_weights_llm
 
