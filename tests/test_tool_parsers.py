@@ -140,12 +140,13 @@ def _streamed(serving, req, text: str, step: int = 3) -> dict:
                 c = calls.setdefault(call["index"], {"name": "", "arguments": ""})
                 c["name"] += call.get("function", {}).get("name", "")
                 c["arguments"] += call.get("function", {}).get("arguments", "")
-    return {**{k: v.strip() or None for k, v in got.items()}, "calls": [calls[i] for i in sorted(calls)]}
+    return {**{k: v.strip() or None for k, v in got.items()},
+            "calls": [dict(name=calls[i]["name"], arguments=json.loads(calls[i]["arguments"])) for i in sorted(calls)]}
 
 
 def _whole(message: dict) -> dict:
     return {"reasoning_content": message.get("reasoning_content"), "content": (message["content"] or "").strip() or None,
-            "calls": [dict(name=c["function"]["name"], arguments=c["function"]["arguments"])
+            "calls": [dict(name=c["function"]["name"], arguments=json.loads(c["function"]["arguments"]))
                       for c in message.get("tool_calls", [])]}
 
 
@@ -156,11 +157,14 @@ def _whole(message: dict) -> dict:
     '<tool_call>{"name": "get_time", "arguments": {"tz": "CET"}}</tool_call>',
     "Is 1 < 2? Yes, and <tool is not a tag.",
     '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}',  # cut short: the call counts at the end
+    '<tool_call>{"arguments": {"tz": "UTC"}, "name": "get_time"}</tool_call>',  # name last: the call goes whole
+    '<tool_call>\n{"name":"get_weather","arguments":{"city":"Lima","unit":"c"}}\n</tool_call>',  # compact JSON
 ])
 @pytest.mark.parametrize("step", [1, 7])
 def test_hermes_stream_adds_up_to_the_whole_message(text, step):
-    """--tool-call-parser hermes with tool_choice "auto": the content streams as it comes and each call
-    arrives whole once complete, and what a client assembles equals the non-streamed message."""
+    """--tool-call-parser hermes with tool_choice "auto": the content streams as it comes, each call's name
+    once known and its arguments piece by piece, and what a client assembles equals the non-streamed
+    message."""
     from jaxllm.entrypoints.protocol import ChatCompletionRequest
     from jaxllm.entrypoints.serving import OpenAIServing
 
@@ -170,8 +174,14 @@ def test_hermes_stream_adds_up_to_the_whole_message(text, step):
                                                 "tools": [WEATHER, TIME]})
     message, _ = serving._chat_message(req, text, "stop")
     assert _streamed(serving, req, text, step) == _whole(message)
-    if "Let me check" in text:  # the content went out before the call was complete
+    if "Let me check" in text:  # the content went out before the call was complete, the arguments in pieces
         from types import SimpleNamespace
 
         deltas, _ = serving._stream_deltas(req, SimpleNamespace(text=text[:30], finish_reason=None), "")
         assert deltas == [{"content": "Let me check."}]
+        cut = text.index("Par")
+        deltas, sent = serving._stream_deltas(req, SimpleNamespace(text=text[:cut], finish_reason=None), "")
+        (call,) = deltas[-1]["tool_calls"]
+        assert call["function"] == {"name": "get_weather", "arguments": '{"city": "'}
+        deltas, _ = serving._stream_deltas(req, SimpleNamespace(text=text[:cut + 5], finish_reason=None), sent)
+        assert deltas == [{"tool_calls": [{"index": 0, "function": {"arguments": 'Paris'}}]}]

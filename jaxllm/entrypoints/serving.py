@@ -373,7 +373,7 @@ class OpenAIServing:
             tools.choice == "auto" and self.tool_parser is not None and not self._streams_calls(req)))
 
     def _streams_calls(self, req) -> bool:
-        """"auto" with a parser that splits a growing text (hermes): content streams, each call once complete."""
+        """"auto" with a parser that splits a growing text (hermes): the content and the calls stream."""
         tools = req.tool_request
         return tools is not None and tools.choice == "auto" and hasattr(self.tool_parser, "split_stream")
 
@@ -417,8 +417,12 @@ class OpenAIServing:
             if new_c.startswith(old_c) and new_c[len(old_c):]:
                 delta["content"] = new_c[len(old_c):]
             deltas = [delta] if delta else []
-            deltas += [{"tool_calls": [{"index": i, **call.to_dict()}]}
-                       for i, call in enumerate(new_calls) if i >= len(old_calls)]
+            for i, call in enumerate(new_calls):  # a call's name once, then its arguments as they grow
+                if i >= len(old_calls):
+                    deltas.append({"tool_calls": [{"index": i, **call.to_dict()}]})
+                elif call.arguments[len(old_calls[i].arguments):]:
+                    deltas.append({"tool_calls": [{"index": i, "function": {
+                        "arguments": call.arguments[len(old_calls[i].arguments):]}}]})
             covered = text if done or deltas else sent_text
             return deltas, covered
         return ([{"content": text[len(sent_text):]}] if text[len(sent_text):] else []), text

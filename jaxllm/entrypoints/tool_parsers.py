@@ -59,23 +59,46 @@ def _json_values(text: str) -> list:
 class HermesToolParser:
     start, end = "<tool_call>", "</tool_call>"
     _pattern = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-    _closed = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+    # A call's body up to its arguments: the name is known and the arguments' text can stream.
+    _head = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
     def split_stream(self, text: str, finished: bool) -> tuple[str, list[ToolCall]]:
-        """(content so far, the calls complete so far) of a growing text. The content before the first
-        <tool_call> goes out as it comes (a partial tag and trailing whitespace held back); a call counts
-        once its </tool_call> arrives (or the text ends), and calls stop at the first malformed one."""
+        """(content so far, the calls so far) of a growing text. The content before the first <tool_call>
+        goes out as it comes (a partial tag and trailing whitespace held back). A call appears once its
+        name is known, with the text of its arguments so far (exactly as the model wrote them, up to the
+        end of their JSON value), so a stream can send the arguments piece by piece; calls stop at the
+        first malformed one."""
         at = text.find(self.start)
         if at < 0:
             return (text if finished else hold_back(text, self.start).rstrip()), []
         calls = []
-        for body in (self._pattern if finished else self._closed).findall(text, at):
-            values = _json_values(body)
-            call = _call(values[0], "arguments") if len(values) == 1 else None
+        for match in re.finditer(re.escape(self.start) + r"(.*?)(?:" + re.escape(self.end) + "|$)", text[at:],
+                                 re.DOTALL):
+            body, closed = match.group(1), match.group(0).endswith(self.end) or finished
+            call = self._partial_call(body.strip() if closed else body, closed)
             if call is None:
                 break
             calls.append(call)
+            if not closed:
+                break
         return text[:at].rstrip(), calls
+
+    def _partial_call(self, body: str, closed: bool) -> ToolCall | None:
+        head = self._head.match(body)
+        if head is None:  # the name is not known yet, or comes after the arguments: the call goes whole
+            if not closed:
+                return None
+            values = _json_values(body)
+            return _call(values[0], "arguments") if len(values) == 1 else None
+        args = body[head.end():]
+        try:
+            _, end = json.JSONDecoder().raw_decode(args)
+            args = args[:end]
+        except ValueError:
+            if closed:
+                return None
+        return ToolCall(json.loads(head.group(1)), args)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         if self.start not in text:
