@@ -112,20 +112,29 @@ def wait_ready(proc: subprocess.Popen, base_url: str, timeout: float, log: str) 
 
 
 def stop(proc: subprocess.Popen, grace: float = 60) -> None:
-    """SIGTERM to the server's process group, then SIGKILL to what is left of it (vLLM's engine core runs
-    in a child process, and the next server needs the GPU's memory back)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGTERM to the server's process group, then SIGKILL if it is not gone after `grace` seconds: vLLM's
+    engine core is a child process, and the next server needs the GPU's memory back."""
+    for sig, timeout in ((signal.SIGTERM, grace), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        if group_gone(proc, timeout):
+            break
     proc.wait()
+
+
+def group_gone(proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        proc.poll()  # reaps the leader: as a zombie it would keep the group alive
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def tail(path: str, chars: int = 3000) -> str:
@@ -222,7 +231,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-shape", default="qwen3-0.6b", help="random weights at this shape (jaxllm.models.shapes)")
     ap.add_argument("--model", default=None,
-                    help="a Hugging Face model folder both servers load, weights and tokenizer, instead of --model-shape")
+                    help="a Hugging Face model folder both servers load (weights and tokenizer) instead of a shape")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=parse_range, default=(100, 1024), help="N or LO:HI (uniform)")
@@ -260,6 +269,7 @@ def main(argv=None):
     result = {"benchmark": "compare-serving", "device": first.get("device"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "jax_version": importlib.metadata.version("jax"), "vllm_version": vllm_version,
+              "torch_version": importlib.metadata.version("torch") if vllm_version else None,
               "commit": git_commit(), "command": " ".join(sys.argv),
               "workload": {"model": args.model or args.model_shape, "num_prompts": args.num_prompts,
                            "input_len": list(args.input_len), "output_len": list(args.output_len),
