@@ -5,13 +5,14 @@
 
 For each server in turn (jaxllm, then vLLM), starts it in a process group of its own on a free localhost
 port, waits until /v1/models answers, runs benchmarks/serving.py at each request rate (a short warm-up
-first), and stops the whole group. Both servers get the same model (random weights at --model-shape; vLLM
-reads its transformers config with dummy weights and no tokenizer), max-model-len, gpu-memory-utilization
+first), and stops the whole group. Both servers get the same model, max-model-len, gpu-memory-utilization
 and engine limits (unset: each server's default, which are vLLM's), with prefix caching off: every rate
-sends the same prompts, and a rate must not reuse the previous one's KV blocks. One JSON holds the device,
-date, jax and vLLM versions, commit, each server's command and each rate's serving.py result; the Markdown
-table (TTFT and TPOT p50/p99, output tok/s, and jaxllm / vLLM) is printed last. Where vLLM is not importable
-its rows say "not run" and only jaxllm runs.
+sends the same prompts, and a rate must not reuse the previous one's KV blocks. The model is random weights
+at --model-shape; vLLM reads the shape's transformers config with dummy weights and no tokenizer, so unlike
+jaxllm it does not detokenize, a difference in its favour. One JSON holds the device, date, jax and vLLM
+versions, commit, each server's command and each rate's serving.py result; the Markdown table (TTFT and
+TPOT p50/p99, output tok/s, and jaxllm / vLLM) is printed last. Where vLLM is not importable its rows say
+"not run" and only jaxllm runs.
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ def server_command(server: str, args, port: int, vllm_folder: str) -> list[str]:
               *engine_flags(args)]
     if server == "jaxllm":
         model = ["--model", args.model] if args.model else ["--model-shape", args.model_shape]
+        model += ["--tokenizer", args.tokenizer] if args.tokenizer else []
         return [sys.executable, "-m", "jaxllm.entrypoints.openai.api_server", *model, *common]
-    # vLLM's dummy load reads only the config: without a tokenizer it streams token ids and empty text.
+    # vLLM's dummy load reads only the config; without a tokenizer it streams token ids and empty text, so it
+    # does not detokenize, where jaxllm does: a difference in vLLM's favour.
     model = ["--model", args.model] if args.model else ["--model", vllm_folder, "--load-format", "dummy",
                                                          "--skip-tokenizer-init", "--runner", "generate"]
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *model, *common]
@@ -232,6 +235,9 @@ def main(argv=None):
     ap.add_argument("--model-shape", default="qwen3-0.6b", help="random weights at this shape (jaxllm.models.shapes)")
     ap.add_argument("--model", default=None,
                     help="a Hugging Face model folder both servers load (weights and tokenizer) instead of a shape")
+    ap.add_argument("--tokenizer", default=None,
+                    help="the tokenizer jaxllm's server detokenizes random weights' tokens with (default: the "
+                         "default model's; a folder where that is not installed)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--input-len", type=parse_range, default=(100, 1024), help="N or LO:HI (uniform)")

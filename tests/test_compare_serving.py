@@ -18,7 +18,7 @@ import serving  # noqa: E402
 
 
 def test_both_servers_get_the_same_limits_and_the_same_client_runs(capsys):
-    compare_serving.main(["--dry-run"])
+    compare_serving.main(["--dry-run", "--tokenizer", "TOKENIZER_FOLDER"])
     lines = capsys.readouterr().out.splitlines()
     servers = [line for line in lines if " -m " in line]
     clients = [line for line in lines if "serving.py" in line]
@@ -27,8 +27,8 @@ def test_both_servers_get_the_same_limits_and_the_same_client_runs(capsys):
     jaxllm, vllm = (s.split(" --host ", 1)[1] for s in servers)
     assert jaxllm == vllm and "--max-model-len 2048 --gpu-memory-utilization 0.9 --no-enable-prefix-caching" in vllm
     assert "--max-num-seqs" not in vllm  # each server's default, which is vLLM's
-    assert "--model-shape qwen3-0.6b" in servers[0]
-    assert "--load-format dummy --skip-tokenizer-init" in servers[1]
+    assert "--model-shape qwen3-0.6b --tokenizer TOKENIZER_FOLDER" in servers[0]
+    assert "--load-format dummy --skip-tokenizer-init" in servers[1] and "--tokenizer" not in servers[1]
     # Per server: the warm-up, then the nano-vllm workload at 4, 16 and unlimited requests/s.
     flags = [c.split(" --base-url ", 1)[1].rsplit(" --output-json", 1)[0] for c in clients]
     assert flags[:4] == flags[4:] and len(flags) == 8
