@@ -4,7 +4,8 @@
     python benchmarks/serving.py --num-prompts 200 --input-len 256 --output-len 128 --request-rate inf
 
 Sends streaming /v1/completions requests with random token-id prompts (EOS ignored) at a Poisson request rate
-(or all at once), and reports throughput, time to first token (TTFT), time per output token (TPOT, after the
+(or all at once), counts the tokens each chunk carries (`return_token_ids`, so a server without a tokenizer
+works too), and reports throughput, time to first token (TTFT), time per output token (TPOT, after the
 first) and inter-token latency (ITL) at p50 / p90 / p99. Writes JSON under benchmarks/results/.
 """
 
@@ -29,10 +30,12 @@ from throughput import git_commit, make_workload, parse_range, write_result  # n
 
 
 async def one_request(client, url, model, prompt, max_tokens):
+    # Tokens are counted from each chunk's token_ids (vLLM's return_token_ids), not its text: a server started
+    # without a tokenizer (vLLM's --skip-tokenizer-init) streams empty text.
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+            "stream": True, "return_token_ids": True}
     start = time.perf_counter()
-    stamps, error = [], None
+    stamps, tokens, error = [], 0, None
     try:
         async with client.stream("POST", url, json=body) as resp:
             if resp.status_code != 200:
@@ -41,15 +44,19 @@ async def one_request(client, url, model, prompt, max_tokens):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if not chunk.get("choices"):
+                    continue
+                new = len(chunk["choices"][0].get("token_ids") or ())
+                if new:
                     stamps.append(time.perf_counter())
+                    tokens += new
     except httpx.HTTPError as e:
         error = repr(e)
     end = time.perf_counter()
     if error or not stamps:
         return {"ok": False, "error": error or "no tokens"}
     return {"ok": True, "ttft": stamps[0] - start, "latency": end - start, "itl": list(np.diff(stamps)),
-            "chunks": len(stamps), "output_tokens": max_tokens}
+            "chunks": len(stamps), "output_tokens": tokens}
 
 
 async def run(args):
