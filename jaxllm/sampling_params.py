@@ -33,11 +33,40 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def structural_tag_structures(tag: str | dict) -> list[tuple[str, str, dict, str]]:
+    """A structural tag's structures as (trigger, begin, schema, end), checked: ValueError naming the field."""
+    where = "structured_outputs.structural_tag"
+    if isinstance(tag, str):
+        try:
+            tag = json.loads(tag)
+        except ValueError as e:
+            raise ValueError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(tag, dict):
+        raise ValueError(f"{where} must be an object with 'structures' and 'triggers', got {tag!r:.80}")
+    if "format" in tag:
+        raise ValueError(f"{where}: the 'format' form is not supported; give 'structures' and 'triggers'")
+    structures, triggers = tag.get("structures"), tag.get("triggers")
+    if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+        raise ValueError(f"{where}.triggers must be a non-empty list of non-empty strings, got {triggers!r:.80}")
+    if not isinstance(structures, list) or not structures:
+        raise ValueError(f"{where}.structures must be a non-empty list, got {structures!r:.80}")
+    out = []
+    for i, s in enumerate(structures):
+        if not isinstance(s, dict) or not isinstance(s.get("begin"), str) or not isinstance(s.get("end"), str) \
+                or not isinstance(s.get("schema"), dict):
+            raise ValueError(f"{where}.structures[{i}] must have a string 'begin' and 'end' and a JSON schema "
+                             f"'schema', got {s!r:.80}")
+        trigger = next((t for t in triggers if s["begin"].startswith(t)), None)
+        if trigger is None:
+            raise ValueError(f"{where}.structures[{i}].begin {s['begin']!r} starts with none of the triggers "
+                             f"{triggers}")
+        out.append((trigger, s["begin"], s["schema"], s["end"]))
+    return out
+
 @dataclass
 class StructuredOutputsParams:
     """Constrain a completion to a JSON schema, a regex, a list of choices or a grammar (vLLM's names).
-    Exactly one of `json`, `regex`, `choice`, `grammar`, `json_object` (or `structural_tag`, refused)
-    is given. The constraint is compiled by llguidance when the request is added; an invalid one raises
+    Exactly one of `json`, `regex`, `choice`, `grammar`, `json_object` or `structural_tag` is given. The constraint is compiled by llguidance when the request is added; an invalid one raises
     a ValueError naming the field.
 
     Args:
@@ -46,6 +75,9 @@ class StructuredOutputsParams:
         choice: the output is exactly one of these strings.
         grammar: a Lark or GBNF (llama.cpp) context-free grammar.
         json_object: True for any JSON object.
+        structural_tag: vLLM's structural tag, as JSON text or a dict: {"structures": [{"begin", "schema",
+            "end"}, ...], "triggers": [...]}: free text, in which each `begin` (starting with one of the
+            triggers) is followed by JSON matching its `schema`, then `end` (tool calls in running text).
         disable_any_whitespace: JSON without free whitespace between tokens (compact output).
         disable_additional_properties: a JSON schema's objects allow no properties it does not list.
         disable_fallback, whitespace_pattern: accepted for vLLM compatibility (one backend: no fallback;
@@ -61,7 +93,7 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
-    structural_tag: str | None = None
+    structural_tag: str | dict | None = None
 
     def __post_init__(self):
         kinds = [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
@@ -69,9 +101,10 @@ class StructuredOutputsParams:
         if len(kinds) > 1:
             raise ValueError(f"structured_outputs: only one kind of constraint can be given, got {', '.join(kinds)}")
         if not kinds:
-            raise ValueError("structured_outputs: one of json, regex, choice, grammar or json_object must be given")
+            raise ValueError("structured_outputs: one of json, regex, choice, grammar, json_object or structural_tag "
+                             "must be given")
         if self.structural_tag is not None:
-            raise ValueError("structured_outputs.structural_tag is not supported")
+            structural_tag_structures(self.structural_tag)
         if self.whitespace_pattern is not None:
             raise ValueError("structured_outputs.whitespace_pattern is not supported (use disable_any_whitespace)")
         if self.json is not None:
@@ -102,12 +135,13 @@ class StructuredOutputsParams:
     @property
     def kind(self) -> str:
         """Which constraint this is: json, regex, choice, grammar or json_object."""
-        return next(k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k) is not None)
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+                    if getattr(self, k) is not None)
 
     def key(self) -> tuple:
         """A hashable key of the constraint and the options that change its grammar (the compile cache's)."""
         spec = getattr(self, self.kind)
-        if self.kind == "json":  # a schema as a dict or as its text, in any key order: one key
+        if self.kind in ("json", "structural_tag"):  # a dict or its text, in any key order: one key
             spec = json.dumps(json.loads(spec) if isinstance(spec, str) else spec, sort_keys=True)
         elif self.kind == "choice":
             spec = tuple(spec)

@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from jaxllm.sampling_params import StructuredOutputsParams
+from jaxllm.sampling_params import StructuredOutputsParams, structural_tag_structures
 
 logger = logging.getLogger("jaxllm")
 
@@ -192,6 +192,10 @@ def _serialize(params: StructuredOutputsParams) -> str:
         return llguidance.grammar_from("regex", params.regex)
     if kind == "choice":
         return llguidance.grammar_from("choice", params.choice)
+    if kind == "structural_tag":  # free text with lazily triggered JSON segments
+        tags = [llguidance.StructTag(trigger=trigger, begin=begin, grammar=schema, end=end)
+                for trigger, begin, schema, end in structural_tag_structures(params.structural_tag)]
+        return llguidance.grammar_from("lark", llguidance.StructTag.to_grammar(tags))
     return llguidance.grammar_from("grammar", params.grammar)
 
 

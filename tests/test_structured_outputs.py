@@ -283,3 +283,63 @@ def test_reasoning_parser_needs_its_tags_as_tokens():
     with pytest.raises(ValueError, match="--reasoning-parser 'r1'"):
         reasoning_tags("r1", tok)
     assert reasoning_tags(None, tok) is None
+
+
+WEATHER_TAG = {"structures": [{"begin": "<function=get_weather>", "end": "</function>",
+                               "schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                          "required": ["city"], "additionalProperties": False}}],
+               "triggers": ["<function="]}
+
+
+def test_structural_tag_constrains_only_what_follows_its_trigger(llm):
+    """vLLM's structural tag: the text is free until a trigger; after a structure's `begin` comes JSON that
+    matches its schema, then its `end`. Fed through the default model's tokenizer as a matcher would be."""
+    from jaxllm.structured_output import bitmask_width, fill_token_bitmask
+
+    compiler, tok = llm.llm_engine.grammar_compiler, llm.get_tokenizer()
+    grammar = compiler.compile(StructuredOutputsParams(structural_tag=json.dumps(WEATHER_TAG)))
+    width = bitmask_width(llm.llm_engine.model_config.vocab_size)
+
+    def allowed(text: str) -> set[int] | None:
+        """The tokens allowed after `text`, or None if the grammar refuses it."""
+        matcher = grammar.matcher()
+        if not all(matcher.accept(t) for t in tok.encode(text, add_special_tokens=False)):
+            return None
+        mask = np.zeros((1, width), np.int32)
+        fill_token_bitmask(mask, [(0, matcher)])
+        return set(np.nonzero(np.unpackbits(mask[0].view(np.uint8), bitorder="little"))[0])
+
+    free = allowed("I will look it up. ")
+    assert len(free) > tok.vocab_size // 2  # free text: nearly every token
+    assert allowed('Sure. <function=get_weather>{"city": "Paris"}</function> Done.') is not None
+    assert allowed('<function=get_weather>{"city": 5}') is None  # the schema holds after the trigger
+    assert allowed('<function=get_weather>{"town": "Paris"}') is None
+    inside = [tok.decode([t]).strip() for t in allowed('<function=get_weather>{"city": "Paris"')]
+    assert "}" in inside and all(c == "" or c.startswith("}") for c in inside)  # only the object's close
+    after = [tok.decode([t]) for t in allowed('<function=get_weather>{"city": "Paris"}')]
+    assert after and all("</function>".startswith(a) for a in after)  # then only the structure's end
+
+
+def test_structural_tag_is_checked_by_name():
+    for tag, message in ((["x"], "must be an object"),
+                         ({"structures": [], "triggers": ["<f"]}, "structures must be a non-empty list"),
+                         ({"structures": [{"begin": "<g>", "schema": {}, "end": ""}], "triggers": ["<f"]},
+                          "begin '<g>' starts with none of the triggers"),
+                         ({"format": {"type": "triggered_tags"}}, "'format' form is not supported"),
+                         ("{", "not valid JSON")):
+        with pytest.raises(ValueError, match=f"structured_outputs.structural_tag.*{message}"):
+            StructuredOutputsParams(structural_tag=tag)
+
+
+def test_structural_tag_response_format():
+    """The server's response_format {"type": "structural_tag", "structures", "triggers"} (vLLM's), and a
+    400 naming response_format for a bad one."""
+    from jaxllm.entrypoints.protocol import APIError
+    from jaxllm.entrypoints.structured import parse_structured_outputs
+
+    params, field = parse_structured_outputs({"response_format": {"type": "structural_tag", **WEATHER_TAG}})
+    assert field == "response_format" and params.kind == "structural_tag"
+    assert params.key() == StructuredOutputsParams(structural_tag=json.dumps(WEATHER_TAG)).key()
+    with pytest.raises(APIError, match="triggers must be a non-empty list") as e:
+        parse_structured_outputs({"response_format": {"type": "structural_tag", "structures": WEATHER_TAG["structures"]}})
+    assert e.value.param == "response_format"

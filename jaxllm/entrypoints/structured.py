@@ -1,7 +1,7 @@
 """A request body's structured-output fields -> StructuredOutputsParams, with OpenAI-shaped 400s.
 
 OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema", "json_schema": {"name",
-"schema", "strict"}}) and vLLM's extra fields: `structured_outputs` (an object of
+"schema", "strict"}}, and vLLM's "structural_tag" with "structures" and "triggers") and vLLM's extra fields: `structured_outputs` (an object of
 StructuredOutputsParams' fields), and the older `guided_json`, `guided_regex`, `guided_choice`,
 `guided_grammar`, `guided_decoding_backend`, `guided_whitespace_pattern`. At most one constraint.
 """
@@ -84,5 +84,7 @@ def _response_format(fmt) -> StructuredOutputsParams | None:
             schema = {"type": "object"}
         # strict: objects take no properties the schema does not list (as OpenAI's strict mode).
         return _build("response_format", json=schema, disable_additional_properties=bool(strict))
-    raise APIError(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
-                   param="response_format")
+    if kind == "structural_tag":  # vLLM's: {"type", "structures": [{"begin", "schema", "end"}], "triggers"}
+        return _build("response_format", structural_tag={k: v for k, v in fmt.items() if k != "type"})
+    raise APIError(f"'response_format.type' must be 'text', 'json_object', 'json_schema' or 'structural_tag', "
+                   f"got {kind!r}", param="response_format")
