@@ -396,8 +396,15 @@ class ModelRunner:
         return self.bitmask_buffers.step_mask(requests, R)
 
     def _logprobs_width(self, wanted: int) -> int:
+        """How many top logprobs a program computes for a request that wants `wanted` (-1: the whole
+        vocabulary). Every count up to max_logprobs takes the same width, so steps asking for 1, 5 or 20
+        share one program (the host keeps each request's own count): a width of its own each would compile
+        a program the first time each is asked for."""
         if wanted == -1:
             return self.vocab_size
+        cap = self.config.max_logprobs
+        if 0 <= wanted <= cap:
+            wanted = cap
         return min(_pow2_at_least(wanted, 1), self.vocab_size) if wanted > 0 else 0
 
     def _sampling_tensors(self, rows, R: int, penalty_rows: dict[str, int], out: SchedulerOutput):

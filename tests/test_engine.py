@@ -399,3 +399,20 @@ def test_random_weights_are_drawn_without_a_float32_copy():
     assert sum(e.primitive.name == "random_bits" for e in all_eqns) == 5  # embed, qkv, o, gate_up, down (tied head)
     f32_sizes = [v.aval.size for e in all_eqns for v in e.outvars if getattr(v.aval, "dtype", None) == jnp.float32]
     assert max(f32_sizes, default=0) < largest // 100
+
+
+def test_logprobs_counts_share_one_program(make_llm, smol_tokenizer):
+    """Requests asking for 0, 1, 5 or 20 top logprobs (up to max_logprobs) run on one sampling program
+    width, and each still gets its own count of entries."""
+    llm = make_llm(max_num_seqs=4, num_gpu_blocks_override=64, max_logprobs=20)
+    runner = llm.llm_engine.runner
+    widths = {runner._logprobs_width(n) for n in (0, 1, 5, 20)}
+    assert widths == {32} and runner._logprobs_width(-1) == llm.llm_engine.model_config.vocab_size
+    prompts = random_prompts(smol_tokenizer, 4, 5, 20, seed=3)
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=3, logprobs=n) for n in (0, 1, 5, 20)],
+                        use_tqdm=False)
+    for out, n in zip(outs, (0, 1, 5, 20)):
+        for token, entry in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
+            assert token in entry and len(entry) in (n, n + 1)  # the sampled token, and the top n
+    sampling = [k for k in runner.compiled_buckets if k[0] == "sample"]
+    assert {k[7] for k in sampling} == {32}, sampling
