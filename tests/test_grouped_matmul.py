@@ -143,7 +143,7 @@ def test_moe_model_greedy_with_kernel(family, tmp_path, monkeypatch):
     (interpreted) as with ragged_dot."""
     from hf_models import save_tiny_model
     from jaxllm.loader import load_model
-    from test_model_numerics import PROMPT_LEN, TINY_SEQS, TINY_TOKENS, random_prompt, tiny_runner
+    from test_model_numerics import PROMPT_LEN, greedy_under_env, random_prompt
 
     save_tiny_model(family, tmp_path)
     config, params = load_model(tmp_path)
@@ -151,20 +151,8 @@ def test_moe_model_greedy_with_kernel(family, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(moe, "grouped_matmul_kernel", lambda *a, **k: calls.append(1) or grouped_matmul(*a, **k))
 
-    def greedy(mode: str, new_tokens: int = 5):
-        monkeypatch.setenv("JAXLLM_MOE_KERNEL", mode)
-        jax.clear_caches()  # the switch is read when a step is traced
-        runner = tiny_runner(config, params)
-        seq = runner.add(prompt + [0] * new_tokens)
-        logits = runner.step_last_logits([seq], [PROMPT_LEN], TINY_TOKENS, TINY_SEQS)[0]
-        out, all_logits = [], [logits]
-        for i in range(new_tokens):
-            out.append(int(np.argmax(logits)))
-            seq.token_ids[PROMPT_LEN + i] = out[-1]
-            if i + 1 < new_tokens:
-                logits = runner.step_last_logits([seq], [1], TINY_TOKENS, TINY_SEQS)[0]
-                all_logits.append(logits)
-        return out, np.stack(all_logits)
+    def greedy(mode: str):
+        return greedy_under_env(monkeypatch, "JAXLLM_MOE_KERNEL", mode, config, params, prompt, 5)
 
     ragged_tokens, ragged_logits = greedy("0")
     assert not calls

@@ -212,7 +212,7 @@ def test_awq_checkpoint_greedy_with_kernel(tmp_path, monkeypatch):
     import torch  # noqa: F401  (test_quantization.py writes checkpoints from torch tensors)
     from hf_models import tiny_hf_model
     from jaxllm.loader import load_model
-    from test_model_numerics import PROMPT_LEN, TINY_SEQS, TINY_TOKENS, random_prompt, tiny_runner
+    from test_model_numerics import PROMPT_LEN, greedy_under_env, random_prompt
     from test_quantization import GROUP, _awq_checkpoint, _write
 
     model = tiny_hf_model("llama")
@@ -224,20 +224,8 @@ def test_awq_checkpoint_greedy_with_kernel(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(quant, "int4_matmul", lambda *a, **k: calls.append(1) or int4_matmul(*a, **k))
 
-    def greedy(mode: str, new_tokens: int = 6):
-        monkeypatch.setenv("JAXLLM_INT4_KERNEL", mode)
-        jax.clear_caches()  # the env var is read when a step is traced
-        runner = tiny_runner(config, params)
-        seq = runner.add(prompt + [0] * new_tokens)
-        logits = runner.step_last_logits([seq], [PROMPT_LEN], TINY_TOKENS, TINY_SEQS)[0]
-        out, all_logits = [], [logits]
-        for i in range(new_tokens):
-            out.append(int(np.argmax(logits)))
-            seq.token_ids[PROMPT_LEN + i] = out[-1]
-            if i + 1 < new_tokens:
-                logits = runner.step_last_logits([seq], [1], TINY_TOKENS, TINY_SEQS)[0]
-                all_logits.append(logits)
-        return out, np.stack(all_logits)
+    def greedy(mode: str):
+        return greedy_under_env(monkeypatch, "JAXLLM_INT4_KERNEL", mode, config, params, prompt, 6)
 
     xla_tokens, xla_logits = greedy("0")
     assert not calls

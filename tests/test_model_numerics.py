@@ -129,6 +129,24 @@ def tiny_runner(config, params, seed=0) -> PagedRunner:
     return PagedRunner(config, params, block_size=4, num_blocks=32, max_blocks_per_seq=8, seed=seed)
 
 
+def greedy_under_env(monkeypatch, var: str, mode: str, config, params, prompt, new_tokens: int):
+    """A tiny runner's greedy tokens after `prompt` with $var set to `mode` (a switch read when a step is
+    traced), and the logits of each step [new_tokens, V]: for A/B tests of a kernel against its fallback."""
+    monkeypatch.setenv(var, mode)
+    jax.clear_caches()
+    runner = tiny_runner(config, params)
+    seq = runner.add(prompt + [0] * new_tokens)
+    logits = runner.step_last_logits([seq], [len(prompt)], TINY_TOKENS, TINY_SEQS)[0]
+    out, all_logits = [], [logits]
+    for i in range(new_tokens):
+        out.append(int(np.argmax(logits)))
+        seq.token_ids[len(prompt) + i] = out[-1]
+        if i + 1 < new_tokens:
+            logits = runner.step_last_logits([seq], [1], TINY_TOKENS, TINY_SEQS)[0]
+            all_logits.append(logits)
+    return out, np.stack(all_logits)
+
+
 def random_prompt(n: int, seed: int) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(3, 300, n)]
 

@@ -80,21 +80,13 @@ def check_kernel(rng, name, sizes, extra_rows, k, n, dtype, log) -> bool:
 
 
 def greedy_tokens(shape: str, layers: int, kernel: bool) -> list[list[int]]:
-    from jaxllm import LLM, SamplingParams
     from jaxllm.models.shapes import init_random_weights, model_shape_config
 
     os.environ["JAXLLM_MOE_KERNEL"] = "" if kernel else "0"
     jax.clear_caches()  # the switch is read when a step is traced
     config = model_shape_config(shape, num_layers=layers)
     params = init_random_weights(config, jax.random.PRNGKey(0))
-    # Small step limits: few buckets to compile.
-    llm = LLM.from_params(params, config, None, max_num_seqs=16, max_num_batched_tokens=512, max_model_len=512,
-                          gpu_memory_utilization=0.5, enable_prefix_caching=False)
-    rng = np.random.default_rng(0)
-    prompts = [{"prompt_token_ids": [int(t) for t in rng.integers(100, 30000, 20 + 7 * i)]} for i in range(16)]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-    del llm
-    return [list(o.outputs[0].token_ids) for o in outs]
+    return report.engine_greedy_tokens(params, config)
 
 
 def check_engine(shape: str, layers: int, log) -> bool:

@@ -61,7 +61,6 @@ def check_kernel(rng, n_in, n_out, m, group, scale_dtype, num_splits, log) -> bo
 
 
 def greedy_tokens(shape: str, layers: int, kernel: bool) -> list[list[int]]:
-    from jaxllm import LLM, SamplingParams
     from jaxllm.models.quant import quantize_weights
     from jaxllm.models.shapes import init_random_weights, model_shape_config
 
@@ -69,14 +68,7 @@ def greedy_tokens(shape: str, layers: int, kernel: bool) -> list[list[int]]:
     jax.clear_caches()  # the switch is read when a step is traced
     config = model_shape_config(shape, num_layers=layers)
     params = quantize_weights(init_random_weights(config, jax.random.PRNGKey(0)), "awq")
-    # Small step limits: few buckets to compile (with the defaults, 60 programs did not compile within 120 s).
-    llm = LLM.from_params(params, config, None, max_num_seqs=16, max_num_batched_tokens=512, max_model_len=512,
-                          gpu_memory_utilization=0.5, enable_prefix_caching=False)
-    rng = np.random.default_rng(0)
-    prompts = [{"prompt_token_ids": [int(t) for t in rng.integers(100, 30000, 20 + 7 * i)]} for i in range(16)]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-    del llm
-    return [list(o.outputs[0].token_ids) for o in outs]
+    return report.engine_greedy_tokens(params, config)
 
 
 def main():

@@ -29,3 +29,20 @@ def finish(path: str, ok: bool, log: list) -> None:
                                           commit=git_commit(), command=" ".join(sys.argv), ok=ok, cases=log), indent=1))
     print("ALL PASS" if ok else "SOME FAILED", flush=True)
     sys.exit(0 if ok else 1)
+
+
+def engine_greedy_tokens(params, config) -> list[list[int]]:
+    """The engine's greedy tokens for 16 fixed random prompts of 20-125 tokens, 32 each, at small step limits
+    (few buckets to compile: with the defaults, 60 programs did not compile within 120 s): the A/B of a
+    kernel against its fallback through the whole engine."""
+    import numpy as np
+
+    from jaxllm import LLM, SamplingParams
+
+    llm = LLM.from_params(params, config, None, max_num_seqs=16, max_num_batched_tokens=512, max_model_len=512,
+                          gpu_memory_utilization=0.5, enable_prefix_caching=False)
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": [int(t) for t in rng.integers(100, 30000, 20 + 7 * i)]} for i in range(16)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    del llm
+    return [list(o.outputs[0].token_ids) for o in outs]
