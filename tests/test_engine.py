@@ -213,14 +213,14 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     runner = _gpu_style(llm)
     runner.precompile(num_threads=2)
     # A model program for each decode and each token bucket, and one without logits for each small decode
-    # bucket's greedy steps; for each row bucket a random, a random with top-k/top-p/min-p and a masked
-    # sampling program.
+    # bucket's greedy steps; for each row bucket a random and a random with top-k/top-p/min-p sampling
+    # program, and a greedy, a random and a truncating one with a token bitmask.
     num_shapes = len(runner.config.seq_buckets) + len(runner.config.token_buckets)
     small = [S for S in runner.config.seq_buckets if S <= model_runner.GREEDY_ONLY_MAX_ROWS]
     kinds = [key[0] for key in runner._executables]
     row_buckets = set(runner.config.seq_buckets) | {runner._mixed_seqs(T, 1) for T in runner.config.token_buckets}
     assert small and (kinds.count("forward"), kinds.count("sample")) == (num_shapes + len(small),
-                                                                         3 * len(row_buckets))
+                                                                         5 * len(row_buckets))
     assert sum(not key[-1] for key in runner._executables if key[0] == "forward") == len(small)
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=7)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -230,9 +230,12 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
         regex="[a-z ]{3,40}"))
     sampled_constrained = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=6,
                                          structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+    seeded_constrained = SamplingParams(temperature=0.8, seed=9, max_tokens=6,
+                                        structured_outputs=StructuredOutputsParams(regex="[a-z ]{3,40}"))
     mixed = [constrained if i % 2 else greedy for i in range(len(prompts))]
     mixes = [greedy, seeded, nucleus, [greedy, seeded, nucleus, seeded, greedy], mixed,
-             [sampled_constrained, nucleus, constrained, seeded, greedy]]
+             [sampled_constrained, nucleus, constrained, seeded, greedy],
+             [seeded_constrained, constrained, seeded, greedy, seeded_constrained]]
     jitted = (_forward, _sample)
     before, buckets = [f._cache_size() for f in jitted], set(runner.compiled_buckets)
     ahead = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
