@@ -103,6 +103,12 @@ def vllm_command(python: str, folder: str, shape: str, lengths, num_requests, ar
     return cmd
 
 
+def log_tail(text: str, lines: int = 12) -> str:
+    """The last lines of a peer's log, progress bars left out."""
+    kept = [line for line in text.replace("\r", "\n").splitlines() if line.strip() and "it/s]" not in line]
+    return "\n".join(kept[-lines:])
+
+
 def run_vllm(shapes, lengths, counts: dict, args) -> tuple[dict, str | None]:
     """{(shape, length): vLLM's row} for every row, each shape in one vllm_pooling_peer.py process, and vLLM's
     version; a row is {"skipped": why} where vLLM is not importable or its run failed."""
@@ -121,8 +127,10 @@ def run_vllm(shapes, lengths, counts: dict, args) -> tuple[dict, str | None]:
             subprocess.run([*cmd, "--dry-run"], check=True)
             continue
         proc = subprocess.run(cmd, text=True, capture_output=True, timeout=args.vllm_timeout)
-        if proc.returncode != 0:
-            why = f"vLLM failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}"
+        print(proc.stdout, end="", flush=True)
+        # The folder is fresh: a result.json in it is this run's, written after every row was timed.
+        if proc.returncode != 0 and not os.path.exists(result_json):
+            why = f"vLLM failed (exit {proc.returncode}): {log_tail(proc.stderr)}"
             print(f"vllm: {why}", flush=True)
             out.update({(shape, n): {"skipped": why} for n in lengths})
             continue
