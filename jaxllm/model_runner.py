@@ -63,6 +63,12 @@ SAMPLE_STATIC_ARGS = ("random_rows", "use_filters", "num_logprobs")
 # Sparse bias columns a row always has (padding included): the greedy samples of the model program take
 # these, so stop tokens held back by min_tokens, bad words and a few logit biases need no other program.
 MIN_BIAS_COLUMNS = 8
+# The general sampling program of a row bucket, compiled at start: every feature on (random rows, filters,
+# a token bitmask, logprobs at max_logprobs' width), with and without penalties, up to this many biases
+# and allowed token ids a row. A step whose own program was not compiled ahead runs on it, padded to its
+# widths, rather than wait for a compile; only wider steps (and prompt_logprobs) compile on first use.
+GENERAL_BIAS_COLUMNS = 64
+GENERAL_ALLOWED_COLUMNS = 64
 # Plain-greedy decode steps of up to this many rows run a model program that does not return its logits.
 # On an H200, one Qwen3-0.6B sequence ran at 588 output tok/s before the logits became an output of the
 # model program (57e01c2) and at 218 after (11fa3f7), the same call, nothing else changed between them:
@@ -182,6 +188,16 @@ def _bucket(n: int, buckets) -> int:
     return buckets[i]
 
 
+def _widen(st: SamplingTensors, bias_columns: int, allowed_columns: int, vocab_size: int) -> SamplingTensors:
+    """`st` with its bias and allowed-id columns padded (with out-of-range ids: dropped) to these widths."""
+    def pad(a, columns, value):
+        return np.pad(a, ((0, 0), (0, columns - a.shape[1])), constant_values=value)
+
+    return dataclasses.replace(st, bias_ids=pad(st.bias_ids, bias_columns, vocab_size),
+                               bias_values=pad(st.bias_values, bias_columns, 0.0),
+                               allowed_ids=pad(st.allowed_ids, allowed_columns, vocab_size))
+
+
 def _pow2_at_least(n: int, lo: int = 1) -> int:
     b = lo
     while b < n:
@@ -251,6 +267,7 @@ class ModelRunner:
         self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
         self._pending_fills: list[tuple] = []
         self.bitmask_buffers = BitmaskBuffers(bitmask_width(self.vocab_size))
+        self._free_bitmasks: dict[int, np.ndarray] = {}
         self.penalty_rows: OrderedDict[str, int] = OrderedDict()  # request_id -> row, least recently used first
 
     # -- penalty rows ---------------------------------------------------------------------------
@@ -265,7 +282,8 @@ class ModelRunner:
             return {}
         num_rows = self.config.max_num_seqs
         if self.penalty_state is None:
-            self.penalty_state = PenaltyState.create(num_rows, self.vocab_size)
+            self.penalty_state = jax.device_put(PenaltyState.create(num_rows, self.vocab_size),
+                                                self._replicated())
         in_step = {r.request_id for r in wanted}
         fill = []
         for req in wanted:
@@ -387,7 +405,24 @@ class ModelRunner:
                     num_prompt_logprobs=num_prompt_logprobs)
         bucket = (T, S, R, B, decode_only, random_rows, use_filters, bool(penalty_rows), st.bias_ids.shape[1],
                   st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs, mask is not None)
+        if (general := self._general_bucket(bucket)) is not None:
+            args.update(st=_widen(st, general[8], general[9], self.vocab_size), random_rows=True, use_filters=True,
+                        num_logprobs=general[10])
+            bucket = general
         return args, bucket, prompt_spans, penalty_rows, mask
+
+    def _general_bucket(self, bucket: tuple) -> tuple | None:
+        """The bucket of the general sampling program that can run a step of `bucket` whose own sampling
+        program was not compiled ahead (None: it was, or the step needs none, or no general one fits)."""
+        keys = _program_keys(bucket)
+        if len(keys) < 2 or keys[1] in self._executables:
+            return None
+        T, S, R, B, decode_only, _, _, penalties, K, A, num_logprobs, num_prompt_logprobs, _ = bucket
+        width = self._logprobs_width(self.config.max_logprobs)
+        general = (T, S, R, B, decode_only, True, True, penalties, GENERAL_BIAS_COLUMNS, GENERAL_ALLOWED_COLUMNS,
+                   width, num_prompt_logprobs, True)
+        fits = K <= GENERAL_BIAS_COLUMNS and A <= GENERAL_ALLOWED_COLUMNS and num_logprobs <= width
+        return general if fits and _program_keys(general)[1] in self._executables else None
 
     def _step_mask(self, requests: list[Request], R: int) -> StepMask | None:
         """The token bitmask to come of a step with constrained rows (None: no row is constrained)."""
@@ -493,10 +528,12 @@ class ModelRunner:
         return _bucket(num_seqs, self.config.seq_buckets)
 
     def _dummy_step_args(self, num_tokens: int, decode_only: bool, random_rows: bool,
-                         prefill_kernel: bool | None = None, use_filters: bool = False, masked: bool = False):
+                         prefill_kernel: bool | None = None, use_filters: bool = False, masked: bool = False,
+                         general: bool = False, penalties: bool = False):
         """An all-padding step of a bucket (nothing is written: every slot is -1): (the step's keyword
         arguments, the bucket). `prefill_kernel` None: as a real step of that bucket. `masked`: the two
-        programs of a step with a token bitmask (structured outputs)."""
+        programs of a step with a token bitmask (structured outputs). `general`: those of the general
+        sampling program (GENERAL_BIAS_COLUMNS), with or without `penalties`."""
         if prefill_kernel is None:
             prefill_kernel = self._prefill_kernel(num_tokens, decode_only)
         T, B = num_tokens, self.block_buckets[-1]
@@ -511,6 +548,12 @@ class ModelRunner:
                     decode_only=decode_only, prefill_kernel=prefill_kernel, random_rows=random_rows,
                     use_filters=use_filters, num_logprobs=-1, num_prompt_logprobs=-1)
         bucket = (T, S, S, B, decode_only, random_rows, use_filters, False, st.bias_ids.shape[1], 0, -1, -1, masked)
+        if general:
+            width = self._logprobs_width(self.config.max_logprobs)
+            args.update(st=_widen(st, GENERAL_BIAS_COLUMNS, GENERAL_ALLOWED_COLUMNS, self.vocab_size),
+                        random_rows=True, use_filters=True, num_logprobs=width)
+            bucket = (T, S, S, B, decode_only, True, True, penalties, GENERAL_BIAS_COLUMNS, GENERAL_ALLOWED_COLUMNS,
+                      width, -1, True)
         return args, bucket
 
     def _compile(self, name: str, static_names: tuple, leading: tuple, args: dict) -> tuple[jax.stages.Compiled, bool]:
@@ -550,8 +593,12 @@ class ModelRunner:
             out = forward.out_info[1]  # the logits [R, V] as the model program leaves them (dtype, sharding)
             logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding)
             bitmask = np.zeros((out.shape[0], bitmask_width(self.vocab_size)), np.int32) if bucket[-1] else None
+            state = None
+            if bucket[7]:  # penalties: the state's shape and placement, as `_penalty_rows_for` creates it
+                state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated()),
+                                     jax.eval_shape(lambda: PenaltyState.create(self.config.max_num_seqs, self.vocab_size)))
             sampler, cached = self._compile("_sample", SAMPLE_STATIC_ARGS,
-                                            (logits, bitmask, args["st"], None, self.last_sampled),
+                                            (logits, bitmask, args["st"], state, self.last_sampled),
                                             {k: args[k] for k in SAMPLE_STATIC_ARGS})
             programs.append((keys[1], sampler, cached))
         return programs
@@ -587,21 +634,24 @@ class ModelRunner:
         """Compile every ordinary step at start, in parallel: the model program of each decode batch bucket
         and each token bucket (which also samples plain greedy rows; small decode buckets have a second one
         without logits for their greedy steps, GREEDY_ONLY_MAX_ROWS), then for each row bucket a sampling
-        program for random rows, one for random rows that truncate (top_k, top_p, min_p), and the
+        program for random rows, one for random rows that truncate (top_k, top_p, min_p), the
         three of a step with a constrained row (structured outputs: greedy, random and truncating, with a
-        token bitmask input): any mix of temperature, top_k, top_p, min_p, seed, stop conditions, structured outputs
-        and up to 8 logit biases or banned tokens a row runs on these. Sampling programs still compiled
-        on first use, and logged then: steps with penalties, more than 8 biases in a row,
-        allowed_token_ids or logprobs; and a model program for prompt_logprobs. The executables are kept
-        and called directly by `_launch`; a second start loads them from the executable cache without
+        token bitmask input), and the two general ones (GENERAL_BIAS_COLUMNS: everything on, with and
+        without penalties). Any mix of temperature, top_k, top_p, min_p, seed, stop conditions and
+        structured outputs runs on a program of its own; penalties, logprobs, allowed_token_ids and up to
+        64 biases a row run on a general one. Still compiled on first use, and logged then: wider steps,
+        logprobs of the whole vocabulary, and a model program for prompt_logprobs. The executables are
+        kept and called directly by `_launch`; a second start loads them from the executable cache without
         tracing."""
         from tqdm.auto import tqdm
 
         shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
-        # (random_rows, use_filters, masked): a step with a constrained row samples with a masked program of
-        # its rows' flags, greedy included (the plain greedy step's argmax is in its model program).
-        sampling = ((True, False, False), (True, True, False), (False, False, True), (True, False, True),
-                    (True, True, True))
+        # (random_rows, use_filters, masked, general, penalties): a step with a constrained row samples with
+        # a masked program of its rows' flags, greedy included (the plain greedy step's argmax is in its
+        # model program); the general programs come last.
+        sampling = ((True, False, False, False, False), (True, True, False, False, False),
+                    (False, False, True, False, False), (True, False, True, False, False),
+                    (True, True, True, False, False), (True, True, True, True, False), (True, True, True, True, True))
         start, loaded = time.perf_counter(), 0
         # XLA compiles a program on about one core (LLVM, ptxas): a thread per core.
         num_threads = num_threads or os.cpu_count() or 8
@@ -610,14 +660,15 @@ class ModelRunner:
                 jobs = {}  # one job a program: the model program of a shape serves all its sampling variants
                 for shape, variant in phase:
                     args, bucket = self._dummy_step_args(*shape, random_rows=variant[0], use_filters=variant[1],
-                                                         masked=variant[2])
+                                                         masked=variant[2], general=variant[3],
+                                                         penalties=variant[4])
                     jobs.setdefault(_program_keys(bucket)[0 if models else -1], (args, bucket))
                 return [pool.submit(self._compile_programs, args, bucket, self._executables, models)
                         for args, bucket in jobs.values()]
 
             # Small greedy decode steps have a model program without logits (GREEDY_ONLY_MAX_ROWS) besides
             # the one a sampling program follows.
-            variants = ((False, False, False),) + sampling
+            variants = ((False, False, False, False, False),) + sampling
             for phase, models, what in (([(s, v) for v in variants for s in shapes], True, "model programs"),
                                         ([(s, v) for v in sampling for s in shapes], False, "sampling programs")):
                 futures = submit(phase, models)
@@ -630,10 +681,10 @@ class ModelRunner:
         num_models = sum(key[0] == "forward" for key in self._executables)
         logger.info("compiled %d step programs in %.1fs (%d loaded from the executable cache): a model program for "
                     "each of %d decode and %d token buckets (and a greedy one without logits for decode buckets "
-                    "of up to %d rows), and %d sampling programs (random, random with top-k/top-p/min-p, and "
-                    "each of these or greedy with a token bitmask) for their row buckets; sampling with "
-                    "penalties, allowed_token_ids, logprobs or over 8 biases a row, and prompt_logprobs, compile "
-                    "on first use",
+                    "of up to %d rows), and %d sampling programs (random, random with top-k/top-p/min-p, "
+                    "each of these or greedy with a token bitmask, and the general ones) for their row buckets; "
+                    "over 64 biases or allowed ids a row, logprobs of the whole vocabulary and prompt_logprobs "
+                    "compile on first use",
                     len(self._executables), time.perf_counter() - start, loaded, len(self.config.seq_buckets),
                     len(self.config.token_buckets), GREEDY_ONLY_MAX_ROWS, len(self._executables) - num_models)
 
@@ -698,6 +749,8 @@ class ModelRunner:
                     # and the two threads trade the GIL around each array a launch converts.
                     st = jax.device_put(st, self._sampling_tensors_sharding(sampler))
                     bitmask = mask.ready.result()
+                elif bucket[-1]:  # the general program, for a step without constrained rows: none masked
+                    bitmask = self._free_bitmask(bucket[2])
                 if sampler is not None:
                     out, state, self.last_sampled = sampler(logits, bitmask, st, state, self.last_sampled)
                 else:
@@ -705,12 +758,24 @@ class ModelRunner:
                                                             **{k: args[k] for k in SAMPLE_STATIC_ARGS})
         return out, prompt, state
 
+    def _free_bitmask(self, num_rows: int) -> np.ndarray:
+        """[num_rows, W] int32, all ones: every token allowed (kept per row count; never written)."""
+        mask = self._free_bitmasks.get(num_rows)
+        if mask is None:
+            mask = self._free_bitmasks[num_rows] = np.full((num_rows, bitmask_width(self.vocab_size)), -1, np.int32)
+            mask.flags.writeable = False
+        return mask
+
     def _sampling_tensors_sharding(self, sampler: jax.stages.Compiled | None):
         """Where the sampling program takes its SamplingTensors: as its compiled program placed them, or
         (traced on first use) on this runner's device, replicated over its mesh."""
         if sampler is not None:
             (_, _, st_sharding, _, _), _ = sampler.input_shardings
             return st_sharding
+        return self._replicated()
+
+    def _replicated(self) -> jax.sharding.Sharding:
+        """This runner's device, or its whole mesh with a copy on each device."""
         if self.mesh is None:
             return jax.sharding.SingleDeviceSharding(self.device)
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())

@@ -214,13 +214,13 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     runner.precompile(num_threads=2)
     # A model program for each decode and each token bucket, and one without logits for each small decode
     # bucket's greedy steps; for each row bucket a random and a random with top-k/top-p/min-p sampling
-    # program, and a greedy, a random and a truncating one with a token bitmask.
+    # program, a greedy, a random and a truncating one with a token bitmask, and the two general ones.
     num_shapes = len(runner.config.seq_buckets) + len(runner.config.token_buckets)
     small = [S for S in runner.config.seq_buckets if S <= model_runner.GREEDY_ONLY_MAX_ROWS]
     kinds = [key[0] for key in runner._executables]
     row_buckets = set(runner.config.seq_buckets) | {runner._mixed_seqs(T, 1) for T in runner.config.token_buckets}
     assert small and (kinds.count("forward"), kinds.count("sample")) == (num_shapes + len(small),
-                                                                         5 * len(row_buckets))
+                                                                         7 * len(row_buckets))
     assert sum(not key[-1] for key in runner._executables if key[0] == "forward") == len(small)
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=7)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -236,6 +236,15 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     mixes = [greedy, seeded, nucleus, [greedy, seeded, nucleus, seeded, greedy], mixed,
              [sampled_constrained, nucleus, constrained, seeded, greedy],
              [seeded_constrained, constrained, seeded, greedy, seeded_constrained]]
+    # On the general programs: penalties, logprobs, allowed_token_ids, more than 8 biases a row.
+    penalized = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.3,
+                               max_tokens=6, ignore_eos=True)
+    with_logprobs = SamplingParams(temperature=0.8, seed=2, logprobs=3, max_tokens=6, ignore_eos=True)
+    allowed = SamplingParams(temperature=0, allowed_token_ids=list(range(100, 140)), max_tokens=6, ignore_eos=True)
+    biased = SamplingParams(temperature=0, logit_bias={t: -100.0 for t in range(200, 230)}, max_tokens=6,
+                            ignore_eos=True)
+    mixes += [[penalized, with_logprobs, allowed, biased, greedy], [with_logprobs, constrained, penalized, nucleus,
+                                                                    seeded]]
     jitted = (_forward, _sample)
     before, buckets = [f._cache_size() for f in jitted], set(runner.compiled_buckets)
     ahead = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
