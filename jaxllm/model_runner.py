@@ -66,7 +66,8 @@ MIN_BIAS_COLUMNS = 8
 # The general sampling program of a row bucket, compiled at start: every feature on (random rows, filters,
 # a token bitmask, logprobs at max_logprobs' width), with and without penalties, up to this many biases
 # and allowed token ids a row. A step whose own program was not compiled ahead runs on it, padded to its
-# widths, rather than wait for a compile; only wider steps (and prompt_logprobs) compile on first use.
+# widths, while its own program compiles in the background (the general one pays for every feature: the
+# top-p filter alone is 1-2 ms at 64-256 rows on an H200). Only wider steps (and prompt_logprobs) wait.
 GENERAL_BIAS_COLUMNS = 64
 GENERAL_ALLOWED_COLUMNS = 64
 # Plain-greedy decode steps of up to this many rows run a model program that does not return its logits.
@@ -268,6 +269,8 @@ class ModelRunner:
         self._pending_fills: list[tuple] = []
         self.bitmask_buffers = BitmaskBuffers(bitmask_width(self.vocab_size))
         self._free_bitmasks: dict[int, np.ndarray] = {}
+        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-compile-later")
+        self._background: dict[tuple, Future] = {}  # sampling program key -> its background compile
         self.penalty_rows: OrderedDict[str, int] = OrderedDict()  # request_id -> row, least recently used first
 
     # -- penalty rows ---------------------------------------------------------------------------
@@ -406,6 +409,7 @@ class ModelRunner:
         bucket = (T, S, R, B, decode_only, random_rows, use_filters, bool(penalty_rows), st.bias_ids.shape[1],
                   st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs, mask is not None)
         if (general := self._general_bucket(bucket)) is not None:
+            self._compile_in_background(dict(args), bucket)
             args.update(st=_widen(st, general[8], general[9], self.vocab_size), random_rows=True, use_filters=True,
                         num_logprobs=general[10])
             bucket = general
@@ -639,7 +643,8 @@ class ModelRunner:
         token bitmask input), and the two general ones (GENERAL_BIAS_COLUMNS: everything on, with and
         without penalties). Any mix of temperature, top_k, top_p, min_p, seed, stop conditions and
         structured outputs runs on a program of its own; penalties, logprobs, allowed_token_ids and up to
-        64 biases a row run on a general one. Still compiled on first use, and logged then: wider steps,
+        64 biases a row run on a general one until their own has compiled in the background
+        (`_compile_in_background`). Still compiled on first use, and logged then: wider steps,
         logprobs of the whole vocabulary, and a model program for prompt_logprobs. The executables are
         kept and called directly by `_launch`; a second start loads them from the executable cache without
         tracing."""
@@ -757,6 +762,27 @@ class ModelRunner:
                     out, state, self.last_sampled = _sample(logits, bitmask, st, state, self.last_sampled,
                                                             **{k: args[k] for k in SAMPLE_STATIC_ARGS})
         return out, prompt, state
+
+    def _compile_in_background(self, args: dict, bucket: tuple) -> None:
+        """Compile the sampling program of `bucket` on the background thread, once; later steps of it run
+        on it (`_executables`). Its model program is compiled already (it is a general program's)."""
+        forward, key = _program_keys(bucket)
+        if key in self._background or forward not in self._executables:  # (prompt_logprobs: compiles anyway)
+            return
+        logger.info("a step of sampling program %s runs on the general one while it compiles", key)
+
+        def compile_() -> None:
+            start = time.perf_counter()
+            for k, executable, _ in self._compile_programs(args, bucket, self._executables):
+                self._executables[k] = executable
+                self.compiled_buckets.add(k)
+            logger.info("compiled sampling program %s in the background in %.2fs", key, time.perf_counter() - start)
+
+        self._background[key] = self._compiler.submit(compile_)
+
+    def wait_for_background_compiles(self) -> None:
+        for future in list(self._background.values()):
+            future.result()
 
     def _free_bitmask(self, num_rows: int) -> np.ndarray:
         """[num_rows, W] int32, all ones: every token allowed (kept per row count; never written)."""
