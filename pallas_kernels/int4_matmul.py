@@ -14,7 +14,9 @@ bytes, so the kernel streams the packed weights once and dequantizes them in reg
 - The group of row 8p + k is p // (group / 8) for every k: one row of scale and zero serves a whole
   tile when the tile lies in one group (the default tiles do for groups of 128 and more), else one
   gathered [block_kw, block_n] load serves all eight slices. A nibble becomes a float by bit operations (TWO_POW_23), not
-  by a conversion instruction.
+  by a conversion instruction. With 16-bit activations and a tile in one group, the zero and scale leave the
+  inner loop altogether (FOLDED_BASE): the weights go into the dot as 16-bit base + nibble, and each K step
+  ends with one [M, block_n] correction.
 - One program per (column tile, row tile, split of `in`). Split-K (`num_splits`) fills the GPU when the
   column tiles alone cannot (M = 1 at 4096 x 4096 has 32 tiles of 128 for 132 SMs); the partial sums are
   float32 and a small XLA epilogue adds them.
@@ -42,6 +44,13 @@ MAX_M = 32  # decode batches: where the kernel beats XLA's dequantize-then-dot (
 # GPUs that would otherwise bound the kernel (Marlin and FasterTransformer dequantize this way).
 TWO_POW_23 = float(2**23)
 FLOAT_TWO_POW_23_BITS = 0x4B000000
+# 16-bit activations, a tile in one group: the weights enter the dot as base + nibble, exact in the
+# activations' own dtype (the nibble ORed into the mantissa of `base`), and the group's zero and scale
+# leave the inner loop: x @ ((q - z) * s) = s * (x @ (base + q) - (base + z) * sum(x)), one [M, block_n]
+# correction a K step instead of a subtract and a multiply a weight. (bits of base, base) by dtype; base
+# is a power of two whose mantissa has room for 4 bits, and small enough that the float32 accumulator
+# keeps sum(x)'s precision after the subtraction.
+FOLDED_BASE = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
 
 
 def pack_int4(q):
@@ -116,10 +125,30 @@ def _int4_kernel(xt_ref, q_ref, scale_ref, zero_ref, out_ref, *, m_pad, block_m,
     n0, m0 = n * block_n, m * block_m
     offs = jnp.arange(block_kw, dtype=jnp.int32)
 
+    one_group = words_per_group % block_kw == 0  # each tile lies in one group: one row of scale and zero
+    folded = FOLDED_BASE.get(jnp.dtype(xt_ref.dtype)) if one_group else None
+
+    def folded_body(i, acc):
+        p0 = (split * blocks_per_split + i) * block_kw
+        words = q_ref[pl.ds(p0, block_kw), pl.ds(n0, block_n)]  # [block_kw, block_n] int32
+        g = pl.ds(lax.div(p0, jnp.int32(words_per_group)), 1)
+        scale = scale_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)  # [1, block_n]
+        zero = zero_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)
+        bits, base = folded
+        dots = jnp.zeros((block_m, block_n), jnp.float32)
+        x_sum = jnp.zeros((block_m, 1), jnp.float32)
+        for k in range(8):  # the row-strided slice W_k: rows 8p + k
+            nibbles = lax.shift_right_logical(words, jnp.int32(4 * k)) if k else words
+            w = lax.bitcast_convert_type(((nibbles & 0xF) | bits).astype(jnp.int16), xt_ref.dtype)  # base + nibble
+            x = xt_ref[pl.ds(k * m_pad + m0, block_m), pl.ds(p0, block_kw)]  # [block_m, block_kw]
+            dots = dots + matmul(x, w)
+            x_sum = x_sum + jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
+        return acc + scale * (dots - (zero + base) * x_sum)
+
     def body(i, acc):
         p0 = (split * blocks_per_split + i) * block_kw
         words = q_ref[pl.ds(p0, block_kw), pl.ds(n0, block_n)]  # [block_kw, block_n] int32
-        if words_per_group % block_kw == 0:  # the tile lies in one group: one row of each, broadcast
+        if one_group:  # one row of each, broadcast
             g = pl.ds(lax.div(p0, jnp.int32(words_per_group)), 1)
             scale, zero = scale_ref[g, pl.ds(n0, block_n)], zero_ref[g, pl.ds(n0, block_n)]  # [1, block_n]
         else:  # groups of fewer rows than the tile: each word's own group row
@@ -136,7 +165,8 @@ def _int4_kernel(xt_ref, q_ref, scale_ref, zero_ref, out_ref, *, m_pad, block_m,
             acc = acc + matmul(x, w)
         return acc
 
-    acc = lax.fori_loop(0, blocks_per_split, body, jnp.zeros((block_m, block_n), jnp.float32))
+    acc = lax.fori_loop(0, blocks_per_split, body if folded is None else folded_body,
+                        jnp.zeros((block_m, block_n), jnp.float32))
     out_ref[pl.ds(split * m_pad + m0, block_m), pl.ds(n0, block_n)] = acc.astype(out_ref.dtype)
 
 

@@ -64,6 +64,19 @@ def test_kernel_float32_and_bfloat16_scales():
     assert np.abs(np.asarray(got, np.float64) - ref64).max() < 1e-4 * np.abs(ref64).max()
 
 
+def test_kernel_float16_activations():
+    """f16 activations take the folded path (base 1024 + nibble in the dot, zero and scale after it) with a
+    tile in one group, and the per-weight path with groups smaller than a tile: both to f16 rounding."""
+    rng = np.random.default_rng(4)
+    for group in (128, 32):
+        values, q, scale, zero = random_int4(rng, 512, 64, group)
+        x = jnp.asarray(rng.normal(size=(4, 512)), jnp.float16)
+        got = int4_matmul(x, q, scale, zero, interpret=True)
+        ref64 = exact(x, values, scale, zero)
+        assert got.dtype == jnp.float16
+        assert np.abs(np.asarray(got, np.float64) - ref64).max() < 2e-3 * np.abs(ref64).max()
+
+
 def test_kernel_refuses_bad_shapes():
     rng = np.random.default_rng(2)
     _, q, scale, zero = random_int4(rng, 64, 32, 32)
