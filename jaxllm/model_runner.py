@@ -415,6 +415,12 @@ class ModelRunner:
             bucket = general
         return args, bucket, prompt_spans, penalty_rows, mask
 
+    def _general_logprobs_width(self) -> int:
+        """The logprobs a general sampling program computes: max_logprobs' width (20's when unlimited: the
+        whole vocabulary would cost a general step a top-k over it)."""
+        cap = self.config.max_logprobs
+        return self._logprobs_width(cap if cap >= 0 else 20)
+
     def _general_bucket(self, bucket: tuple) -> tuple | None:
         """The bucket of the general sampling program that can run a step of `bucket` whose own sampling
         program was not compiled ahead (None: it was, or the step needs none, or no general one fits)."""
@@ -422,7 +428,7 @@ class ModelRunner:
         if len(keys) < 2 or keys[1] in self._executables:
             return None
         T, S, R, B, decode_only, _, _, penalties, K, A, num_logprobs, num_prompt_logprobs, _ = bucket
-        width = self._logprobs_width(self.config.max_logprobs)
+        width = self._general_logprobs_width()
         general = (T, S, R, B, decode_only, True, True, penalties, GENERAL_BIAS_COLUMNS, GENERAL_ALLOWED_COLUMNS,
                    width, num_prompt_logprobs, True)
         fits = K <= GENERAL_BIAS_COLUMNS and A <= GENERAL_ALLOWED_COLUMNS and num_logprobs <= width
@@ -553,7 +559,7 @@ class ModelRunner:
                     use_filters=use_filters, num_logprobs=-1, num_prompt_logprobs=-1)
         bucket = (T, S, S, B, decode_only, random_rows, use_filters, False, st.bias_ids.shape[1], 0, -1, -1, masked)
         if general:
-            width = self._logprobs_width(self.config.max_logprobs)
+            width = self._general_logprobs_width()
             args.update(st=_widen(st, GENERAL_BIAS_COLUMNS, GENERAL_ALLOWED_COLUMNS, self.vocab_size),
                         random_rows=True, use_filters=True, num_logprobs=width)
             bucket = (T, S, S, B, decode_only, True, True, penalties, GENERAL_BIAS_COLUMNS, GENERAL_ALLOWED_COLUMNS,
