@@ -708,8 +708,15 @@ class ModelRunner:
             copies = tuple(np.asarray(x, np.int32) for x in zip(*out.block_copies))
         args, bucket, prompt_spans, penalty_rows, mask = self.prepare(out)
         fills, self._pending_fills = self._pending_fills, []
-        self.prepare_seconds += time.perf_counter() - t0
         keys = _program_keys(bucket)
+        if mask is not None:
+            # Both sampling inputs go to the device from this thread (the mask once the engine has filled it):
+            # the launcher, which launches the sampling program as soon as the model program returns, then
+            # has no copy to make, and the copies overlap the model program.
+            sampler = self._executables.get(keys[1])
+            args["st_on_device"] = jax.device_put(args["st"], self._sampling_tensors_sharding(sampler))
+            mask.place = functools.partial(jax.device_put, device=self._bitmask_sharding(sampler))
+        self.prepare_seconds += time.perf_counter() - t0
         compiling = any(key not in self.compiled_buckets for key in keys)
         self.compiled_buckets.update(keys)
         future = self._launcher.submit(self._launch, copies, fills, bool(penalty_rows), args, bucket, compiling,
@@ -753,12 +760,8 @@ class ModelRunner:
                 out, logits, prompt, self.kv_cache, self.last_sampled = _forward(self.params, self.kv_cache,
                                                                                  self.last_sampled, **fwd_args)
             if len(keys) == 2:
-                sampler, st, bitmask = programs.get(keys[1]), args["st"], None
+                sampler, st, bitmask = programs.get(keys[1]), args.get("st_on_device", args["st"]), None
                 if mask is not None:
-                    # The sampling tensors go to the device before the wait for the bitmask: the launch that
-                    # follows the fill runs while the engine's thread schedules and prepares the next step,
-                    # and the two threads trade the GIL around each array a launch converts.
-                    st = jax.device_put(st, self._sampling_tensors_sharding(sampler))
                     bitmask = mask.ready.result()
                 elif bucket[-1]:  # the general program, for a step without constrained rows: none masked
                     bitmask = self._free_bitmask(bucket[2])
@@ -804,6 +807,13 @@ class ModelRunner:
         if sampler is not None:
             (_, _, st_sharding, _, _), _ = sampler.input_shardings
             return st_sharding
+        return self._replicated()
+
+    def _bitmask_sharding(self, sampler: jax.stages.Compiled | None):
+        """Where the sampling program takes its token bitmask (see `_sampling_tensors_sharding`)."""
+        if sampler is not None:
+            (_, bitmask_sharding, _, _, _), _ = sampler.input_shardings
+            return bitmask_sharding
         return self._replicated()
 
     def _replicated(self) -> jax.sharding.Sharding:

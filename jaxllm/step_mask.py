@@ -12,6 +12,7 @@ filled before that this step leaves free (a free row must be all ones). No jax h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -31,9 +32,12 @@ class StepMask:
 
     bitmask: np.ndarray  # [R, W] int32: all ones (free rows) until filled, but for `stale_rows`
     rows: list[tuple[int, Request]]  # the constrained rows and their requests
-    ready: Future  # -> bitmask, once filled
+    ready: Future  # -> the bitmask once filled, as `place` made it
     stale_rows: set[int] = field(default_factory=set)  # rows a previous step filled: reset unless refilled
     filled_rows: set[int] = field(default_factory=set)  # rows this step's fill wrote
+    # Starts the filled bitmask's copy to the device, on the filling thread: the copy then overlaps the model
+    # program, instead of delaying the sampling program's launch. Identity: the launch copies it.
+    place: Callable = lambda bitmask: bitmask  # noqa: E731
 
     def fill(self) -> None:
         """Fill the constrained rows and release the step; idempotent. A row whose request finished in
@@ -52,8 +56,11 @@ class StepMask:
             self.stale_rows = set()
             if live:
                 fill_token_bitmask(self.bitmask, live)
-        finally:
+            placed = self.place(self.bitmask)
+        except BaseException:
             self.ready.set_result(self.bitmask)
+            raise
+        self.ready.set_result(placed)
 
 
 class BitmaskBuffers:
