@@ -6,7 +6,8 @@
 `decode` runs the roofline's decode step (batch B, context L, greedy argmax); `engine` runs the
 nano-vllm workload through the real engine (scheduler, sampler, async launch) and profiles a few steps
 once the batch is full; it builds the engine as throughput.py does, and takes throughput.py's engine flags
-after its own (`--kv-cache-dtype fp8`, `--shape-overrides '{"num_layers": 2}'`, `--max-num-seqs 64`). The
+after its own (`--kv-cache-dtype fp8`, `--shape-overrides '{"num_layers": 2}'`, `--max-num-seqs 64`;
+`--structured-outputs json --tokenizer FOLDER` profiles the JSON-constrained workload). The
 summary lists, for each line of the GPU plane (each stream, and XLA's op and module lines), every name with
 its count, total time and share. Nsight Compute was tried first: under
 it the JAX process crashed or hung on the lent H200.
@@ -86,15 +87,19 @@ def engine_args(args, throughput_flags: list[str]) -> argparse.Namespace:
 def profile_engine(args, throughput_flags: list[str]):
     import jax
 
-    from jaxllm import SamplingParams
-    from throughput import build_llm, make_workload
+    from jaxllm import SamplingParams, StructuredOutputsParams
+    from throughput import SCHEMAS, build_llm, make_workload
 
-    llm, config = build_llm(engine_args(args, throughput_flags))
+    flags = engine_args(args, throughput_flags)
+    llm, config = build_llm(flags)
     prompts, output_lens = make_workload(args.num_prompts, args.input_len, args.output_len, config.vocab_size, 0)
     engine = llm.llm_engine
     for i, (p, n) in enumerate(zip(prompts, output_lens)):
+        # --structured-outputs json: throughput.py's constrained workload (EOS honoured), as its JSON row.
+        so = StructuredOutputsParams(json=SCHEMAS[i % len(SCHEMAS)]) if flags.structured_outputs == "json" else None
         engine.add_request(str(i), {"prompt_token_ids": p},
-                           SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False))
+                           SamplingParams(temperature=0, max_tokens=n, ignore_eos=so is None, detokenize=False,
+                                          structured_outputs=so))
     prof = ProfilerRange(args.out, f"engine-{args.model_shape}", args.top)
     for step in range(args.start_step + args.profiled):
         if step == args.start_step:
