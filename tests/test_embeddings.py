@@ -323,10 +323,38 @@ def test_looped_attention_equals_reference(lengths, seed):
     np.testing.assert_allclose(looped, ref, atol=1e-5)
 
 
+@settings(max_examples=3, deadline=None)
+@given(lengths=st.lists(st.integers(1, 128), min_size=1, max_size=6), seed=st.integers(0, 1000))
+def test_pallas_attention_equals_reference(lengths, seed):
+    """JAX's Pallas flash attention, as the "pallas" implementation calls it (chunks as batch rows, segment
+    ids), equals the jnp reference in the Pallas interpreter, padding rows finite; and it lowers to one
+    Triton kernel for the GPU at bge-base's shape."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.models.encoder_attention import pallas_segment_attention, segment_attention
+    from jaxllm.pooling_layout import aligned_starts
+
+    T, chunk = 256, 128
+    while sum(lengths) > T // 2:
+        lengths = lengths[:-1]
+    seg = np.full(T, -1, np.int32)
+    for i, (s, n) in enumerate(zip(aligned_starts(lengths, chunk)[0], lengths)):
+        seg[s:s + n] = i
+    q, k, v = (jnp.asarray(a) for a in np.random.default_rng(seed).standard_normal((3, T, 2, 16)).astype(np.float32))
+    ref = np.asarray(segment_attention(q, k, v, jnp.asarray(seg), 0.5, chunk))
+    got = np.asarray(pallas_segment_attention(q, k, v, jnp.asarray(seg), 0.5, chunk, interpret=True))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[seg >= 0], ref[seg >= 0], atol=1e-5)
+    step = jax.jit(lambda q, k, v, s: pallas_segment_attention(q, k, v, s, 0.125, 512))
+    args = (jax.ShapeDtypeStruct((2048, 12, 64), jnp.bfloat16),) * 3 + (jax.ShapeDtypeStruct((2048,), jnp.int32),)
+    assert "xla.gpu.triton" in step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_encoder_attention_setting_is_checked(tmp_path, monkeypatch):
     tiny_encoder("bert", tmp_path)
     monkeypatch.setenv("JAXLLM_ENCODER_ATTENTION", "flash")
-    with pytest.raises(ValueError, match="JAXLLM_ENCODER_ATTENTION='flash': must be one of jnp, loop, cudnn"):
+    with pytest.raises(ValueError, match="JAXLLM_ENCODER_ATTENTION='flash': must be one of jnp, loop, cudnn, pallas"):
         LLM(str(tmp_path), tokenizer=str(MINILM), task="embed")
     monkeypatch.setenv("JAXLLM_ENCODER_ATTENTION", "cudnn")
     with pytest.raises(ValueError, match="JAXLLM_ENCODER_ATTENTION=cudnn needs a CUDA GPU"):
@@ -338,6 +366,10 @@ def test_encoder_attention_setting_is_checked(tmp_path, monkeypatch):
         encoder_attention_from_env("float32", "gpu", 64)
     with pytest.raises(ValueError, match="multiple of 8 up to 128; this model's is 12"):
         encoder_attention_from_env("float16", "gpu", 12)
+    monkeypatch.setenv("JAXLLM_ENCODER_ATTENTION", "pallas")
+    with pytest.raises(ValueError, match="JAXLLM_ENCODER_ATTENTION=pallas needs a CUDA GPU"):
+        encoder_attention_from_env("float32", "cpu", 64)
+    assert encoder_attention_from_env("float32", "gpu", 256) == "pallas"  # where cuDNN cannot run
     monkeypatch.delenv("JAXLLM_ENCODER_ATTENTION")
     assert encoder_attention_from_env("float32", "cpu", 12) == "loop"
     assert encoder_attention_from_env("bfloat16", "gpu", 64) == "cudnn"  # the GPU's default where it can run

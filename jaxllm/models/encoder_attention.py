@@ -14,8 +14,12 @@ Three implementations of one function, picked by $JAXLLM_ENCODER_ATTENTION when 
   fused flash attention, on the same chunks with the segment mask as a bias broadcast over heads. GPU
   only, 16-bit only. Chunks shorter than FUSED_MIN_CHUNK keep the jnp attention: their scores are small,
   and a flash kernel's query tile (64 or 128 rows) would be mostly padding.
+- "pallas" (GPU, opt-in): JAX's own Pallas (Triton) flash attention, `jax.experimental.pallas.ops.gpu.
+  attention.mha`, on the same chunks, each a batch row with its segment ids: one kernel that never writes
+  the scores, and the one to use where cuDNN cannot run (float32, head_dim over 128).
 The cuDNN path's layout and mask are tested on the CPU through the same call with XLA's implementation
-("xla"), against the reference; tests/gpu/check_encoder_attention.py checks cuDNN itself on a GPU.
+("xla"), against the reference, and the Pallas path in the Pallas interpreter;
+tests/gpu/check_encoder_attention.py checks both on a GPU.
 
 Einsum letters: n chunk, t/s query/key token within a chunk, h head, d head_dim.
 """
@@ -28,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 ENV = "JAXLLM_ENCODER_ATTENTION"
-IMPLEMENTATIONS = ("jnp", "loop", "cudnn")
+IMPLEMENTATIONS = ("jnp", "loop", "cudnn", "pallas")
 FUSED_MIN_CHUNK = 64
 LOOP_MIN_CHUNK = 128
 
@@ -57,6 +61,9 @@ def encoder_attention_from_env(dtype: str, backend: str, head_dim: int) -> str:
         raise ValueError(f"{ENV}={name!r}: must be one of {', '.join(IMPLEMENTATIONS)}")
     if name == "cudnn" and (why := cudnn_unsupported(dtype, backend, head_dim)):
         raise ValueError(f"{ENV}=cudnn {why} (unset it for the default attention)")
+    if name == "pallas" and backend != "gpu":
+        raise ValueError(f"{ENV}=pallas needs a CUDA GPU; this backend is {backend!r} (unset it for the default "
+                         "attention)")
     return name
 
 
@@ -124,12 +131,38 @@ def fused_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_id
     return out.reshape(-1, h, d)[:T]
 
 
+def pallas_block(chunk: int) -> int | None:
+    """The flash kernel's query and key tile for chunks of `chunk` tokens (it must divide them), or None."""
+    return next((b for b in (128, 64, 32, 16) if chunk % b == 0), None)
+
+
+def pallas_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float,
+                             chunk: int | None = None, interpret: bool = False) -> jax.Array:
+    """`segment_attention` by JAX's Pallas flash attention (`attention.mha`, not causal): each chunk a batch
+    row, its segment ids keeping sequences apart (padding, -1, attends to padding). Same arguments and
+    result; `interpret` runs the kernel in the Pallas interpreter (any backend)."""
+    from jax.experimental.pallas.ops.gpu import attention
+
+    T, h, d = q.shape
+    C = chunk or T
+    block = pallas_block(C)
+    qc, kc, vc = (_to_chunks(a, C, 0) for a in (q, k, v))  # [n, C, h, d]
+    seg = _to_chunks(segment_ids, C, -1)  # [n, C]
+    out = attention.mha(qc, kc, vc, seg, sm_scale=scale, causal=False,
+                        block_sizes=attention.BlockSizes(block_q=block, block_k=block), interpret=interpret)
+    return out.reshape(-1, h, d)[:T]
+
+
 def encoder_attention(q, k, v, segment_ids, scale: float, chunk: int | None, implementation: str) -> jax.Array:
-    """[T, h, d] -> [T, h, d] by the named implementation ("jnp", "loop" or "cudnn"; "xla" runs the fused
-    path's layout through XLA)."""
+    """[T, h, d] -> [T, h, d] by the named implementation ("jnp", "loop", "cudnn" or "pallas"; "xla" runs
+    the cuDNN path's layout through XLA)."""
     C = chunk or q.shape[0]
     if implementation == "loop" and C >= LOOP_MIN_CHUNK:
         return looped_segment_attention(q, k, v, segment_ids, scale, chunk)
     if implementation in ("jnp", "loop") or C < FUSED_MIN_CHUNK:
         return segment_attention(q, k, v, segment_ids, scale, chunk)
+    if implementation == "pallas":
+        if pallas_block(C) is None:
+            return segment_attention(q, k, v, segment_ids, scale, chunk)
+        return pallas_segment_attention(q, k, v, segment_ids, scale, chunk)
     return fused_segment_attention(q, k, v, segment_ids, scale, chunk, implementation)

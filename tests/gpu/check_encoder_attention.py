@@ -1,4 +1,5 @@
-"""Device check: the cuDNN encoder attention (JAXLLM_ENCODER_ATTENTION=cudnn) against the jnp reference.
+"""Device check: the cuDNN encoder attention (JAXLLM_ENCODER_ATTENTION=cudnn), or with `--implementation
+pallas` JAX's Pallas flash attention (=pallas), against the jnp reference.
 
 Run on a CUDA machine from the repo root: `python tests/gpu/check_encoder_attention.py [--log PATH]`.
 At the heads and head_dim of all-MiniLM-L6-v2, bge-base and bge-m3, on steps laid out by the pooling
@@ -32,7 +33,7 @@ from throughput import git_commit  # noqa: E402
 
 from jaxllm.models import bert  # noqa: E402
 from jaxllm.models.encoder_attention import (FUSED_MIN_CHUNK, fused_segment_attention,  # noqa: E402
-                                              segment_attention)
+                                              pallas_segment_attention, segment_attention)
 from jaxllm.models.shapes import ENCODER_POOLING, ENCODER_SHAPES, encoder_shape_config  # noqa: E402
 from jaxllm.pooling_layout import PoolingBuckets  # noqa: E402
 from jaxllm.pooling_runner import encoder_step  # noqa: E402
@@ -65,7 +66,10 @@ def check_attention(shape: str, name: str, layout, rng, log, implementation: str
     q, k, v = (jnp.asarray(rng.standard_normal((T, h, d)), jnp.bfloat16) for _ in range(3))
     seg = jnp.asarray(layout.segment_ids)
     ref_fn = jax.jit(lambda q, k, v, seg: segment_attention(q, k, v, seg, d**-0.5, C))
-    fused_fn = jax.jit(lambda q, k, v, seg: fused_segment_attention(q, k, v, seg, d**-0.5, C, implementation))
+    if implementation == "pallas":
+        fused_fn = jax.jit(lambda q, k, v, seg: pallas_segment_attention(q, k, v, seg, d**-0.5, C))
+    else:
+        fused_fn = jax.jit(lambda q, k, v, seg: fused_segment_attention(q, k, v, seg, d**-0.5, C, implementation))
     rec = dict(check="attention", shape=shape, workload=name, tokens=T, chunk=C, heads=h, head_dim=d)
     try:
         ref = np.asarray(ref_fn(*(a.astype(jnp.float32) for a in (q, k, v)), seg))
@@ -73,7 +77,7 @@ def check_attention(shape: str, name: str, layout, rng, log, implementation: str
         real = layout.segment_ids >= 0
         rec["max_abs_err"] = float(np.abs(out[real] - ref[real]).max())
         rec["ok"] = bool(np.isfinite(out[real]).all() and rec["max_abs_err"] < ATTN_TOL)
-        rec["jnp_ms"], rec["cudnn_ms"] = median_ms(ref_fn, q, k, v, seg), median_ms(fused_fn, q, k, v, seg)
+        rec["jnp_ms"], rec[f"{implementation}_ms"] = median_ms(ref_fn, q, k, v, seg), median_ms(fused_fn, q, k, v, seg)
     except Exception as e:  # an unsupported shape is a failure to report, not a crash of the whole check
         rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
     rec["runner_uses"] = "jnp" if C < FUSED_MIN_CHUNK else "fused"
@@ -97,7 +101,8 @@ def check_step(shape: str, name: str, layout, params, config, log, implementatio
         rec["min_cosine"] = float(cos.min())
         rec["ok"] = bool(np.isfinite(out).all() and rec["min_cosine"] >= COSINE_MIN)
         rec["jnp_ms"] = median_ms(lambda *a: encoder_step(params, *a, **statics, attention="jnp"), *args)
-        rec["cudnn_ms"] = median_ms(lambda *a: encoder_step(params, *a, **statics, attention=implementation), *args)
+        rec[f"{implementation}_ms"] = median_ms(lambda *a: encoder_step(params, *a, **statics, attention=implementation),
+                                                *args)
     except Exception as e:
         rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
     log.append(rec)
@@ -110,14 +115,14 @@ def main():
     ap.add_argument("--log", default="check_encoder_attention.json")
     ap.add_argument("--shapes", nargs="+", default=list(ENCODER_SHAPES), choices=list(ENCODER_SHAPES))
     ap.add_argument("--budgets", nargs="+", type=int, default=[16384, 2000], help="steps' token budgets")
-    ap.add_argument("--implementation", default="cudnn", choices=["cudnn", "xla"])
+    ap.add_argument("--implementation", default="cudnn", choices=["cudnn", "pallas", "xla"])
     a = ap.parse_args()
-    if a.implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise SystemExit("check_encoder_attention.py needs a CUDA GPU (cuDNN)")
+    if a.implementation != "xla" and jax.default_backend() != "gpu":
+        raise SystemExit(f"check_encoder_attention.py --implementation {a.implementation} needs a CUDA GPU")
     rng = np.random.default_rng(0)
     log, ok = [], True
     for shape in a.shapes:
-        config = encoder_shape_config(shape, "bfloat16" if a.implementation == "cudnn" else "float32")
+        config = encoder_shape_config(shape, "float32" if a.implementation == "xla" else "bfloat16")
         params = bert.init_random_weights(config, jax.random.PRNGKey(0))
         max_len = min(config.max_model_len, 8192)
         for budget in a.budgets:
