@@ -408,11 +408,9 @@ class ModelRunner:
                     num_prompt_logprobs=num_prompt_logprobs)
         bucket = (T, S, R, B, decode_only, random_rows, use_filters, bool(penalty_rows), st.bias_ids.shape[1],
                   st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs, mask is not None)
-        if (general := self._general_bucket(bucket)) is not None:
-            self._compile_in_background(dict(args), bucket)
-            args.update(st=_widen(st, general[8], general[9], self.vocab_size), random_rows=True, use_filters=True,
-                        num_logprobs=general[10])
-            bucket = general
+        if self._runs_on_general(bucket):
+            self._compile_in_background(args, bucket)
+            args, bucket = self._as_general(args, bucket)
         return args, bucket, prompt_spans, penalty_rows, mask
 
     def _general_logprobs_width(self) -> int:
@@ -421,18 +419,30 @@ class ModelRunner:
         cap = self.config.max_logprobs
         return self._logprobs_width(cap if cap >= 0 else 20)
 
-    def _general_bucket(self, bucket: tuple) -> tuple | None:
-        """The bucket of the general sampling program that can run a step of `bucket` whose own sampling
-        program was not compiled ahead (None: it was, or the step needs none, or no general one fits)."""
+    def _general_of(self, bucket: tuple) -> tuple:
+        """The bucket of the general sampling program for a step of `bucket`: every feature on, the general
+        bias, allowed-id and logprobs widths; penalties and the step's shape as they are."""
+        T, S, R, B, decode_only, _, _, penalties, _, _, _, num_prompt_logprobs, _ = bucket
+        return (T, S, R, B, decode_only, True, True, penalties, GENERAL_BIAS_COLUMNS, GENERAL_ALLOWED_COLUMNS,
+                self._general_logprobs_width(), num_prompt_logprobs, True)
+
+    def _as_general(self, args: dict, bucket: tuple) -> tuple[dict, tuple]:
+        """A step's arguments and bucket as its general sampling program takes them (a new dict)."""
+        general = self._general_of(bucket)
+        args = args | dict(st=_widen(args["st"], GENERAL_BIAS_COLUMNS, GENERAL_ALLOWED_COLUMNS, self.vocab_size),
+                           random_rows=True, use_filters=True, num_logprobs=general[10])
+        return args, general
+
+    def _runs_on_general(self, bucket: tuple) -> bool:
+        """Whether a step of `bucket` runs on the general sampling program: its own was not compiled ahead,
+        and the general one was and is wide enough."""
         keys = _program_keys(bucket)
         if len(keys) < 2 or keys[1] in self._executables:
-            return None
-        T, S, R, B, decode_only, _, _, penalties, K, A, num_logprobs, num_prompt_logprobs, _ = bucket
-        width = self._general_logprobs_width()
-        general = (T, S, R, B, decode_only, True, True, penalties, GENERAL_BIAS_COLUMNS, GENERAL_ALLOWED_COLUMNS,
-                   width, num_prompt_logprobs, True)
-        fits = K <= GENERAL_BIAS_COLUMNS and A <= GENERAL_ALLOWED_COLUMNS and num_logprobs <= width
-        return general if fits and _program_keys(general)[1] in self._executables else None
+            return False
+        general = self._general_of(bucket)
+        K, A, num_logprobs = bucket[8:11]
+        return (K <= general[8] and A <= general[9] and num_logprobs <= general[10]
+                and _program_keys(general)[1] in self._executables)
 
     def _step_mask(self, requests: list[Request], R: int) -> StepMask | None:
         """The token bitmask to come of a step with constrained rows (None: no row is constrained)."""
@@ -557,14 +567,9 @@ class ModelRunner:
                     sample_indices=np.zeros(S, np.int32), st=st, prompt_targets=zeros,
                     decode_only=decode_only, prefill_kernel=prefill_kernel, random_rows=random_rows,
                     use_filters=use_filters, num_logprobs=-1, num_prompt_logprobs=-1)
-        bucket = (T, S, S, B, decode_only, random_rows, use_filters, False, st.bias_ids.shape[1], 0, -1, -1, masked)
-        if general:
-            width = self._general_logprobs_width()
-            args.update(st=_widen(st, GENERAL_BIAS_COLUMNS, GENERAL_ALLOWED_COLUMNS, self.vocab_size),
-                        random_rows=True, use_filters=True, num_logprobs=width)
-            bucket = (T, S, S, B, decode_only, True, True, penalties, GENERAL_BIAS_COLUMNS, GENERAL_ALLOWED_COLUMNS,
-                      width, -1, True)
-        return args, bucket
+        bucket = (T, S, S, B, decode_only, random_rows, use_filters, penalties, st.bias_ids.shape[1], 0, -1, -1,
+                  masked)
+        return self._as_general(args, bucket) if general else (args, bucket)
 
     def _compile(self, name: str, static_names: tuple, leading: tuple, args: dict) -> tuple[jax.stages.Compiled, bool]:
         """(the program of `fn` for these arguments, whether it came from the executable cache): loaded from
