@@ -128,23 +128,6 @@ def _int4_kernel(xt_ref, q_ref, scale_ref, zero_ref, out_ref, *, m_pad, block_m,
     one_group = words_per_group % block_kw == 0  # each tile lies in one group: one row of scale and zero
     folded = FOLDED_BASE.get(jnp.dtype(xt_ref.dtype)) if one_group else None
 
-    def folded_body(i, acc):
-        p0 = (split * blocks_per_split + i) * block_kw
-        words = q_ref[pl.ds(p0, block_kw), pl.ds(n0, block_n)]  # [block_kw, block_n] int32
-        g = pl.ds(lax.div(p0, jnp.int32(words_per_group)), 1)
-        scale = scale_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)  # [1, block_n]
-        zero = zero_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)
-        bits, base = folded
-        dots = jnp.zeros((block_m, block_n), jnp.float32)
-        x_sum = jnp.zeros((block_m, 1), jnp.float32)
-        for k in range(8):  # the row-strided slice W_k: rows 8p + k
-            nibbles = lax.shift_right_logical(words, jnp.int32(4 * k)) if k else words
-            w = lax.bitcast_convert_type(((nibbles & 0xF) | bits).astype(jnp.int16), xt_ref.dtype)  # base + nibble
-            x = xt_ref[pl.ds(k * m_pad + m0, block_m), pl.ds(p0, block_kw)]  # [block_m, block_kw]
-            dots = dots + matmul(x, w)
-            x_sum = x_sum + jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
-        return acc + scale * (dots - (zero + base) * x_sum)
-
     def body(i, acc):
         p0 = (split * blocks_per_split + i) * block_kw
         words = q_ref[pl.ds(p0, block_kw), pl.ds(n0, block_n)]  # [block_kw, block_n] int32
@@ -155,18 +138,25 @@ def _int4_kernel(xt_ref, q_ref, scale_ref, zero_ref, out_ref, *, m_pad, block_m,
             group_rows = lax.div(p0 + offs, jnp.int32(words_per_group))  # [block_kw]
             scale = pltriton.load(tile(scale_ref, group_rows, n0, block_n, interpret))  # [block_kw, block_n]
             zero = pltriton.load(tile(zero_ref, group_rows, n0, block_n, interpret))
-        scale, zero = scale.astype(jnp.float32), zero.astype(jnp.float32) + TWO_POW_23
+        # The nibble enters as base + nibble (2**23 unfolded, FOLDED_BASE folded): base + zero is what it loses.
+        scale, offset = scale.astype(jnp.float32), zero.astype(jnp.float32) + (folded[1] if folded else TWO_POW_23)
+        dots = jnp.zeros((block_m, block_n), jnp.float32)
+        x_sum = jnp.zeros((block_m, 1), jnp.float32)
         for k in range(8):  # the row-strided slice W_k: rows 8p + k
-            nibbles = lax.shift_right_logical(words, jnp.int32(4 * k)) if k else words
-            # 2**23 + nibble, exactly, without an int-to-float conversion (a slow instruction on the GPU)
-            shifted = lax.bitcast_convert_type((nibbles & 0xF) | FLOAT_TWO_POW_23_BITS, jnp.float32)
-            w = ((shifted - zero) * scale).astype(xt_ref.dtype)  # [block_kw, block_n]; the subtraction is exact
+            nibbles = (lax.shift_right_logical(words, jnp.int32(4 * k)) if k else words) & 0xF
             x = xt_ref[pl.ds(k * m_pad + m0, block_m), pl.ds(p0, block_kw)]  # [block_m, block_kw]
-            acc = acc + matmul(x, w)
-        return acc
+            if folded:  # base + nibble in x's dtype; zero and scale after the K step
+                w = lax.bitcast_convert_type((nibbles | folded[0]).astype(jnp.int16), xt_ref.dtype)
+                x_sum = x_sum + jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
+            else:  # 2**23 + nibble, exactly, without an int-to-float conversion (a slow instruction on the GPU)
+                shifted = lax.bitcast_convert_type(nibbles | FLOAT_TWO_POW_23_BITS, jnp.float32)
+                w = ((shifted - offset) * scale).astype(xt_ref.dtype)  # the subtraction is exact
+            dots = dots + matmul(x, w)  # w: [block_kw, block_n]
+        if folded:
+            return acc + scale * (dots - offset * x_sum)
+        return acc + dots
 
-    acc = lax.fori_loop(0, blocks_per_split, body if folded is None else folded_body,
-                        jnp.zeros((block_m, block_n), jnp.float32))
+    acc = lax.fori_loop(0, blocks_per_split, body, jnp.zeros((block_m, block_n), jnp.float32))
     out_ref[pl.ds(split * m_pad + m0, block_m), pl.ds(n0, block_n)] = acc.astype(out_ref.dtype)
 
 
