@@ -51,6 +51,8 @@ ROWS = {  # name -> (what the table says, the flags both engines get)
                    "--max-model-len 1024"),
     "moe": ("Qwen3-30B-A3B shape (128 experts, 8 active), nano-vllm workload",
             NANO.replace("qwen3-0.6b", "qwen3-30b-a3b")),
+    "moe-mixtral": ("Mixtral-8x7B shape (8 experts, 2 active), nano-vllm workload",
+                    NANO.replace("qwen3-0.6b", "mixtral-8x7b")),
     "json": ("Qwen3-0.6B shape, nano-vllm workload, each request held to one of 4 JSON schemas (EOS honoured)",
              NANO + " --structured-outputs json"),
     "json-free": ("the same, unconstrained (EOS honoured): the base of the JSON row",

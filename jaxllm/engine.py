@@ -166,6 +166,7 @@ class LLMEngine:
         self.failures: dict[str, str] = {}  # request_id -> why the engine failed it (read once by the caller)
         self.step_times = StepTimes()
         self._accept_seconds = 0.0  # this step's grammar matchers taking their tokens (in `_process`)
+        self._fill_seconds = 0.0  # filling the launched step's token bitmask (in `_process`)
         self._seed_rng = random.Random(engine_config.seed)
         self._arrivals = itertools.count()
         self.grammar_compiler = GrammarCompiler(tokenizer, model_config.vocab_size, self.eos_token_ids)
@@ -387,12 +388,12 @@ class LLMEngine:
                 return []
             result = self.runner.collect(previous)
             t3 = time.perf_counter()
-            self._accept_seconds = 0.0
-            outputs = self._process(previous.scheduler_output, result)
+            self._accept_seconds = self._fill_seconds = 0.0
+            outputs = self._process(previous.scheduler_output, result, launched)
             t4 = time.perf_counter()
-            fill = sync_fill + self._fill_mask(launched)
-            self.step_times.add(t1 - t0, t2 - t1, t3 - t2 - sync_fill, t4 - t3 - self._accept_seconds,
-                                self._accept_seconds + fill, len(previous.scheduler_output.scheduled))
+            grammar = self._accept_seconds + self._fill_seconds
+            self.step_times.add(t1 - t0, t2 - t1, t3 - t2 - sync_fill, t4 - t3 - grammar, grammar + sync_fill,
+                                len(previous.scheduler_output.scheduled))
             return outputs
         finally:
             # The launched step's constrained rows need the tokens just processed: their bitmask is filled
@@ -409,8 +410,9 @@ class LLMEngine:
         step.mask.fill()
         return time.perf_counter() - t0
 
-    def _process(self, sched_out, result: ModelRunnerOutput) -> list[RequestOutput]:
-        """Host work on a finished step: tokens, forks, stops, logprobs, text, outputs."""
+    def _process(self, sched_out, result: ModelRunnerOutput, launched=None) -> list[RequestOutput]:
+        """Host work on a finished step: tokens, grammars, forks, stops, logprobs, text, outputs; fills the
+        bitmask of the step `launched` since (if it has one) once the grammars have taken their tokens."""
         if result.prompt_logprobs:
             for sched in sched_out.scheduled:
                 arrays = result.prompt_logprobs.get(sched.request.request_id)
@@ -420,15 +422,16 @@ class LLMEngine:
         if self._probe is not None and any(s.request is self._probe for s in sched_out.scheduled):
             self._probe_ran = True
         advanced = self.scheduler.update_from_output(sched_out, result.sampled)
-        accepted = self._accept_tokens([req for req, _ in advanced if req.structured is not None])
+        failed = self._advance_grammars([req for req, _ in advanced if req.structured is not None])
+        # The launched step's sampling program waits for its bitmask, which needs only the grammars: fill
+        # it (and launch the program) before the text and outputs of this step.
+        self._fill_seconds = self._fill_mask(launched)
         for req, row in advanced:
             touched[req.parent.request_id] = req.parent
+            if req.request_id in failed:
+                continue
             try:
                 self._add_logprobs(req, row, result)
-                if req.structured is not None:
-                    t0 = time.perf_counter()
-                    self._advance_grammar(req, accepted.get(req.request_id))
-                    self._accept_seconds += time.perf_counter() - t0
                 finished = req.status.finished
                 stop_str = self.detokenizers[req.request_id].update(
                     req.output_token_ids[-1], finished, stop_terminated=req.status == RequestStatus.FINISHED_STOPPED)
@@ -539,6 +542,22 @@ class LLMEngine:
         finally:
             self._accept_seconds += time.perf_counter() - t0
         return {req.request_id: taken for req, taken in zip(requests, ok)}
+
+    def _advance_grammars(self, requests: list[Request]) -> set[str]:
+        """Each constrained request's matcher takes its sampled token; the ids of the requests whose host
+        work failed (each failed alone)."""
+        failed = set()
+        accepted = self._accept_tokens(requests)
+        t0 = time.perf_counter()
+        for req in requests:
+            try:
+                self._advance_grammar(req, accepted.get(req.request_id))
+            except Exception as error:  # noqa: BLE001 - this request's grammar failed: it alone ends
+                logger.exception("request %s failed", req.parent.request_id)
+                self._fail(req.parent, error)
+                failed.add(req.request_id)
+        self._accept_seconds += time.perf_counter() - t0
+        return failed
 
     def _advance_grammar(self, req: Request, taken: bool | None = None) -> None:
         """The matcher takes the sampled token (unless `_accept_tokens` did: `taken`). A complete match

@@ -14,8 +14,8 @@ tokenizer the engine already holds, and fills bitmasks into numpy arrays. vLLM o
 The bitmask is one more input to the step (jaxllm/grammar_mask.py applies it to the logits), so free
 and constrained rows share a step. A constrained row's mask depends on its previous token, which under
 async scheduling is still on the device when the next step is launched: such a step runs as a model
-program and a sampling program, and the engine fills the bitmask (`step_mask.StepMask`) after reading
-and processing the previous step, while the device runs the model. No jax here.
+program and a sampling program, and the engine fills the bitmask (`step_mask.StepMask`) once the grammars
+have taken the previous step's tokens, while the device runs the model. No jax here.
 """
 
 from __future__ import annotations

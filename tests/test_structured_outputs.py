@@ -109,6 +109,36 @@ def test_constrained_and_free_rows_in_one_batch(llm):
     assert [o.outputs[0].text for o in alone] == [texts[1], texts[4]]
 
 
+def test_a_launch_failure_fails_the_constrained_request_alone(llm, monkeypatch):
+    """The engine's thread launches a constrained step's sampling program once the launcher hands it over
+    (`StepMask.sample`). A model program that raises on the launcher hands over its error instead: nothing
+    waits forever, the constrained request fails, the free one beside it gets its text alone."""
+    from jaxllm.llm import RequestFailedError
+
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    prompts = [chat(llm, "Give me a product code."), "1, 2, 3, 4,"]
+    alone = llm.generate(prompts[1], greedy, use_tqdm=False)[0].outputs[0].text
+    runner = llm.llm_engine.runner
+    forward_args = runner._forward_args
+
+    def failing_forward_args(args, return_logits):
+        if "st_on_device" in args:  # a step with constrained rows: its bitmask's fill waits on this launch
+            raise RuntimeError("injected launch failure")
+        return forward_args(args, return_logits)
+
+    monkeypatch.setattr(runner, "_forward_args", failing_forward_args)
+    params = [SamplingParams(temperature=0, max_tokens=12, structured_outputs=StructuredOutputsParams(regex=CODE)),
+              greedy]
+    with pytest.raises(RequestFailedError, match="injected launch failure") as info:
+        llm.generate(prompts, params, use_tqdm=False)
+    assert info.value.failed == [0]
+    assert info.value.outputs[1].outputs[0].text == alone
+    assert not llm.llm_engine.has_unfinished_requests()
+    monkeypatch.undo()
+    (out,) = llm.generate(prompts[:1], params[:1], use_tqdm=False)
+    assert re.fullmatch(CODE, out.outputs[0].text), out.outputs[0].text
+
+
 def test_constrained_request_runs_every_step_under_async_scheduling(llm, monkeypatch):
     """The bitmask of step N+1 is filled after step N's tokens reach the grammar, while step N+1's model
     program runs: a constrained request samples at every engine step, not every other one."""
