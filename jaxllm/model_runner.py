@@ -715,11 +715,12 @@ class ModelRunner:
         fills, self._pending_fills = self._pending_fills, []
         keys = _program_keys(bucket)
         if mask is not None:
-            # The engine's thread launches the sampling program once it has filled the mask (`StepMask`);
-            # the sampling tensors start their copy now, and it overlaps the model program.
+            # Both sampling inputs go to the device from this thread (the mask once the engine has filled it):
+            # the launcher, which launches the sampling program as soon as the model program returns, then
+            # has no copy to make, and the copies overlap the model program.
             sampler = self._executables.get(keys[1])
             args["st_on_device"] = jax.device_put(args["st"], self._sampling_tensors_sharding(sampler))
-            mask.sample = Future()
+            mask.place = functools.partial(jax.device_put, device=self._bitmask_sharding(sampler))
         self.prepare_seconds += time.perf_counter() - t0
         compiling = any(key not in self.compiled_buckets for key in keys)
         self.compiled_buckets.update(keys)
@@ -730,20 +731,15 @@ class ModelRunner:
     def _launch(self, copies, fills, use_penalties: bool, args: dict, bucket, compiling: bool,
                 mask: StepMask | None):
         """On the launcher thread: apply block copies and penalty fills, then run the step, in order. A
-        step with constrained rows launches its model program and waits while the engine fills its bitmask
-        and launches its sampling program (the device runs meanwhile)."""
+        step with constrained rows launches its model program, waits for the engine to fill its bitmask
+        (the device runs meanwhile), then launches its sampling program."""
         t0 = time.perf_counter()
-        try:
-            if copies is not None:
-                self.kv_cache = _copy_blocks(self.kv_cache, *copies)
-            for fill in fills:
-                self.penalty_state = _fill_penalty_rows(self.penalty_state, *fill)
-            state = self.penalty_state if use_penalties else None
-            res, prompt, state = self._run_step(args, bucket, state, mask, self._executables)
-        except BaseException as error:
-            if mask is not None and not mask.sample.done():  # the engine's fill must not wait for it
-                mask.sample.set_exception(error)
-            raise
+        if copies is not None:
+            self.kv_cache = _copy_blocks(self.kv_cache, *copies)
+        for fill in fills:
+            self.penalty_state = _fill_penalty_rows(self.penalty_state, *fill)
+        state = self.penalty_state if use_penalties else None
+        res, prompt, state = self._run_step(args, bucket, state, mask, self._executables)
         if use_penalties:
             self.penalty_state = state
         if compiling:
@@ -756,9 +752,8 @@ class ModelRunner:
     def _run_step(self, args: dict, bucket: tuple, state: PenaltyState | None, mask: StepMask | None,
                   programs: dict) -> tuple:
         """Launch a step's programs, those compiled ahead from `programs` (by key), the others through jit:
-        (SamplerOutput, prompt logprobs or None, penalty state). A step with constrained rows hands its
-        sampling program's launch to the engine's thread (`StepMask.sample`), which runs it once it has
-        filled the bitmask, while the device runs the model program."""
+        (SamplerOutput, prompt logprobs or None, penalty state). A step with constrained rows waits for the
+        engine to fill its bitmask between its two programs, while the device runs the first."""
         keys = _program_keys(bucket)
         fwd_args = self._forward_args(args, keys[0][-1])
         with self.on_mesh():
@@ -769,25 +764,18 @@ class ModelRunner:
             else:
                 out, logits, prompt, self.kv_cache, self.last_sampled = _forward(self.params, self.kv_cache,
                                                                                  self.last_sampled, **fwd_args)
-        if len(keys) == 2:
-            sample = functools.partial(self._sample_step, programs.get(keys[1]), logits,
-                                       args.get("st_on_device", args["st"]), state, self.last_sampled,
-                                       {k: args[k] for k in SAMPLE_STATIC_ARGS})
-            if mask is not None:
-                mask.sample.set_result(sample)
-                out, state, self.last_sampled = mask.ready.result()
-            else:  # the general program, for a step without constrained rows: none masked
-                out, state, self.last_sampled = sample(self._free_bitmask(bucket[2]) if bucket[-1] else None)
+            if len(keys) == 2:
+                sampler, st, bitmask = programs.get(keys[1]), args.get("st_on_device", args["st"]), None
+                if mask is not None:
+                    bitmask = mask.ready.result()
+                elif bucket[-1]:  # the general program, for a step without constrained rows: none masked
+                    bitmask = self._free_bitmask(bucket[2])
+                if sampler is not None:
+                    out, state, self.last_sampled = sampler(logits, bitmask, st, state, self.last_sampled)
+                else:
+                    out, state, self.last_sampled = _sample(logits, bitmask, st, state, self.last_sampled,
+                                                            **{k: args[k] for k in SAMPLE_STATIC_ARGS})
         return out, prompt, state
-
-    def _sample_step(self, sampler: jax.stages.Compiled | None, logits, st, state, last_sampled, static: dict,
-                     bitmask) -> tuple:
-        """Launch a step's sampling program (compiled ahead, or through jit): (SamplerOutput, penalty state,
-        last samples). Runs on the launcher thread, or on the engine's for a step with a token bitmask."""
-        with self.on_mesh():
-            if sampler is not None:
-                return sampler(logits, bitmask, st, state, last_sampled)
-            return _sample(logits, bitmask, st, state, last_sampled, **static)
 
     def _compile_in_background(self, args: dict, bucket: tuple) -> None:
         """Compile the sampling program of `bucket` on the background thread, once; later steps of it run
@@ -824,6 +812,13 @@ class ModelRunner:
         if sampler is not None:
             (_, _, st_sharding, _, _), _ = sampler.input_shardings
             return st_sharding
+        return self._replicated()
+
+    def _bitmask_sharding(self, sampler: jax.stages.Compiled | None):
+        """Where the sampling program takes its token bitmask (see `_sampling_tensors_sharding`)."""
+        if sampler is not None:
+            (_, bitmask_sharding, _, _, _), _ = sampler.input_shardings
+            return bitmask_sharding
         return self._replicated()
 
     def _replicated(self) -> jax.sharding.Sharding:

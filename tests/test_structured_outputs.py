@@ -110,9 +110,9 @@ def test_constrained_and_free_rows_in_one_batch(llm):
 
 
 def test_a_launch_failure_fails_the_constrained_request_alone(llm, monkeypatch):
-    """The engine's thread launches a constrained step's sampling program once the launcher hands it over
-    (`StepMask.sample`). A model program that raises on the launcher hands over its error instead: nothing
-    waits forever, the constrained request fails, the free one beside it gets its text alone."""
+    """A constrained step whose model program raises on the launcher thread, while the engine's thread fills
+    its bitmask: nothing waits forever, the constrained request fails, the free one beside it gets its text
+    alone, and the next constrained request runs."""
     from jaxllm.llm import RequestFailedError
 
     greedy = SamplingParams(temperature=0, max_tokens=12)
@@ -122,7 +122,7 @@ def test_a_launch_failure_fails_the_constrained_request_alone(llm, monkeypatch):
     forward_args = runner._forward_args
 
     def failing_forward_args(args, return_logits):
-        if "st_on_device" in args:  # a step with constrained rows: its bitmask's fill waits on this launch
+        if "st_on_device" in args:  # a step with constrained rows
             raise RuntimeError("injected launch failure")
         return forward_args(args, return_logits)
 
