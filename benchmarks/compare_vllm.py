@@ -16,6 +16,7 @@ import datetime
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,9 +68,16 @@ def run_engine(script: str, flags: str, out_json: str, timeout: int, dry_run: bo
     if dry_run:
         print(" ".join(cmd))
         return {"command": " ".join(cmd)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # Its own process group: on a timeout the engine's children (vLLM's EngineCore) go too, and free the GPU.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return {"command": " ".join(cmd), "error": f"timed out after {timeout} s; its output ended:\n{output[-2000:]}"}
     if proc.returncode != 0:
-        return {"command": " ".join(cmd), "error": (proc.stdout + proc.stderr)[-2000:]}
+        return {"command": " ".join(cmd), "error": output[-2000:]}
     with open(out_json) as f:
         result = json.load(f)
     result["command"] = " ".join(cmd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -60,3 +61,31 @@ def test_json_free_stops_at_the_tokenizers_eos_as_json_does():
         assert config.eos_token_ids == (tokenizer.eos_token_id,)
     args.structured_outputs = "off"  # the random workload ignores EOS: the shape's stays
     assert throughput.build_llm(args)[1].eos_token_ids == (151645,)
+
+
+def test_an_engine_past_its_timeout_is_an_error_and_its_children_die(tmp_path, monkeypatch):
+    """One engine that hangs costs its row a cell, not the run: its process group (vLLM's EngineCore
+    included) is killed, and what it printed is kept."""
+    script = tmp_path / "hang.py"
+    pid_file = tmp_path / "child.pid"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('loading weights', flush=True)\n"
+        "time.sleep(60)\n")
+    monkeypatch.setattr(compare_vllm, "HERE", str(tmp_path))
+    result = compare_vllm.run_engine("hang.py", "--flag 1", str(tmp_path / "out.json"), timeout=3, dry_run=False)
+    assert "timed out after 3 s" in result["error"] and "loading weights" in result["error"]
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the kill is immediate; reaping by init may take a moment
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as f:
+            if f.read().split()[2] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the engine's child outlived the timeout")
