@@ -48,7 +48,8 @@ from jaxllm.grammar_mask import apply_token_bitmask
 from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks, kv_cache_jnp_dtype
 from jaxllm.models import llama
 from jaxllm.models.registry import model_module
-from jaxllm.sampler import PenaltyState, SamplingTensors, greedy_sample, sample, token_logprobs
+from jaxllm.sampler import (PenaltyState, SamplingTensors, greedy_sample, pack_sampling_tensors, sample, token_logprobs,
+                            unpack_sampling_tensors)
 from jaxllm.sharding import kv_cache_sharding
 from jaxllm.step_mask import BitmaskBuffers, StepMask
 from jaxllm.structured_output import bitmask_width
@@ -59,7 +60,7 @@ logger = logging.getLogger("jaxllm")
 
 
 FORWARD_STATIC_ARGS = ("config", "decode_only", "prefill_kernel", "num_prompt_logprobs", "layout", "return_logits")
-SAMPLE_STATIC_ARGS = ("random_rows", "use_filters", "num_logprobs")
+SAMPLE_STATIC_ARGS = ("random_rows", "use_filters", "num_logprobs", "st_columns")
 # Sparse bias columns a row always has (padding included): the greedy samples of the model program take
 # these, so stop tokens held back by min_tokens, bad words and a few logit biases need no other program.
 MIN_BIAS_COLUMNS = 8
@@ -145,15 +146,16 @@ def _forward(params, kv_cache: KVCache, last_sampled, packed, bias_values, confi
 
 
 @functools.partial(jax.jit, static_argnames=SAMPLE_STATIC_ARGS, donate_argnames=("penalty_state",))
-def _sample(logits, token_bitmask, st: SamplingTensors, penalty_state: PenaltyState | None, last_sampled,
-            random_rows: bool, use_filters: bool, num_logprobs: int):
+def _sample(logits, token_bitmask, st, penalty_state: PenaltyState | None, last_sampled, random_rows: bool,
+            use_filters: bool, num_logprobs: int, st_columns: tuple[int, int]):
     """Sampling after `_forward`, for steps that are not plain greedy: logits [R, V] float32.
     token_bitmask [R, W] int32 or None: the tokens each constrained row may sample, applied before sampling
-    and logprobs (as vLLM); a free row is all ones."""
+    and logprobs (as vLLM); a free row is all ones. st: the SamplingTensors packed (`_sampler_args`), with
+    st_columns (K, A) their bias and allowed-id widths."""
     if token_bitmask is not None:
         logits = apply_token_bitmask(logits, token_bitmask)
-    out, penalty_state = sample(logits, st, penalty_state, random_rows=random_rows, use_filters=use_filters,
-                                num_logprobs=num_logprobs)
+    out, penalty_state = sample(logits, unpack_sampling_tensors(st, logits.shape[0], st_columns), penalty_state,
+                                random_rows=random_rows, use_filters=use_filters, num_logprobs=num_logprobs)
     last_sampled = jax.lax.dynamic_update_slice(jnp.zeros_like(last_sampled), out.sampled, (0,))
     return out, penalty_state, last_sampled
 
@@ -612,9 +614,10 @@ class ModelRunner:
             if bucket[7]:  # penalties: the state's shape and placement, as `_penalty_rows_for` creates it
                 state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated()),
                                      jax.eval_shape(lambda: PenaltyState.create(self.config.max_num_seqs, self.vocab_size)))
+            sample_args = _sampler_args(args)
             sampler, cached = self._compile("_sample", SAMPLE_STATIC_ARGS,
-                                            (logits, bitmask, args["st"], state, self.last_sampled),
-                                            {k: args[k] for k in SAMPLE_STATIC_ARGS})
+                                            (logits, bitmask, sample_args.pop("st"), state, self.last_sampled),
+                                            sample_args)
             programs.append((keys[1], sampler, cached))
         return programs
 
@@ -715,11 +718,9 @@ class ModelRunner:
         fills, self._pending_fills = self._pending_fills, []
         keys = _program_keys(bucket)
         if mask is not None:
-            # Both sampling inputs go to the device from this thread (the mask once the engine has filled it):
-            # the launcher, which launches the sampling program as soon as the model program returns, then
-            # has no copy to make, and the copies overlap the model program.
+            # The mask goes to the device from the engine's thread once filled: the launcher, which launches
+            # the sampling program as soon as the mask is ready, then has one array less to copy.
             sampler = self._executables.get(keys[1])
-            args["st_on_device"] = jax.device_put(args["st"], self._sampling_tensors_sharding(sampler))
             mask.place = functools.partial(jax.device_put, device=self._bitmask_sharding(sampler))
         self.prepare_seconds += time.perf_counter() - t0
         compiling = any(key not in self.compiled_buckets for key in keys)
@@ -765,7 +766,8 @@ class ModelRunner:
                 out, logits, prompt, self.kv_cache, self.last_sampled = _forward(self.params, self.kv_cache,
                                                                                  self.last_sampled, **fwd_args)
             if len(keys) == 2:
-                sampler, st, bitmask = programs.get(keys[1]), args.get("st_on_device", args["st"]), None
+                sampler, sample_args, bitmask = programs.get(keys[1]), _sampler_args(args), None
+                st = sample_args.pop("st")
                 if mask is not None:
                     bitmask = mask.ready.result()
                 elif bucket[-1]:  # the general program, for a step without constrained rows: none masked
@@ -774,7 +776,7 @@ class ModelRunner:
                     out, state, self.last_sampled = sampler(logits, bitmask, st, state, self.last_sampled)
                 else:
                     out, state, self.last_sampled = _sample(logits, bitmask, st, state, self.last_sampled,
-                                                            **{k: args[k] for k in SAMPLE_STATIC_ARGS})
+                                                            **sample_args)
         return out, prompt, state
 
     def _compile_in_background(self, args: dict, bucket: tuple) -> None:
@@ -806,16 +808,9 @@ class ModelRunner:
             mask.flags.writeable = False
         return mask
 
-    def _sampling_tensors_sharding(self, sampler: jax.stages.Compiled | None):
-        """Where the sampling program takes its SamplingTensors: as its compiled program placed them, or
-        (traced on first use) on this runner's device, replicated over its mesh."""
-        if sampler is not None:
-            (_, _, st_sharding, _, _), _ = sampler.input_shardings
-            return st_sharding
-        return self._replicated()
-
     def _bitmask_sharding(self, sampler: jax.stages.Compiled | None):
-        """Where the sampling program takes its token bitmask (see `_sampling_tensors_sharding`)."""
+        """Where the sampling program takes its token bitmask: as its compiled program placed it, or (traced
+        on first use) on this runner's device, replicated over its mesh."""
         if sampler is not None:
             (_, bitmask_sharding, _, _, _), _ = sampler.input_shardings
             return bitmask_sharding
@@ -842,6 +837,13 @@ class ModelRunner:
             result.prompt_logprobs = {rid: (chosen[a:a + k], rank[a:a + k], top_ids[a:a + k], top_lps[a:a + k])
                                       for rid, (a, k) in step.prompt_spans.items()}
         return result
+
+
+def _sampler_args(args: dict) -> dict:
+    """A step's keyword arguments for `_sample`: its SamplingTensors packed into one array, and the flags."""
+    st = args["st"]
+    return {"st": pack_sampling_tensors(st), "random_rows": args["random_rows"], "use_filters": args["use_filters"],
+            "num_logprobs": args["num_logprobs"], "st_columns": (st.bias_ids.shape[1], st.allowed_ids.shape[1])}
 
 
 def _program_keys(bucket: tuple) -> tuple[tuple, ...]:

@@ -23,6 +23,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -jnp.inf
 
@@ -47,6 +48,41 @@ class SamplingTensors:
     bias_values: jax.Array  # [R, K] float32: added to the logits; -inf bans
     allowed_ids: jax.Array  # [R, A] int32, padded with vocab_size
     has_allowed: jax.Array  # [R] bool: whether allowed_ids restricts the row
+
+
+# A step's SamplingTensors travel as one int32 array (floats, seeds and flags bit-cast), fields in order:
+# a launch copies each numpy argument to the device on its own, and `jax.device_put` of the 15 arrays cost
+# 843 us on a CPU against 91 us for one.
+def pack_sampling_tensors(st: SamplingTensors) -> np.ndarray:
+    """st's host arrays as one int32 array: [R * (12 + 2 K + A)]."""
+    parts = []
+    for f in dataclasses.fields(st):
+        a = np.asarray(getattr(st, f.name))
+        parts.append((a.astype(np.int32) if a.dtype == bool else a.view(np.int32)).ravel())
+    return np.concatenate(parts)
+
+
+_FIELD_DTYPES = {"temperature": jnp.float32, "top_p": jnp.float32, "min_p": jnp.float32, "seeds": jnp.uint32,
+                 "presence_penalty": jnp.float32, "frequency_penalty": jnp.float32,
+                 "repetition_penalty": jnp.float32, "bias_values": jnp.float32}
+
+
+def unpack_sampling_tensors(packed: jax.Array, rows: int, columns: tuple[int, int]) -> SamplingTensors:
+    """`pack_sampling_tensors`' inverse on the device: packed [R * (12 + 2 K + A)] int32, columns (K, A)."""
+    K, A = columns
+    widths = {"bias_ids": K, "bias_values": K, "allowed_ids": A}
+    fields, start = {}, 0
+    for f in dataclasses.fields(SamplingTensors):
+        width = widths.get(f.name)
+        size = rows * (1 if width is None else width)
+        x = packed[start:start + size].reshape((rows,) if width is None else (rows, width))
+        start += size
+        if f.name == "has_allowed":
+            x = x != 0
+        elif f.name in _FIELD_DTYPES:
+            x = jax.lax.bitcast_convert_type(x, _FIELD_DTYPES[f.name])
+        fields[f.name] = x
+    return SamplingTensors(**fields)
 
 
 @jax.tree_util.register_dataclass

@@ -7,8 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from jaxllm.sampler import (PenaltyState, SamplingTensors, apply_allowed_token_ids, apply_min_p, apply_penalties,
-                            apply_sparse_bias, apply_top_k_top_p, sample)
+                            apply_sparse_bias, apply_top_k_top_p, pack_sampling_tensors, sample,
+                            unpack_sampling_tensors)
 
 NEG = -np.inf
 
@@ -28,6 +32,30 @@ def tensors(R: int, V: int, **overrides) -> SamplingTensors:
 
 
 _sample = jax.jit(sample, static_argnames=("use_filters", "random_rows", "num_logprobs"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 9), st.integers(0, 5), st.integers(0, 4), st.integers(0, 2**31 - 1))
+def test_packed_sampling_tensors_unpack_bit_for_bit(R, K, A, seed):
+    """A step's SamplingTensors go to the device as one int32 array; each field comes back with its dtype
+    and every bit (-inf bans, NaN, seeds above 2**31, flags)."""
+    rng = np.random.default_rng(seed)
+    floats = lambda *shape: rng.choice(np.array([0.0, 1.0, -2.5, 0.95, NEG, np.inf, np.nan, 1e-30], np.float32),  # noqa: E731
+                                       shape)
+    ints = lambda *shape: rng.integers(-2**31, 2**31, shape, dtype=np.int64).astype(np.int32)  # noqa: E731
+    host = SamplingTensors(
+        temperature=floats(R), top_k=ints(R), top_p=floats(R), min_p=floats(R),
+        seeds=rng.integers(0, 2**32, R, dtype=np.uint64).astype(np.uint32), sample_index=ints(R),
+        presence_penalty=floats(R), frequency_penalty=floats(R), repetition_penalty=floats(R),
+        penalty_rows=ints(R), count_rows=ints(R), bias_ids=ints(R, K), bias_values=floats(R, K),
+        allowed_ids=ints(R, A), has_allowed=rng.integers(0, 2, R).astype(bool))
+    packed = pack_sampling_tensors(host)
+    assert packed.dtype == np.int32 and packed.shape == (R * (12 + 2 * K + A),)
+    device = jax.jit(unpack_sampling_tensors, static_argnums=(1, 2))(packed, R, (K, A))
+    for name in host.__dataclass_fields__:
+        want, got = getattr(host, name), np.asarray(getattr(device, name))
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=name)
 
 
 def test_penalties_follow_vllm_formula():

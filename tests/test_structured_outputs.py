@@ -119,14 +119,14 @@ def test_a_launch_failure_fails_the_constrained_request_alone(llm, monkeypatch):
     prompts = [chat(llm, "Give me a product code."), "1, 2, 3, 4,"]
     alone = llm.generate(prompts[1], greedy, use_tqdm=False)[0].outputs[0].text
     runner = llm.llm_engine.runner
-    forward_args = runner._forward_args
+    run_step = runner._run_step
 
-    def failing_forward_args(args, return_logits):
-        if "st_on_device" in args:  # a step with constrained rows
+    def failing_run_step(args, bucket, state, mask, programs):
+        if mask is not None:  # a step with constrained rows
             raise RuntimeError("injected launch failure")
-        return forward_args(args, return_logits)
+        return run_step(args, bucket, state, mask, programs)
 
-    monkeypatch.setattr(runner, "_forward_args", failing_forward_args)
+    monkeypatch.setattr(runner, "_run_step", failing_run_step)
     params = [SamplingParams(temperature=0, max_tokens=12, structured_outputs=StructuredOutputsParams(regex=CODE)),
               greedy]
     with pytest.raises(RequestFailedError, match="injected launch failure") as info:
