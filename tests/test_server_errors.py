@@ -15,6 +15,8 @@ import time
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 KEY = "sk-test-key"
@@ -278,6 +280,55 @@ CHAT_ERRORS = [
 def test_chat_refusals(server, body, param):
     error = assert_error(post(server, "/v1/chat/completions", body), 400)
     assert error["param"] == param or param in error["message"], error
+
+
+# Values of every JSON kind, and the edges where a parser or a check is likeliest to slip.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.sampled_from([0, 1, 2, -1, 3, 64, 2**31, 2**63, -2**63, 10**30])
+    | st.sampled_from([0.0, 0.5, 1.0, -0.5, 2.5, 1e-30, 1e30]) | st.sampled_from(["", "a", "Hi", "json", "\u0000", "[", "0"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["type", "json", "a", "0", "name"]),
+                                                               inner, max_size=2),
+    max_leaves=4)
+COMPLETION_FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "best_of", "stop", "stop_token_ids",
+                     "logprobs", "echo", "logit_bias", "seed", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "suffix", "user",
+                     "stream", "stream_options", "response_format", "structured_outputs", "guided_json",
+                     "guided_choice", "guided_regex", "allowed_token_ids", "bad_words", "truncate_prompt_tokens",
+                     "prompt_logprobs", "include_stop_str_in_output", "prompt", "add_special_tokens", "priority"]
+CHAT_FIELDS = [f for f in COMPLETION_FIELDS if f not in ("prompt", "echo", "suffix", "best_of", "logprobs")] + [
+    "messages", "logprobs", "top_logprobs", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls",
+    "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "reasoning_effort"]
+
+
+def assert_answered_or_refused_by_name(resp, fields: set) -> None:
+    """200, or a 400 in OpenAI's shape whose `param` (or message) names one of the fields the body set."""
+    if resp.status_code == 200:
+        return
+    error = assert_error(resp, 400)
+    named = error["param"] or ""
+    assert any(named.split(".")[0].split("[")[0] == f or f in error["message"] for f in fields), error
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+@pytest.mark.parametrize("path,fields,base", [
+    ("/v1/completions", COMPLETION_FIELDS, {"prompt": "Hi"}),
+    ("/v1/chat/completions", CHAT_FIELDS, {"messages": [{"role": "user", "content": "Hi"}]}),
+])
+def test_any_value_of_any_field_is_answered_or_refused_by_name(server, path, fields, base, data):
+    """Property: whatever JSON value any few fields hold, the server answers or refuses with a 400 that names
+    one of them; never a 500, a hang or a dropped connection. A good request still works afterwards."""
+    chosen = data.draw(st.lists(st.sampled_from(fields), min_size=1, max_size=3, unique=True))
+    body = {"model": "tiny", **base, "max_tokens": 2} | {f: data.draw(JSON_VALUES, label=f) for f in chosen}
+    if body.get("stream") is True:
+        with httpx.stream("POST", server.url + path, json=body, headers=AUTH, timeout=60) as resp:
+            resp.read()
+        if resp.status_code == 200:
+            assert resp.text.rstrip().endswith("data: [DONE]"), resp.text[-300:]
+            return
+    else:
+        resp = post(server, path, body)
+    assert_answered_or_refused_by_name(resp, set(chosen))
 
 
 def test_context_length(server):
