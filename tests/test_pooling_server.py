@@ -16,6 +16,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jaxllm import LLM
 from jaxllm.entrypoints.openai_server import build_app, load_app, make_arg_parser
@@ -79,6 +81,35 @@ def test_embeddings_refusals(client, server):
     assert r.status_code == 400 and "pooling model" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/classify", json={"input": "hi"})
     assert r.status_code == 400 and "classify() is not supported" in r.json()["error"]["message"]
+
+
+POOLING_ROUTES = [
+    ("/v1/embeddings", {"input": "Hi"}, ["input", "encoding_format", "dimensions", "truncate_prompt_tokens", "user",
+                                         "normalize", "add_special_tokens", "priority"]),
+    ("/pooling", {"input": "Hi"}, ["input", "encoding_format", "dimensions", "truncate_prompt_tokens", "task"]),
+    ("/v1/score", {"text_1": "a", "text_2": "b"}, ["text_1", "text_2", "truncate_prompt_tokens", "encoding_format"]),
+    ("/rerank", {"query": "a", "documents": ["b", "c"]}, ["query", "documents", "top_n", "return_documents",
+                                                           "truncate_prompt_tokens"]),
+]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+@pytest.mark.parametrize("path,base,fields", POOLING_ROUTES, ids=[r[0] for r in POOLING_ROUTES])
+def test_any_value_of_any_field_is_answered_or_refused_by_name(server, path, base, fields, data):
+    """Property: whatever JSON value any few fields of a pooling route hold, the answer is a 200 or a 400 in
+    OpenAI's shape whose `param` (or message) names one of them; never a 500."""
+    from test_server_errors import JSON_VALUES
+
+    chosen = data.draw(st.lists(st.sampled_from(fields), min_size=1, max_size=2, unique=True))
+    body = {**base} | {f: data.draw(JSON_VALUES, label=f) for f in chosen}
+    r = httpx.post(server.url + path, json=body, timeout=120)
+    if r.status_code == 200:
+        return
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    named = error["param"] or ""
+    assert any(named.split(".")[0].split("[")[0] == f or f in error["message"] for f in chosen), error
 
 
 def test_requests_from_many_clients_are_batched(server, offline):
