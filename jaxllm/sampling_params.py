@@ -332,19 +332,23 @@ class SamplingParams:
             self.allowed_token_ids = self._token_list("allowed_token_ids", self.allowed_token_ids, empty_ok=False)
         if not isinstance(self.output_kind, RequestOutputKind):
             bad("output_kind", "must be a RequestOutputKind")
+        given_as = "structured_outputs"  # errors name the parameter the caller gave, the older one included
         if self.guided_decoding is not None:
             if self.structured_outputs is not None:
                 bad("guided_decoding", "cannot be given with structured_outputs (it is its older name)")
-            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+            self.structured_outputs, self.guided_decoding, given_as = self.guided_decoding, None, "guided_decoding"
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             if isinstance(self.structured_outputs, dict):
                 names = {f.name for f in fields(StructuredOutputsParams)}
-                unknown = sorted(set(self.structured_outputs) - names)
+                unknown = sorted(map(repr, set(self.structured_outputs) - names))  # keys of any type
                 if unknown:
-                    bad("structured_outputs", f"has unknown fields {unknown}")
-                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+                    bad(given_as, f"has unknown fields {', '.join(unknown)}", self.structured_outputs)
+                try:
+                    self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+                except ValueError as e:
+                    raise ValueError(str(e).replace("structured_outputs", given_as, 1)) from None
             else:
-                bad("structured_outputs", "must be a StructuredOutputsParams")
+                bad(given_as, "must be a StructuredOutputsParams", self.structured_outputs)
 
         if 0 < self.temperature < _MAX_TEMP:
             # As vLLM: tiny temperatures overflow the scaled logits; they are raised, not made greedy.

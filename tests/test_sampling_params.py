@@ -1,10 +1,15 @@
-"""SamplingParams / BeamSearchParams validation: vLLM's defaults, and a ValueError naming the parameter."""
+"""SamplingParams / BeamSearchParams / PoolingParams validation: vLLM's defaults, and a ValueError naming the
+parameter."""
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
-from jaxllm import BeamSearchParams, SamplingParams
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxllm import BeamSearchParams, PoolingParams, SamplingParams
 
 
 def test_defaults_match_vllm():
@@ -85,3 +90,30 @@ def test_beam_search_params(kwargs, name):
         BeamSearchParams(**kwargs)
     p = BeamSearchParams(beam_width=2, max_tokens=4)
     assert (p.ignore_eos, p.temperature, p.length_penalty, p.include_stop_str_in_output) == (False, 0.0, 1.0, False)
+
+
+# Values of every kind a caller might pass by mistake, and the edges of each check.
+ANY_VALUE = st.recursive(
+    st.none() | st.booleans() | st.sampled_from([0, 1, 2, -1, 5, 2**31, 2**64, -2**63])
+    | st.sampled_from([0.0, 0.5, 1.0, -0.5, 2.5, float("nan"), float("inf"), -float("inf")])
+    | st.sampled_from(["", "a", "x y", "[", "{}"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from([0, 1, "a", "json", "regex"]), inner,
+                                                               max_size=2),
+    max_leaves=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+@pytest.mark.parametrize("cls,required", [(SamplingParams, {}), (BeamSearchParams, {"beam_width": 2, "max_tokens": 4}),
+                                          (PoolingParams, {})], ids=lambda x: getattr(x, "__name__", ""))
+def test_any_value_of_any_field_constructs_or_raises_naming_one(cls, required, data):
+    """Property: the params built with any value in any few fields, or a ValueError whose message starts with
+    one of those fields' names (the older `guided_decoding` too); never another exception."""
+    chosen = data.draw(st.lists(st.sampled_from([f.name for f in dataclasses.fields(cls)]), min_size=1, max_size=3,
+                                unique=True))
+    kwargs = {f: data.draw(ANY_VALUE, label=f) for f in chosen}
+    try:
+        cls(**required | kwargs)
+    except ValueError as e:
+        first = str(e).split()[0].split(".")[0].split("[")[0].split("=")[0].rstrip(":,")
+        assert first in chosen, (kwargs, str(e))
