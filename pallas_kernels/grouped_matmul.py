@@ -13,6 +13,11 @@ dense matmul over all the experts), so this kernel computes only the rows each e
   the output is made, and nothing is un-padded afterwards.
 - One program per (row tile, column tile of `block_n`): it K-loops over x's tile and w[g]'s tile
   (w viewed [G * k, n], one plain slice a step) with tensor-core dots and float32 accumulation.
+- `layer`: w may be every layer's experts [L, G, k, n], read at w[layer] inside the kernel. A model's
+  layer loop (lax.scan) would otherwise slice w[layer] out of the stacked weights, and XLA materialises a
+  slice that feeds a custom call: on an H200 the Qwen3-30B-A3B decode step spent half its time copying
+  each layer's 1.2 GB of experts before reading them (cuBLAS dots take their slices in place). Past 4 GB
+  the Triton lowering computes offsets in 64 bits, so the stacked weights need no int32 bound.
 - The programs run in bands of GROUP_M row tiles, column by column, so a band's rows of x and each
   column tile of w[g] are read from L2 while the band sweeps (Triton's grouped ordering).
 - `block_m` follows the average rows a group (static: rows / G): 16, the smallest tensor-core tile, in
@@ -61,11 +66,12 @@ def _largest_dividing(n: int, largest: int, smallest: int) -> int | None:
     return None
 
 
-def choose_tiles(rows: int, groups: int, k: int, n: int, interpret: bool = False) -> Tiles | None:
-    """Tiles for x [rows, k] and w [groups, k, n], or None where the kernel does not take the shape. The
-    Triton lowering needs power-of-two tiles and tensor-core dots at least 16 wide; the interpreter also
-    takes the tiny shapes of the CPU tests."""
-    if max(rows * k, rows * n, groups * k * n) > INT32_MAX:
+def choose_tiles(rows: int, groups: int, k: int, n: int, interpret: bool = False, layers: int = 1) -> Tiles | None:
+    """Tiles for x [rows, k] and w [layers, groups, k, n], or None where the kernel does not take the shape.
+    The Triton lowering needs power-of-two tiles and tensor-core dots at least 16 wide; the interpreter also
+    takes the tiny shapes of the CPU tests. x and the output are addressed with int32 offsets, w's rows
+    with int32 indices."""
+    if max(rows * k, rows * n, layers * groups * k) > INT32_MAX:
         return None
     block_m = min(128, max(16, 2 * next_pow2(-(-rows // groups))))
     pref_n, pref_k, num_warps, num_stages = _BY_BLOCK_M[block_m]
@@ -84,15 +90,17 @@ def num_row_tiles(rows: int, groups: int, block_m: int) -> int:
 
 def grouped_matmul_reference(
     x: jax.Array,  # [rows, k]
-    w: jax.Array,  # [G, k, n]
+    w: jax.Array,  # [G, k, n], or [L, G, k, n] with layer
     group_sizes: jax.Array,  # [G] int32
+    layer: jax.Array | None = None,
 ) -> jax.Array:  # [rows, n] in x's dtype
     """Each group's rows times its matrix, float32 accumulation; rows past sum(group_sizes) are zero."""
+    w = w if layer is None else w[layer]
     return lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _grouped_kernel(group_ends_ref, tile_group_ref, tile_row0_ref, x_ref, w_ref, o_ref, *, k, num_m, num_n,
-                    block_m, block_n, block_k, interpret):
+def _grouped_kernel(group_ends_ref, tile_group_ref, tile_row0_ref, layer_ref, x_ref, w_ref, o_ref, *, k, groups,
+                    num_m, num_n, block_m, block_n, block_k, interpret):
     # Grouped ordering: band b holds row tiles b * GROUP_M.. and is swept column tile by column tile.
     pid = pl.program_id(0)
     band, within = lax.div(pid, jnp.int32(GROUP_M * num_n)), lax.rem(pid, jnp.int32(GROUP_M * num_n))
@@ -105,7 +113,7 @@ def _grouped_kernel(group_ends_ref, tile_group_ref, tile_row0_ref, x_ref, w_ref,
     def _multiply():
         rows = tile_row0_ref[m] + jnp.arange(block_m, dtype=jnp.int32)  # [block_m]
         row_ok = rows < group_ends_ref[g]
-        n0, w_row0 = j * block_n, g * k
+        n0, w_row0 = j * block_n, (layer_ref[0] * groups + g) * k
 
         def body(step, acc):
             k0 = step * block_k
@@ -125,6 +133,7 @@ def grouped_matmul(
     x: jax.Array,  # [rows, k] bf16 | f16 | f32, sorted by group
     w: jax.Array,  # [G, k, n], x's dtype
     group_sizes: jax.Array,  # [G] int32, summing to at most rows
+    layer: jax.Array | None = None,  # int32 scalar: w is [L, G, k, n] and its w[layer] is used
     *,
     block_m: int | None = None,  # None: `choose_tiles`, as the rest
     block_n: int | None = None,
@@ -134,16 +143,18 @@ def grouped_matmul(
     interpret: bool = False,
 ) -> jax.Array:  # [rows, n] in x's dtype
     """Rows [start_g, start_g + group_sizes[g]) of x times w[g] (semantics: `grouped_matmul_reference`,
-    i.e. `jax.lax.ragged_dot`): each expert's matmul over its own rows only."""
+    i.e. `jax.lax.ragged_dot`): each expert's matmul over its own rows only. With `layer`, w[layer][g]."""
     rows, k = x.shape
-    groups, k_w, n = w.shape
+    if (layer is None) != (w.ndim == 3) or w.ndim not in (3, 4):
+        raise ValueError(f"grouped_matmul: w {w.shape} must be [G, k, n], or [L, G, k, n] with a layer index")
+    layers, (groups, k_w, n) = (1 if layer is None else w.shape[0]), w.shape[-3:]
     if k_w != k:
         raise ValueError(f"grouped_matmul: x has {k} columns but w is [{groups}, {k_w}, {n}]")
     if w.dtype != x.dtype:
         raise ValueError(f"grouped_matmul: w is {w.dtype} but x is {x.dtype}")
     if group_sizes.shape != (groups,):
         raise ValueError(f"grouped_matmul: group_sizes {group_sizes.shape} must be [{groups}], one per group of w")
-    tiles = choose_tiles(rows, groups, k, n, interpret)
+    tiles = choose_tiles(rows, groups, k, n, interpret, layers)
     if tiles is None:
         raise ValueError(f"grouped_matmul: x [{rows}, {k}] @ w [{groups}, {k}, {n}] does not fit the kernel's "
                          "tiles (k and n multiples of 16, int32 offsets)")
@@ -155,7 +166,8 @@ def grouped_matmul(
     starts = jnp.concatenate([jnp.zeros(1, jnp.int32), group_ends])  # [G + 1]
     tile_group, tile_q0 = query_tiles(starts, num_m, block_m)  # [num_m] each: group or -1, row in group
     tile_row0 = jnp.where(tile_group >= 0, starts[jnp.maximum(tile_group, 0)] + tile_q0, 0)  # [num_m]
-    kernel = functools.partial(_grouped_kernel, k=k, num_m=num_m, num_n=n // block_n, block_m=block_m,
+    layer = jnp.zeros(1, jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(jnp.int32)
+    kernel = functools.partial(_grouped_kernel, k=k, groups=groups, num_m=num_m, num_n=n // block_n, block_m=block_m,
                                block_n=block_n, block_k=block_k, interpret=interpret)
     out = pl.pallas_call(
         kernel,
@@ -165,5 +177,5 @@ def grouped_matmul(
                                                 num_stages=num_stages or tiles.num_stages),
         interpret=interpret,
         name="grouped_matmul",
-    )(group_ends, tile_group, tile_row0.astype(jnp.int32), x, w.reshape(groups * k, n))
+    )(group_ends, tile_group, tile_row0.astype(jnp.int32), layer, x, w.reshape(layers * groups * k, n))
     return jnp.where((jnp.arange(rows) < group_ends[-1])[:, None], out, 0).astype(x.dtype)

@@ -54,6 +54,25 @@ def test_kernel_matches_ragged_dot(sizes, rows, k, n, block_m, dtype):
     assert not got[sum(sizes):].any()
 
 
+def test_kernel_reads_one_layer_of_stacked_weights():
+    """With a layer index, w holds every layer's experts [L, G, k, n] and the kernel multiplies by w[layer]
+    (read in place: a model's layer loop passes the whole stack), equal to the call on the slice itself."""
+    rng = np.random.default_rng(3)
+    sizes = jnp.asarray([3, 0, 5, 2], jnp.int32)
+    x = jnp.asarray(rng.normal(size=(10, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 4, 64, 32)), jnp.float32)
+    for layer in range(3):
+        got = grouped_matmul(x, w, sizes, jnp.int32(layer), interpret=True)
+        want = grouped_matmul(x, w[layer], sizes, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_allclose(np.asarray(grouped_matmul_reference(x, w, sizes, jnp.int32(layer))),
+                                   np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"must be \[G, k, n\], or \[L, G, k, n\] with a layer index"):
+        grouped_matmul(x, w, sizes, interpret=True)
+    with pytest.raises(ValueError, match="with a layer index"):
+        grouped_matmul(x, w[0], sizes, jnp.int32(0), interpret=True)
+
+
 def test_tiles():
     """block_m follows the average rows a group (vLLM's H200 tables for Qwen3-30B-A3B and Mixtral); k and n
     take power-of-two tiles of at least 16 on the GPU, any in the interpreter; operands past int32
@@ -66,6 +85,9 @@ def test_tiles():
     assert choose_tiles(48, 4, 64, 40) is None and choose_tiles(48, 4, 64, 40, interpret=True).block_n == 8
     assert choose_tiles(48, 4, 24, 64) is None and choose_tiles(48, 4, 24, 64, interpret=True).block_k == 8
     assert choose_tiles(65536, 8, 4096, 65536) is None  # out [65536, 65536]: past int32 offsets
+    # Every layer's experts, 38.6 GB: the lowering's w offsets are 64-bit; only w's row index is int32.
+    assert choose_tiles(8, 128, 2048, 1536, layers=48) == choose_tiles(8, 128, 2048, 1536)
+    assert choose_tiles(8, 128, 2**17, 64, layers=128) is None
     assert num_row_tiles(8, 128, 16) == 8 and num_row_tiles(68, 4, 16) == 8 and num_row_tiles(4096, 8, 128) == 39
 
 
@@ -134,6 +156,47 @@ def test_dispatch(monkeypatch):
     assert not moe.use_grouped_kernel(jax.ShapeDtypeStruct((64, 2048), jnp.float32),
                                       jax.ShapeDtypeStruct((128, 2048, 1536), jnp.float32))
     assert not moe.use_grouped_kernel(rows, jax.ShapeDtypeStruct((128, 2048, 24), jnp.bfloat16))  # tiles
+
+
+def test_lowers_for_triton_with_stacked_weights():
+    """Qwen3-30B-A3B's 48 layers of experts (past 4 GB) and a layer index lower to one Triton call whose grid
+    is that of one layer's weights."""
+    rows, experts, k, n = 64, 128, 2048, 1536
+    args = (jax.ShapeDtypeStruct((rows, k), jnp.bfloat16), jax.ShapeDtypeStruct((48, experts, k, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((experts,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    text = grouped_matmul.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    tiles = choose_tiles(rows, experts, k, n)
+    assert text.count("xla.gpu.triton") == 1
+    assert int(re.search(r"grid_x = (\d+) : i32", text).group(1)) == num_row_tiles(rows, experts, tiles.block_m) * (
+        n // tiles.block_n)
+
+
+def test_layer_loop_leaves_the_experts_whole(monkeypatch):
+    """The MoE layer loop scans every weight but the experts, which enter the scan whole (loop-invariant)
+    and are read at the layer index: a scanned [L, ...] operand is sliced each layer, and XLA copies a
+    slice that feeds the kernel (half the decode step at Qwen3-30B-A3B's shape on an H200)."""
+    from jaxllm.kv_cache import AttentionMetadata, KVCache
+    from jaxllm.models import mixtral
+    from jaxllm.models.shapes import init_random_weights, model_shape_config
+
+    monkeypatch.setenv("JAXLLM_MOE_KERNEL", "1")
+    config = model_shape_config("qwen3-30b-a3b", num_layers=3, hidden_size=64, num_heads=2, num_kv_heads=1,
+                                head_dim=32, moe_intermediate_size=32, num_experts=8, vocab_size=128)
+    params = jax.eval_shape(lambda: init_random_weights(config, jax.random.PRNGKey(0)))
+    experts = {params["layers"][name].shape for name in ("w_gate_up", "w_down")}
+    T, S = 4, 2
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    cache = jax.eval_shape(lambda: KVCache.create(config, num_blocks=4, block_size=16))
+    md = AttentionMetadata(slot_mapping=i32(T), block_tables=i32(S, 2), seq_lens=i32(S), query_start_loc=i32(S + 1),
+                           logits_indices=i32(S))
+    jaxpr = jax.make_jaxpr(lambda *a: mixtral.forward_hidden(*a, config))(params, i32(T), i32(T), cache, md)
+    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 1
+    scan = scans[0]
+    n_consts, n_carry = scan.params["num_consts"], scan.params["num_carry"]
+    consts = {v.aval.shape for v in scan.invars[:n_consts]}
+    scanned = {v.aval.shape for v in scan.invars[n_consts + n_carry:]}
+    assert experts <= consts and not experts & scanned
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])

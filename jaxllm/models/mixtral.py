@@ -115,13 +115,17 @@ def forward_hidden(params: dict, token_ids: jax.Array, positions: jax.Array, kv_
         with jax.named_scope("moe"):
             h = rms_norm(x, w["mlp_norm"], eps)
             weights, experts = moe.route(h, w["router"], config.num_experts_per_tok, config.norm_topk_prob)
-            out = moe.experts_mlp(h, weights.astype(h.dtype), experts, w["w_gate_up"], w["w_down"], config.hidden_act)
+            out = moe.experts_mlp(h, weights.astype(h.dtype), experts, experts_gate_up, experts_down, config.hidden_act,
+                                  layer=i)
             if "shared_gate_up" in w:
                 shared = gated_mlp(h, w["shared_gate_up"], w["shared_down"], config.hidden_act)
                 out = out + jax.nn.sigmoid(h @ w["shared_gate"]) * shared
         return x + out, cache
 
-    x, kv_cache = scan_layers(layer, x, kv_cache, params["layers"])
+    # The experts stay whole (loop-invariant) and are read at layer i: scanning them would copy each layer's.
+    scanned = {name: w for name, w in params["layers"].items() if name not in ("w_gate_up", "w_down")}
+    experts_gate_up, experts_down = params["layers"]["w_gate_up"], params["layers"]["w_down"]
+    x, kv_cache = scan_layers(layer, x, kv_cache, scanned)
     return rms_norm(x, params["final_norm"], eps), kv_cache
 
 

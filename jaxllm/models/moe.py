@@ -27,7 +27,7 @@ from pallas_kernels.grouped_matmul import grouped_matmul as grouped_matmul_kerne
 
 
 def use_grouped_kernel(x: jax.Array, w: jax.Array) -> bool:
-    """Whether x [rows, e] @ experts w [x, e, f] runs the Pallas kernel (decided when traced): on a GPU for
+    """Whether x [rows, e] @ experts w [x, e, f] (or one layer's of [L, x, e, f]) runs the Pallas kernel (decided when traced): on a GPU for
     16-bit operands whose shape the kernel's tiles fit (float32 would take the Triton dot's exact path,
     off the tensor cores). JAXLLM_MOE_KERNEL=1 forces it on (any dtype, any backend: the interpreter off
     a GPU), =0 off."""
@@ -38,16 +38,19 @@ def use_grouped_kernel(x: jax.Array, w: jax.Array) -> bool:
     if mode == "0" or pltriton is None or x.dtype != w.dtype:
         return False
     on_gpu = jax.default_backend() == "gpu"
-    if choose_tiles(x.shape[0], w.shape[0], w.shape[1], w.shape[2], interpret=not on_gpu) is None:
+    layers = w.shape[0] if w.ndim == 4 else 1
+    if choose_tiles(x.shape[0], *w.shape[-3:], interpret=not on_gpu, layers=layers) is None:
         return False
     return mode == "1" or (on_gpu and x.dtype in (jnp.bfloat16, jnp.float16))
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """x [rows, e] sorted by expert @ w [x, e, f], group_sizes [x] rows each -> [rows, f] in x's dtype."""
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    """x [rows, e] sorted by expert @ w [x, e, f], group_sizes [x] rows each -> [rows, f] in x's dtype.
+    With `layer`, w holds every layer's experts [L, x, e, f] and w[layer] is used: the kernel reads it in
+    place (a slice taken in the layer loop would be copied first, see pallas_kernels/grouped_matmul.py)."""
     if use_grouped_kernel(x, w):
-        return grouped_matmul_kernel(x, w, group_sizes, interpret=jax.default_backend() != "gpu")
-    return jax.lax.ragged_dot(x, w, group_sizes)
+        return grouped_matmul_kernel(x, w, group_sizes, layer, interpret=jax.default_backend() != "gpu")
+    return jax.lax.ragged_dot(x, w if layer is None else w[layer], group_sizes)
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -60,17 +63,18 @@ def route(x: jax.Array, router: jax.Array, top_k: int, renormalize: bool) -> tup
 
 
 def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array, w_down: jax.Array,
-                act: str) -> jax.Array:
+                act: str, layer: jax.Array | None = None) -> jax.Array:
     """sum_k weights[t, k] * expert_{experts[t, k]}(x[t]) with gated experts. x [t, e], weights/experts [t, k],
-    w_gate_up [x, e, 2f] (gate | up), w_down [x, f, e]. Returns [t, e] in x's dtype."""
+    w_gate_up [x, e, 2f] (gate | up), w_down [x, f, e]; with `layer`, every layer's [L, x, e, 2f] and
+    [L, x, f, e], of which layer `layer`'s. Returns [t, e] in x's dtype."""
     T, k = experts.shape
-    num_experts = w_gate_up.shape[0]
+    num_experts = w_gate_up.shape[-3]
     flat = experts.reshape(-1)  # [t*k]
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
     token = order // k  # [t*k]: the token of each sorted pair
     group_sizes = jnp.zeros(num_experts, jnp.int32).at[flat].add(1)  # [x]
-    h = grouped_matmul(x[token], w_gate_up, group_sizes)  # [t*k, 2f]
+    h = grouped_matmul(x[token], w_gate_up, group_sizes, layer)  # [t*k, 2f]
     gate, up = jnp.split(h, 2, axis=-1)
-    y = grouped_matmul(activation(act, gate) * up, w_down, group_sizes)  # [t*k, e]
+    y = grouped_matmul(activation(act, gate) * up, w_down, group_sizes, layer)  # [t*k, e]
     y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((T, x.shape[-1]), jnp.float32).at[token].add(y).astype(x.dtype)
