@@ -37,13 +37,26 @@ logger = logging.getLogger("jaxllm")
 CPU_KV_CACHE_SPACE_GIB = float(os.environ.get("JAXLLM_CPU_KVCACHE_SPACE", "1"))
 
 
-def kv_cache_room(stats: dict, gpu_memory_utilization: float, temp: int | None) -> tuple[float, float, float, dict]:
+def device_pool_fraction() -> float:
+    """The share of each GPU's memory in JAX's pool: $XLA_PYTHON_CLIENT_MEM_FRACTION (jaxllm sets 0.95 on
+    import unless the application set it), else JAX's default, 0.75."""
+    try:
+        return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    except ValueError:
+        return 0.75
+
+
+def kv_cache_room(stats: dict, gpu_memory_utilization: float, temp: int | None,
+                  pool_fraction: float = 1.0) -> tuple[float, float, float, dict]:
     """(bytes the KV cache may take on a device, the usable limit, bytes used, the stats), from the device's
     `memory_stats()` after a warm-up step whose scratch XLA planned at `temp` bytes (None: unknown, so the
-    peak counts). K and V are one buffer each, so both must fit in free memory as it lies, not only in its
-    sum: freed weights can leave holes below the live ones, and a cache sized by the sum failed its first
-    step. The step's scratch may have to come out of the same block."""
-    limit = stats.get("bytes_limit", 0) * gpu_memory_utilization
+    peak counts). The limit is `gpu_memory_utilization` of the device's memory, as in vLLM: JAX's pool
+    (`bytes_limit`) is `pool_fraction` of it, and the limit never passes the pool. K and V are one buffer
+    each, so both must fit in free memory as it lies, not only in its sum: freed weights can leave holes
+    below the live ones, and a cache sized by the sum failed its first step. The step's scratch may have to
+    come out of the same block."""
+    pool = stats.get("bytes_limit", 0)
+    limit = min(pool, pool / pool_fraction * gpu_memory_utilization)
     if temp is None:
         used = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
     else:
@@ -201,18 +214,18 @@ class LLMEngine:
             # The device with the least room left decides (shards are even; a replicated vocabulary is not).
             devices = [self.runner.device] if self.mesh is None else list(self.mesh.devices.flat)
             temp = self.runner.last_dummy_step_temp_bytes
-            rooms = [kv_cache_room(device.memory_stats() or {}, cfg.gpu_memory_utilization, temp)
-                     for device in devices]
+            rooms = [kv_cache_room(device.memory_stats() or {}, cfg.gpu_memory_utilization, temp,
+                                   device_pool_fraction()) for device in devices]
             room, limit, used, stats = min(rooms, key=lambda r: r[0])
             if room < limit - used:
                 logger.warning("memory: the largest free block is %.1f GiB of %.1f GiB free (fragmented): the KV "
                                "cache gets %.1f GiB", stats["largest_free_block_bytes"] / 2**30,
                                (limit - used) / 2**30, room / 2**30)
             num_blocks = max(int(room), 0) // per_block
-            logger.info("memory: %.1f GiB usable (gpu_memory_utilization=%.2f), %.1f GiB for weights and the "
-                        "largest step (device peak so far %.1f GiB), %.1f GiB for the KV cache", limit / 2**30,
-                        cfg.gpu_memory_utilization, used / 2**30, stats.get("peak_bytes_in_use", 0) / 2**30,
-                        num_blocks * per_block / 2**30)
+            logger.info("memory: %.1f GiB usable (gpu_memory_utilization=%.2f of the device, JAX's pool %.1f GiB), "
+                        "%.1f GiB for weights and the largest step (device peak so far %.1f GiB), %.1f GiB for the "
+                        "KV cache", limit / 2**30, cfg.gpu_memory_utilization, stats.get("bytes_limit", 0) / 2**30,
+                        used / 2**30, stats.get("peak_bytes_in_use", 0) / 2**30, num_blocks * per_block / 2**30)
         needed = self._blocks_per_seq()
         if num_blocks < needed:
             raise ValueError(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -146,6 +149,30 @@ def test_kv_cache_room_fits_free_memory_as_it_lies():
     room = kv_cache_room({**stats, "largest_free_block_bytes": 81 * gib}, 0.9, temp=2 * gib)[0]
     assert room == 79 * gib
     assert kv_cache_room({**stats, "largest_free_block_bytes": 97 * gib}, 0.9, 2 * gib)[0] == 84.5 * gib
+
+
+def test_kv_cache_room_is_a_share_of_the_device():
+    """gpu_memory_utilization is a share of the device's memory, as in vLLM, not of JAX's pool (a fraction of
+    the device): 0.9 of a 140 GiB device is 126 GiB in a 95% pool, and the whole pool when it is smaller."""
+    from jaxllm.engine import kv_cache_room
+
+    gib = 2**30
+    stats = {"bytes_limit": 133 * gib, "bytes_in_use": 90 * gib}
+    room, limit, used, _ = kv_cache_room(stats, 0.9, temp=0, pool_fraction=0.95)
+    assert limit == 126 * gib and room == 36 * gib
+    assert kv_cache_room({**stats, "bytes_limit": 105 * gib}, 0.9, temp=0, pool_fraction=0.75)[1] == 105 * gib
+
+
+def test_import_sets_the_pool_unless_the_application_did():
+    """Importing jaxllm puts JAX's GPU pool at 95% of the device (JAX's default, 75%, is under the default
+    gpu_memory_utilization), and leaves a value the application set."""
+    code = "import jaxllm, os; from jaxllm.engine import device_pool_fraction; print(device_pool_fraction())"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout) == 0.95
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"},
+                         capture_output=True, text=True, check=True)
+    assert float(out.stdout) == 0.5
 
 
 def test_random_weights_quantized_come_back_to_the_device():
