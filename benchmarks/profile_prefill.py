@@ -26,14 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
-from kernels import MODELS, prefill_inputs  # noqa: E402  (benchmarks/kernels.py)
+from attention_kernels import MODELS, prefill_inputs  # noqa: E402
 from pallas_kernels.prefill import ragged_paged_attention  # noqa: E402
 
 ROLES = ("compute 0", "compute 1", "memory")
 
 
 def inputs(model, chunk, ctx, tokens):
-    """kernels.py's prefill case (one query array): the kernel's arguments and its scale."""
+    """attention_kernels.py's prefill case (one query array): the kernel's arguments and its scale."""
     qs, k, v, tables, seq_lens, qsl = prefill_inputs(model, chunk, ctx, tokens, reps=1)
     return (qs[0], k, v, 0, tables, seq_lens, qsl), MODELS[model][2] ** -0.5
 

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py's targets table: which cases a target applies to, and met or missed by how much."""
+"""benchmarks/attention_kernels.py's targets table: which cases a target applies to, and met or missed by how much."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import kernels  # noqa: E402  (benchmarks/kernels.py)
+import attention_kernels as kernels  # noqa: E402
 
 
 def run_results(copy_tbps=3.0, matmul=800.0):
@@ -69,13 +69,13 @@ def test_prefill_takes_the_faster_of_the_repeats_and_states_met_or_points_short(
 def test_table_flag_writes_the_markdown_beside_the_json(tmp_path):
     src = tmp_path / "run.json"
     src.write_text(json.dumps(run_results()))
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--table", str(src)], check=True,
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_kernels.py"), "--table", str(src)], check=True,
                    capture_output=True, timeout=120)
     assert (tmp_path / "run.md").read_text() == kernels.targets_table(run_results())
 
 
 def test_table_flag_names_a_missing_file(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--table", str(tmp_path / "no.json")],
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_kernels.py"), "--table", str(tmp_path / "no.json")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--table: no such file" in r.stderr
 

@@ -1,9 +1,9 @@
 """Attention kernel benchmark on a CUDA GPU: ours vs JAX's bundled paged_attention vs the XLA reference.
 
-    python benchmarks/kernels.py                 # full table, JSON to benchmarks/results/kernels-<device>.json
-    python benchmarks/kernels.py --tune          # sweep kernel parameters on a few target cases first
-    python benchmarks/kernels.py --table F.json  # the targets table (F.md) of an earlier run, no GPU
-    python benchmarks/kernels.py --window        # long contexts with a 4096 sliding window against none
+    python benchmarks/attention_kernels.py                 # full table, JSON to benchmarks/results/kernels-<device>.json
+    python benchmarks/attention_kernels.py --tune          # sweep kernel parameters on a few target cases first
+    python benchmarks/attention_kernels.py --table F.json  # the targets table (F.md) of an earlier run, no GPU
+    python benchmarks/attention_kernels.py --window        # long contexts with a 4096 sliding window against none
 
 Prints the two ceilings first (copy bandwidth: PyTorch device copy and a jitted JAX op, bytes read +
 written; dense bf16 8192^3 matmul: PyTorch and JAX), then per case the median time, KV bytes/s and %
