@@ -20,6 +20,7 @@ import datetime
 import json
 import logging
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -65,8 +66,22 @@ def make_workload(num_prompts, input_len, output_len, vocab_size, seed):
 
 
 def device_name() -> str:
+    """The GPU's kind, or on a CPU its model: CPU figures (and ratios against torch) move with the host."""
     d = jax.devices()[0]
+    if d.platform == "cpu":
+        return f"cpu: {cpu_model()}"
     return getattr(d, "device_kind", d.platform)
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name, and whether it has AVX-512 (which XLA's and torch's CPU kernels use)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown")
+    return name + (", AVX-512" if " avx512f" in info else "")
 
 
 def git_commit() -> str:
