@@ -74,6 +74,20 @@ def test_every_dev_dependency_is_imported_by_the_tests_or_benchmarks():
     assert not left, f"declared as dev dependencies but imported nowhere in tests, benchmarks or examples: {left}"
 
 
+# Folders whose scripts run with their own folder first on sys.path (python benchmarks/X.py), or that the tests
+# put there: a module of theirs named like an installed package's stands in for it everywhere in that process.
+SCRIPT_FOLDERS = ("benchmarks", "tests", "tests/gpu", "examples")
+
+
+def test_no_script_shadows_an_installed_package():
+    """benchmarks/kernels.py once stood in for Hugging Face's `kernels`, which transformers imports: each
+    script folder's module names must be free of every installed distribution's top-level modules."""
+    installed = importlib.metadata.packages_distributions()
+    clashes = [f"{folder}/{path.name} hides {installed[path.stem]}" for folder in SCRIPT_FOLDERS
+               for path in sorted((ROOT / folder).glob("*.py")) if path.stem in installed]
+    assert not clashes, clashes
+
+
 def test_diary_word_pattern():
     assert DIARY_WORD.search("the eighth session's kernel") and DIARY_WORD.search("Sessions 3-5")
     for legitimate in ('aiohttp.ClientSession()', 'requests.Session()', '@pytest.fixture(scope="session")',
