@@ -36,6 +36,9 @@ import time
 import jax
 import numpy as np
 
+# torch shares this process's GPU: JAX's pool stays at its default 75% (importing jaxllm would make it 95%).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.encoder_folder import encoder_config, encoder_folder, max_model_len  # noqa: E402

@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# torch shares this process's GPU: JAX's pool stays at its default 75% (importing jaxllm would make it 95%).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 import transformers
 
+# torch shares this process's GPU: JAX's pool stays at its default 75% (importing jaxllm would make it 95%).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from jaxllm import LLM, SamplingParams  # noqa: E402
