@@ -7,7 +7,9 @@ routing of 1 to 8192 tokens (decode steps, where most experts get no row or one,
 three routings by hand (every row to one expert, one row an expert, rows past the groups); bf16, and
 float16 at one shape. Each asserts a relative error (Frobenius) under 1e-2 against ragged_dot with
 float32 accumulation, a finite output, zeros past the groups, and that moe.grouped_matmul picks the
-kernel by itself. Engine case: each --shapes model cut to --layers layers, random weights, greedy, 16
+kernel by itself. Fused cases: both matmuls of each model at 4 and 256 tokens in the MoE layer's form (x's
+rows gathered by token, scaled by the routing weights, stored in the pairs' places; layer 1 of a stack of
+two), against the same reference. Engine case: each --shapes model cut to --layers layers, random weights, greedy, 16
 requests, once with the kernel (the default on a GPU) and once with JAXLLM_MOE_KERNEL=0; the tokens must
 agree up to bf16 near-ties (printed; asserted for the first token of each request).
 """
@@ -79,6 +81,23 @@ def check_kernel(rng, name, sizes, extra_rows, k, n, dtype, log) -> bool:
     return report.case(log, rec)
 
 
+def check_fused(rng, name, tokens, experts, active, k, n, log) -> bool:
+    """The MoE layer's fused form: rows gathered from x by token, weighted, stored in the pairs' places."""
+    x = jnp.asarray(rng.standard_normal((tokens, k)), jnp.bfloat16)
+    router = jnp.asarray(rng.standard_normal((k, experts)), jnp.float32)
+    weights, chosen = route(x.astype(jnp.float32), router, active, renormalize=True)
+    order = jnp.argsort(chosen.reshape(-1), stable=True).astype(jnp.int32)
+    sizes = jnp.zeros(experts, jnp.int32).at[chosen.reshape(-1)].add(1)
+    w = (jax.random.normal(jax.random.PRNGKey(k + n), (2, experts, k, n), jnp.float32) * k**-0.5).astype(jnp.bfloat16)
+    args = (x, w, sizes, jnp.int32(1), order // active, order, weights.reshape(-1)[order])
+    got = np.asarray(jax.block_until_ready(grouped_matmul(*args)), np.float32)
+    want = np.asarray(grouped_matmul_reference(*args), np.float32)
+    err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    ok = bool(np.isfinite(got).all()) and err < TOL
+    return report.case(log, dict(name=f"{name} {tokens} tokens fused gather/weights/places: [{tokens}, {k}] @ "
+                                 f"[2, {experts}, {k}, {n}] layer 1", ok=ok, rel_err=err))
+
+
 def greedy_tokens(shape: str, layers: int, kernel: bool) -> list[list[int]]:
     from jaxllm.models.shapes import init_random_weights, model_shape_config
 
@@ -111,6 +130,10 @@ def main():
     print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
     for case in kernel_cases(rng):
         ok &= check_kernel(rng, *case, log)
+    for name, hidden, ffn, experts, active in EXPERTS:
+        for tokens in (4, 256):
+            ok &= check_fused(rng, name, tokens, experts, active, hidden, 2 * ffn, log)
+            ok &= check_fused(rng, name, tokens, experts, active, ffn, hidden, log)
     for shape in a.shapes:
         ok &= check_engine(shape, a.layers, log)
     report.finish(a.log, ok, log)
