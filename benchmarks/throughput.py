@@ -97,9 +97,15 @@ def git_commit() -> str:
 
 
 def write_result(result: dict, path: str | None, default_name: str) -> None:
-    """Write a benchmark's JSON: to `path`, or to benchmarks/results/<default_name>."""
+    """Write a benchmark's JSON: to `path`, or to benchmarks/results/<default_name>. A default name that is
+    taken (a record behind the README, say) gets the commit and the time appended instead: a run replaces a
+    record only when asked to with an explicit path."""
     os.makedirs(RESULTS, exist_ok=True)
-    path = path or os.path.join(RESULTS, default_name)
+    if path is None:
+        path = os.path.join(RESULTS, default_name)
+        if os.path.exists(path):
+            stem, ext = os.path.splitext(path)
+            path = f"{stem}-{git_commit()}-{datetime.datetime.now().strftime('%Y%m%dT%H%M%S')}{ext}"
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {path}")

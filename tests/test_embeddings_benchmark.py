@@ -118,3 +118,18 @@ def test_short_run_reports_the_median_and_why_vllm_is_missing(tmp_path, capsys):
     assert result["encoder_attention"] == "loop"  # the CPU's default, recorded as the runner resolved it
     assert row["load_average_1m"] >= 0
     assert "vllm skipped" in capsys.readouterr().out
+
+
+def test_a_run_never_overwrites_a_record_by_default(tmp_path, monkeypatch):
+    """write_result's default name, when taken, gets the commit and the time appended: the committed record
+    stays as it was; an explicit path is written as given."""
+    from benchmarks import throughput
+
+    monkeypatch.setattr(throughput, "RESULTS", str(tmp_path))
+    (tmp_path / "embeddings-cpu.json").write_text('{"record": 1}')
+    throughput.write_result({"run": 2}, None, "embeddings-cpu.json")
+    assert (tmp_path / "embeddings-cpu.json").read_text() == '{"record": 1}'
+    others = [p for p in tmp_path.iterdir() if p.name != "embeddings-cpu.json"]
+    assert len(others) == 1 and others[0].name.startswith("embeddings-cpu-") and '"run": 2' in others[0].read_text()
+    throughput.write_result({"run": 3}, str(tmp_path / "embeddings-cpu.json"), "ignored.json")
+    assert '"run": 3' in (tmp_path / "embeddings-cpu.json").read_text()
