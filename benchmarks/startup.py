@@ -50,6 +50,11 @@ def main():
     weighted = time.perf_counter() - START
     llm = LLM.from_params(params, config, None, max_model_len=args.max_model_len)
     ready = time.perf_counter() - START
+    compiled = llm.llm_engine.runner.compile_seconds  # [(program key, seconds)], the programs not loaded
+    compile_report = {
+        "programs": len(compiled),
+        "seconds_by_kind": {kind: round(sum(s for k, s in compiled if k[0] == kind), 1) for kind in ("forward", "sample")},
+        "slowest": [[" ".join(map(str, k)), round(s, 2)] for k, s in sorted(compiled, key=lambda c: -c[1])[:10]]}
     # Greedy tokens of prompts that fill the largest token bucket (the Mosaic prefill kernel's) and then decode.
     rng = np.random.default_rng(0)
     n = args.max_model_len - 8
@@ -66,6 +71,7 @@ def main():
               "start_to_ready_s": round(ready, 1),
               "phases_s": {"imports_and_backend": round(imported, 1), "random_weights": round(weighted - imported, 1),
                            "engine": round(ready - weighted, 1)},
+              "compiled": compile_report,
               "compilation_cache": jax.config.jax_compilation_cache_dir,
               "greedy_tokens": tokens, "same_tokens_as": [args.same_tokens_as, same] if args.same_tokens_as else None,
               "device": device_name(), "jax_version": jax.__version__, "commit": git_commit(),

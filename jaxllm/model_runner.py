@@ -251,6 +251,9 @@ class ModelRunner:
             self.mixed_seqs_follow_tokens = True
         self.compiled_buckets: set[tuple] = set()
         self._executables: dict[tuple, object] = {}  # bucket -> the step compiled ahead of time (precompile)
+        # (program key, seconds to trace and compile) of each program compiled, not loaded from the cache:
+        # where a cold start's time goes (benchmarks/startup.py reports the slowest).
+        self.compile_seconds: list[tuple[tuple, float]] = []
         # A stored program is loaded onto one device: a sharded step compiles at each start.
         self.executable_cache = ExecutableCache.from_jax_config() if mesh is None else None
         if self.executable_cache is not None:
@@ -270,7 +273,7 @@ class ModelRunner:
         self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
         self._pending_fills: list[tuple] = []
         self.bitmask_buffers = BitmaskBuffers(bitmask_width(self.vocab_size))
-        self._free_bitmasks: dict[int, np.ndarray] = {}
+        self._free_bitmasks: dict[int, jax.Array] = {}
         self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-compile-later")
         self._background: dict[tuple, Future] = {}  # sampling program key -> its background compile
         self.penalty_rows: OrderedDict[str, int] = OrderedDict()  # request_id -> row, least recently used first
@@ -382,13 +385,17 @@ class ModelRunner:
         # Sampled rows: one per scheduled request, then one per sibling forked from it.
         rows = [(s.request, logits_indices[i], True) for i, s in enumerate(sched)]
         rows += [(child, logits_indices[i], False) for i, child in out.forks]
-        R = _bucket(len(rows), self.config.seq_buckets) if len(rows) > S else S
+        R = self._rows_bucket(S, len(rows))
         penalty_rows = self._penalty_rows_for([s.request for s in sched])
         st, num_logprobs = self._sampling_tensors(rows, R, penalty_rows, out)
         random_rows, use_filters = sampling_flags(st)
         # A step with constrained rows keeps its rows' own flags: a greedy JSON batch must not pay for the
         # top-p filter (a third of a Qwen3-0.6B decode step at 256 rows).
         mask = self._step_mask([r[0] for r in rows], R)
+        # Every random program takes a bitmask (all ones when no row is constrained, `_free_bitmask`): one
+        # program serves random rows with and without structured outputs, and a start compiles half as many
+        # random programs. The all-ones mask costs one fused pass over the logits.
+        masked = mask is not None or random_rows
         sample_indices = np.zeros(R, np.int32)
         sample_indices[:len(rows)] = [r[1] for r in rows]
 
@@ -409,7 +416,7 @@ class ModelRunner:
                     random_rows=random_rows, use_filters=use_filters, num_logprobs=num_logprobs,
                     num_prompt_logprobs=num_prompt_logprobs)
         bucket = (T, S, R, B, decode_only, random_rows, use_filters, bool(penalty_rows), st.bias_ids.shape[1],
-                  st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs, mask is not None)
+                  st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs, masked)
         if self._runs_on_general(bucket):
             self._compile_in_background(args, bucket)
             args, bucket = self._as_general(args, bucket)
@@ -549,6 +556,12 @@ class ModelRunner:
             return min(num_tokens, self.config.seq_buckets[-1])
         return _bucket(num_seqs, self.config.seq_buckets)
 
+    def _rows_bucket(self, num_seqs: int, num_rows: int) -> int:
+        """R, the sampled rows of a step of S = `num_seqs` (a bucket) with `num_rows` rows: always a sequence
+        bucket, so the sampling programs (one per R and feature set) do not multiply with the token buckets
+        that set a GPU mixed step's S (384 and 768 sample as 512 and 1024: a few more rows of the head)."""
+        return _bucket(max(num_seqs, num_rows), self.config.seq_buckets)
+
     def _dummy_step_args(self, num_tokens: int, decode_only: bool, random_rows: bool,
                          prefill_kernel: bool | None = None, use_filters: bool = False, masked: bool = False,
                          general: bool = False, penalties: bool = False):
@@ -563,14 +576,15 @@ class ModelRunner:
         md = AttentionMetadata(slot_mapping=np.full(T, -1, np.int32), block_tables=np.zeros((S, B), np.int32),
                                seq_lens=np.zeros(S, np.int32), query_start_loc=np.zeros(S + 1, np.int32),
                                logits_indices=np.zeros(S, np.int32))
-        st, _ = self._sampling_tensors([], S, {}, SchedulerOutput())
+        R = self._rows_bucket(S, 0)
+        st, _ = self._sampling_tensors([], R, {}, SchedulerOutput())
         zeros = np.zeros(T, np.int32)
         args = dict(token_ids=zeros, prev_rows=np.full(T, -1, np.int32), positions=zeros, md=md,
-                    sample_indices=np.zeros(S, np.int32), st=st, prompt_targets=zeros,
+                    sample_indices=np.zeros(R, np.int32), st=st, prompt_targets=zeros,
                     decode_only=decode_only, prefill_kernel=prefill_kernel, random_rows=random_rows,
                     use_filters=use_filters, num_logprobs=-1, num_prompt_logprobs=-1)
-        bucket = (T, S, S, B, decode_only, random_rows, use_filters, penalties, st.bias_ids.shape[1], 0, -1, -1,
-                  masked)
+        bucket = (T, S, R, B, decode_only, random_rows, use_filters, penalties, st.bias_ids.shape[1], 0, -1, -1,
+                  masked or random_rows)
         return self._as_general(args, bucket) if general else (args, bucket)
 
     def _compile(self, name: str, static_names: tuple, leading: tuple, args: dict) -> tuple[jax.stages.Compiled, bool]:
@@ -602,10 +616,13 @@ class ModelRunner:
         keys, programs = _program_keys(bucket), []
         keys = keys[:1] if model_only else keys
         if (forward := have.get(keys[0])) is None:
+            start = time.perf_counter()
             forward, cached = self._compile("_forward", FORWARD_STATIC_ARGS,
                                             (self.params, self.kv_cache, self.last_sampled),
                                             self._forward_args(args, keys[0][-1]))
             programs.append((keys[0], forward, cached))
+            if not cached:
+                self.compile_seconds.append((keys[0], time.perf_counter() - start))
         if len(keys) == 2 and keys[1] not in have:
             out = forward.out_info[1]  # the logits [R, V] as the model program leaves them (dtype, sharding)
             logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding)
@@ -615,10 +632,13 @@ class ModelRunner:
                 state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated()),
                                      jax.eval_shape(lambda: PenaltyState.create(self.config.max_num_seqs, self.vocab_size)))
             sample_args = _sampler_args(args)
+            start = time.perf_counter()
             sampler, cached = self._compile("_sample", SAMPLE_STATIC_ARGS,
                                             (logits, bitmask, sample_args.pop("st"), state, self.last_sampled),
                                             sample_args)
             programs.append((keys[1], sampler, cached))
+            if not cached:
+                self.compile_seconds.append((keys[1], time.perf_counter() - start))
         return programs
 
     def _forward_args(self, args: dict, return_logits: bool) -> dict:
@@ -652,9 +672,9 @@ class ModelRunner:
         """Compile every ordinary step at start, in parallel: the model program of each decode batch bucket
         and each token bucket (which also samples plain greedy rows; small decode buckets have a second one
         without logits for their greedy steps, GREEDY_ONLY_MAX_ROWS), then for each row bucket a sampling
-        program for random rows, one for random rows that truncate (top_k, top_p, min_p), the
-        three of a step with a constrained row (structured outputs: greedy, random and truncating, with a
-        token bitmask input), and the two general ones (GENERAL_BIAS_COLUMNS: everything on, with and
+        program for random rows and one for random rows that truncate (top_k, top_p, min_p), both with a
+        token bitmask input (structured outputs; all ones when no row is constrained), one for greedy steps
+        with a constrained row, and the two general ones (GENERAL_BIAS_COLUMNS: everything on, with and
         without penalties). Any mix of temperature, top_k, top_p, min_p, seed, stop conditions and
         structured outputs runs on a program of its own; penalties, logprobs, allowed_token_ids and up to
         64 biases a row run on a general one until their own has compiled in the background
@@ -665,12 +685,11 @@ class ModelRunner:
         from tqdm.auto import tqdm
 
         shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
-        # (random_rows, use_filters, masked, general, penalties): a step with a constrained row samples with
-        # a masked program of its rows' flags, greedy included (the plain greedy step's argmax is in its
-        # model program); the general programs come last.
-        sampling = ((True, False, False, False, False), (True, True, False, False, False),
-                    (False, False, True, False, False), (True, False, True, False, False),
-                    (True, True, True, False, False), (True, True, True, True, False), (True, True, True, True, True))
+        # (random_rows, use_filters, masked, general, penalties): random programs all take a bitmask; a greedy
+        # step with a constrained row samples with a masked greedy program (the plain greedy step's argmax is
+        # in its model program); the general programs come last.
+        sampling = ((True, False, True, False, False), (True, True, True, False, False),
+                    (False, False, True, False, False), (True, True, True, True, False), (True, True, True, True, True))
         start, loaded = time.perf_counter(), 0
         # XLA compiles a program on about one core (LLVM, ptxas): a thread per core.
         num_threads = num_threads or os.cpu_count() or 8
@@ -701,7 +720,7 @@ class ModelRunner:
         logger.info("compiled %d step programs in %.1fs (%d loaded from the executable cache): a model program for "
                     "each of %d decode and %d token buckets (and a greedy one without logits for decode buckets "
                     "of up to %d rows), and %d sampling programs (random, random with top-k/top-p/min-p, "
-                    "each of these or greedy with a token bitmask, and the general ones) for their row buckets; "
+                    "greedy with a token bitmask, and the general ones) for their row buckets; "
                     "over 64 biases or allowed ids a row, logprobs of the whole vocabulary and prompt_logprobs "
                     "compile on first use",
                     len(self._executables), time.perf_counter() - start, loaded, len(self.config.seq_buckets),
@@ -770,8 +789,8 @@ class ModelRunner:
                 st = sample_args.pop("st")
                 if mask is not None:
                     bitmask = mask.ready.result()
-                elif bucket[-1]:  # the general program, for a step without constrained rows: none masked
-                    bitmask = self._free_bitmask(bucket[2])
+                elif bucket[-1]:  # a random or general program, for a step without constrained rows
+                    bitmask = self._free_bitmask(bucket[2], sampler)
                 if sampler is not None:
                     out, state, self.last_sampled = sampler(logits, bitmask, st, state, self.last_sampled)
                 else:
@@ -800,12 +819,13 @@ class ModelRunner:
         for future in list(self._background.values()):
             future.result()
 
-    def _free_bitmask(self, num_rows: int) -> np.ndarray:
-        """[num_rows, W] int32, all ones: every token allowed (kept per row count; never written)."""
+    def _free_bitmask(self, num_rows: int, sampler: jax.stages.Compiled | None) -> jax.Array:
+        """[num_rows, W] int32, all ones: every token allowed. Kept on the device per row count, so a random
+        step does not copy it (4.9 MB at 256 rows of a 152k vocabulary)."""
         mask = self._free_bitmasks.get(num_rows)
         if mask is None:
-            mask = self._free_bitmasks[num_rows] = np.full((num_rows, bitmask_width(self.vocab_size)), -1, np.int32)
-            mask.flags.writeable = False
+            ones = np.full((num_rows, bitmask_width(self.vocab_size)), -1, np.int32)
+            mask = self._free_bitmasks[num_rows] = jax.device_put(ones, self._bitmask_sharding(sampler))
         return mask
 
     def _bitmask_sharding(self, sampler: jax.stages.Compiled | None):

@@ -240,14 +240,15 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     runner = _gpu_style(llm)
     runner.precompile(num_threads=2)
     # A model program for each decode and each token bucket, and one without logits for each small decode
-    # bucket's greedy steps; for each row bucket a random and a random with top-k/top-p/min-p sampling
-    # program, a greedy, a random and a truncating one with a token bitmask, and the two general ones.
+    # bucket's greedy steps; for each row bucket (a sequence bucket, whatever a mixed step's S) a random and
+    # a random with top-k/top-p/min-p sampling program (both with a token bitmask), a greedy one with a
+    # token bitmask, and the two general ones.
     num_shapes = len(runner.config.seq_buckets) + len(runner.config.token_buckets)
     small = [S for S in runner.config.seq_buckets if S <= model_runner.GREEDY_ONLY_MAX_ROWS]
     kinds = [key[0] for key in runner._executables]
-    row_buckets = set(runner.config.seq_buckets) | {runner._mixed_seqs(T, 1) for T in runner.config.token_buckets}
     assert small and (kinds.count("forward"), kinds.count("sample")) == (num_shapes + len(small),
-                                                                         7 * len(row_buckets))
+                                                                         5 * len(runner.config.seq_buckets))
+    assert {key[1] for key in runner._executables if key[0] == "sample"} == set(runner.config.seq_buckets)
     assert sum(not key[-1] for key in runner._executables if key[0] == "forward") == len(small)
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=7)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
