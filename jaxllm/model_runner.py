@@ -407,10 +407,6 @@ class ModelRunner:
         # A step with constrained rows keeps its rows' own flags: a greedy JSON batch must not pay for the
         # top-p filter (a third of a Qwen3-0.6B decode step at 256 rows).
         mask = self._step_mask([r[0] for r in rows], R)
-        # Every random program takes a bitmask (all ones when no row is constrained, `_free_bitmask`): one
-        # program serves random rows with and without structured outputs, and a start compiles half as many
-        # random programs. The all-ones mask costs one fused pass over the logits.
-        masked = mask is not None or random_rows
         sample_indices = np.zeros(R, np.int32)
         sample_indices[:len(rows)] = [r[1] for r in rows]
 
@@ -431,7 +427,8 @@ class ModelRunner:
                     random_rows=random_rows, use_filters=use_filters, num_logprobs=num_logprobs,
                     num_prompt_logprobs=num_prompt_logprobs)
         bucket = (T, S, R, B, decode_only, random_rows, use_filters, bool(penalty_rows), st.bias_ids.shape[1],
-                  st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs, masked)
+                  st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs,
+                  _takes_bitmask(random_rows, mask is not None))
         if self._runs_on_general(bucket):
             self._compile_in_background(args, bucket)
             args, bucket = self._as_general(args, bucket)
@@ -599,13 +596,15 @@ class ModelRunner:
                     decode_only=decode_only, prefill_kernel=prefill_kernel, random_rows=random_rows,
                     use_filters=use_filters, num_logprobs=-1, num_prompt_logprobs=-1)
         bucket = (T, S, R, B, decode_only, random_rows, use_filters, penalties, st.bias_ids.shape[1], 0, -1, -1,
-                  masked or random_rows)
+                  _takes_bitmask(random_rows, masked))
         return self._as_general(args, bucket) if general else (args, bucket)
 
-    def _compile(self, name: str, static_names: tuple, leading: tuple, args: dict) -> tuple[jax.stages.Compiled, bool]:
+    def _compile(self, name: str, program_key: tuple, static_names: tuple, leading: tuple,
+                 args: dict) -> tuple[jax.stages.Compiled, bool]:
         """(the program of `fn` for these arguments, whether it came from the executable cache): loaded from
         the cache when it holds it, else traced, compiled and stored there. `leading`: the positional
-        arguments (params and device state), `args`: the keyword ones. `name`: the jitted function's, here."""
+        arguments (params and device state), `args`: the keyword ones. `name`: the jitted function's, here;
+        `program_key`: the program's key, for `compile_seconds`."""
         fn = globals()[name]
         cache, key = self.executable_cache, None
         if cache is not None:
@@ -615,9 +614,11 @@ class ModelRunner:
             key = cache.key(self.device, statics, (leading, arrays))
             if (executable := cache.load(key, self.device)) is not None:
                 return executable, True
+        start = time.perf_counter()
         with self.on_mesh():
             lowered = fn.lower(*leading, **args)
         executable = lowered.compile()
+        self.compile_seconds.append((program_key, time.perf_counter() - start))
         if cache is not None:
             cache.store(key, executable)
         return executable, False
@@ -631,13 +632,10 @@ class ModelRunner:
         keys, programs = _program_keys(bucket), []
         keys = keys[:1] if model_only else keys
         if (forward := have.get(keys[0])) is None:
-            start = time.perf_counter()
             fwd_args = self._forward_args(args, keys[0][-1])
-            forward, cached = self._compile("_forward", FORWARD_STATIC_ARGS,
+            forward, cached = self._compile("_forward", keys[0], FORWARD_STATIC_ARGS,
                                             (self.params, self.kv_cache, self.last_sampled), fwd_args)
             programs.append((keys[0], forward, cached))
-            if not cached:
-                self.compile_seconds.append((keys[0], time.perf_counter() - start))
             _, shardings = forward.input_shardings
             held = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
                     for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS}
@@ -651,13 +649,10 @@ class ModelRunner:
                 state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated()),
                                      jax.eval_shape(lambda: PenaltyState.create(self.config.max_num_seqs, self.vocab_size)))
             sample_args = _sampler_args(args)
-            start = time.perf_counter()
-            sampler, cached = self._compile("_sample", SAMPLE_STATIC_ARGS,
+            sampler, cached = self._compile("_sample", keys[1], SAMPLE_STATIC_ARGS,
                                             (logits, bitmask, sample_args.pop("st"), state, self.last_sampled),
                                             sample_args)
             programs.append((keys[1], sampler, cached))
-            if not cached:
-                self.compile_seconds.append((keys[1], time.perf_counter() - start))
         return programs
 
     def _forward_args(self, args: dict, return_logits: bool) -> dict:
@@ -826,9 +821,7 @@ class ModelRunner:
             _, shardings = forward.input_shardings
             held = jax.device_put(arrays, {k: shardings[k] for k in arrays})
         else:
-            if key not in self._refills:  # compiled with its model program at start; else once, here
-                self._refills[key] = _refill.lower(held, arrays).compile()
-            held = self._refills[key](held, arrays)
+            held = self._refills[key](held, arrays)  # compiled with its model program (`_compile_programs`)
         self._held_inputs[key] = held
         return held
 
@@ -898,6 +891,14 @@ def _sampler_args(args: dict) -> dict:
     st = args["st"]
     return {"st": pack_sampling_tensors(st), "random_rows": args["random_rows"], "use_filters": args["use_filters"],
             "num_logprobs": args["num_logprobs"], "st_columns": (st.bias_ids.shape[1], st.allowed_ids.shape[1])}
+
+
+def _takes_bitmask(random_rows: bool, constrained: bool) -> bool:
+    """Whether a step's sampling program takes a token bitmask: with a constrained row, and always with random
+    rows (all ones when none is constrained, `_free_bitmask`), so one program serves random rows with and
+    without structured outputs and a start compiles half as many random programs. The all-ones mask costs one
+    fused pass over the logits."""
+    return random_rows or constrained
 
 
 def _program_keys(bucket: tuple) -> tuple[tuple, ...]:
