@@ -78,7 +78,7 @@ GENERAL_ALLOWED_COLUMNS = 64
 # a step of a few rows is launch-bound, and a fresh [R, V] output buffer each step is the suspect (XLA
 # re-records a CUDA graph whose buffers move). Larger steps keep one program for both uses: there the
 # output cost nothing measurable, and a second program per shape would double the start's compiles.
-GREEDY_ONLY_MAX_ROWS = 16
+GREEDY_ONLY_MAX_ROWS = int(os.environ.get("JAXLLM_GREEDY_ONLY_MAX_ROWS") or 16)
 # Model programs of up to this many rows write their [R, V] logits into held buffers (jaxllm/held_buffers.py),
 # one per row bucket: 19 MB for a 152k vocabulary. Larger steps are not launch-bound, and would hold hundreds
 # of MB each.

@@ -278,9 +278,9 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     jitted = (_forward, _sample)
     before, buckets = [f._cache_size() for f in jitted], set(runner.compiled_buckets)
     ahead = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
+    runner.wait_for_background_compiles()
     addresses = _held_addresses(runner)
     _assert_outputs_written_in_place(runner)
-    runner.wait_for_background_compiles()
     # Nothing compiled on a step's path: steps of the last two mixes ran on the general programs while their
     # own compiled in the background; the mixes again run on those.
     assert [f._cache_size() for f in jitted] == before
