@@ -252,6 +252,17 @@ def use_top_p_kernel(num_rows: int = KERNEL_MIN_ROWS) -> bool:
             and not os.environ.get("JAXLLM_TOP_P_SEARCH_WAYS"))
 
 
+def use_rejection_kernel() -> bool:
+    """Whether a random step with top_k/top_p draws its tokens with the rejection kernel
+    (pallas_kernels/top_k_top_p_sample.py: the same tokens, no threshold search), decided when traced:
+    JAXLLM_TOP_P_REJECTION=1 (any backend: the interpreter off a GPU). Off by default until measured on a GPU
+    against the threshold kernel and the sort."""
+    mode = os.environ.get("JAXLLM_TOP_P_REJECTION", "")
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"JAXLLM_TOP_P_REJECTION={mode!r}: expected 1 (the rejection kernel), 0 or unset (not)")
+    return mode == "1"
+
+
 def keep_from_threshold(logits: jax.Array, threshold: jax.Array) -> jax.Array:
     """Mask the logits [R, V] whose ordered key lies below the row's threshold key [R]."""
     return jnp.where(ordered_key(logits) >= threshold[:, None], logits, NEG_INF)
@@ -340,9 +351,16 @@ def sample(logits: jax.Array, t: SamplingTensors, penalty_state: PenaltyState | 
     sampled = jnp.argmax(logits, axis=-1)
     if random_rows:
         scaled = logits / jnp.where(greedy, 1.0, t.temperature)[:, None]
-        if use_filters:
-            scaled = apply_top_k_top_p(apply_min_p(scaled, t.min_p), t.top_k, t.top_p)
-        drawn = jnp.argmax(scaled + gumbel_noise(t.seeds, t.sample_index, V), axis=-1)
+        noise = gumbel_noise(t.seeds, t.sample_index, V)
+        if use_filters and use_rejection_kernel():
+            from pallas_kernels.top_k_top_p_sample import top_k_top_p_sample
+
+            drawn = top_k_top_p_sample(apply_min_p(scaled, t.min_p), noise, t.top_k, t.top_p,
+                                       interpret=jax.default_backend() != "gpu")
+        else:
+            if use_filters:
+                scaled = apply_top_k_top_p(apply_min_p(scaled, t.min_p), t.top_k, t.top_p)
+            drawn = jnp.argmax(scaled + noise, axis=-1)
         sampled = jnp.where(greedy, sampled, drawn)
     sampled = sampled.astype(jnp.int32)
     lse = jax.nn.logsumexp(raw, axis=-1)
