@@ -104,7 +104,9 @@ def _sample_kernel(x_ref, g_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: i
         zeros = jnp.zeros((block_v,), jnp.float32)
         above, mass, whole, arg = lax.fori_loop(0, num_tiles, tile, (jnp.zeros((block_v,), jnp.int32), zeros, zeros,
                                                                      none))
-        kept = (above.sum() < k) & ((top_p >= 1.0) | (mass.sum() < top_p * whole.sum()))
+        # Nothing above: the row's largest key, always kept (at least one token, as the reference); so each
+        # pass moves the candidate strictly up, and the loop ends even where top_p * mass underflows.
+        kept = (above.sum() == 0) | ((above.sum() < k) & ((top_p >= 1.0) | (mass.sum() < top_p * whole.sum())))
         next_c, next_x = row_best(arg)
         return jnp.where(kept, c, next_c), jnp.where(kept, xc, next_x), kept.astype(jnp.int32)
 
