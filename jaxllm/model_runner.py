@@ -45,11 +45,10 @@ from jaxllm.core.request import Request
 from jaxllm.core.scheduler import SchedulerOutput
 from jaxllm.executable_cache import ExecutableCache
 from jaxllm.grammar_mask import apply_token_bitmask
-from jaxllm.held_buffers import HeldBuffers, snapshot
 from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks, kv_cache_jnp_dtype
 from jaxllm.models import llama
 from jaxllm.models.registry import model_module
-from jaxllm.sampler import (PenaltyState, SamplerOutput, SamplingTensors, greedy_sample, pack_sampling_tensors, sample, token_logprobs,
+from jaxllm.sampler import (PenaltyState, SamplingTensors, greedy_sample, pack_sampling_tensors, sample, token_logprobs,
                             unpack_sampling_tensors)
 from jaxllm.sharding import kv_cache_sharding
 from jaxllm.step_mask import BitmaskBuffers, StepMask
@@ -78,11 +77,7 @@ GENERAL_ALLOWED_COLUMNS = 64
 # a step of a few rows is launch-bound, and a fresh [R, V] output buffer each step is the suspect (XLA
 # re-records a CUDA graph whose buffers move). Larger steps keep one program for both uses: there the
 # output cost nothing measurable, and a second program per shape would double the start's compiles.
-GREEDY_ONLY_MAX_ROWS = int(os.environ.get("JAXLLM_GREEDY_ONLY_MAX_ROWS") or 16)
-# Model programs of up to this many rows write their [R, V] logits into held buffers (jaxllm/held_buffers.py),
-# one per row bucket: 19 MB for a 152k vocabulary. Larger steps are not launch-bound, and would hold hundreds
-# of MB each.
-HELD_LOGITS_MAX_ROWS = 16
+GREEDY_ONLY_MAX_ROWS = 16
 
 
 def _run_model(params, kv_cache: KVCache, last_sampled, token_ids, prev_rows, positions, md: AttentionMetadata,
@@ -131,19 +126,14 @@ def unpack_inputs(packed: jax.Array, layout: tuple) -> dict[str, jax.Array]:
     return arrays
 
 
-# `held`: the buffers the outputs are written to (jaxllm/held_buffers.py), or None. Unused in the body:
-# donated, XLA aliases each output to the held buffer of its shape (taken in argument order, so `held`
-# comes before `last_sampled`, which has a row bucket's shape too); `keep_unused` keeps them arguments.
-@functools.partial(jax.jit, static_argnames=FORWARD_STATIC_ARGS, donate_argnames=("kv_cache", "held", "last_sampled"),
-                   keep_unused=True, compiler_options=llama.step_compiler_options())
-def _forward(params, kv_cache: KVCache, held, last_sampled, packed, bias_values, config: ModelConfig,
-             decode_only: bool, prefill_kernel: bool, num_prompt_logprobs: int, layout: tuple,
-             return_logits: bool = True):
+@functools.partial(jax.jit, static_argnames=FORWARD_STATIC_ARGS, donate_argnames=("kv_cache",),
+                   compiler_options=llama.step_compiler_options())
+def _forward(params, kv_cache: KVCache, last_sampled, packed, bias_values, config: ModelConfig, decode_only: bool,
+             prefill_kernel: bool, num_prompt_logprobs: int, layout: tuple, return_logits: bool = True):
     """The model and greedy sampling with the rows' sparse biases (bias_ids/bias_values [R, 8]: stop tokens
     held back by min_tokens, bad words, logit_bias): (SamplerOutput, logits [R, V] float32 or None when
     not `return_logits`, prompt logprobs or None, kv_cache, last_sampled). A plain greedy step's only
-    program. packed: the int32 inputs (`pack_inputs`), bias_values [R, 8] float32. held: (SamplerOutput,
-    logits or None) to write them to (`_forward_held`), or None."""
+    program. packed: the int32 inputs (`pack_inputs`), bias_values [R, 8] float32."""
     a = unpack_inputs(packed, layout)
     md = AttentionMetadata(slot_mapping=a["slot_mapping"], block_tables=a["block_tables"], seq_lens=a["seq_lens"],
                            query_start_loc=a["query_start_loc"], logits_indices=a["logits_indices"])
@@ -155,21 +145,30 @@ def _forward(params, kv_cache: KVCache, held, last_sampled, packed, bias_values,
     return out, logits if return_logits else None, prompt, kv_cache, last_sampled
 
 
-@functools.partial(jax.jit, static_argnames=SAMPLE_STATIC_ARGS,
-                   donate_argnames=("penalty_state", "held", "last_sampled"), keep_unused=True)
-def _sample(logits, token_bitmask, st, penalty_state: PenaltyState | None, held, last_sampled, random_rows: bool,
+@functools.partial(jax.jit, static_argnames=SAMPLE_STATIC_ARGS, donate_argnames=("penalty_state",))
+def _sample(logits, token_bitmask, st, penalty_state: PenaltyState | None, last_sampled, random_rows: bool,
             use_filters: bool, num_logprobs: int, st_columns: tuple[int, int]):
     """Sampling after `_forward`, for steps that are not plain greedy: logits [R, V] float32.
     token_bitmask [R, W] int32 or None: the tokens each constrained row may sample, applied before sampling
     and logprobs (as vLLM); a free row is all ones. st: the SamplingTensors packed (`_sampler_args`), with
-    st_columns (K, A) their bias and allowed-id widths. held: a SamplerOutput to write the samples to
-    (`_sample_held`), or None."""
+    st_columns (K, A) their bias and allowed-id widths."""
     if token_bitmask is not None:
         logits = apply_token_bitmask(logits, token_bitmask)
     out, penalty_state = sample(logits, unpack_sampling_tensors(st, logits.shape[0], st_columns), penalty_state,
                                 random_rows=random_rows, use_filters=use_filters, num_logprobs=num_logprobs)
     last_sampled = jax.lax.dynamic_update_slice(jnp.zeros_like(last_sampled), out.sampled, (0,))
     return out, penalty_state, last_sampled
+
+
+# A step's inputs from the host land in a new device buffer each step, and XLA re-records the model program's
+# command buffer (a CUDA graph) whenever a buffer it reads has moved: measured on an H100, one Qwen3-0.6B
+# sequence's decode program (496 commands) was updated at 1,143 of 1,150 launches, 0.2-2.6 ms of host time
+# each, and a loop of launches took 2.0-2.8 ms a step against 1.36 ms with the same input arrays each time.
+# So a precompiled model program reads its inputs from buffers held per program, which this tiny program
+# (a copy, launched on its own) overwrites in place each step: the addresses the graph recorded stay.
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _refill(held: dict, fresh: dict) -> dict:
+    return jax.tree.map(lambda h, f: h.at[...].set(f), held, fresh)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -288,9 +287,10 @@ class ModelRunner:
         self._free_bitmasks: dict[int, jax.Array] = {}
         self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-compile-later")
         self._background: dict[tuple, Future] = {}  # sampling program key -> its background compile
-        # Each precompiled program's inputs and outputs, at fixed device addresses (jaxllm/held_buffers.py).
-        # A sharded step holds none (its outputs' shardings are XLA's to choose).
-        self.held = HeldBuffers()
+        # Model program key -> the device buffers its array inputs are read from (`_refill`), and the
+        # compiled refill of their shapes; touched by the launcher thread only.
+        self._held_inputs: dict[tuple, dict] = {}
+        self._refills: dict[tuple, jax.stages.Compiled] = {}
         self.penalty_rows: OrderedDict[str, int] = OrderedDict()  # request_id -> row, least recently used first
 
     # -- penalty rows ---------------------------------------------------------------------------
@@ -634,12 +634,12 @@ class ModelRunner:
         if (forward := have.get(keys[0])) is None:
             fwd_args = self._forward_args(args, keys[0][-1])
             forward, cached = self._compile("_forward", keys[0], FORWARD_STATIC_ARGS,
-                                            (self.params, self.kv_cache, self._held_outputs(keys[0])[1],
-                                             self.last_sampled), fwd_args)
+                                            (self.params, self.kv_cache, self.last_sampled), fwd_args)
             programs.append((keys[0], forward, cached))
             _, shardings = forward.input_shardings
-            self.held.compile_refill(keys[0], {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
-                                               for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS})
+            held = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+                    for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS}
+            self._refills[keys[0]] = _refill.lower(held, held).compile()
         if len(keys) == 2 and keys[1] not in have:
             out = forward.out_info[1]  # the logits [R, V] as the model program leaves them (dtype, sharding)
             logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding)
@@ -649,26 +649,11 @@ class ModelRunner:
                 state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated()),
                                      jax.eval_shape(lambda: PenaltyState.create(self.config.max_num_seqs, self.vocab_size)))
             sample_args = _sampler_args(args)
-            st = sample_args.pop("st")
             sampler, cached = self._compile("_sample", keys[1], SAMPLE_STATIC_ARGS,
-                                            (logits, bitmask, st, state, self._held_outputs(keys[1])[1],
-                                             self.last_sampled), sample_args)
+                                            (logits, bitmask, sample_args.pop("st"), state, self.last_sampled),
+                                            sample_args)
             programs.append((keys[1], sampler, cached))
-            (_, _, st_sharding, *_), _ = sampler.input_shardings
-            self.held.compile_refill(keys[1], {"st": jax.ShapeDtypeStruct(st.shape, st.dtype, sharding=st_sharding)})
         return programs
-
-    def _held_outputs(self, key: tuple) -> tuple[tuple | None, object]:
-        """(the key of the held buffers program `key` writes its outputs to, their ShapeDtypeStructs), or
-        (None, None) where it holds none: programs of one output shape share them."""
-        if self.mesh is not None:
-            return None, None
-        sharding = jax.sharding.SingleDeviceSharding(self.device)
-        if key[0] == "forward":
-            R, return_logits = key[3], key[-1]
-            return ("forward", R, return_logits), _forward_held(R, self.vocab_size, return_logits, sharding)
-        R, num_logprobs = key[1], key[7]
-        return ("sample", R, num_logprobs), _sample_held(R, num_logprobs, sharding)
 
     def _forward_args(self, args: dict, return_logits: bool) -> dict:
         """A step's keyword arguments for `_forward`. Its greedy samples take the first MIN_BIAS_COLUMNS
@@ -693,11 +678,9 @@ class ModelRunner:
         self.compiled_buckets.update(programs)
         # The step's memory beyond what stays: each program's scratch and its outputs that are not a donated
         # input (the model program's [R, V] logits live on while the sampling program runs).
-        # And the logits buffers held for small steps, made on their first launch.
         stats = [s for p in programs.values() if (s := p.memory_analysis()) is not None]
-        held = sum(4 * R * self.vocab_size for R in self.config.seq_buckets if R <= HELD_LOGITS_MAX_ROWS)
         self.last_dummy_step_temp_bytes = sum(s.temp_size_in_bytes + s.output_size_in_bytes - s.alias_size_in_bytes
-                                              for s in stats) + held * (self.mesh is None) if stats else None
+                                              for s in stats) if stats else None
 
     def precompile(self, num_threads: int | None = None) -> None:
         """Compile every ordinary step at start, in parallel: the model program of each decode batch bucket
@@ -807,20 +790,14 @@ class ModelRunner:
         engine to fill its bitmask between its two programs, while the device runs the first."""
         keys = _program_keys(bucket)
         fwd_args = self._forward_args(args, keys[0][-1])
-        held_out = None  # the key of the held buffers `out` was written to
         with self.on_mesh():
             if (forward := programs.get(keys[0])) is not None:
-                _, shardings = forward.input_shardings
-                arrays = self.held.inputs(keys[0], {k: v for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS},
-                                          shardings)
-                held_out, avals = self._held_outputs(keys[0])
-                held = self.held.outputs(held_out, avals, forward.input_shardings[0][2])
-                out, logits, prompt, self.kv_cache, self.last_sampled = forward(self.params, self.kv_cache, held,
+                arrays = self._held({k: v for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS}, keys[0],
+                                    forward)
+                out, logits, prompt, self.kv_cache, self.last_sampled = forward(self.params, self.kv_cache,
                                                                                 self.last_sampled, **arrays)
-                if held_out is not None:
-                    self.held.keep(held_out, (out, logits if avals[1] is not None else None))
             else:
-                out, logits, prompt, self.kv_cache, self.last_sampled = _forward(self.params, self.kv_cache, None,
+                out, logits, prompt, self.kv_cache, self.last_sampled = _forward(self.params, self.kv_cache,
                                                                                  self.last_sampled, **fwd_args)
             if len(keys) == 2:
                 sampler, sample_args, bitmask = programs.get(keys[1]), _sampler_args(args), None
@@ -830,20 +807,23 @@ class ModelRunner:
                 elif bucket[-1]:  # a random or general program, for a step without constrained rows
                     bitmask = self._free_bitmask(bucket[2], sampler)
                 if sampler is not None:
-                    (_, _, st_sharding, *_), _ = sampler.input_shardings
-                    st = self.held.inputs(keys[1], {"st": st}, {"st": st_sharding})["st"]
-                    held_out, avals = self._held_outputs(keys[1])
-                    held = self.held.outputs(held_out, avals, sampler.input_shardings[0][4])
-                    out, state, self.last_sampled = sampler(logits, bitmask, st, state, held, self.last_sampled)
-                    if held_out is not None:
-                        self.held.keep(held_out, out)
+                    out, state, self.last_sampled = sampler(logits, bitmask, st, state, self.last_sampled)
                 else:
-                    held_out = None
-                    out, state, self.last_sampled = _sample(logits, bitmask, st, state, None, self.last_sampled,
+                    out, state, self.last_sampled = _sample(logits, bitmask, st, state, self.last_sampled,
                                                             **sample_args)
-            if held_out is not None:  # the next launch may overwrite the held buffers before they are read
-                out = snapshot(out)
         return out, prompt, state
+
+    def _held(self, arrays: dict, key: tuple, forward: jax.stages.Compiled) -> dict:
+        """The model program `key`'s array inputs, copied into the buffers held for it (`_refill`): the
+        same device addresses at every step of that program."""
+        held = self._held_inputs.get(key)
+        if held is None:
+            _, shardings = forward.input_shardings
+            held = jax.device_put(arrays, {k: shardings[k] for k in arrays})
+        else:
+            held = self._refills[key](held, arrays)  # compiled with its model program (`_compile_programs`)
+        self._held_inputs[key] = held
+        return held
 
     def _compile_in_background(self, args: dict, bucket: tuple) -> None:
         """Compile the sampling program of `bucket` on the background thread, once; later steps of it run
@@ -879,7 +859,7 @@ class ModelRunner:
         """Where the sampling program takes its token bitmask: as its compiled program placed it, or (traced
         on first use) on this runner's device, replicated over its mesh."""
         if sampler is not None:
-            (_, bitmask_sharding, *_), _ = sampler.input_shardings
+            (_, bitmask_sharding, _, _, _), _ = sampler.input_shardings
             return bitmask_sharding
         return self._replicated()
 
@@ -933,26 +913,6 @@ def _program_keys(bucket: tuple) -> tuple[tuple, ...]:
     if not sampled:
         return (forward,)
     return forward, ("sample", R, random_rows, use_filters, penalties, K, A, num_logprobs, masked)
-
-
-def _forward_held(R: int, vocab_size: int, return_logits: bool, sharding) -> tuple:
-    """The held buffers (ShapeDtypeStructs) a model program of R rows writes its outputs to: its greedy
-    SamplerOutput, and its logits where it returns them for at most HELD_LOGITS_MAX_ROWS rows."""
-    out = SamplerOutput(sampled=jax.ShapeDtypeStruct((R,), jnp.int32, sharding=sharding),
-                        logprob=jax.ShapeDtypeStruct((R,), jnp.float32, sharding=sharding))
-    held_logits = return_logits and R <= HELD_LOGITS_MAX_ROWS
-    return out, jax.ShapeDtypeStruct((R, vocab_size), jnp.float32, sharding=sharding) if held_logits else None
-
-
-def _sample_held(R: int, num_logprobs: int, sharding) -> SamplerOutput:
-    """The held buffers (ShapeDtypeStructs) a sampling program of R rows writes its SamplerOutput to."""
-    def aval(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-    out = SamplerOutput(sampled=aval((R,), jnp.int32), logprob=aval((R,), jnp.float32))
-    if num_logprobs >= 0:
-        out.rank = aval((R,), jnp.int32)
-        out.top_ids, out.top_logprobs = aval((R, num_logprobs), jnp.int32), aval((R, num_logprobs), jnp.float32)
-    return out
 
 
 @dataclass

@@ -7,8 +7,6 @@ import random
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 from jaxllm import SamplingParams, StructuredOutputsParams
@@ -279,46 +277,15 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     before, buckets = [f._cache_size() for f in jitted], set(runner.compiled_buckets)
     ahead = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
     runner.wait_for_background_compiles()
-    addresses = _held_addresses(runner)
-    _assert_outputs_written_in_place(runner)
     # Nothing compiled on a step's path: steps of the last two mixes ran on the general programs while their
     # own compiled in the background; the mixes again run on those.
     assert [f._cache_size() for f in jitted] == before
     assert runner._background and runner.compiled_buckets - buckets == set(runner._background)
     again = [llm.generate(prompts, p, use_tqdm=False) for p in mixes[-2:]]
-    # A command buffer is recorded once: each program's inputs and outputs stayed where they were.
-    now = _held_addresses(runner)
-    assert {k: v for k, v in now.items() if k in addresses} == addresses
     runner._executables.clear()
     lazy = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
     assert [token_ids(o) for o in ahead] == [token_ids(o) for o in lazy]
     assert [token_ids(o) for o in again] == [token_ids(o) for o in lazy[-2:]]
-
-
-def _held_addresses(runner) -> dict:
-    """The device address of each held input and output buffer (jaxllm/held_buffers.py), by its key."""
-    held = runner.held
-    return {(kind, key): [x.unsafe_buffer_pointer() for x in jax.tree.leaves(v)]
-            for kind, buffers in (("in", held._inputs), ("out", held._outputs)) for key, v in buffers.items()}
-
-
-def _assert_outputs_written_in_place(runner) -> None:
-    """Every precompiled program writes each output but the samples' snapshot and prompt logprobs into a
-    donated buffer: the KV cache, the last samples, the penalty state, and its held output buffers."""
-    nbytes = lambda tree: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-    kv, last = nbytes(runner.kv_cache), nbytes(runner.last_sampled)
-    checked = set()
-    for key, program in runner._executables.items():
-        held = nbytes(runner._held_outputs(key)[1])
-        if key[0] == "forward":
-            want = kv + last + held
-        else:
-            if key[4] and runner.penalty_state is None:  # penalties: no penalised request ran yet
-                continue
-            want = last + held + (nbytes(runner.penalty_state) if key[4] else 0)
-        assert program.memory_analysis().alias_size_in_bytes == want, key
-        checked.add(key[0])
-    assert checked == {"forward", "sample"}
 
 
 class _CountingStep:
