@@ -68,7 +68,7 @@ def test_nucleus_rows_of_a_larger_vocabulary():
 
 def test_sample_with_the_kernel_gives_the_sorts_tokens(monkeypatch):
     """JAXLLM_TOP_P_REJECTION=1 draws with the kernel (the interpreter) inside `sample`, min_p and greedy
-    rows included; the tokens are the sort's."""
+    rows included; the tokens are the sort's. Unset, the kernel runs on a GPU only."""
     rng = np.random.default_rng(2)
     R, V = 6, 200
     logits = jnp.asarray(rng.standard_normal((R, V)) * np.array([[0.5], [1], [2], [4], [1], [3]]), jnp.float32)
@@ -82,6 +82,8 @@ def test_sample_with_the_kernel_gives_the_sorts_tokens(monkeypatch):
         draw = jax.jit(lambda x, t: sampler.sample(x, t, use_filters=True)[0].sampled)  # traced anew: reads the switch
         tokens[mode] = np.stack([np.asarray(draw(logits, t)) for t in steps])
     np.testing.assert_array_equal(tokens["1"], tokens["0"])
+    monkeypatch.delenv("JAXLLM_TOP_P_REJECTION")
+    assert sampler.use_rejection_kernel() == (jax.default_backend() == "gpu")  # unset: the GPU's default
     monkeypatch.setenv("JAXLLM_TOP_P_REJECTION", "yes")
     with pytest.raises(ValueError, match="JAXLLM_TOP_P_REJECTION='yes'"):
         sampler.use_rejection_kernel()
