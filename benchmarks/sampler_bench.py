@@ -1,6 +1,7 @@
 """Device time of the sampler at a real vocabulary: greedy, temperature only, and the top-k/top-p/min-p
-filters (the XLA threshold search at several widths, the Pallas threshold kernel in one or more tilings,
-and the sort), with the filters' masks checked against the sort on the device.
+filters (the Pallas rejection kernel, the XLA threshold search at several widths, the Pallas threshold kernel
+in one or more tilings, and the sort), with the filters' masks and the rejection kernel's tokens checked
+against the sort on the device.
 
     python benchmarks/sampler_bench.py --rows 1 64 256 --vocab 151936 --output-json sampler.json
     python benchmarks/sampler_bench.py --rows 256 --ways --kernel-tiles 1024:16:8 2048:16:8 1024:8:4 512:32:8
@@ -9,6 +10,7 @@ and the sort), with the filters' masks checked against the sort on the device.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -47,6 +49,23 @@ def kernel_filter(tiling: str):
     return apply
 
 
+def rejection_mismatches(flat: jax.Array, peaked: jax.Array, t: sampler.SamplingTensors) -> int:
+    """Rows whose token from the rejection kernel differs from the sort's, same noise, over a few draws."""
+    mismatches = 0
+    for logits in (flat, peaked):
+        for draw in range(4):
+            t = dataclasses.replace(t, sample_index=np.full(logits.shape[0], draw, np.int32))
+            tokens = {}
+            for mode in ("0", "1"):
+                os.environ["JAXLLM_TOP_P_REJECTION"] = mode
+                saved, sampler.apply_top_k_top_p = sampler.apply_top_k_top_p, sampler.apply_top_k_top_p_sorted
+                fn = jax.jit(lambda x, t: sampler.sample(x, t, use_filters=True)[0].sampled)
+                tokens[mode] = np.asarray(fn(logits, t))
+                sampler.apply_top_k_top_p = saved
+            mismatches += int((tokens["0"] != tokens["1"]).sum())
+    return mismatches
+
+
 def time_ms(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times = []
@@ -78,15 +97,18 @@ def main(argv=None):
                                               ("temperature", tensors(R, 1.0, 0, 0.8), False, True),
                                               ("top_p", tensors(R, 0.95, 0, 0.8), True, True),
                                               ("top_k_top_p", tensors(R, 0.95, 50, 0.8), True, True)):
-            variants = ([*args.ways, "sort", *(f"kernel{tiling}" for tiling in args.kernel_tiles)] if filters
-                        else [None])
+            variants = ([*args.ways, "sort", "rejection", *(f"kernel{tiling}" for tiling in args.kernel_tiles)]
+                        if filters else [None])
             for ways in variants:
                 saved = sampler.apply_top_k_top_p
+                # Read when `sample` is traced: the rejection kernel draws the token itself, every other
+                # variant filters the logits through `apply_top_k_top_p`.
+                os.environ["JAXLLM_TOP_P_REJECTION"] = "1" if ways == "rejection" else "0"
                 if ways == "sort":
                     sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_sorted
-                elif isinstance(ways, str):
+                elif isinstance(ways, str) and ways.startswith("kernel"):
                     sampler.apply_top_k_top_p = kernel_filter(ways.removeprefix("kernel"))
-                elif ways is not None:
+                elif isinstance(ways, int):
                     sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_search
                     sampler.SEARCH_WAYS, sampler.SEARCH_PASSES = ways, -(-32 // (ways.bit_length() - 1))
                 fn = jax.jit(lambda x, t, f=filters, r=random_rows: sampler.sample(x, t, use_filters=f,
@@ -96,6 +118,9 @@ def main(argv=None):
                 row[label + "_peaked_ms"] = time_ms(fn, peaked, t, repeats=args.repeats)
                 sampler.apply_top_k_top_p = saved
             sampler.SEARCH_WAYS, sampler.SEARCH_PASSES = 16, 8
+            if filters:
+                row[f"{name}_rejection_token_mismatches"] = rejection_mismatches(flat, peaked, t)
+            os.environ.pop("JAXLLM_TOP_P_REJECTION")
         # The sort-based filter's parts.
         row["sort_only_ms"] = time_ms(jax.jit(lambda x: jnp.sort(x, axis=-1)), flat, repeats=args.repeats)
         row["cumsum_only_ms"] = time_ms(jax.jit(lambda x: jnp.cumsum(x, axis=-1)), flat, repeats=args.repeats)
