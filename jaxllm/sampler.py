@@ -255,10 +255,10 @@ def use_top_p_kernel(num_rows: int = KERNEL_MIN_ROWS) -> bool:
 def use_rejection_kernel() -> bool:
     """Whether a random step with top_k/top_p draws its tokens with the rejection kernel
     (pallas_kernels/top_k_top_p_sample.py: the sort's tokens with no threshold search), decided when traced:
-    on a GPU at any batch, since it beats both the sort and the threshold kernel from one row up (H200,
-    151,936 tokens, 2026-12-05: 0.085 ms against 0.16 (sort) and 0.69 (threshold) at 1 row, 0.76 against
-    1.30 and 1.13 at 64, 1.26 against 3.02 and 1.96 at 256). JAXLLM_TOP_P_REJECTION=0 turns it off (then
-    `apply_top_k_top_p` decides), =1 forces it on (any backend: the interpreter off a GPU)."""
+    on a GPU at any batch. With top_p alone it beats the sort and the threshold kernel from one row up; with
+    top_k too it loses to the sort at one row (its top-k search) and wins from 64 rows (figures in the
+    kernel's docstring). JAXLLM_TOP_P_REJECTION=0 turns it off (then `apply_top_k_top_p` decides), =1
+    forces it on (any backend: the interpreter off a GPU)."""
     mode = os.environ.get("JAXLLM_TOP_P_REJECTION", "")
     if mode not in ("", "0", "1"):
         raise ValueError(f"JAXLLM_TOP_P_REJECTION={mode!r}: expected 1 (the rejection kernel), 0 (not) or unset "

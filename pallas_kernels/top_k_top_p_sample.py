@@ -13,11 +13,14 @@ The result is argmax(x + g) over the kept set, the sort's token for the same noi
 Gumbel-distributed, c is kept with probability at least top_p (its mass), so nearly every row ends
 after its second pass: a first for the row's max and c, a second for the test. A row with top_k and
 top_p both on finds the top-k threshold first (`top_k_top_p._search_max_key`, counting passes), for the
-top-k set's mass.
+top-k set's mass, and takes every candidate after the first from inside that set.
 
-Not yet run on a GPU (`sampler.use_rejection_kernel`: off by default). What it is to beat: the threshold
-kernel's 1.65 ms at 256 x 151,936 (H200, about nine reads of a row) and the sort's 0.52 ms at one row. The
-kernel is exact up to the masses' float32 summation order (as the threshold kernel).
+On a GPU it is the sampler's default (`sampler.use_rejection_kernel`). sampler_bench on an H100
+(2026-12-05, 151,936 tokens, the whole `sample` program; `results/sampler-rejection-H100-2026-12-05-*.json`):
+top_p 0.95 0.50 / 1.03 / 1.49 ms at 1 / 64 / 256 rows against the sort's 0.75 / 2.10 / 4.41 and the
+threshold kernel's 1.20 / 1.72 / 3.46; with top_k=50 too 1.31 / 1.67 / 3.06 against the sort's
+0.55 / 2.07 / 4.54 (at one row the top-k threshold's search, about 13 passes, is what the sort beats).
+The kernel is exact up to the masses' float32 summation order (as the threshold kernel).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from pallas_kernels.top_k_top_p import _search_max_key
 BLOCK_V = 2048  # logits a tile
 
 
-def _sample_kernel(x_ref, g_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: int, block_v: int):
+def _sample_kernel(x_ref, g_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: int, block_v: int,
+                   search_candidates: int):
     row = pl.program_id(0)
     num_tiles = pl.cdiv(vocab_size, block_v)
     offs = jnp.arange(block_v, dtype=jnp.int32)
@@ -86,7 +90,7 @@ def _sample_kernel(x_ref, g_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: i
     lo, hi = ordered_key(x_min), ordered_key(x_max)
     kth = _search_max_key(count, lambda counts, _: counts >= k, lo,
                           jnp.where((k < vocab_size) & (top_p < 1.0), hi, lo), jnp.int32,
-                          num_tiles=num_tiles, load_tile=load_x, num_candidates=4)
+                          num_tiles=num_tiles, load_tile=load_x, num_candidates=search_candidates)
 
     # Later passes: test the candidate, and find the next one above it.
     def test(state):
@@ -97,9 +101,11 @@ def _sample_kernel(x_ref, g_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: i
             above, mass, whole, arg = acc
             x, key, y = load(i)
             e = jnp.exp(x - x_max)
+            # The next candidate comes from inside the top-k set too: one pass from the row's argmax into it,
+            # not a pass per halving of the keys above (about 12 in a flat row at top_k=50).
             return (above + (key > kc).astype(jnp.int32), mass + jnp.where(key > kc, e, 0.0),
                     whole + jnp.where(key >= kth, e, 0.0),
-                    best(jnp.where(key > kc, y, -jnp.inf), i * block_v + offs, x, arg))
+                    best(jnp.where((key > kc) & (key >= kth), y, -jnp.inf), i * block_v + offs, x, arg))
 
         zeros = jnp.zeros((block_v,), jnp.float32)
         above, mass, whole, arg = lax.fori_loop(0, num_tiles, tile, (jnp.zeros((block_v,), jnp.int32), zeros, zeros,
@@ -114,7 +120,7 @@ def _sample_kernel(x_ref, g_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: i
     out_ref[row] = c
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_v", "search_candidates", "num_warps", "num_stages", "interpret"))
 def top_k_top_p_sample(
     logits: jax.Array,  # [R, V] float32: scaled by the temperature (min_p applied)
     noise: jax.Array,  # [R, V] float32: Gumbel noise
@@ -122,6 +128,7 @@ def top_k_top_p_sample(
     top_p: jax.Array,  # [R] float32, 1 = off
     *,
     block_v: int = BLOCK_V,
+    search_candidates: int = 4,  # keys tested a pass of the top-k threshold's search
     num_warps: int = 8,
     num_stages: int = 3,
     interpret: bool = False,
@@ -131,7 +138,8 @@ def top_k_top_p_sample(
     R, V = logits.shape
     if block_v & (block_v - 1):
         raise ValueError(f"top_k_top_p_sample: block_v={block_v} must be a power of two")
-    kernel = functools.partial(_sample_kernel, vocab_size=V, block_v=min(block_v, next_pow2(V)))
+    kernel = functools.partial(_sample_kernel, vocab_size=V, block_v=min(block_v, next_pow2(V)),
+                               search_candidates=search_candidates)
     return pl.pallas_call(
         kernel,
         grid=(R,),
