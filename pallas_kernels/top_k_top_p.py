@@ -51,6 +51,30 @@ NUM_CANDIDATES = 4  # keys tested a pass: a power of two (Triton's block shapes)
 BLOCK_V = 2048  # logits a tile
 
 
+def row_tile_loader(logits_ref, *, vocab_size: int, block_v: int):
+    """load(i) -> (logits, ordered keys) [block_v] of this program's row's i-th tile; past the row's end
+    -inf, whose key lies below every candidate."""
+    row = pl.program_id(0)
+    offs = jnp.arange(block_v, dtype=jnp.int32)
+
+    def load(i):
+        x = pltriton.load(logits_ref.at[row, pl.ds(i * block_v, block_v)], mask=i * block_v + offs < vocab_size,
+                          other=-jnp.inf)
+        return x, ordered_key(x)
+
+    return load
+
+
+def top_k_size(top_k: jax.Array, vocab_size: int) -> jax.Array:
+    """The top-k set's size: top_k clipped to the vocabulary, the whole vocabulary where top_k is off (0)."""
+    return jnp.where(top_k > 0, jnp.minimum(top_k, vocab_size), vocab_size)
+
+
+def count_at_least(x, key, cand):
+    """The top-k search's measure: [C, T] ones where the tile's key is at least the candidate."""
+    return (key[None, :] >= cand[:, None]).astype(jnp.int32)
+
+
 def _search_max_key(measure, enough, lo, hi, dtype, *, num_tiles: int, load_tile, num_candidates: int):
     """The largest key in [lo, hi] (uint32 scalars) where `enough` holds, given that it holds at lo and
     fails above some key. One read of the row a pass: measure(x [T], key [T], cand [C]) -> [C, T]
@@ -85,11 +109,7 @@ def _threshold_kernel(logits_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: 
     row = pl.program_id(0)
     num_tiles = pl.cdiv(vocab_size, block_v)
     offs = jnp.arange(block_v, dtype=jnp.int32)
-
-    def load_tile(i):  # (logits, keys) [block_v]; past the row's end -inf, below every candidate
-        x = pltriton.load(logits_ref.at[row, pl.ds(i * block_v, block_v)], mask=i * block_v + offs < vocab_size,
-                          other=-jnp.inf)
-        return x, ordered_key(x)
+    load_tile = row_tile_loader(logits_ref, vocab_size=vocab_size, block_v=block_v)
 
     def min_max(i, acc):  # per lane; the padding's -inf must not be the row's min
         x = load_tile(i)[0]
@@ -104,13 +124,8 @@ def _threshold_kernel(logits_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: 
                                num_candidates=num_candidates)
 
     # top_k: the k-th largest key is the largest t with count(keys >= t) >= k (ties with it kept).
-    top_k = top_k_ref[row]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab_size), vocab_size)
-
-    def count(x, key, cand):
-        return (key[None, :] >= cand[:, None]).astype(jnp.int32)  # [C, T]
-
-    kth = search(count, lambda counts, _: counts >= k, lo, jnp.where(k < vocab_size, hi, lo), jnp.int32)
+    k = top_k_size(top_k_ref[row], vocab_size)
+    kth = search(count_at_least, lambda counts, _: counts >= k, lo, jnp.where(k < vocab_size, hi, lo), jnp.int32)
 
     # top_p over the top-k set: the nucleus's smallest key is the largest t with
     # mass(keys >= t) >= top_p * mass(keys >= kth). No mass below kth counts: every candidate is >= kth.

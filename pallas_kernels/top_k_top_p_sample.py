@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 
 from jaxllm.sampler import ordered_key
 from pallas_kernels.decode import next_pow2, pltriton
-from pallas_kernels.top_k_top_p import _search_max_key
+from pallas_kernels.top_k_top_p import _search_max_key, count_at_least, row_tile_loader, top_k_size
 
 BLOCK_V = 2048  # logits a tile
 
@@ -45,10 +45,7 @@ def _sample_kernel(x_ref, g_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: i
     num_tiles = pl.cdiv(vocab_size, block_v)
     offs = jnp.arange(block_v, dtype=jnp.int32)
 
-    def load_x(i):  # (logits, keys) [block_v]; past the row's end -inf, below every key
-        x = pltriton.load(x_ref.at[row, pl.ds(i * block_v, block_v)], mask=i * block_v + offs < vocab_size,
-                          other=-jnp.inf)
-        return x, ordered_key(x)
+    load_x = row_tile_loader(x_ref, vocab_size=vocab_size, block_v=block_v)
 
     def load(i):  # and the perturbed logits x + g, -inf past the end
         x, key = load_x(i)
@@ -82,13 +79,9 @@ def _sample_kernel(x_ref, g_ref, top_k_ref, top_p_ref, out_ref, *, vocab_size: i
 
     # top_k with top_p: the top-k set's smallest key, whose mass the nucleus is a fraction of.
     top_k, top_p = top_k_ref[row], top_p_ref[row]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab_size), vocab_size)
-
-    def count(x, key, cand):
-        return (key[None, :] >= cand[:, None]).astype(jnp.int32)  # [C, T]
-
+    k = top_k_size(top_k, vocab_size)
     lo, hi = ordered_key(x_min), ordered_key(x_max)
-    kth = _search_max_key(count, lambda counts, _: counts >= k, lo,
+    kth = _search_max_key(count_at_least, lambda counts, _: counts >= k, lo,
                           jnp.where((k < vocab_size) & (top_p < 1.0), hi, lo), jnp.int32,
                           num_tiles=num_tiles, load_tile=load_x, num_candidates=search_candidates)
 
