@@ -57,6 +57,24 @@ def test_kernel_equals_the_reference_on_random_rows(case):
     check(logits, top_k, top_p)
 
 
+def test_top_k_threshold_from_the_lanes_and_past_them():
+    """The top-k threshold first comes from each lane's two largest logits. Rows whose largest logits sit
+    in distinct lanes are confirmed by one count; rows with three or more of them in one lane (a lane is one
+    position of every tile: 0, 64, 128, ... at block_v=64) need the search over the row after it."""
+    rng = np.random.default_rng(3)
+    V, R = 300, 6
+    logits = rng.standard_normal((R, V)).astype(np.float32)
+    logits[0, [0, 64, 128, 192]] = [9.0, 8.5, 8.0, 7.5]  # four of the largest in lane 0
+    logits[1, [5, 69, 133]] = [6.0, 6.0, 6.0]  # three tied in lane 5
+    logits[2, [1, 2, 3, 4]] = [9.0, 8.5, 8.0, 7.5]  # in four lanes
+    logits[3, 256:] = 5.0 + rng.standard_normal(44)  # the partial last tile holds the top-k set
+    top_k = np.array([3, 2, 3, 10, 40, 100])  # 40 and 100 exceed the lanes' 64 x 2 hardly / not at all
+    for top_p in (0.9, 0.5):
+        for seed in range(2):
+            check(logits, top_k, np.full(R, top_p), seed=seed, block_v=64)
+            check(logits, top_k, np.full(R, top_p), seed=seed, block_v=16)  # 32 lane values < top_k at 40, 100
+
+
 def test_nucleus_rows_of_a_larger_vocabulary():
     """Rows of a few thousand logits, many tiles: a flat row (random weights: the nucleus is most of it) and
     peaked ones, where the first candidate is often outside the nucleus and later passes run."""
