@@ -86,12 +86,17 @@ def cpu_model() -> str:
 
 def git_commit() -> str:
     """$JAXLLM_GIT_COMMIT when set (the device copy's .git, where present, is not the tree that runs),
-    else HEAD's short hash."""
+    else HEAD's short hash, with "+dirty" where tracked files differ from HEAD (so a record can't name a
+    commit whose code it did not run)."""
     if os.environ.get("JAXLLM_GIT_COMMIT"):
         return os.environ["JAXLLM_GIT_COMMIT"]
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                                       cwd=os.path.dirname(RESULTS)).strip()
+        def git(*args):
+            return subprocess.check_output(["git", *args], text=True, stderr=subprocess.DEVNULL,
+                                           cwd=os.path.dirname(RESULTS)).strip()
+
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no")
+                                                       else "")
     except Exception:
         return "unknown"
 
