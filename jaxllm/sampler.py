@@ -240,16 +240,10 @@ def use_top_p_kernel(num_rows: int = KERNEL_MIN_ROWS) -> bool:
     traced): on a GPU for KERNEL_MIN_ROWS rows or more, unless JAXLLM_TOP_P_SEARCH_WAYS asks for the XLA
     search. JAXLLM_TOP_P_KERNEL=1 forces it on (any rows, any backend: the interpreter off a GPU), =0 off
     (the sort)."""
-    mode = os.environ.get("JAXLLM_TOP_P_KERNEL", "")
-    if mode not in ("", "0", "1"):
-        raise ValueError(f"JAXLLM_TOP_P_KERNEL={mode!r}: expected 0 (the sort), 1 (the kernel) or unset "
-                         "(the kernel on a GPU)")
-    if mode:
-        return mode == "1"
-    from pallas_kernels.decode import pltriton
-
-    return (jax.default_backend() == "gpu" and pltriton is not None and num_rows >= KERNEL_MIN_ROWS
-            and not os.environ.get("JAXLLM_TOP_P_SEARCH_WAYS"))
+    forced = _kernel_switch("JAXLLM_TOP_P_KERNEL", "0 (the sort), 1 (the kernel) or unset (the kernel on a GPU)")
+    if forced is not None:
+        return forced
+    return _triton_gpu() and num_rows >= KERNEL_MIN_ROWS and not os.environ.get("JAXLLM_TOP_P_SEARCH_WAYS")
 
 
 def use_rejection_kernel() -> bool:
@@ -259,12 +253,21 @@ def use_rejection_kernel() -> bool:
     top_k too it loses to the sort at one row (its top-k search) and wins from 64 rows (figures in the
     kernel's docstring). JAXLLM_TOP_P_REJECTION=0 turns it off (then `apply_top_k_top_p` decides), =1
     forces it on (any backend: the interpreter off a GPU)."""
-    mode = os.environ.get("JAXLLM_TOP_P_REJECTION", "")
+    forced = _kernel_switch("JAXLLM_TOP_P_REJECTION",
+                            "1 (the rejection kernel), 0 (not) or unset (the kernel on a GPU)")
+    return _triton_gpu() if forced is None else forced
+
+
+def _kernel_switch(name: str, expected: str) -> bool | None:
+    """A kernel's environment switch: True for 1, False for 0, None unset (the default decides)."""
+    mode = os.environ.get(name, "")
     if mode not in ("", "0", "1"):
-        raise ValueError(f"JAXLLM_TOP_P_REJECTION={mode!r}: expected 1 (the rejection kernel), 0 (not) or unset "
-                         "(the kernel on a GPU)")
-    if mode:
-        return mode == "1"
+        raise ValueError(f"{name}={mode!r}: expected {expected}")
+    return None if not mode else mode == "1"
+
+
+def _triton_gpu() -> bool:
+    """Whether Pallas kernels run on a GPU here (Pallas Triton importable)."""
     from pallas_kernels.decode import pltriton
 
     return jax.default_backend() == "gpu" and pltriton is not None
