@@ -149,6 +149,7 @@ class LLMEngine:
             t0 = time.perf_counter()
             self.runner = ModelRunner(model_config, engine_config, params, engine_config.max_blocks_per_seq + 1,
                                       self.mesh)
+            self.runner.start_precompile()  # the sampling programs compile meanwhile: they do not read the cache
             # Without the Mosaic prefill kernel: its memory is the Triton path's, and with this cache's
             # shape it would be one more kernel for Mosaic to compile at every start.
             self.runner.run_dummy_step(engine_config.token_buckets[-1], decode_only=False, random_rows=True,

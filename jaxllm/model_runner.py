@@ -78,6 +78,11 @@ GENERAL_ALLOWED_COLUMNS = 64
 # re-records a CUDA graph whose buffers move). Larger steps keep one program for both uses: there the
 # output cost nothing measurable, and a second program per shape would double the start's compiles.
 GREEDY_ONLY_MAX_ROWS = 16
+# The sampling programs of a row bucket compiled at start, as (random_rows, use_filters, masked, general,
+# penalties): random rows, random rows with top-k/top-p/min-p (both with a token bitmask), greedy rows with a
+# bitmask (a plain greedy step samples in its model program), then the two general ones.
+SAMPLING_VARIANTS = ((True, False, True, False, False), (True, True, True, False, False),
+                     (False, False, True, False, False), (True, True, True, True, False), (True, True, True, True, True))
 
 
 def _run_model(params, kv_cache: KVCache, last_sampled, token_ids, prev_rows, positions, md: AttentionMetadata,
@@ -275,6 +280,10 @@ class ModelRunner:
             self.device = mesh.devices.flat[0]
         else:
             self.device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]
+        # Where model programs leave their logits, which sampling programs take: on one device, known now;
+        # over a mesh, from the first compiled model program (`_check_logits_type`).
+        self._logits_sharding = jax.sharding.SingleDeviceSharding(self.device) if mesh is None else None
+        self._start: _StartCompiles | None = None  # the start's compiles, while they run (`start_precompile`)
         self.penalty_state: PenaltyState | None = None  # created on the first penalised request
         self.last_sampled = jnp.zeros(engine_config.seq_buckets[-1], jnp.int32)  # the previous step's samples
         self.prepare_seconds = 0.0  # host time spent building step inputs
@@ -623,15 +632,13 @@ class ModelRunner:
             cache.store(key, executable)
         return executable, False
 
-    def _compile_programs(self, args: dict, bucket: tuple, have: dict | None = None,
-                          model_only: bool = False) -> list[tuple[tuple, jax.stages.Compiled, bool]]:
+    def _compile_programs(self, args: dict, bucket: tuple, have: dict | None = None, model: bool = True,
+                          sampling: bool = True) -> list[tuple[tuple, jax.stages.Compiled, bool]]:
         """(program key, program, loaded from the cache) for each program a step of `bucket` runs that
-        `have` (programs by key) does not hold, or only its model program; the model program's outputs
-        type the sampler's inputs."""
+        `have` (programs by key) does not hold: its `model` program and its `sampling` one."""
         have = {} if have is None else have
         keys, programs = _program_keys(bucket), []
-        keys = keys[:1] if model_only else keys
-        if (forward := have.get(keys[0])) is None:
+        if model and keys[0] not in have:
             fwd_args = self._forward_args(args, keys[0][-1])
             forward, cached = self._compile("_forward", keys[0], FORWARD_STATIC_ARGS,
                                             (self.params, self.kv_cache, self.last_sampled), fwd_args)
@@ -640,10 +647,11 @@ class ModelRunner:
             held = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
                     for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS}
             self._refills[keys[0]] = _refill.lower(held, held).compile()
-        if len(keys) == 2 and keys[1] not in have:
-            out = forward.out_info[1]  # the logits [R, V] as the model program leaves them (dtype, sharding)
-            logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=out.sharding)
-            bitmask = np.zeros((out.shape[0], bitmask_width(self.vocab_size)), np.int32) if bucket[-1] else None
+            if keys[0][-1]:
+                self._check_logits_type(forward.out_info[1])
+        if sampling and len(keys) == 2 and keys[1] not in have:
+            logits = self._logits_type(bucket[2])
+            bitmask = np.zeros((logits.shape[0], bitmask_width(self.vocab_size)), np.int32) if bucket[-1] else None
             state = None
             if bucket[7]:  # penalties: the state's shape and placement, as `_penalty_rows_for` creates it
                 state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated()),
@@ -654,6 +662,27 @@ class ModelRunner:
                                             sample_args)
             programs.append((keys[1], sampler, cached))
         return programs
+
+    def _logits_type(self, rows: int) -> jax.ShapeDtypeStruct:
+        """The logits [rows, V] a model program returns, which its sampling program reads: their shape and
+        dtype from the model's head, their placement known on one device, learnt from the first compiled
+        model program over a mesh (where XLA places them: split over the vocabulary under tensor parallelism)."""
+        if self._logits_sharding is None:
+            raise RuntimeError("the logits' placement over the mesh is learnt from a compiled model program; "
+                               "none has compiled yet")
+        cfg = self.model_config
+        head = functools.partial(model_module(cfg.architecture).compute_logits, config=cfg)
+        out = jax.eval_shape(head, self.params, jax.ShapeDtypeStruct((rows, cfg.hidden_size), jnp.dtype(cfg.dtype)))
+        return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=self._logits_sharding)
+
+    def _check_logits_type(self, out) -> None:
+        """A compiled model program's logits output `out` must be what sampling programs are compiled for."""
+        if self._logits_sharding is None:
+            self._logits_sharding = out.sharding
+        want = self._logits_type(out.shape[0])
+        if (out.shape, out.dtype) != (want.shape, want.dtype) or not out.sharding.is_equivalent_to(want.sharding, 2):
+            raise RuntimeError(f"a model program returns its logits as {out.shape} {out.dtype} on {out.sharding}, "
+                               f"where sampling programs take {want.shape} {want.dtype} on {want.sharding}")
 
     def _forward_args(self, args: dict, return_logits: bool) -> dict:
         """A step's keyword arguments for `_forward`. Its greedy samples take the first MIN_BIAS_COLUMNS
@@ -672,7 +701,15 @@ class ModelRunner:
                        prefill_kernel: bool | None = None) -> None:
         """Run one all-padding step of a bucket (compiled, or loaded from the executable cache)."""
         args, bucket = self._dummy_step_args(num_tokens, decode_only, random_rows, prefill_kernel)
-        programs = {key: executable for key, executable, _ in self._compile_programs(args, bucket)}
+        if self._start is not None:
+            self._submit_sampling_compiles()  # they compile while this step's model program does
+        programs = {key: executable for key, executable, _ in self._compile_programs(args, bucket, sampling=False)}
+        # The start's sampling programs (`start_precompile`) may be compiling: they include this step's, and
+        # no compile may autotune in device memory while the engine reads what this step leaves.
+        self._finish_sampling_compiles()
+        have = programs | self._executables
+        programs |= {key: e for key, e, _ in self._compile_programs(args, bucket, have, model=False)}
+        programs = {key: programs.get(key) or self._executables[key] for key in _program_keys(bucket)}
         res, _, _ = self._run_step(args, bucket, None, None, programs)
         jax.block_until_ready(res)
         self.compiled_buckets.update(programs)
@@ -681,6 +718,19 @@ class ModelRunner:
         stats = [s for p in programs.values() if (s := p.memory_analysis()) is not None]
         self.last_dummy_step_temp_bytes = sum(s.temp_size_in_bytes + s.output_size_in_bytes - s.alias_size_in_bytes
                                               for s in stats) if stats else None
+
+    def start_precompile(self, num_threads: int | None = None) -> None:
+        """Start the start's compiles (`precompile` finishes them) with the sampling programs: they read the
+        model programs' logits, not the KV cache, so they compile while the engine sizes the cache with a
+        warm-up step (on one device; over a mesh, once a model program has placed the logits)."""
+        # XLA compiles a program on about one core (LLVM, ptxas): a thread per core.
+        pool = ThreadPoolExecutor(max_workers=num_threads or os.cpu_count() or 8, thread_name_prefix="jaxllm-compile")
+        self._start = _StartCompiles(pool, time.perf_counter())
+
+    def _submit_sampling_compiles(self) -> None:
+        """Submit the start's sampling programs once the logits' placement is known."""
+        if self._start.sampling is None and self._logits_sharding is not None:
+            self._start.sampling = self._submit_start_jobs(models=False)
 
     def precompile(self, num_threads: int | None = None) -> None:
         """Compile every ordinary step at start, in parallel: the model program of each decode batch bucket
@@ -698,38 +748,18 @@ class ModelRunner:
         tracing."""
         from tqdm.auto import tqdm
 
-        shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
-        # (random_rows, use_filters, masked, general, penalties): random programs all take a bitmask; a greedy
-        # step with a constrained row samples with a masked greedy program (the plain greedy step's argmax is
-        # in its model program); the general programs come last.
-        sampling = ((True, False, True, False, False), (True, True, True, False, False),
-                    (False, False, True, False, False), (True, True, True, True, False), (True, True, True, True, True))
-        start, loaded = time.perf_counter(), 0
-        # XLA compiles a program on about one core (LLVM, ptxas): a thread per core.
-        num_threads = num_threads or os.cpu_count() or 8
-        with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="jaxllm-compile") as pool:
-            def submit(phase, models: bool):  # model programs first: their outputs type the samplers' inputs
-                jobs = {}  # one job a program: the model program of a shape serves all its sampling variants
-                for shape, variant in phase:
-                    args, bucket = self._dummy_step_args(*shape, random_rows=variant[0], use_filters=variant[1],
-                                                         masked=variant[2], general=variant[3],
-                                                         penalties=variant[4])
-                    jobs.setdefault(_program_keys(bucket)[0 if models else -1], (args, bucket))
-                return [pool.submit(self._compile_programs, args, bucket, self._executables, models)
-                        for args, bucket in jobs.values()]
-
-            # Small greedy decode steps have a model program without logits (GREEDY_ONLY_MAX_ROWS) besides
-            # the one a sampling program follows.
-            variants = ((False, False, False, False, False),) + sampling
-            for phase, models, what in (([(s, v) for v in variants for s in shapes], True, "model programs"),
-                                        ([(s, v) for v in sampling for s in shapes], False, "sampling programs")):
-                futures = submit(phase, models)
-                for future in tqdm(as_completed(futures), total=len(futures), desc=f"Compiling {what}",
-                                   dynamic_ncols=True):
-                    for key, executable, cached in future.result():
-                        self._executables[key] = executable
-                        self.compiled_buckets.add(key)
-                        loaded += cached
+        if self._start is None:
+            self.start_precompile(num_threads)
+        start = self._start
+        models = self._submit_start_jobs(models=True)  # the longer compiles first
+        self._submit_sampling_compiles()
+        for future in tqdm(as_completed(models), total=len(models), desc="Compiling model programs",
+                           dynamic_ncols=True):
+            self._keep(future.result())
+            self._submit_sampling_compiles()
+        self._finish_sampling_compiles()
+        start.pool.shutdown()
+        self._start = None
         num_models = sum(key[0] == "forward" for key in self._executables)
         logger.info("compiled %d step programs in %.1fs (%d loaded from the executable cache): a model program for "
                     "each of %d decode and %d token buckets (and a greedy one without logits for decode buckets "
@@ -737,8 +767,41 @@ class ModelRunner:
                     "greedy with a token bitmask, and the general ones) for their row buckets; "
                     "over 64 biases or allowed ids a row, logprobs of the whole vocabulary and prompt_logprobs "
                     "compile on first use",
-                    len(self._executables), time.perf_counter() - start, loaded, len(self.config.seq_buckets),
-                    len(self.config.token_buckets), GREEDY_ONLY_MAX_ROWS, len(self._executables) - num_models)
+                    len(self._executables), time.perf_counter() - start.began, start.loaded,
+                    len(self.config.seq_buckets), len(self.config.token_buckets), GREEDY_ONLY_MAX_ROWS,
+                    len(self._executables) - num_models)
+
+    def _submit_start_jobs(self, models: bool) -> list[Future]:
+        """One compile job a program of the start: the model programs of every step shape, or the sampling
+        programs of every row bucket."""
+        shapes = [(S, True) for S in self.config.seq_buckets] + [(T, False) for T in self.config.token_buckets]
+        # The plain greedy step has no sampling program (its argmax is in its model program).
+        variants = ((False, False, False, False, False),) + SAMPLING_VARIANTS if models else SAMPLING_VARIANTS
+        jobs = {}  # one job a program: the model program of a shape serves all its sampling variants
+        for shape in shapes:
+            for random_rows, use_filters, masked, general, penalties in variants:
+                args, bucket = self._dummy_step_args(*shape, random_rows=random_rows, use_filters=use_filters,
+                                                     masked=masked, general=general, penalties=penalties)
+                jobs.setdefault(_program_keys(bucket)[0 if models else -1], (args, bucket))
+        return [self._start.pool.submit(self._compile_programs, args, bucket, self._executables, model=models,
+                                        sampling=not models) for args, bucket in jobs.values()]
+
+    def _keep(self, programs: list[tuple[tuple, jax.stages.Compiled, bool]]) -> None:
+        for key, executable, cached in programs:
+            self._executables[key] = executable
+            self.compiled_buckets.add(key)
+            self._start.loaded += cached
+
+    def _finish_sampling_compiles(self) -> None:
+        """Wait for the start's sampling programs, if they are compiling, and keep them."""
+        from tqdm.auto import tqdm
+
+        if self._start is None or not self._start.sampling:
+            return
+        futures, self._start.sampling = self._start.sampling, []
+        for future in tqdm(as_completed(futures), total=len(futures), desc="Compiling sampling programs",
+                           dynamic_ncols=True):
+            self._keep(future.result())
 
     # -- device side ----------------------------------------------------------------------------
     def dispatch(self, out: SchedulerOutput) -> "InFlightStep":
@@ -913,6 +976,17 @@ def _program_keys(bucket: tuple) -> tuple[tuple, ...]:
     if not sampled:
         return (forward,)
     return forward, ("sample", R, random_rows, use_filters, penalties, K, A, num_logprobs, masked)
+
+
+@dataclass
+class _StartCompiles:
+    """The start's compiles in flight: their threads, when they began, the sampling programs' jobs (None
+    until submitted) and how many programs came from the executable cache."""
+
+    pool: ThreadPoolExecutor
+    began: float
+    sampling: list[Future] | None = None
+    loaded: int = 0
 
 
 @dataclass

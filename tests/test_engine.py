@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -218,6 +219,38 @@ def test_async_scheduling_gives_the_same_outputs_as_sync(make_llm, smol_tokenize
     assert asyn.llm_engine.kv_cache_manager.num_free_blocks == 10
 
 
+def test_sampling_programs_compile_while_the_warm_up_step_sizes_the_cache(make_llm, smol_tokenizer, monkeypatch):
+    """The GPU engine's start on a CPU: the sampling programs start compiling before the warm-up step that
+    sizes the KV cache (they take logits, not the cache), the warm-up runs on its own model program and on
+    one of them, and precompile then adds the model programs: each program is traced once, and generation
+    traces nothing and gives the tokens of the lazily-compiled path."""
+    from jaxllm import model_runner
+
+    counting = {name: _CountingStep(getattr(model_runner, name)) for name in ("_forward", "_sample")}
+    for name, counter in counting.items():
+        monkeypatch.setattr(model_runner, name, counter)
+    llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
+    runner = _gpu_style(llm)
+    runner.start_precompile(num_threads=2)
+    runner.run_dummy_step(runner.config.token_buckets[-1], decode_only=False, random_rows=True, prefill_kernel=False)
+    num_sampling = 5 * len(runner.config.seq_buckets)
+    assert (counting["_forward"].lowered, counting["_sample"].lowered) == (1, num_sampling)
+    runner.resize_kv_cache(64)
+    runner.precompile()
+    num_models = sum(key[0] == "forward" for key in runner._executables)
+    assert (counting["_forward"].lowered, counting["_sample"].lowered) == (1 + num_models, num_sampling)
+    prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=8)
+    mix = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+           SamplingParams(temperature=0.8, seed=4, max_tokens=6, ignore_eos=True),
+           SamplingParams(temperature=0.8, top_p=0.9, top_k=30, seed=6, max_tokens=6, ignore_eos=True)]
+    mixes = [mix[0], mix[2], [mix[i % 3] for i in range(len(prompts))]]
+    ahead = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
+    assert (counting["_forward"].lowered, counting["_sample"].lowered) == (1 + num_models, num_sampling)
+    runner._executables.clear()
+    lazy = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
+    assert [token_ids(o) for o in ahead] == [token_ids(o) for o in lazy]
+
+
 def _gpu_style(llm, cache_dir=None):
     """The GPU engine's layout on a CPU: mixed steps sized from their token bucket, one table width, and
     the executable cache at `cache_dir` (the CPU engine keeps it off)."""
@@ -289,13 +322,15 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
 
 
 class _CountingStep:
-    """Stands in for a jitted step program of model_runner: counts traces (`lower`), delegates everything."""
+    """Stands in for a jitted step program of model_runner: counts traces (`lower`, from any compile thread),
+    delegates everything."""
 
     def __init__(self, step):
-        self.step, self.lowered = step, 0
+        self.step, self.lowered, self._lock = step, 0, threading.Lock()
 
     def lower(self, *args, **kwargs):
-        self.lowered += 1
+        with self._lock:
+            self.lowered += 1
         return self.step.lower(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
