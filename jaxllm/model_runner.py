@@ -40,18 +40,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import step_programs
 from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.core.request import Request
 from jaxllm.core.scheduler import SchedulerOutput
 from jaxllm.executable_cache import ExecutableCache
-from jaxllm.grammar_mask import apply_token_bitmask
-from jaxllm.kv_cache import AttentionMetadata, KVCache, copy_blocks, kv_cache_jnp_dtype
-from jaxllm.models import llama
+from jaxllm.kv_cache import AttentionMetadata, KVCache, kv_cache_jnp_dtype
 from jaxllm.models.registry import model_module
-from jaxllm.sampler import (PenaltyState, SamplingTensors, greedy_sample, pack_sampling_tensors, sample, token_logprobs,
-                            unpack_sampling_tensors)
+from jaxllm.sampler import PenaltyState, SamplingTensors
 from jaxllm.sharding import kv_cache_sharding
 from jaxllm.step_mask import BitmaskBuffers, StepMask
+from jaxllm.step_programs import (FORWARD_STATIC_ARGS, GREEDY_ONLY_MAX_ROWS, MIN_BIAS_COLUMNS, SAMPLE_STATIC_ARGS,
+                                  copy_kv_blocks, fill_penalty_rows, pack_inputs, program_keys, refill_held,
+                                  sampling_args, takes_bitmask)
 from jaxllm.structured_output import bitmask_width
 
 import pallas_kernels
@@ -59,11 +60,6 @@ import pallas_kernels
 logger = logging.getLogger("jaxllm")
 
 
-FORWARD_STATIC_ARGS = ("config", "decode_only", "prefill_kernel", "num_prompt_logprobs", "layout", "return_logits")
-SAMPLE_STATIC_ARGS = ("random_rows", "use_filters", "num_logprobs", "st_columns")
-# Sparse bias columns a row always has (padding included): the greedy samples of the model program take
-# these, so stop tokens held back by min_tokens, bad words and a few logit biases need no other program.
-MIN_BIAS_COLUMNS = 8
 # The general sampling program of a row bucket, compiled at start: every feature on (random rows, filters,
 # a token bitmask, logprobs at max_logprobs' width), with and without penalties, up to this many biases
 # and allowed token ids a row. A step whose own program was not compiled ahead runs on it, padded to its
@@ -71,125 +67,11 @@ MIN_BIAS_COLUMNS = 8
 # top-p filter alone is 1-2 ms at 64-256 rows on an H200). Only wider steps (and prompt_logprobs) wait.
 GENERAL_BIAS_COLUMNS = 64
 GENERAL_ALLOWED_COLUMNS = 64
-# Plain-greedy decode steps of up to this many rows run a model program that does not return its logits.
-# On an H200, one Qwen3-0.6B sequence ran at 588 output tok/s before the logits became an output of the
-# model program (57e01c2) and at 218 after (11fa3f7), the same call, nothing else changed between them:
-# a step of a few rows is launch-bound, and a fresh [R, V] output buffer each step is the suspect (XLA
-# re-records a CUDA graph whose buffers move). Larger steps keep one program for both uses: there the
-# output cost nothing measurable, and a second program per shape would double the start's compiles.
-GREEDY_ONLY_MAX_ROWS = 16
 # The sampling programs of a row bucket compiled at start, as (random_rows, use_filters, masked, general,
 # penalties): random rows, random rows with top-k/top-p/min-p (both with a token bitmask), greedy rows with a
 # bitmask (a plain greedy step samples in its model program), then the two general ones.
 SAMPLING_VARIANTS = ((True, False, True, False, False), (True, True, True, False, False),
                      (False, False, True, False, False), (True, True, True, True, False), (True, True, True, True, True))
-
-
-def _run_model(params, kv_cache: KVCache, last_sampled, token_ids, prev_rows, positions, md: AttentionMetadata,
-               sample_indices, prompt_targets, config: ModelConfig, decode_only: bool, prefill_kernel: bool,
-               num_prompt_logprobs: int):
-    """The model half of a step: (logits [R, V] of the sampled rows, prompt logprobs or None, kv_cache).
-    token_ids/prev_rows/positions/prompt_targets [T], sample_indices [R]: the query token each row samples
-    after. A token still being sampled by the previous step when this one was scheduled has
-    prev_rows >= 0: it is read from that step's samples, `last_sampled` [R_max], without a host round trip."""
-    token_ids = jnp.where(prev_rows >= 0, last_sampled[jnp.maximum(prev_rows, 0)], token_ids)
-    model = model_module(config.architecture)
-    hidden, kv_cache = model.forward_hidden(params, token_ids, positions, kv_cache, md, config, decode_only,
-                                            prefill_kernel)
-    logits = model.compute_logits(params, hidden[sample_indices], config)  # [R, V]
-    prompt = None
-    if num_prompt_logprobs >= 0:
-        prompt = token_logprobs(model.compute_logits(params, hidden, config), prompt_targets, num_prompt_logprobs)
-    return logits, prompt, kv_cache
-
-
-# A step runs the model program of its shape, which also takes the greedy samples, and, unless every row
-# is plain greedy, a sampling program after it on the logits the model program returns. So the heavy
-# programs, one per step shape, do not multiply with the sampling features (random rows, top-k/top-p,
-# penalties, logprobs, structured outputs): a cold start compiles each shape once, and a step with a
-# feature no program had yet compiles only a small sampling program.
-# The model program's integer inputs travel packed in one int32 array: each array a launch converts from
-# numpy is a host-to-device copy of its own, and the launching thread gives up the GIL around each
-# (on a CPU, 12 small arrays cost a call 65 us against 18 us for 2).
-PACKED_INPUTS = ("token_ids", "prev_rows", "positions", "slot_mapping", "block_tables", "seq_lens",
-                 "query_start_loc", "logits_indices", "sample_indices", "bias_ids", "prompt_targets")
-
-
-def pack_inputs(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, tuple]:
-    """PACKED_INPUTS' int32 arrays -> (one int32 array, its layout: ((name, shape), ...), static)."""
-    layout = tuple((name, arrays[name].shape) for name in PACKED_INPUTS)
-    return np.concatenate([arrays[name].ravel() for name in PACKED_INPUTS]), layout
-
-
-def unpack_inputs(packed: jax.Array, layout: tuple) -> dict[str, jax.Array]:
-    """`pack_inputs`' inverse, by static slices."""
-    arrays, start = {}, 0
-    for name, shape in layout:
-        size = int(np.prod(shape))
-        arrays[name] = packed[start:start + size].reshape(shape)
-        start += size
-    return arrays
-
-
-@functools.partial(jax.jit, static_argnames=FORWARD_STATIC_ARGS, donate_argnames=("kv_cache",),
-                   compiler_options=llama.step_compiler_options())
-def _forward(params, kv_cache: KVCache, last_sampled, packed, bias_values, config: ModelConfig, decode_only: bool,
-             prefill_kernel: bool, num_prompt_logprobs: int, layout: tuple, return_logits: bool = True):
-    """The model and greedy sampling with the rows' sparse biases (bias_ids/bias_values [R, 8]: stop tokens
-    held back by min_tokens, bad words, logit_bias): (SamplerOutput, logits [R, V] float32 or None when
-    not `return_logits`, prompt logprobs or None, kv_cache, last_sampled). A plain greedy step's only
-    program. packed: the int32 inputs (`pack_inputs`), bias_values [R, 8] float32."""
-    a = unpack_inputs(packed, layout)
-    md = AttentionMetadata(slot_mapping=a["slot_mapping"], block_tables=a["block_tables"], seq_lens=a["seq_lens"],
-                           query_start_loc=a["query_start_loc"], logits_indices=a["logits_indices"])
-    logits, prompt, kv_cache = _run_model(params, kv_cache, last_sampled, a["token_ids"], a["prev_rows"],
-                                          a["positions"], md, a["sample_indices"], a["prompt_targets"], config,
-                                          decode_only, prefill_kernel, num_prompt_logprobs)
-    out = greedy_sample(logits, a["bias_ids"], bias_values)
-    last_sampled = jax.lax.dynamic_update_slice(jnp.zeros_like(last_sampled), out.sampled, (0,))
-    return out, logits if return_logits else None, prompt, kv_cache, last_sampled
-
-
-@functools.partial(jax.jit, static_argnames=SAMPLE_STATIC_ARGS, donate_argnames=("penalty_state",))
-def _sample(logits, token_bitmask, st, penalty_state: PenaltyState | None, last_sampled, random_rows: bool,
-            use_filters: bool, num_logprobs: int, st_columns: tuple[int, int]):
-    """Sampling after `_forward`, for steps that are not plain greedy: logits [R, V] float32.
-    token_bitmask [R, W] int32 or None: the tokens each constrained row may sample, applied before sampling
-    and logprobs (as vLLM); a free row is all ones. st: the SamplingTensors packed (`_sampler_args`), with
-    st_columns (K, A) their bias and allowed-id widths."""
-    if token_bitmask is not None:
-        logits = apply_token_bitmask(logits, token_bitmask)
-    out, penalty_state = sample(logits, unpack_sampling_tensors(st, logits.shape[0], st_columns), penalty_state,
-                                random_rows=random_rows, use_filters=use_filters, num_logprobs=num_logprobs)
-    last_sampled = jax.lax.dynamic_update_slice(jnp.zeros_like(last_sampled), out.sampled, (0,))
-    return out, penalty_state, last_sampled
-
-
-# A step's inputs from the host land in a new device buffer each step, and XLA re-records the model program's
-# command buffer (a CUDA graph) whenever a buffer it reads has moved: measured on an H100, one Qwen3-0.6B
-# sequence's decode program (496 commands) was updated at 1,143 of 1,150 launches, 0.2-2.6 ms of host time
-# each, and a loop of launches took 2.0-2.8 ms a step against 1.36 ms with the same input arrays each time.
-# So a precompiled model program reads its inputs from buffers held per program, which this tiny program
-# (a copy, launched on its own) overwrites in place each step: the addresses the graph recorded stay.
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _refill(held: dict, fresh: dict) -> dict:
-    return jax.tree.map(lambda h, f: h.at[...].set(f), held, fresh)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _copy_blocks(kv_cache: KVCache, src, dst):
-    return copy_blocks(kv_cache, src, dst)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _fill_penalty_rows(state: PenaltyState, rows, prompt_ids, output_ids) -> PenaltyState:
-    """Reset rows [N] to the statistics of prompt_ids / output_ids [N, L] (padded with V: dropped)."""
-    counts = state.output_counts.at[rows].set(0, mode="drop")
-    mask = state.prompt_mask.at[rows].set(False, mode="drop")
-    r = rows[:, None]
-    counts = counts.at[r, output_ids].add(1, mode="drop")
-    mask = mask.at[r, prompt_ids].set(True, mode="drop")
-    return PenaltyState(output_counts=counts, prompt_mask=mask)
 
 
 def sampling_flags(st: SamplingTensors) -> tuple[bool, bool]:
@@ -296,7 +178,7 @@ class ModelRunner:
         self._free_bitmasks: dict[int, jax.Array] = {}
         self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-compile-later")
         self._background: dict[tuple, Future] = {}  # sampling program key -> its background compile
-        # Model program key -> the device buffers its array inputs are read from (`_refill`), and the
+        # Model program key -> the device buffers its array inputs are read from (`refill_held`), and the
         # compiled refill of their shapes; touched by the launcher thread only.
         self._held_inputs: dict[tuple, dict] = {}
         self._refills: dict[tuple, jax.stages.Compiled] = {}
@@ -359,7 +241,6 @@ class ModelRunner:
             S = self._mixed_seqs(T, len(sched))
         B = _bucket(max(len(s.block_ids) for s in sched), self.block_buckets)
         bs = self.block_size
-        V = self.vocab_size
 
         token_ids = np.zeros(T, np.int32)
         prev_rows = np.full(T, -1, np.int32)
@@ -437,7 +318,7 @@ class ModelRunner:
                     num_prompt_logprobs=num_prompt_logprobs)
         bucket = (T, S, R, B, decode_only, random_rows, use_filters, bool(penalty_rows), st.bias_ids.shape[1],
                   st.allowed_ids.shape[1], num_logprobs, num_prompt_logprobs,
-                  _takes_bitmask(random_rows, mask is not None))
+                  takes_bitmask(random_rows, mask is not None))
         if self._runs_on_general(bucket):
             self._compile_in_background(args, bucket)
             args, bucket = self._as_general(args, bucket)
@@ -466,13 +347,13 @@ class ModelRunner:
     def _runs_on_general(self, bucket: tuple) -> bool:
         """Whether a step of `bucket` runs on the general sampling program: its own was not compiled ahead,
         and the general one was and is wide enough."""
-        keys = _program_keys(bucket)
+        keys = program_keys(bucket)
         if len(keys) < 2 or keys[1] in self._executables:
             return False
         general = self._general_of(bucket)
         K, A, num_logprobs = bucket[8:11]
         return (K <= general[8] and A <= general[9] and num_logprobs <= general[10]
-                and _program_keys(general)[1] in self._executables)
+                and program_keys(general)[1] in self._executables)
 
     def _step_mask(self, requests: list[Request], R: int) -> StepMask | None:
         """The token bitmask to come of a step with constrained rows (None: no row is constrained)."""
@@ -605,7 +486,7 @@ class ModelRunner:
                     decode_only=decode_only, prefill_kernel=prefill_kernel, random_rows=random_rows,
                     use_filters=use_filters, num_logprobs=-1, num_prompt_logprobs=-1)
         bucket = (T, S, R, B, decode_only, random_rows, use_filters, penalties, st.bias_ids.shape[1], 0, -1, -1,
-                  _takes_bitmask(random_rows, masked))
+                  takes_bitmask(random_rows, masked))
         return self._as_general(args, bucket) if general else (args, bucket)
 
     def _compile(self, name: str, program_key: tuple, static_names: tuple, leading: tuple,
@@ -614,7 +495,7 @@ class ModelRunner:
         the cache when it holds it, else traced, compiled and stored there. `leading`: the positional
         arguments (params and device state), `args`: the keyword ones. `name`: the jitted function's, here;
         `program_key`: the program's key, for `compile_seconds`."""
-        fn = globals()[name]
+        fn = getattr(step_programs, name)  # the module's: tests stand in for them
         cache, key = self.executable_cache, None
         if cache is not None:
             statics = {k: args[k] for k in static_names if k in args} | {"config": self.model_config,
@@ -637,16 +518,16 @@ class ModelRunner:
         """(program key, program, loaded from the cache) for each program a step of `bucket` runs that
         `have` (programs by key) does not hold: its `model` program and its `sampling` one."""
         have = {} if have is None else have
-        keys, programs = _program_keys(bucket), []
+        keys, programs = program_keys(bucket), []
         if model and keys[0] not in have:
             fwd_args = self._forward_args(args, keys[0][-1])
-            forward, cached = self._compile("_forward", keys[0], FORWARD_STATIC_ARGS,
+            forward, cached = self._compile("model_program", keys[0], FORWARD_STATIC_ARGS,
                                             (self.params, self.kv_cache, self.last_sampled), fwd_args)
             programs.append((keys[0], forward, cached))
             _, shardings = forward.input_shardings
             held = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
                     for k, v in fwd_args.items() if k not in FORWARD_STATIC_ARGS}
-            self._refills[keys[0]] = _refill.lower(held, held).compile()
+            self._refills[keys[0]] = refill_held.lower(held, held).compile()
             if keys[0][-1]:
                 self._check_logits_type(forward.out_info[1])
         if sampling and len(keys) == 2 and keys[1] not in have:
@@ -656,8 +537,8 @@ class ModelRunner:
             if bucket[7]:  # penalties: the state's shape and placement, as `_penalty_rows_for` creates it
                 state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated()),
                                      jax.eval_shape(lambda: PenaltyState.create(self.config.max_num_seqs, self.vocab_size)))
-            sample_args = _sampler_args(args)
-            sampler, cached = self._compile("_sample", keys[1], SAMPLE_STATIC_ARGS,
+            sample_args = sampling_args(args)
+            sampler, cached = self._compile("sampling_program", keys[1], SAMPLE_STATIC_ARGS,
                                             (logits, bitmask, sample_args.pop("st"), state, self.last_sampled),
                                             sample_args)
             programs.append((keys[1], sampler, cached))
@@ -685,7 +566,7 @@ class ModelRunner:
                                f"where sampling programs take {want.shape} {want.dtype} on {want.sharding}")
 
     def _forward_args(self, args: dict, return_logits: bool) -> dict:
-        """A step's keyword arguments for `_forward`. Its greedy samples take the first MIN_BIAS_COLUMNS
+        """A step's keyword arguments for `model_program`. Its greedy samples take the first MIN_BIAS_COLUMNS
         biases a row: a step with more runs a sampling program after it, whose samples are the step's."""
         st, md = args["st"], args["md"]
         arrays = {k: args[k] for k in ("token_ids", "prev_rows", "positions", "sample_indices", "prompt_targets")}
@@ -709,7 +590,7 @@ class ModelRunner:
         self._finish_sampling_compiles()
         have = programs | self._executables
         programs |= {key: e for key, e, _ in self._compile_programs(args, bucket, have, model=False)}
-        programs = {key: programs.get(key) or self._executables[key] for key in _program_keys(bucket)}
+        programs = {key: programs.get(key) or self._executables[key] for key in program_keys(bucket)}
         res, _, _ = self._run_step(args, bucket, None, None, programs)
         jax.block_until_ready(res)
         self.compiled_buckets.update(programs)
@@ -782,7 +663,7 @@ class ModelRunner:
             for random_rows, use_filters, masked, general, penalties in variants:
                 args, bucket = self._dummy_step_args(*shape, random_rows=random_rows, use_filters=use_filters,
                                                      masked=masked, general=general, penalties=penalties)
-                jobs.setdefault(_program_keys(bucket)[0 if models else -1], (args, bucket))
+                jobs.setdefault(program_keys(bucket)[0 if models else -1], (args, bucket))
         return [self._start.pool.submit(self._compile_programs, args, bucket, self._executables, model=models,
                                         sampling=not models) for args, bucket in jobs.values()]
 
@@ -812,7 +693,7 @@ class ModelRunner:
             copies = tuple(np.asarray(x, np.int32) for x in zip(*out.block_copies))
         args, bucket, prompt_spans, penalty_rows, mask = self.prepare(out)
         fills, self._pending_fills = self._pending_fills, []
-        keys = _program_keys(bucket)
+        keys = program_keys(bucket)
         if mask is not None:
             # The mask goes to the device from the engine's thread once filled: the launcher, which launches
             # the sampling program as soon as the mask is ready, then has one array less to copy.
@@ -832,9 +713,9 @@ class ModelRunner:
         (the device runs meanwhile), then launches its sampling program."""
         t0 = time.perf_counter()
         if copies is not None:
-            self.kv_cache = _copy_blocks(self.kv_cache, *copies)
+            self.kv_cache = copy_kv_blocks(self.kv_cache, *copies)
         for fill in fills:
-            self.penalty_state = _fill_penalty_rows(self.penalty_state, *fill)
+            self.penalty_state = fill_penalty_rows(self.penalty_state, *fill)
         state = self.penalty_state if use_penalties else None
         res, prompt, state = self._run_step(args, bucket, state, mask, self._executables)
         if use_penalties:
@@ -851,7 +732,7 @@ class ModelRunner:
         """Launch a step's programs, those compiled ahead from `programs` (by key), the others through jit:
         (SamplerOutput, prompt logprobs or None, penalty state). A step with constrained rows waits for the
         engine to fill its bitmask between its two programs, while the device runs the first."""
-        keys = _program_keys(bucket)
+        keys = program_keys(bucket)
         fwd_args = self._forward_args(args, keys[0][-1])
         with self.on_mesh():
             if (forward := programs.get(keys[0])) is not None:
@@ -860,10 +741,10 @@ class ModelRunner:
                 out, logits, prompt, self.kv_cache, self.last_sampled = forward(self.params, self.kv_cache,
                                                                                 self.last_sampled, **arrays)
             else:
-                out, logits, prompt, self.kv_cache, self.last_sampled = _forward(self.params, self.kv_cache,
+                out, logits, prompt, self.kv_cache, self.last_sampled = step_programs.model_program(self.params, self.kv_cache,
                                                                                  self.last_sampled, **fwd_args)
             if len(keys) == 2:
-                sampler, sample_args, bitmask = programs.get(keys[1]), _sampler_args(args), None
+                sampler, sample_args, bitmask = programs.get(keys[1]), sampling_args(args), None
                 st = sample_args.pop("st")
                 if mask is not None:
                     bitmask = mask.ready.result()
@@ -872,12 +753,12 @@ class ModelRunner:
                 if sampler is not None:
                     out, state, self.last_sampled = sampler(logits, bitmask, st, state, self.last_sampled)
                 else:
-                    out, state, self.last_sampled = _sample(logits, bitmask, st, state, self.last_sampled,
+                    out, state, self.last_sampled = step_programs.sampling_program(logits, bitmask, st, state, self.last_sampled,
                                                             **sample_args)
         return out, prompt, state
 
     def _held(self, arrays: dict, key: tuple, forward: jax.stages.Compiled) -> dict:
-        """The model program `key`'s array inputs, copied into the buffers held for it (`_refill`): the
+        """The model program `key`'s array inputs, copied into the buffers held for it (`refill_held`): the
         same device addresses at every step of that program."""
         held = self._held_inputs.get(key)
         if held is None:
@@ -891,7 +772,7 @@ class ModelRunner:
     def _compile_in_background(self, args: dict, bucket: tuple) -> None:
         """Compile the sampling program of `bucket` on the background thread, once; later steps of it run
         on it (`_executables`). Its model program is compiled already (it is a general program's)."""
-        forward, key = _program_keys(bucket)
+        forward, key = program_keys(bucket)
         if key in self._background or forward not in self._executables:  # (prompt_logprobs: compiles anyway)
             return
         logger.info("a step of sampling program %s runs on the general one while it compiles", key)
@@ -947,35 +828,6 @@ class ModelRunner:
             result.prompt_logprobs = {rid: (chosen[a:a + k], rank[a:a + k], top_ids[a:a + k], top_lps[a:a + k])
                                       for rid, (a, k) in step.prompt_spans.items()}
         return result
-
-
-def _sampler_args(args: dict) -> dict:
-    """A step's keyword arguments for `_sample`: its SamplingTensors packed into one array, and the flags."""
-    st = args["st"]
-    return {"st": pack_sampling_tensors(st), "random_rows": args["random_rows"], "use_filters": args["use_filters"],
-            "num_logprobs": args["num_logprobs"], "st_columns": (st.bias_ids.shape[1], st.allowed_ids.shape[1])}
-
-
-def _takes_bitmask(random_rows: bool, constrained: bool) -> bool:
-    """Whether a step's sampling program takes a token bitmask: with a constrained row, and always with random
-    rows (all ones when none is constrained, `_free_bitmask`), so one program serves random rows with and
-    without structured outputs and a start compiles half as many random programs. The all-ones mask costs one
-    fused pass over the logits."""
-    return random_rows or constrained
-
-
-def _program_keys(bucket: tuple) -> tuple[tuple, ...]:
-    """The programs a step of `bucket` runs, in order: the model program (by its step shape and prompt
-    logprobs), then, unless every row is plain greedy, a sampling program (by its rows and their sampling
-    features)."""
-    T, S, R, B, decode_only, random_rows, use_filters, penalties, K, A, num_logprobs, num_prompt_logprobs, masked = bucket
-    sampled = random_rows or penalties or K > MIN_BIAS_COLUMNS or A or num_logprobs >= 0 or masked
-    # The last field: whether the model program returns its logits (`_forward`'s return_logits).
-    forward = ("forward", T, S, R, B, decode_only, num_prompt_logprobs,
-               bool(sampled) or not (decode_only and T <= GREEDY_ONLY_MAX_ROWS))
-    if not sampled:
-        return (forward,)
-    return forward, ("sample", R, random_rows, use_filters, penalties, K, A, num_logprobs, masked)
 
 
 @dataclass

@@ -62,15 +62,15 @@ def test_shared_prefix_is_computed_once(make_llm, smol_tokenizer):
 
 
 def test_thirty_varied_prompts_compile_a_handful_of_programs(make_llm, smol_tokenizer):
-    from jaxllm.model_runner import _forward
+    from jaxllm.step_programs import model_program
 
     llm = make_llm(max_num_seqs=16, max_num_batched_tokens=128, num_gpu_blocks_override=256)
-    before = _forward._cache_size()
+    before = model_program._cache_size()
     prompts = random_prompts(smol_tokenizer, 30, 3, 100, seed=4)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
-    compiled = _forward._cache_size() - before
+    compiled = model_program._cache_size() - before
     runner = llm.llm_engine.runner
     assert compiled <= len(runner.compiled_buckets) <= 12, sorted(runner.compiled_buckets)
 
@@ -224,28 +224,28 @@ def test_sampling_programs_compile_while_the_warm_up_step_sizes_the_cache(make_l
     sizes the KV cache (they take logits, not the cache), the warm-up runs on its own model program and on
     one of them, and precompile then adds the model programs: each program is traced once, and generation
     traces nothing and gives the tokens of the lazily-compiled path."""
-    from jaxllm import model_runner
+    from jaxllm import step_programs
 
-    counting = {name: _CountingStep(getattr(model_runner, name)) for name in ("_forward", "_sample")}
+    counting = {name: _CountingStep(getattr(step_programs, name)) for name in ("model_program", "sampling_program")}
     for name, counter in counting.items():
-        monkeypatch.setattr(model_runner, name, counter)
+        monkeypatch.setattr(step_programs, name, counter)
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
     runner = _gpu_style(llm)
     runner.start_precompile(num_threads=2)
     runner.run_dummy_step(runner.config.token_buckets[-1], decode_only=False, random_rows=True, prefill_kernel=False)
     num_sampling = 5 * len(runner.config.seq_buckets)
-    assert (counting["_forward"].lowered, counting["_sample"].lowered) == (1, num_sampling)
+    assert (counting["model_program"].lowered, counting["sampling_program"].lowered) == (1, num_sampling)
     runner.resize_kv_cache(64)
     runner.precompile()
     num_models = sum(key[0] == "forward" for key in runner._executables)
-    assert (counting["_forward"].lowered, counting["_sample"].lowered) == (1 + num_models, num_sampling)
+    assert (counting["model_program"].lowered, counting["sampling_program"].lowered) == (1 + num_models, num_sampling)
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=8)
     mix = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
            SamplingParams(temperature=0.8, seed=4, max_tokens=6, ignore_eos=True),
            SamplingParams(temperature=0.8, top_p=0.9, top_k=30, seed=6, max_tokens=6, ignore_eos=True)]
     mixes = [mix[0], mix[2], [mix[i % 3] for i in range(len(prompts))]]
     ahead = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
-    assert (counting["_forward"].lowered, counting["_sample"].lowered) == (1 + num_models, num_sampling)
+    assert (counting["model_program"].lowered, counting["sampling_program"].lowered) == (1 + num_models, num_sampling)
     runner._executables.clear()
     lazy = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
     assert [token_ids(o) for o in ahead] == [token_ids(o) for o in lazy]
@@ -266,8 +266,8 @@ def _gpu_style(llm, cache_dir=None):
 def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smol_tokenizer):
     """The GPU path on a CPU: every bucket compiled ahead of time in parallel, mixed steps sized from
     their token bucket; generation then compiles nothing and gives the tokens of the lazily-compiled path."""
-    from jaxllm import model_runner
-    from jaxllm.model_runner import _forward, _sample
+    from jaxllm import step_programs
+    from jaxllm.step_programs import model_program, sampling_program
 
     llm = make_llm(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks_override=64)
     runner = _gpu_style(llm)
@@ -277,7 +277,7 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
     # a random with top-k/top-p/min-p sampling program (both with a token bitmask), a greedy one with a
     # token bitmask, and the two general ones.
     num_shapes = len(runner.config.seq_buckets) + len(runner.config.token_buckets)
-    small = [S for S in runner.config.seq_buckets if S <= model_runner.GREEDY_ONLY_MAX_ROWS]
+    small = [S for S in runner.config.seq_buckets if S <= step_programs.GREEDY_ONLY_MAX_ROWS]
     kinds = [key[0] for key in runner._executables]
     assert small and (kinds.count("forward"), kinds.count("sample")) == (num_shapes + len(small),
                                                                          5 * len(runner.config.seq_buckets))
@@ -306,7 +306,7 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
                             ignore_eos=True)
     mixes += [[penalized, with_logprobs, allowed, biased, greedy], [with_logprobs, constrained, penalized, nucleus,
                                                                     seeded]]
-    jitted = (_forward, _sample)
+    jitted = (model_program, sampling_program)
     before, buckets = [f._cache_size() for f in jitted], set(runner.compiled_buckets)
     ahead = [llm.generate(prompts, p, use_tqdm=False) for p in mixes]
     runner.wait_for_background_compiles()
@@ -322,7 +322,7 @@ def test_gpu_style_precompile_runs_the_same_tokens_with_no_compile(make_llm, smo
 
 
 class _CountingStep:
-    """Stands in for a jitted step program of model_runner: counts traces (`lower`, from any compile thread),
+    """Stands in for a jitted program of jaxllm.step_programs: counts traces (`lower`, from any compile thread),
     delegates everything."""
 
     def __init__(self, step):
@@ -366,7 +366,7 @@ def test_executable_cache_phase(make_llm, smol_tokenizer, monkeypatch):
     import os
     from pathlib import Path
 
-    from jaxllm import model_runner
+    from jaxllm import step_programs
 
     phase, cache_dir = os.environ.get("CACHE_TEST_PHASE"), Path(os.environ.get("CACHE_TEST_DIR", "."))
     if phase is None:
@@ -374,9 +374,9 @@ def test_executable_cache_phase(make_llm, smol_tokenizer, monkeypatch):
     prompts = random_prompts(smol_tokenizer, 5, 3, 30, seed=3)
     params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
               SamplingParams(temperature=0.8, seed=5, max_tokens=6, ignore_eos=True)]
-    counting = [_CountingStep(getattr(model_runner, name)) for name in ("_forward", "_sample")]
-    for name, counter in zip(("_forward", "_sample"), counting):
-        monkeypatch.setattr(model_runner, name, counter)
+    counting = [_CountingStep(getattr(step_programs, name)) for name in ("model_program", "sampling_program")]
+    for name, counter in zip(("model_program", "sampling_program"), counting):
+        monkeypatch.setattr(step_programs, name, counter)
     lowered = lambda: sum(c.lowered for c in counting)  # noqa: E731
     if phase == "load":
         sorted(cache_dir.rglob("*.pkl"))[0].write_bytes(b"truncated")
