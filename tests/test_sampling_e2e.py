@@ -5,7 +5,6 @@ greedy choices exactly, which makes penalties and bans checkable by hand."""
 from __future__ import annotations
 
 import jax
-import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams

@@ -103,7 +103,6 @@ def test_tool_choice_grammars():
 def test_auto_tool_choice_and_reasoning_in_a_chat_message():
     """What the chat endpoint makes of a finished text with --tool-call-parser hermes and
     --reasoning-parser qwen3, whole and streamed (the stream's deltas add up to the whole message)."""
-    from types import SimpleNamespace
 
     from jaxllm.entrypoints.protocol import ChatCompletionRequest
     from jaxllm.entrypoints.serving import OpenAIServing

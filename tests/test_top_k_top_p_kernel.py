@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from test_sampler import tensors
 from test_sampler_filters import MARGIN, filter_cases, reference_keep
 

@@ -27,7 +27,7 @@ from jaxllm.engine import LLMEngine
 from jaxllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, EngineError
 from jaxllm.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from jaxllm.entrypoints.protocol import APIError, error_dict, find_lone_surrogate
-from jaxllm.entrypoints.pooling_routes import build_pooling_app, refusing_routes
+from jaxllm.entrypoints.pooling_routes import refusing_routes
 from jaxllm.entrypoints.reasoning_parsers import get_reasoning_parser
 from jaxllm.entrypoints.serving import OpenAIServing
 from jaxllm.entrypoints.tool_parsers import get_tool_parser

@@ -255,7 +255,7 @@ def _sliding_window(hf: dict, arch: str | None, model_type: str) -> tuple[int | 
 
 def load_weights(config: ModelConfig, reader) -> Weights:
     """HF's Llama names -> Weights (q|k|v and gate|up fused, layers stacked, matrices [in, out])."""
-    L, e, f, v = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    e, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q, kv, hd = config.q_size, config.kv_size, config.head_dim
     prefix = "model." if reader.has("model.embed_tokens.weight") else ""
     lp, attn = prefix + "layers.{i}.", prefix + "layers.{i}.self_attn."

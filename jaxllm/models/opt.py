@@ -40,7 +40,7 @@ def config_from_hf(hf: dict) -> dict:
 
 
 def load_weights(config: ModelConfig, reader) -> dict:
-    e, f, v, heads = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_heads
+    e, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     p = "model.decoder." if reader.has("model.decoder.embed_tokens.weight") else "decoder."
     lp = p + "layers.{i}."
     wd = config.option("word_embed_proj_dim")
