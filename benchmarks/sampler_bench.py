@@ -10,6 +10,7 @@ against the sort on the device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -49,6 +50,31 @@ def kernel_filter(tiling: str):
     return apply
 
 
+@contextlib.contextmanager
+def variant(ways):
+    """The sampler as traced with one filter variant, restored after: `None` (the sampler's own), an int (the
+    XLA threshold search at that width), "sort", "rejection" (the rejection kernel draws the token itself:
+    JAXLLM_TOP_P_REJECTION, read when `sample` is traced) or "kernel<tiling>" (the threshold kernel)."""
+    saved = (sampler.apply_top_k_top_p, sampler.SEARCH_WAYS, sampler.SEARCH_PASSES,
+             os.environ.get("JAXLLM_TOP_P_REJECTION"))
+    os.environ["JAXLLM_TOP_P_REJECTION"] = "1" if ways == "rejection" else "0"
+    if ways == "sort":
+        sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_sorted
+    elif isinstance(ways, str) and ways.startswith("kernel"):
+        sampler.apply_top_k_top_p = kernel_filter(ways.removeprefix("kernel"))
+    elif isinstance(ways, int):
+        sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_search
+        sampler.SEARCH_WAYS, sampler.SEARCH_PASSES = ways, -(-32 // (ways.bit_length() - 1))
+    try:
+        yield
+    finally:
+        sampler.apply_top_k_top_p, sampler.SEARCH_WAYS, sampler.SEARCH_PASSES, switch = saved
+        if switch is None:
+            os.environ.pop("JAXLLM_TOP_P_REJECTION")
+        else:
+            os.environ["JAXLLM_TOP_P_REJECTION"] = switch
+
+
 def rejection_mismatches(flat: jax.Array, peaked: jax.Array, t: sampler.SamplingTensors) -> int:
     """Rows whose token from the rejection kernel differs from the sort's, same noise, over a few draws."""
     mismatches = 0
@@ -56,13 +82,11 @@ def rejection_mismatches(flat: jax.Array, peaked: jax.Array, t: sampler.Sampling
         for draw in range(4):
             t = dataclasses.replace(t, sample_index=np.full(logits.shape[0], draw, np.int32))
             tokens = {}
-            for mode in ("0", "1"):
-                os.environ["JAXLLM_TOP_P_REJECTION"] = mode
-                saved, sampler.apply_top_k_top_p = sampler.apply_top_k_top_p, sampler.apply_top_k_top_p_sorted
-                fn = jax.jit(lambda x, t: sampler.sample(x, t, use_filters=True)[0].sampled)
-                tokens[mode] = np.asarray(fn(logits, t))
-                sampler.apply_top_k_top_p = saved
-            mismatches += int((tokens["0"] != tokens["1"]).sum())
+            for ways in ("sort", "rejection"):
+                with variant(ways):
+                    fn = jax.jit(lambda x, t: sampler.sample(x, t, use_filters=True)[0].sampled)
+                    tokens[ways] = np.asarray(fn(logits, t))
+            mismatches += int((tokens["sort"] != tokens["rejection"]).sum())
     return mismatches
 
 
@@ -100,27 +124,14 @@ def main(argv=None):
             variants = ([*args.ways, "sort", "rejection", *(f"kernel{tiling}" for tiling in args.kernel_tiles)]
                         if filters else [None])
             for ways in variants:
-                saved = sampler.apply_top_k_top_p
-                # Read when `sample` is traced: the rejection kernel draws the token itself, every other
-                # variant filters the logits through `apply_top_k_top_p`.
-                os.environ["JAXLLM_TOP_P_REJECTION"] = "1" if ways == "rejection" else "0"
-                if ways == "sort":
-                    sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_sorted
-                elif isinstance(ways, str) and ways.startswith("kernel"):
-                    sampler.apply_top_k_top_p = kernel_filter(ways.removeprefix("kernel"))
-                elif isinstance(ways, int):
-                    sampler.apply_top_k_top_p = sampler.apply_top_k_top_p_search
-                    sampler.SEARCH_WAYS, sampler.SEARCH_PASSES = ways, -(-32 // (ways.bit_length() - 1))
-                fn = jax.jit(lambda x, t, f=filters, r=random_rows: sampler.sample(x, t, use_filters=f,
-                                                                                 random_rows=r)[0].sampled)
-                label = name if ways is None else f"{name}_{ways if isinstance(ways, str) else f'search{ways}'}"
-                row[label + "_ms"] = time_ms(fn, flat, t, repeats=args.repeats)
-                row[label + "_peaked_ms"] = time_ms(fn, peaked, t, repeats=args.repeats)
-                sampler.apply_top_k_top_p = saved
-            sampler.SEARCH_WAYS, sampler.SEARCH_PASSES = 16, 8
+                with variant(ways):
+                    fn = jax.jit(lambda x, t, f=filters, r=random_rows: sampler.sample(x, t, use_filters=f,
+                                                                                     random_rows=r)[0].sampled)
+                    label = name if ways is None else f"{name}_{ways if isinstance(ways, str) else f'search{ways}'}"
+                    row[label + "_ms"] = time_ms(fn, flat, t, repeats=args.repeats)
+                    row[label + "_peaked_ms"] = time_ms(fn, peaked, t, repeats=args.repeats)
             if filters:
                 row[f"{name}_rejection_token_mismatches"] = rejection_mismatches(flat, peaked, t)
-            os.environ.pop("JAXLLM_TOP_P_REJECTION")
         # The sort-based filter's parts.
         row["sort_only_ms"] = time_ms(jax.jit(lambda x: jnp.sort(x, axis=-1)), flat, repeats=args.repeats)
         row["cumsum_only_ms"] = time_ms(jax.jit(lambda x: jnp.cumsum(x, axis=-1)), flat, repeats=args.repeats)
