@@ -30,7 +30,7 @@ from jaxllm.model_runner import ModelRunner, ModelRunnerOutput
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.sharding import make_mesh, shard_weights
-from jaxllm.structured_output import GrammarCompiler, accept_tokens
+from jaxllm.structured_output import GrammarCompiler, StructuredOutputError, accept_tokens
 
 logger = logging.getLogger("jaxllm")
 
@@ -566,6 +566,10 @@ class LLMEngine:
         for req in requests:
             try:
                 self._advance_grammar(req, accepted.get(req.request_id))
+            except StructuredOutputError as error:  # the request's own constraint: no traceback to log
+                logger.warning("request %s: %s", req.parent.request_id, error)
+                self._fail(req.parent, error)
+                failed.add(req.request_id)
             except Exception as error:  # noqa: BLE001 - this request's grammar failed: it alone ends
                 logger.exception("request %s failed", req.parent.request_id)
                 self._fail(req.parent, error)
@@ -581,6 +585,9 @@ class LLMEngine:
         matcher = req.structured
         token = req.output_token_ids[-1]
         if not (matcher.accept(token) if taken is None else taken):
+            if matcher.parser_failed:
+                raise StructuredOutputError(f"the structured output could not be followed after "
+                                            f"{req.num_output_tokens} token(s): {matcher.error.splitlines()[0]}")
             logger.warning("request %s: token %d is outside its structured output (%s): stopping it",
                            req.request_id, token, matcher.error.splitlines()[0] if matcher.error else "")
         elif token not in self.eos_token_ids:

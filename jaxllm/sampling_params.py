@@ -45,6 +45,9 @@ def structural_tag_structures(tag: str | dict) -> list[tuple[str, str, dict, str
         raise ValueError(f"{where} must be an object with 'structures' and 'triggers', got {tag!r:.80}")
     if "format" in tag:
         raise ValueError(f"{where}: the 'format' form is not supported; give 'structures' and 'triggers'")
+    unknown = next((k for k in tag if k not in ("structures", "triggers")), None)
+    if unknown is not None:
+        raise ValueError(f"{where}.{unknown} is not a field of a structural tag (it takes 'structures' and 'triggers')")
     structures, triggers = tag.get("structures"), tag.get("triggers")
     if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
         raise ValueError(f"{where}.triggers must be a non-empty list of non-empty strings, got {triggers!r:.80}")
@@ -56,6 +59,10 @@ def structural_tag_structures(tag: str | dict) -> list[tuple[str, str, dict, str
                 or not isinstance(s.get("schema"), dict):
             raise ValueError(f"{where}.structures[{i}] must have a string 'begin' and 'end' and a JSON schema "
                              f"'schema', got {s!r:.80}")
+        unknown = next((k for k in s if k not in ("begin", "schema", "end")), None)
+        if unknown is not None:
+            raise ValueError(f"{where}.structures[{i}].{unknown} is not a field of a structure (it takes 'begin', "
+                             "'schema' and 'end')")
         trigger = next((t for t in triggers if s["begin"].startswith(t)), None)
         if trigger is None:
             raise ValueError(f"{where}.structures[{i}].begin {s['begin']!r} starts with none of the triggers "

@@ -33,6 +33,11 @@ logger = logging.getLogger("jaxllm")
 CACHE_SIZE = 256  # compiled grammars kept, by spec
 
 
+class StructuredOutputError(ValueError):
+    """A constraint that compiled and started but whose parser failed while generating (a row of over 2,000
+    items after some token): the request's fault, so it ends with a 400, not with a silent stop."""
+
+
 class Grammar:
     """A compiled constraint; `matcher()` starts a fresh match of it."""
 
@@ -76,6 +81,11 @@ class Matcher:
     @property
     def error(self) -> str:
         return self._m.get_error()
+
+    @property
+    def parser_failed(self) -> bool:
+        """The match died of the parser's own limits, not of a token outside the grammar."""
+        return self._m.is_error() and "doesn't satisfy the grammar" not in self._m.get_error()
 
 
 # llguidance's thread pool, for filling many rows and taking many tokens at once: 80% of the CPUs (at most
@@ -164,6 +174,9 @@ class GrammarCompiler:
         if not ok:
             raise ValueError(f"structured_outputs.{kind} is invalid: {error}")
         grammar = Grammar(self.tokenizer, serialized)
+        error = _first_step_error(grammar, self.vocab_size)
+        if error:
+            raise ValueError(f"structured_outputs.{kind} cannot be followed: {error}")
         self._cache[key] = grammar
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -173,6 +186,20 @@ class GrammarCompiler:
 def _validate(llguidance, serialized: str, tokenizer) -> tuple[bool, str]:
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(serialized, tokenizer)
     return not is_error, "; ".join(m.strip() for m in messages)
+
+
+def _first_step_error(grammar: Grammar, vocab_size: int) -> str | None:
+    """Why a constraint that validates cannot start, if it cannot: the parser's limits (a row of over 2,000
+    items, a lexer of too many expressions) and constraints no text satisfies show only when the first
+    mask is computed. Found here, they are the request's 400, not a generation that stops at once."""
+    matcher = grammar.matcher()
+    bitmask = np.zeros((1, bitmask_width(vocab_size)), np.int32)
+    fill_token_bitmask(bitmask, [(0, matcher)])
+    if matcher._m.is_error():
+        return matcher.error.splitlines()[0] if matcher.error else "the parser failed"
+    if not bitmask.any():
+        return "no text satisfies it"
+    return None
 
 
 def _serialize(params: StructuredOutputsParams) -> str:

@@ -181,6 +181,7 @@ def test_invalid_json(server):
     (b'{"prompt": "Hi", "temperature": NaN}', "temperature"),
     (b'{"prompt": "Hi", "top_p": Infinity}', "top_p"),
     (b'{"prompt": "\\ud800 lone surrogate"}', "prompt"),
+    (b'{"prompt": "Hi", "\\ud800": 1}', "body"),  # the key itself cannot name the field
 ])
 def test_json_that_python_reads_but_the_engine_cannot_use(server, content, param):
     resp = httpx.post(server.url + "/v1/completions", content=content, headers=AUTH, timeout=30)
@@ -246,6 +247,22 @@ COMPLETION_ERRORS = [
     ({"prompt": "Hi", "structured_outputs": {"regexp": "a"}}, "structured_outputs"),
     ({"prompt": "Hi", "guided_decoding_backend": "xgrammar", "guided_regex": "a"}, "guided_decoding_backend"),
     ({"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}}, "response_format"),
+    # Keys int() or str.isdigit() would take: signs, superscripts, other scripts' digits, leading zeros.
+    ({"prompt": "Hi", "logit_bias": {"--5": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"\u00b2": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"\u0661\u0662": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"05": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "length_penalty": 0.5}, "length_penalty"),
+    # Unknown keys inside an object field are refused, as unknown fields are.
+    ({"prompt": "Hi", "response_format": {"type": "json_object", "foo": 1}}, "response_format"),
+    ({"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "foo": 1}}},
+     "response_format"),
+    ({"prompt": "Hi", "response_format": {"type": "structural_tag", "triggers": ["<a>"],
+                                          "structures": [{"begin": "<a>", "schema": {}, "end": "</a>", "foo": 1}]}},
+     "response_format"),
+    # Constraints that validate but that no text satisfies.
+    ({"prompt": "Hi", "guided_json": {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}}, "guided_json"),
+    ({"prompt": "Hi", "guided_regex": "[^\\x00-\\U0010FFFF]"}, "guided_regex"),
 ]
 
 
@@ -273,6 +290,14 @@ CHAT_ERRORS = [
      "response_format"),
     ({"messages": [{"role": "user", "content": "Hi"}], "guided_grammar": "start: ("}, "guided_grammar"),
     ({"messages": [{"role": "user", "content": "Hi"}], "n": 2, "temperature": 0}, "n"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "logit_bias": {"\u00b9": 1}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "chat_template": ""}, "chat_template"),
+    ({"messages": [{"role": "user", "content": "Hi"}],
+      "tools": [{"type": "function", "function": {"name": "f", "descriptionn": "typo"}}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function", "function": {"name": "f"},
+                                                                 "foo": 1}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "f", "x": 1}}}, "tool_choice"),
 ]
 
 
@@ -342,6 +367,15 @@ def test_context_length(server):
     assert "you requested 150 tokens (100 in the messages, 50 in the completion)" in error["message"]
     messages = [{"role": "user", "content": "word " * 200}]
     assert_error(post(server, "/v1/chat/completions", {"messages": messages}), 400, code="context_length_exceeded")
+    # Far too long to fit, refused before tokenizing (a tokenizer takes seconds for megabytes of text).
+    error = assert_error(post(server, "/v1/completions", {"prompt": "xy " * 20_000}), 400, param="prompt",
+                         code="context_length_exceeded")
+    assert "60,000 characters of prompt" in error["message"]
+    assert_error(post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "xy " * 20_000}]}),
+                 400, param="messages", code="context_length_exceeded")
+    # With truncate_prompt_tokens it is tokenized and its last tokens kept.
+    resp = post(server, "/v1/completions", {"prompt": "xy " * 20_000, "truncate_prompt_tokens": 16, "max_tokens": 2})
+    assert resp.status_code == 200 and resp.json()["usage"]["prompt_tokens"] == 16
     # Without max_tokens a chat may use the rest of the context.
     resp = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
     assert resp.status_code == 200
@@ -352,9 +386,24 @@ def test_generate_and_tokenize_refusals(server):
     assert_error(post(server, "/generate", {"prompt": "Hi", "nonsense": 1}), 400, contains="nonsense")
     assert_error(post(server, "/generate", {"prompt": "Hi", "temperature": "x"}), 400, param="temperature")
     assert_error(post(server, "/generate", {"prompt": "Hi", "use_beam_search": True, "stream": True}), 400)
+    for name in ("logprobs", "prompt_logprobs"):  # /generate answers with text only
+        assert_error(post(server, "/generate", {"prompt": "Hi", name: 2}), 400, param=name)
     assert_error(post(server, "/tokenize", {"prompt": 5}), 400, param="prompt")
     assert_error(post(server, "/detokenize", {"tokens": ["a"]}), 400, param="tokens")
     assert_error(post(server, "/detokenize", {"tokens": [10**9]}), 400, param="tokens")
+
+
+def test_a_structured_output_whose_parser_fails_while_generating_is_a_400(server):
+    """3,000 choices compile and start, and the parser's row limit (2,000 items) is passed after the first
+    token: the request ends with a 400 saying so, not with an empty answer and finish_reason "stop"."""
+    body = {"prompt": "Hi", "max_tokens": 4, "guided_choice": [f"c{i}" for i in range(3000)]}
+    error = assert_error(post(server, "/v1/completions", body), 400, code="structured_output_failed")
+    assert "could not be followed after 1 token(s)" in error["message"] and "2000" in error["message"]
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, headers=AUTH,
+                      timeout=60) as resp:
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "structured_output_failed"
+    assert post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
 def test_bad_requests_never_disturb_requests_in_flight(server):

@@ -25,12 +25,18 @@ from jaxllm.core.request import Request
 from jaxllm.engine import LLMEngine
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.structured_output import StructuredOutputError
 
 logger = logging.getLogger("jaxllm")
 
 
 class EngineError(RuntimeError):
     """The engine failed while running this request (the request was aborted; the server goes on)."""
+
+
+class RequestError(EngineError):
+    """The engine ended this request for a fault of its own (a structured output whose parser failed while
+    generating): the client's error, answered with a 400."""
 
 
 class EngineDeadError(EngineError):
@@ -253,7 +259,11 @@ class AsyncLLMEngine:
             if stream is None:  # aborted by its client while the step ran
                 continue
             if failure is not None:
-                stream.queue.put_nowait((stream.index, EngineError(f"the engine failed on this request: {failure}")))
+                if failure.startswith(f"{StructuredOutputError.__name__}:"):
+                    error = RequestError(failure.split(": ", 1)[1])
+                else:
+                    error = EngineError(f"the engine failed on this request: {failure}")
+                stream.queue.put_nowait((stream.index, error))
                 continue
             times = stream.times
             num_new = sum(len(o.token_ids) for o in out.outputs) - times.num_output_tokens

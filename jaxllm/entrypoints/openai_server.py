@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 import jaxllm
 from jaxllm.engine import LLMEngine
-from jaxllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, EngineError
+from jaxllm.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError, EngineError, RequestError
 from jaxllm.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from jaxllm.entrypoints.protocol import APIError, error_dict, find_lone_surrogate
 from jaxllm.entrypoints.pooling_routes import refusing_routes
@@ -68,6 +68,8 @@ def parse_json(body: bytes) -> dict:
 def _engine_error(e: EngineError) -> APIError:
     if isinstance(e, EngineDeadError):
         return APIError(str(e), status=503, code="server_shutting_down")
+    if isinstance(e, RequestError):
+        return APIError(str(e), status=400, code="structured_output_failed")
     return APIError(str(e), status=500)
 
 

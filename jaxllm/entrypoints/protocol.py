@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -197,9 +198,10 @@ class SamplingRequest(OpenAIBaseModel):
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise APIError("'allowed_token_ids' cannot be empty", param="allowed_token_ids")
         for key, bias in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit() or len(key) > 10 or not 0 <= int(key) < limits.vocab_size:
-                raise APIError(f"'logit_bias' keys must be token ids in [0, {limits.vocab_size}), got {key[:20]!r}",
-                               param="logit_bias")
+            # ASCII digits in canonical form only: str.isdigit takes "²" and "١٢", and "05" would merge with "5".
+            if not re.fullmatch(r"0|[1-9][0-9]{0,9}", key) or int(key) >= limits.vocab_size:
+                raise APIError(f"'logit_bias' keys must be token ids in [0, {limits.vocab_size}), got "
+                               f"{key[:20].encode('ascii', 'backslashreplace').decode()!r}", param="logit_bias")
             if not -100 <= bias <= 100:
                 raise APIError(f"'logit_bias' values must be in [-100, 100], got {bias}", param="logit_bias")
         _check_logprobs("prompt_logprobs", self.prompt_logprobs, limits, lo=-1)
@@ -209,6 +211,11 @@ class SamplingRequest(OpenAIBaseModel):
             raise APIError("'best_of' > 'n' cannot be used with 'stream'", param="best_of")
         if getattr(self, "stream_options", None) is not None and not getattr(self, "stream", False):
             raise APIError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        if self.length_penalty != 1.0 and not self.use_beam_search:
+            raise APIError("'length_penalty' applies to beam search only: set 'use_beam_search'",
+                           param="length_penalty")
+        if getattr(self, "chat_template", None) == "":
+            raise APIError("'chat_template' must be a non-empty Jinja template", param="chat_template")
         self.structured_outputs_params()  # an invalid constraint is refused before any work
 
     def structured_outputs_params(self):
@@ -409,7 +416,10 @@ class GenerateRequest(SamplingRequest):
             raise APIError("'prompt' must be a non-empty string or array of token ids", param="prompt")
         if isinstance(self.prompt, list):
             _check_ids("prompt", self.prompt, limits.vocab_size)
-        _check_logprobs("logprobs", self.logprobs, limits)
+        for name in ("logprobs", "prompt_logprobs"):  # vLLM's /generate takes them and returns no logprobs
+            if getattr(self, name) is not None:
+                raise APIError(f"'{name}' is not returned by /generate, whose answer holds only 'text': use "
+                               "/v1/completions", param=name)
         if self.use_beam_search and self.stream:
             raise APIError("'stream' is not supported with use_beam_search", param="stream")
 
@@ -439,6 +449,8 @@ class TokenizeRequest(OpenAIBaseModel):
             raise APIError("give either 'prompt' (a string) or 'messages'", param="prompt")
         if self.messages is not None and not self.messages:
             raise APIError("'messages' must be a non-empty array", param="messages")
+        if self.chat_template == "":
+            raise APIError("'chat_template' must be a non-empty Jinja template", param="chat_template")
 
 
 class DetokenizeRequest(OpenAIBaseModel):
@@ -490,17 +502,32 @@ def find_lone_surrogate(data, top: str | None = None) -> str | None:
     while stack:
         value, field = stack.pop()
         if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
+            if not _is_unicode(value):
                 return field or "body"
         elif isinstance(value, dict):
             for k, v in value.items():
-                stack.append((k, field or k))
-                stack.append((v, field or k))
+                name = field or (k if _is_unicode(k) else "body")  # a bad key cannot name itself
+                stack.append((k, name))
+                stack.append((v, name))
         elif isinstance(value, list):
             stack.extend((v, field) for v in value)
     return None
+
+
+def refuse_unknown_keys(obj: dict, allowed: tuple[str, ...], where: str, param: str) -> None:
+    """A nested object's unknown keys are refused by name, as unknown fields of the body are."""
+    unknown = next((k for k in obj if k not in allowed), None)
+    if unknown is not None:
+        raise APIError(f"'{where}.{unknown}' is not a field of '{where}', which takes {', '.join(allowed)} "
+                       "(unknown fields are refused, not ignored)", param=param)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_finite_number(x) -> bool:

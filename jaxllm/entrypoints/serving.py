@@ -10,7 +10,7 @@ samples by index.
 
 from __future__ import annotations
 
-
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -92,7 +92,21 @@ class OpenAIServing:
                             param=max_tokens_param, code="context_length_exceeded")
         return None
 
-    def _tokenize(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    @functools.cached_property
+    def _max_prompt_chars(self) -> int:
+        """Characters beyond which a text surely holds more than max_model_len tokens: no token stands for
+        more characters than its vocabulary entry has, times 4 for what normalisation may merge."""
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        return self.max_model_len * 4 * max(longest, 1)
+
+    def _tokenize(self, text: str, add_special_tokens: bool, param: str, limited: bool = False) -> list[int]:
+        """`limited`: a prompt that must fit max_model_len (no truncate_prompt_tokens): one far too long
+        is refused before tokenizing, which takes seconds of a host thread for megabytes of text."""
+        if limited and len(text) > self._max_prompt_chars:
+            raise APIError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                           f"request has {len(text):,} characters of {param}, more than {self.max_model_len} "
+                           f"tokens can hold. Please reduce the length of the input.",
+                           param=param, code="context_length_exceeded")
         try:
             return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
         except (ValueError, TypeError) as e:
@@ -146,7 +160,9 @@ class OpenAIServing:
     def prepare_completion(self, body: dict) -> Prepared:
         req = self._parse(protocol.CompletionRequest, body)
         prompts = req.prompts()
-        ids = [self._tokenize(p, req.add_special_tokens, "prompt") if isinstance(p, str) else p for p in prompts]
+        limited = req.truncate_prompt_tokens is None
+        ids = [self._tokenize(p, req.add_special_tokens, "prompt", limited) if isinstance(p, str) else p
+               for p in prompts]
         if req.use_beam_search:
             return Prepared(req, beams=self._prepare_beams(req, ids, prompts))
         params = req.to_sampling_params(self.limits)
@@ -306,7 +322,7 @@ class OpenAIServing:
         text = self.render_chat(conversation, add_generation_prompt, req.continue_final_message,
                                 req.chat_template, _template_kwargs(req.chat_template_kwargs),
                                 tools.tools if tools is not None else None)
-        ids = self._tokenize(text, req.add_special_tokens, "messages")
+        ids = self._tokenize(text, req.add_special_tokens, "messages", req.truncate_prompt_tokens is None)
         params = req.to_sampling_params(self.limits)
         if tools is not None and tools.choice == "auto" and getattr(self.tool_parser, "start", "").startswith("["):
             params = replace(params, skip_special_tokens=False)  # mistral's marker is a special token
@@ -484,7 +500,8 @@ class OpenAIServing:
     def prepare_generate(self, body: dict) -> Prepared:
         req = self._parse(protocol.GenerateRequest, body)
         prompt = req.prompt
-        ids = self._tokenize(prompt, True, "prompt") if isinstance(prompt, str) else list(prompt)
+        ids = (self._tokenize(prompt, True, "prompt", req.truncate_prompt_tokens is None) if isinstance(prompt, str)
+               else list(prompt))
         if req.use_beam_search:
             return Prepared(req, beams=self._prepare_beams(req, [ids], [prompt]))
         params = req.to_sampling_params(self.limits)

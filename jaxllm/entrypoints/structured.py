@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxllm.entrypoints.protocol import APIError
+from jaxllm.entrypoints.protocol import APIError, refuse_unknown_keys
 from jaxllm.sampling_params import StructuredOutputsParams
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -64,6 +64,9 @@ def _response_format(fmt) -> StructuredOutputsParams | None:
     if not isinstance(fmt, dict):
         raise APIError("'response_format' must be an object", param="response_format")
     kind = fmt.get("type")
+    if kind in ("text", "json_object", "json_schema"):
+        refuse_unknown_keys(fmt, ("type", "json_schema") if kind == "json_schema" else ("type",), "response_format",
+                            "response_format")
     if kind == "text":
         return None
     if kind == "json_object":
@@ -73,6 +76,9 @@ def _response_format(fmt) -> StructuredOutputsParams | None:
         if not isinstance(spec, dict):
             raise APIError("'response_format.json_schema' must be an object with a 'name' and a 'schema'",
                            param="response_format")
+        # OpenAI's fields; "json_schema" is vLLM's older name of "schema".
+        refuse_unknown_keys(spec, ("name", "description", "schema", "strict", "json_schema"),
+                            "response_format.json_schema", "response_format")
         name = spec.get("name")
         if name is not None and not isinstance(name, str):
             raise APIError("'response_format.json_schema.name' must be a string", param="response_format")

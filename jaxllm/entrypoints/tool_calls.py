@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from jaxllm.entrypoints.protocol import APIError
+from jaxllm.entrypoints.protocol import APIError, refuse_unknown_keys
 from jaxllm.entrypoints.tool_parsers import ToolCall
 from jaxllm.sampling_params import StructuredOutputsParams
 
@@ -82,6 +82,8 @@ def parse_tools(body: dict) -> ToolRequest | None:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
             raise APIError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}", param="tools")
+        refuse_unknown_keys(tool, ("type", "function"), f"tools[{i}]", "tools")
+        refuse_unknown_keys(fn, ("name", "description", "parameters", "strict"), f"tools[{i}].function", "tools")
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise APIError(f"tools[{i}].function.name must be a non-empty string", param="tools")
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
@@ -100,6 +102,8 @@ def parse_tools(body: dict) -> ToolRequest | None:
         if choice.get("type") != "function" or not isinstance(named, str):
             raise APIError("'tool_choice' must be 'none', 'auto', 'required' or "
                            "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
+        refuse_unknown_keys(choice, ("type", "function"), "tool_choice", "tool_choice")
+        refuse_unknown_keys(fn, ("name",), "tool_choice.function", "tool_choice")
         if named not in names:
             raise APIError(f"'tool_choice' names the function {named!r}, which is not in 'tools'", param="tool_choice")
         choice = "named"
