@@ -477,11 +477,13 @@ def validation_error(e: ValidationError) -> APIError:
     first = errors[0]
     loc = first["loc"]
     param = str(loc[0]) if loc else None
+    # Inside an object field (messages[0].foo) the path says where; the param stays the body's field.
     if first["type"] == "extra_forbidden":
-        return APIError(f"'{param}' is not a field of this request (unknown fields are refused, not ignored)",
+        where = "this request" if len(loc) == 1 else f"'{_path(loc[:-1])}'"
+        return APIError(f"'{_path(loc)}' is not a field of {where} (unknown fields are refused, not ignored)",
                         param=param)
     if first["type"] == "missing":
-        return APIError(f"'{param}' is required", param=param)
+        return APIError(f"'{_path(loc)}' is required", param=param)
     # a union reports one error per member: show each
     same = [err for err in errors if err["loc"][:1] == loc[:1]][:4]
     why = "; or ".join(f"{_path(err['loc'])}: {err['msg']}" for err in same)
