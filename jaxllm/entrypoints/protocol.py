@@ -148,6 +148,9 @@ def _check_logprobs(name: str, value, limits: Limits, lo: int = 0) -> None:
         return
     if value < lo:
         raise APIError(f"'{name}' must be >= {lo}, got {value}", param=name)
+    if value == -1 and limits.max_logprobs != -1 and limits.vocab_size > limits.max_logprobs:
+        raise APIError(f"'{name}' = -1 asks for the whole vocabulary ({limits.vocab_size} tokens), more than the "
+                       f"server's --max-logprobs ({limits.max_logprobs})", param=name)
     if limits.max_logprobs != -1 and value > limits.max_logprobs:
         raise APIError(f"'{name}' must be <= {limits.max_logprobs} (the server's --max-logprobs), got {value}",
                        param=name)
@@ -347,9 +350,7 @@ class ChatCompletionRequest(SamplingRequest):
         if self.continue_final_message and self.add_generation_prompt:
             raise APIError("'continue_final_message' and 'add_generation_prompt' cannot both be true",
                            param="continue_final_message")
-        for i, m in enumerate(self.messages):
-            if m.role == "tool" and m.tool_call_id is None:
-                raise APIError(f"messages[{i}].tool_call_id is required in a tool message", param="messages")
+        _check_tool_messages(self.messages)
         self.tool_request  # noqa: B018 - invalid tools are refused before any work
 
     @functools.cached_property
@@ -451,6 +452,13 @@ class TokenizeRequest(OpenAIBaseModel):
             raise APIError("'messages' must be a non-empty array", param="messages")
         if self.chat_template == "":
             raise APIError("'chat_template' must be a non-empty Jinja template", param="chat_template")
+        _check_tool_messages(self.messages or [])
+
+
+def _check_tool_messages(messages: list[ChatMessage]) -> None:
+    for i, m in enumerate(messages):
+        if m.role == "tool" and m.tool_call_id is None:
+            raise APIError(f"messages[{i}].tool_call_id is required in a tool message", param="messages")
 
 
 class DetokenizeRequest(OpenAIBaseModel):

@@ -547,7 +547,7 @@ class OpenAIServing:
 def _template_kwargs(kwargs: dict | None) -> dict:
     """chat_template_kwargs reach the template as variables; the names apply_chat_template itself
     takes are set by their own fields."""
-    reserved = {"conversation", "chat_template", "tokenize", "add_generation_prompt", "continue_final_message",
+    reserved = {"conversation", "messages", "chat_template", "tokenize", "add_generation_prompt", "continue_final_message",
                 "tools", "documents", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
     bad = sorted(set(kwargs or ()) & reserved)
     if bad:
