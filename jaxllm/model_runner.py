@@ -588,9 +588,8 @@ class ModelRunner:
         # The start's sampling programs (`start_precompile`) may be compiling: they include this step's, and
         # no compile may autotune in device memory while the engine reads what this step leaves.
         self._finish_sampling_compiles()
-        have = programs | self._executables
-        programs |= {key: e for key, e, _ in self._compile_programs(args, bucket, have, model=False)}
-        programs = {key: programs.get(key) or self._executables[key] for key in program_keys(bucket)}
+        programs |= {key: self._executables[key] for key in program_keys(bucket)[1:] if key in self._executables}
+        programs |= {key: e for key, e, _ in self._compile_programs(args, bucket, programs, model=False)}
         res, _, _ = self._run_step(args, bucket, None, None, programs)
         jax.block_until_ready(res)
         self.compiled_buckets.update(programs)

@@ -76,16 +76,20 @@ class Matcher:
     @property
     def terminated(self) -> bool:
         """The match is over: EOS was accepted, or the grammar allows nothing more, or it failed."""
-        return not self.waiting and (self._m.is_stopped() or self._m.is_error())
+        return not self.waiting and (self._m.is_stopped() or self.failed)
 
     @property
     def error(self) -> str:
         return self._m.get_error()
 
     @property
+    def failed(self) -> bool:
+        return self._m.is_error()
+
+    @property
     def parser_failed(self) -> bool:
         """The match died of the parser's own limits, not of a token outside the grammar."""
-        return self._m.is_error() and "doesn't satisfy the grammar" not in self._m.get_error()
+        return self.failed and "doesn't satisfy the grammar" not in self.error
 
 
 # llguidance's thread pool, for filling many rows and taking many tokens at once: 80% of the CPUs (at most
@@ -195,7 +199,7 @@ def _first_step_error(grammar: Grammar, vocab_size: int) -> str | None:
     matcher = grammar.matcher()
     bitmask = np.zeros((1, bitmask_width(vocab_size)), np.int32)
     fill_token_bitmask(bitmask, [(0, matcher)])
-    if matcher._m.is_error():
+    if matcher.failed:
         return matcher.error.splitlines()[0] if matcher.error else "the parser failed"
     if not bitmask.any():
         return "no text satisfies it"
