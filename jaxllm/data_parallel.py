@@ -32,7 +32,8 @@ def replica_devices(engine_config: EngineConfig, devices=None) -> list[list]:
 
 
 class _Failures:
-    """The replicas' `failures` (request_id -> why the engine failed it), read and popped as one dict."""
+    """The replicas' `failures` (request_id -> the exception the engine failed it with), read and popped as
+    one dict."""
 
     def __init__(self, engines: list[LLMEngine]):
         self.engines = engines

@@ -177,7 +177,9 @@ class LLMEngine:
         self._held: list[Request] = []
         self._probe: Request | None = None  # the request let back last
         self._probe_ran = False  # a step that ran the probe came back without error
-        self.failures: dict[str, str] = {}  # request_id -> why the engine failed it (read once by the caller)
+        # request_id -> the exception the engine failed it with (read once by the caller, who tells a request's
+        # own fault, such as a StructuredOutputError, from the engine's by its type)
+        self.failures: dict[str, Exception] = {}
         self.step_times = StepTimes()
         self._accept_seconds = 0.0  # this step's grammar matchers taking their tokens (in `_process`)
         self._fill_seconds = 0.0  # filling the launched step's token bitmask (in `_process`)
@@ -509,7 +511,7 @@ class LLMEngine:
 
     def _fail(self, parent: ParentRequest, error: Exception) -> None:
         """Finish every sample of `parent` (finish_reason "abort") and record why in `failures`."""
-        self.failures[parent.request_id] = f"{type(error).__name__}: {error}"
+        self.failures[parent.request_id] = error
         for sample in parent.samples:
             if self.scheduler.finish_request(sample.request_id, RequestStatus.FINISHED_ABORTED) is None:
                 sample.status = RequestStatus.FINISHED_ABORTED

@@ -307,7 +307,7 @@ class LLM(PoolingMixin):
     def _run_engine(self, requests, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         finished: dict[str, RequestOutput] = {}
-        failed: dict[str, str] = {}  # the engine failed these (the others still ran to the end)
+        failed: dict[str, Exception] = {}  # the engine failed these (the others still ran to the end)
         bar = None
         if use_tqdm and requests:
             from tqdm.auto import tqdm
@@ -332,9 +332,10 @@ class LLM(PoolingMixin):
         outputs = [finished[r.request_id] for r in requests]
         if failed:
             bad = [i for i, r in enumerate(requests) if r.request_id in failed]
+            first = failed[requests[bad[0]].request_id]
             raise RequestFailedError(
-                f"the engine failed on prompts {bad}: {failed[requests[bad[0]].request_id]} (the other prompts "
-                f"completed: their outputs are in this error's `outputs`)", outputs, bad)
+                f"the engine failed on prompts {bad}: {type(first).__name__}: {first} (the other prompts "
+                f"completed: their outputs are in this error's `outputs`)", outputs, bad) from first
         return outputs
 
 

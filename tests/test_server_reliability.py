@@ -349,6 +349,8 @@ def test_offline_generate_one_bad_prompt_raises_for_it_and_the_rest_complete(tin
     with pytest.raises(RequestFailedError, match="injected model failure") as info:
         llm.generate(prompts[:2] + [{"prompt_token_ids": [POISON, 1]}] + prompts[2:], sp, use_tqdm=False)
     assert info.value.failed == [2]
+    # the engine's own exception travels with the error, not only its text
+    assert type(info.value.__cause__) is RuntimeError and str(info.value.__cause__) == "injected model failure"
     outs = info.value.outputs
     assert [o.outputs[0].text for i, o in enumerate(outs) if i != 2] == alone
     assert not llm.llm_engine.has_unfinished_requests()

@@ -259,10 +259,10 @@ class AsyncLLMEngine:
             if stream is None:  # aborted by its client while the step ran
                 continue
             if failure is not None:
-                if failure.startswith(f"{StructuredOutputError.__name__}:"):
-                    error = RequestError(failure.split(": ", 1)[1])
+                if isinstance(failure, StructuredOutputError):
+                    error = RequestError(str(failure))
                 else:
-                    error = EngineError(f"the engine failed on this request: {failure}")
+                    error = EngineError(f"the engine failed on this request: {type(failure).__name__}: {failure}")
                 stream.queue.put_nowait((stream.index, error))
                 continue
             times = stream.times
