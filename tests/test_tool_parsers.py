@@ -9,14 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxllm.entrypoints.protocol import APIError
+from jaxllm.entrypoints.protocol import APIError, ChatCompletionRequest, Limits, parse
 from jaxllm.entrypoints.reasoning_parsers import get_reasoning_parser
-from jaxllm.entrypoints.tool_calls import parse_tools
 from jaxllm.entrypoints.tool_parsers import get_tool_parser
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def parse_tools(fields: dict):
+    """The tool request a chat body with these tool fields makes, through the body's schema and checks."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], **fields}
+    return parse(ChatCompletionRequest, body, Limits(vocab_size=1000, max_model_len=64, max_logprobs=20)).tool_request
 
 
 def calls(parsed):
@@ -94,7 +99,14 @@ def test_tool_choice_grammars():
     for body, param in (({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}}, "tool_choice"),
                         ({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
                         ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
-                        ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls")):
+                        ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+                        ({"tools": [{**WEATHER, "function": {**WEATHER["function"], "descriptionn": "typo"}}]},
+                         "tools"),
+                        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather",
+                                                                                              "x": 1}}},
+                         "tool_choice"),
+                        ({"tools": [{**TIME, "function": {"name": ""}}]}, "tools"),
+                        ({"tools": [WEATHER], "functions": [{"name": "f"}]}, "functions")):
         with pytest.raises(APIError) as e:
             parse_tools(body)
         assert e.value.param == param

@@ -54,10 +54,11 @@ class Limits:
 
 
 # -- refusals of what is not implemented yet: the one place --------------------------------------------
-# field -> the values that mean "not used".
+# field -> (the values that mean "not used", what to use instead).
 UNIMPLEMENTED = {
-    "functions": (None, []), "function_call": (None, "none"),  # deprecated by OpenAI for tools
-    "suffix": (None, ""),
+    "functions": ((None, []), "deprecated by OpenAI: use 'tools'"),
+    "function_call": ((None, "none"), "deprecated by OpenAI: use 'tool_choice'"),
+    "suffix": ((None, ""), "not supported by this server yet"),
 }
 
 
@@ -66,10 +67,10 @@ STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "gu
 
 
 def refuse_unimplemented(request: BaseModel) -> None:
-    for name, neutral in UNIMPLEMENTED.items():
+    for name, (neutral, why) in UNIMPLEMENTED.items():
         value = getattr(request, name, None)
         if not any(value == v for v in neutral):
-            raise APIError(f"'{name}' is not supported by this server yet", param=name)
+            raise APIError(f"'{name}' is {why}", param=name)
 
 
 # -- field types ---------------------------------------------------------------------------------------
@@ -116,6 +117,28 @@ class TextPart(OpenAIBaseModel):
 class ToolCallFunction(OpenAIBaseModel):
     name: str
     arguments: str  # JSON text
+
+
+# -- tool calling: OpenAI's objects (their meanings, and the 400s that need the whole request, in tool_calls.py)
+class FunctionDefinition(OpenAIBaseModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class AssistantToolCall(OpenAIBaseModel):
@@ -330,8 +353,8 @@ class ChatCompletionRequest(SamplingRequest):
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False
     # Tool calling: shapes here, meanings (and their 400s) in entrypoints/tool_calls.py.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: Unimplemented = None
     function_call: Unimplemented = None
@@ -358,8 +381,7 @@ class ChatCompletionRequest(SamplingRequest):
         """The checked tool fields (a tool_calls.ToolRequest), or None without tools."""
         from jaxllm.entrypoints.tool_calls import parse_tools
 
-        return parse_tools({"tools": self.tools, "tool_choice": self.tool_choice,
-                            "parallel_tool_calls": self.parallel_tool_calls})
+        return parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def structured_outputs_params(self):
         """As SamplingRequest's; tool_choice "required" or a named function forces its own constraint."""
@@ -480,8 +502,18 @@ def parse(schema: type[BaseModel], body: dict, limits: Limits):
     return request
 
 
-def validation_error(e: ValidationError) -> APIError:
-    errors = e.errors(include_url=False, include_input=False)
+def parse_nested(schema: type[BaseModel], value, field: str):
+    """Validate an object the body holds in `field` (a dict typed loosely there, whose shape depends on
+    another of its keys) against its own schema; a refusal names `field` and the path inside it."""
+    try:
+        return schema.model_validate(value)
+    except ValidationError as e:
+        raise validation_error(e, (field,)) from None
+
+
+def validation_error(e: ValidationError, prefix: tuple = ()) -> APIError:
+    """The APIError of a schema's refusal; `prefix`: the path to where the validated object lies."""
+    errors = [err | {"loc": prefix + tuple(err["loc"])} for err in e.errors(include_url=False, include_input=False)]
     first = errors[0]
     loc = first["loc"]
     param = str(loc[0]) if loc else None
@@ -501,8 +533,32 @@ def validation_error(e: ValidationError) -> APIError:
 def _path(loc) -> str:
     out = ""
     for part in loc:
+        if _is_union_tag(part):
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+_SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _is_union_tag(part) -> bool:
+    """Whether a part of pydantic's error location names the member of a union it tried (the literal,
+    the type or the model: `literal['none','auto']`, `dict[str,any]`, `NamedToolChoice`), not a field: a
+    client's path is written without them."""
+    if not isinstance(part, str):
+        return False
+    return "[" in part or part in _SCALAR_TAGS or part in _model_names()
+
+
+@functools.cache
+def _model_names() -> frozenset[str]:
+    found, stack = set(), [OpenAIBaseModel]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            found.add(sub.__name__)
+            stack.append(sub)
+    return frozenset(found)
 
 
 def find_lone_surrogate(data, top: str | None = None) -> str | None:
@@ -522,14 +578,6 @@ def find_lone_surrogate(data, top: str | None = None) -> str | None:
         elif isinstance(value, list):
             stack.extend((v, field) for v in value)
     return None
-
-
-def refuse_unknown_keys(obj: dict, allowed: tuple[str, ...], where: str, param: str) -> None:
-    """A nested object's unknown keys are refused by name, as unknown fields of the body are."""
-    unknown = next((k for k in obj if k not in allowed), None)
-    if unknown is not None:
-        raise APIError(f"'{where}.{unknown}' is not a field of '{where}', which takes {', '.join(allowed)} "
-                       "(unknown fields are refused, not ignored)", param=param)
 
 
 def _is_unicode(text: str) -> bool:

@@ -9,8 +9,11 @@ StructuredOutputsParams' fields), and the older `guided_json`, `guided_regex`, `
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Literal
 
-from jaxllm.entrypoints.protocol import APIError, refuse_unknown_keys
+from pydantic import Field
+
+from jaxllm.entrypoints.protocol import APIError, OpenAIBaseModel, parse_nested
 from jaxllm.sampling_params import StructuredOutputsParams
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -60,36 +63,45 @@ def _build(field: str, **kwargs) -> StructuredOutputsParams:
         raise APIError(f"'{field}': {e}", param=field) from None
 
 
+class TextFormat(OpenAIBaseModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(OpenAIBaseModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(OpenAIBaseModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # objects take no properties the schema does not list (OpenAI's strict mode)
+    json_schema: dict[str, Any] | bool | None = None  # vLLM's older name of "schema"
+
+
+class JsonSchemaFormat(OpenAIBaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+_FORMATS = {"text": TextFormat, "json_object": JsonObjectFormat, "json_schema": JsonSchemaFormat}
+
+
 def _response_format(fmt) -> StructuredOutputsParams | None:
     if not isinstance(fmt, dict):
         raise APIError("'response_format' must be an object", param="response_format")
     kind = fmt.get("type")
-    if kind in ("text", "json_object", "json_schema"):
-        refuse_unknown_keys(fmt, ("type", "json_schema") if kind == "json_schema" else ("type",), "response_format",
-                            "response_format")
+    if kind in _FORMATS:
+        fmt = parse_nested(_FORMATS[kind], fmt, "response_format")
     if kind == "text":
         return None
     if kind == "json_object":
         return StructuredOutputsParams(json_object=True)
     if kind == "json_schema":
-        spec = fmt.get("json_schema")
-        if not isinstance(spec, dict):
-            raise APIError("'response_format.json_schema' must be an object with a 'name' and a 'schema'",
-                           param="response_format")
-        # OpenAI's fields; "json_schema" is vLLM's older name of "schema".
-        refuse_unknown_keys(spec, ("name", "description", "schema", "strict", "json_schema"),
-                            "response_format.json_schema", "response_format")
-        name = spec.get("name")
-        if name is not None and not isinstance(name, str):
-            raise APIError("'response_format.json_schema.name' must be a string", param="response_format")
-        strict = spec.get("strict")
-        if strict is not None and not isinstance(strict, bool):
-            raise APIError("'response_format.json_schema.strict' must be a boolean", param="response_format")
-        schema = spec.get("schema", spec.get("json_schema"))
-        if schema is None:
-            schema = {"type": "object"}
-        # strict: objects take no properties the schema does not list (as OpenAI's strict mode).
-        return _build("response_format", json=schema, disable_additional_properties=bool(strict))
+        spec = fmt.json_schema
+        schema = spec.schema_ if spec.schema_ is not None else spec.json_schema
+        return _build("response_format", json={"type": "object"} if schema is None else schema,
+                      disable_additional_properties=bool(spec.strict))
     if kind == "structural_tag":  # vLLM's: {"type", "structures": [{"begin", "schema", "end"}], "triggers"}
         return _build("response_format", structural_tag={k: v for k, v in fmt.items() if k != "type"})
     raise APIError(f"'response_format.type' must be 'text', 'json_object', 'json_schema' or 'structural_tag', "

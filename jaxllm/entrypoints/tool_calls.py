@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from jaxllm.entrypoints.protocol import APIError, refuse_unknown_keys
+from jaxllm.entrypoints.protocol import APIError, ChatTool, NamedToolChoice
 from jaxllm.entrypoints.tool_parsers import ToolCall
 from jaxllm.sampling_params import StructuredOutputsParams
 
@@ -62,55 +62,26 @@ class ToolRequest:
         return text, []
 
 
-def parse_tools(body: dict) -> ToolRequest | None:
-    """The body's tool fields, checked (400s name the field); None without tools."""
-    tools = body.get("tools")
-    choice = body.get("tool_choice")
-    parallel = body.get("parallel_tool_calls")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise APIError("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
-    if body.get("functions") or body.get("function_call"):
-        raise APIError("'functions' is deprecated and not supported: use 'tools'", param="functions")
-    if tools is None:
-        if choice not in (None, "none"):
-            raise APIError("'tool_choice' needs 'tools'", param="tool_choice")
-        return None
-    if not isinstance(tools, list):
-        raise APIError("'tools' must be an array of tools", param="tools")
-    names = []
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
-            raise APIError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}", param="tools")
-        refuse_unknown_keys(tool, ("type", "function"), f"tools[{i}]", "tools")
-        refuse_unknown_keys(fn, ("name", "description", "parameters", "strict"), f"tools[{i}].function", "tools")
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise APIError(f"tools[{i}].function.name must be a non-empty string", param="tools")
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise APIError(f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
-        names.append(fn["name"])
+def parse_tools(tools: list[ChatTool] | None, choice: str | NamedToolChoice | None,
+                parallel: bool | None) -> ToolRequest | None:
+    """The request's tool fields (their shapes checked by the body's schema), checked together: 400s name
+    the field; None without tools."""
     if not tools:
         if choice not in (None, "none"):
             raise APIError("'tool_choice' needs at least one tool in 'tools'", param="tool_choice")
         return None
+    names = [t.function.name for t in tools]
     named = None
     if choice is None:
         choice = "auto"
-    elif isinstance(choice, dict):
-        fn = choice.get("function")
-        named = fn.get("name") if isinstance(fn, dict) else None
-        if choice.get("type") != "function" or not isinstance(named, str):
-            raise APIError("'tool_choice' must be 'none', 'auto', 'required' or "
-                           "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
-        refuse_unknown_keys(choice, ("type", "function"), "tool_choice", "tool_choice")
-        refuse_unknown_keys(fn, ("name",), "tool_choice.function", "tool_choice")
+    elif isinstance(choice, NamedToolChoice):
+        named = choice.function.name
         if named not in names:
             raise APIError(f"'tool_choice' names the function {named!r}, which is not in 'tools'", param="tool_choice")
         choice = "named"
-    elif choice not in ("none", "auto", "required"):
-        raise APIError(f"'tool_choice' must be 'none', 'auto', 'required' or a named function, got {choice!r}",
-                       param="tool_choice")
-    return ToolRequest(tools=tools, choice=choice, named=named, parallel=True if parallel is None else parallel)
+    # The tools as OpenAI's objects, as the client sent them: what chat templates read.
+    return ToolRequest(tools=[t.model_dump(exclude_unset=True) for t in tools], choice=choice, named=named,
+                       parallel=True if parallel is None else parallel)
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
