@@ -3,6 +3,7 @@ dequantize-then-dot, for decode batches.
 
     python benchmarks/quant_matmul.py                  # table; JSON to benchmarks/results/
     python benchmarks/quant_matmul.py --tune           # also every tile / split / warp setting of the kernel
+    python benchmarks/quant_matmul.py --tune --shapes gate_up --batch 1 --settings 32,128,4,3,0 64,256,8,4,2
 
 Each case first checks the kernel against its jnp reference (max relative error, printed), then times
 `--reps` distinct weights called back to back inside one jitted program (their int4 bytes well past the
@@ -66,6 +67,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default=",".join(n for n, _, _ in LLAMA3_8B), help="a subset of the layer's matmuls")
     ap.add_argument("--reps", type=int, default=16, help="distinct weights a timed program cycles through")
     ap.add_argument("--tune", action="store_true", help="time every kernel setting as well")
+    ap.add_argument("--settings", nargs="+", default=None, metavar="KW,N,WARPS,STAGES,SPLITS",
+                    help="with --tune, only these settings (SPLITS 0: the kernel's own choice)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
@@ -99,11 +102,13 @@ def main(argv=None):
                 "speedup_vs_bf16": round(t_bf16 / t_kernel, 2), "max_rel_err": err}
         if args.tune:
             case["tune"] = []
-            for block_kw, block_n, warps, stages, splits in itertools.product(
-                    (16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4), (1, 2, 4, 8, 16)):
-                if (n_in // 8) % (block_kw * splits) or n_out % block_n:
+            grid = ([tuple(int(v) for v in c.split(",")) for c in args.settings] if args.settings else
+                    itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4), (1, 2, 4, 8, 16)))
+            for block_kw, block_n, warps, stages, splits in grid:
+                if (n_in // 8) % (block_kw * max(splits, 1)) or n_out % block_n:
                     continue
-                kw = dict(block_kw=block_kw, block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
+                kw = dict(block_kw=block_kw, block_n=block_n, num_warps=warps, num_stages=stages,
+                          num_splits=splits or None)
                 try:
                     t = time_calls(lambda x, w: int4_matmul(x, w.q, w.scale, w.zero, **kw), xs, quantized, rounds=3)
                 except Exception as e:  # a setting Triton cannot compile (shared memory, registers)
