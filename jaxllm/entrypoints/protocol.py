@@ -551,8 +551,7 @@ def _is_union_tag(part) -> bool:
     return "[" in part or part in _SCALAR_TAGS or part in _model_names()
 
 
-@functools.cache
-def _model_names() -> frozenset[str]:
+def _model_names() -> frozenset[str]:  # not cached: modules imported later define more (an error path only)
     found, stack = set(), [OpenAIBaseModel]
     while stack:
         for sub in stack.pop().__subclasses__():
