@@ -83,6 +83,18 @@ def test_embeddings_refusals(client, server):
     assert r.status_code == 400 and "classify() is not supported" in r.json()["error"]["message"]
 
 
+def test_cli_serves_a_pooling_app(server, monkeypatch):
+    """`serve`, which the CLI runs, takes the pooling app (it has no generation drain) as well as the other."""
+    import uvicorn
+
+    from jaxllm.entrypoints.openai_server import serve
+
+    ran = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: ran.append(self.config.app))
+    serve(server.app, uvicorn.Config(server.app))
+    assert ran == [server.app]
+
+
 POOLING_ROUTES = [
     ("/v1/embeddings", {"input": "Hi"}, ["input", "encoding_format", "dimensions", "truncate_prompt_tokens", "user",
                                          "normalize", "add_special_tokens", "priority"]),

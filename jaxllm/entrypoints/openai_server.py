@@ -375,7 +375,10 @@ def serve(app, config) -> None:
     """Run `app` under uvicorn; the shutdown signal starts the app's drain (Lifecycle) at once."""
     import uvicorn
 
-    lifecycle = app.state.lifecycle
+    lifecycle = getattr(app.state, "lifecycle", None)
+    if lifecycle is None:  # a pooling model's app: no streams to end, its requests finish within uvicorn's drain
+        uvicorn.Server(config).run()
+        return
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
