@@ -124,16 +124,27 @@ class PoolingEngine:
         """A string, vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."}, or a list of token ids."""
         trunc = self._truncation(params)
         if isinstance(prompt, dict):
+            # vLLM's prompt dicts carry more (multi_modal_data, ...) than a text model can use: refused, not ignored
+            unknown = sorted(map(str, set(prompt) - {"prompt", "prompt_token_ids"}))
+            if unknown:
+                raise ValueError(f"a prompt dict's {', '.join(map(repr, unknown))} is not supported; it takes 'prompt' "
+                                 "or 'prompt_token_ids'")
             if "prompt_token_ids" in prompt:
-                prompt = list(prompt["prompt_token_ids"])
+                prompt = prompt["prompt_token_ids"]
+                if not isinstance(prompt, (list, tuple)):
+                    raise TypeError(f"'prompt_token_ids' must be a list of token ids, got {type(prompt).__name__}")
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
+            _check_unicode(prompt, "the prompt")
             kwargs = dict(truncation=True, max_length=trunc) if trunc else {}
             ids = self.tokenizer(prompt, **kwargs)["input_ids"]
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, (list, tuple)):
+            bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool)), None)
+            if bad is not None:
+                raise TypeError(f"a list of token ids holds {bad!r} ({type(bad).__name__}); token ids are ints")
             ids = list(prompt)[-trunc:] if trunc else list(prompt)
             vocab = self.config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
@@ -148,9 +159,17 @@ class PoolingEngine:
         for name, t in (("text_1", text_1), ("text_2", text_2)):
             if not isinstance(t, str):
                 raise TypeError(f"{name} must be a string (or a list of strings), got {type(t).__name__}")
+            _check_unicode(t, name)
         trunc = self._truncation(params)
-        kwargs = dict(truncation="only_second" if trunc else False, max_length=trunc) if trunc else {}
-        enc = self.tokenizer(text_1, text_2, **kwargs)
+        enc = self.tokenizer(text_1, text_2)
+        if trunc and len(enc["input_ids"]) > trunc:
+            # Only text_2 is cut, and it must keep a token: short of that, the tokenizer raises a bare Exception
+            # or returns the pair uncut or cut wrongly, depending on by how much.
+            first = len(enc["input_ids"]) - len(self.tokenizer(text_2, add_special_tokens=False)["input_ids"])
+            if trunc <= first:
+                raise ValueError(f"truncate_prompt_tokens={params.truncate_prompt_tokens} leaves text_2 no token: "
+                                 f"text_1 with the pair's special tokens is {first} tokens, and only text_2 is cut")
+            enc = self.tokenizer(text_1, text_2, truncation="only_second", max_length=trunc)
         ids = self._check_len(enc["input_ids"])
         types = enc.get("token_type_ids")
         return PoolInput(ids, list(types) if types is not None and self.config.type_vocab_size > 1 else None)
@@ -161,7 +180,7 @@ class PoolingEngine:
             return None
         if t == -1:
             return self.max_model_len
-        if t > self.max_model_len:
+        if t > self.max_model_len:  # check_params refuses it first; this guards direct callers
             raise ValueError(f"truncate_prompt_tokens={t} is more than max_model_len={self.max_model_len}")
         return t
 
@@ -174,9 +193,13 @@ class PoolingEngine:
         return ids
 
     def check_params(self, params: PoolingParams, task: str) -> None:
+        t = params.truncate_prompt_tokens
+        if t is not None and t > self.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens={t} is more than max_model_len={self.max_model_len}")
         if task == "embed" or (task == "encode" and self.kind == "embed"):
-            if params.use_activation is not None and task == "embed":
-                raise ValueError("use_activation applies to classification and scores, not to embeddings")
+            if params.use_activation is not None:
+                raise ValueError(f"use_activation applies to classification and scores, not to {task}() on an "
+                                 "embedding model")
             self.matryoshka.check(params.dimensions if params.dimensions is not None
                                   else self.pooler_config.dimensions, self.config.hidden_size)
         else:
@@ -197,6 +220,13 @@ class PoolingEngine:
         normalize = self.pooler_config.normalize if p.normalize is None else p.normalize
         dims = p.dimensions if p.dimensions is not None else self.pooler_config.dimensions
         return embedding_head(row, bool(normalize), dims).astype(np.float32)
+
+
+def _check_unicode(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # the tokenizer's own error says only that the type is wrong
+        raise ValueError(f"{what} holds a lone surrogate at index {e.start}, which is not valid Unicode") from None
 
 
 def _on_cpu() -> bool:

@@ -180,6 +180,15 @@ def test_cross_encoder_score_matches_transformers(tmp_path):
     assert n_to_n[0].outputs.score == pytest.approx(one_to_one.outputs.score, abs=1e-6)
     with pytest.raises(ValueError, match="3 texts in data_1 against 2"):
         llm.score(docs, docs[:2])
+    # only text_2 is cut: down to "what is jax" and the pair's 3 special tokens (6), the tokenizer raised a
+    # bare Exception, returned the pair uncut, or cut the query
+    assert [len(o.prompt_token_ids) for o in llm.score(query, "jax jax jax", truncate_prompt_tokens=7,
+                                                       use_tqdm=False)] == [7]
+    for cut in (2, 4, 6):
+        with pytest.raises(ValueError, match=f"truncate_prompt_tokens={cut} leaves text_2 no token"):
+            llm.score(query, "jax jax jax", truncate_prompt_tokens=cut, use_tqdm=False)
+    with pytest.raises(ValueError, match="text_2 holds a lone surrogate"):
+        llm.score(query, ["\ud800"], use_tqdm=False)
 
 
 def test_qwen3_last_token_embedding_matches_transformers(tmp_path):

@@ -81,6 +81,46 @@ def test_embeddings_refusals(client, server):
     assert r.status_code == 400 and "pooling model" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/classify", json={"input": "hi"})
     assert r.status_code == 400 and "classify() is not supported" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "model" and r.json()["error"]["code"] == "model_not_supported"
+
+
+def test_refusals_name_the_field_and_the_place(server):
+    """Lone surrogates, integers of over 4,300 digits, inputs of the wrong shape, truncation past the model and
+    a text too long in a score: each a 400 naming the field (and where in it); none a 500 or a dropped
+    connection."""
+    def post(path, raw: bytes):
+        return httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"}).json()["error"]
+
+    for path, raw, param in (("/v1/embeddings", b'{"input": ["ok", "\\udfff"]}', "input"),
+                             ("/v1/embeddings", b'{"input": "hi", "model": "\\ud800"}', "model"),
+                             ("/v1/embeddings", b'{"input": "hi", "\\ud800": 1}', "body"),
+                             ("/rerank", b'{"query": "q", "documents": ["a", "\\ud800"]}', "documents"),
+                             ("/tokenize", b'{"prompt": "\\ud800"}', "prompt"),
+                             ("/v1/embeddings", b'{"input": "hi", "dimensions": 1' + b"0" * 5000 + b"}", "dimensions")):
+        error = post(path, raw)
+        assert error["param"] == param, (raw[:60], error)
+    for value, where in (([-1], "input[0] is -1"), ([[1], [-2]], "input[1][0] is -2"), (["a", 1], "input[1] is 1"),
+                         (None, "got null")):
+        error = httpx.post(server.url + "/v1/embeddings", json={"input": value}).json()["error"]
+        assert error["param"] == "input" and where in error["message"], error
+    for path, body in (("/v1/embeddings", {"input": "hi", "truncate_prompt_tokens": 257}),
+                       ("/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": 257})):
+        error = httpx.post(server.url + path, json=body).json()["error"]
+        assert error["param"] == "truncate_prompt_tokens" and "max_model_len=256" in error["message"], error
+    # each text of a score is embedded once: the error names where the client put it
+    for path, body, param, where in (("/score", {"text_1": "a", "text_2": ["a", "b", "word " * 300]}, "text_2",
+                                      "text_2[2]"),
+                                     ("/rerank", {"query": "word " * 300, "documents": ["a"]}, "query", "query:")):
+        error = httpx.post(server.url + path, json=body).json()["error"]
+        assert error["param"] == param and error["message"].startswith(where), error
+        assert error["code"] == "context_length_exceeded"
+
+
+def test_tokenize_refuses_unknown_fields(server):
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world", "add_special_tokens": False}).json()
+    assert r["count"] == 2
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world", "foo": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "foo"
 
 
 def test_cli_serves_a_pooling_app(server, monkeypatch):
@@ -166,6 +206,11 @@ def test_cross_encoder_score_rerank_classify(tmp_path):
         assert len(r["results"]) == 4 and "document" not in r["results"][0]
         r = httpx.post(s.url + "/classify", json={"input": ["what is jax"]}).json()
         assert r["data"][0]["num_classes"] == 1
+        ids = llm.get_tokenizer()("what is jax")["input_ids"]
+        r = httpx.post(s.url + "/classify", json={"input": [ids]}).json()  # token ids, as vLLM takes them
+        assert r["data"][0]["probs"] == pytest.approx(llm.classify([ids], use_tqdm=False)[0].outputs.probs, abs=1e-6)
+        r = httpx.post(s.url + "/score", json={"text_1": "what is jax", "text_2": "b", "truncate_prompt_tokens": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
         for body, param in (({"query": "q", "documents": []}, "documents"), ({"query": 1, "documents": ["a"]}, "query"),
                             ({"query": "q", "documents": ["a"], "top_n": -1}, "top_n")):
             r = httpx.post(s.url + "/rerank", json=body)

@@ -25,7 +25,8 @@ from starlette.routing import Route
 
 import jaxllm
 from jaxllm.entrypoints.pooling_protocol import (ClassificationRequest, EmbeddingRequest, PoolingRequest,
-                                                 RerankRequest, ScoreRequest, parse, prompts_of)
+                                                 RerankRequest, ScoreRequest, TokenizeRequest, parse,
+                                                 prompts_of)
 from jaxllm.entrypoints.protocol import APIError
 from jaxllm.pooling_engine import PoolingEngine
 from jaxllm.pooling_params import PoolingParams
@@ -101,8 +102,11 @@ class PoolingServing:
 
     def _params(self, req, task: str, **fields) -> PoolingParams:
         try:
-            params = PoolingParams(truncate_prompt_tokens=req.truncate_prompt_tokens, **fields)
             self.engine.check_task(task)
+        except ValueError as e:  # the route is fine; the model served is of the other kind, as refusing_routes says
+            raise APIError(str(e), param="model", code="model_not_supported") from None
+        try:
+            params = PoolingParams(truncate_prompt_tokens=req.truncate_prompt_tokens, **fields)
             self.engine.check_params(params, task)
         except ValueError as e:
             param = next((n for n in ("truncate_prompt_tokens", *fields) if n in str(e)), None)
@@ -116,7 +120,7 @@ class PoolingServing:
                 inputs.append(self.engine.tokenize(prompt, params))
             except (TypeError, ValueError) as e:
                 code = "context_length_exceeded" if "maximum context length" in str(e) else None
-                raise APIError(f"{param}[{i}]: {e}", param=param, code=code) from None
+                raise APIError(f"{param}[{i}]: {e}", param=_param_of(e, param), code=code) from None
         return inputs
 
     @staticmethod
@@ -153,14 +157,21 @@ class PoolingServing:
         return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": model,
                 "data": data, "usage": self._usage(inputs)}
 
-    async def _scores(self, req, texts_1: list[str], texts_2: list[str]) -> tuple[list[float], list[PoolInput]]:
+    async def _scores(self, req, texts_1: list[str], texts_2: list[str],
+                      names: tuple[str, str] = ("text_1", "text_2")) -> tuple[list[float], list[PoolInput]]:
+        """`names`: the request's fields that hold texts_1 and texts_2, for the errors."""
         if not texts_1 or not texts_2:
-            raise APIError("both sides of a score need at least one text", param="text_1" if not texts_1 else "text_2")
+            raise APIError("both sides of a score need at least one text", param=names[0] if not texts_1 else names[1])
+        # each text is embedded once (bi-encoders); a refusal names where the client put it first
+        where = {}
+        for name, texts in zip(names, (texts_1, texts_2)):
+            for i, text in enumerate(texts):
+                where.setdefault(text, f"{name}[{i}]" if len(texts) > 1 else name)
         if len(texts_1) == 1:
             texts_1 = texts_1 * len(texts_2)
         if len(texts_1) != len(texts_2):
-            raise APIError(f"{len(texts_1)} texts in text_1 against {len(texts_2)} in text_2: give one text, or as "
-                           "many as text_2", param="text_1")
+            raise APIError(f"{len(texts_1)} texts in {names[0]} against {len(texts_2)} in {names[1]}: give one text, "
+                           f"or as many as {names[1]}", param=names[0])
         if self.engine.kind == "classify":
             params = self._params(req, "score", use_activation=req.use_activation)
             inputs = []
@@ -168,13 +179,20 @@ class PoolingServing:
                 try:
                     inputs.append(self.engine.tokenize_pair(a, b, params))
                 except (TypeError, ValueError) as e:
-                    raise APIError(f"pair {i}: {e}", param="text_2") from None
+                    raise APIError(f"pair {i}: {e}", param=_param_of(e, names[1])) from None
             return [float(r[0]) for r in await self.batcher.pool(inputs, [params] * len(inputs))], inputs
+        params = self._params(req, "score")
         if req.use_activation is not None:
             raise APIError("use_activation applies to cross-encoders; this is an embedding model", param="use_activation")
-        params = self._params(req, "score")
         unique = list(dict.fromkeys(texts_1 + texts_2))
-        inputs = self._tokenize(unique, params, "text_2")
+        inputs = []
+        for text in unique:
+            try:
+                inputs.append(self.engine.tokenize(text, params))
+            except (TypeError, ValueError) as e:
+                code = "context_length_exceeded" if "maximum context length" in str(e) else None
+                field = where[text].split("[")[0]
+                raise APIError(f"{where[text]}: {e}", param=_param_of(e, field), code=code) from None
         vectors = dict(zip(unique, await self.batcher.pool(inputs, [params] * len(inputs))))
         cos = [float(vectors[a] @ vectors[b] / max(float(np.linalg.norm(vectors[a]) * np.linalg.norm(vectors[b])),
                                                    1e-12)) for a, b in zip(texts_1, texts_2)]
@@ -194,16 +212,17 @@ class PoolingServing:
         model = self._model(req)
         if not req.documents:
             raise APIError("'documents' must not be empty", param="documents")
-        try:
-            scores, inputs = await self._scores(req, [req.query], req.documents)
-        except APIError as e:
-            e.param = {"text_1": "query", "text_2": "documents"}.get(e.param, e.param)
-            raise
+        scores, inputs = await self._scores(req, [req.query], req.documents, names=("query", "documents"))
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n or None]
         results = [{"index": i, "relevance_score": scores[i],
                     **({"document": {"text": req.documents[i]}} if req.return_documents else {})} for i in order]
         return {"id": f"rerank-{uuid.uuid4().hex}", "model": model, "usage": {"total_tokens": self._usage(inputs)[
             "total_tokens"]}, "results": results}
+
+
+def _param_of(e: Exception, default: str) -> str:
+    """The field an input's refusal is about: the input's own, unless its truncation is what cannot be done."""
+    return "truncate_prompt_tokens" if str(e).startswith("truncate_prompt_tokens") else default
 
 
 def refusing_routes(model_kind: str) -> list[Route]:
@@ -234,18 +253,11 @@ def build_pooling_app(engine: PoolingEngine, *, served_model_names: list[str] | 
     created = int(time.time())
 
     async def read_json(request: Request) -> dict:
-        import json
-
         body = await request.body()
         if len(body) > max_body_bytes:
             raise APIError(f"the request body is over the limit of {max_body_bytes} bytes", 413, code="request_too_large")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as e:
-            raise APIError(f"the request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise APIError("the request body must be a JSON object")
-        return data
+        # the generation server's parsing: a lone surrogate can be neither tokenized nor echoed back in an error
+        return server.parse_json(body)
 
     def handler(method):
         async def route(request: Request) -> Response:
@@ -261,11 +273,9 @@ def build_pooling_app(engine: PoolingEngine, *, served_model_names: list[str] | 
         return JSONResponse({"object": "list", "data": data})
 
     async def tokenize(request: Request) -> Response:
-        body = await read_json(request)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise APIError("'prompt' must be a string", param="prompt")
-        tokens = engine.tokenizer(prompt)["input_ids"]
+        req = parse(TokenizeRequest, await read_json(request))
+        serving._model(req)
+        tokens = engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
         return JSONResponse({"count": len(tokens), "tokens": tokens, "max_model_len": engine.max_model_len})
 
     async def health(request: Request) -> Response:
