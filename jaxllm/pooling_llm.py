@@ -4,6 +4,7 @@ vLLM's names and outputs. LLM inherits these; they work when the LLM was built w
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -13,6 +14,25 @@ from jaxllm.pooling_outputs import (ClassificationOutput, ClassificationRequestO
                                     EmbeddingRequestOutput, PoolingOutput, PoolingRequestOutput, ScoringOutput,
                                     ScoringRequestOutput)
 from jaxllm.pooling_params import PoolingParams
+
+
+def _as_list(value, name: str, what: str) -> list:
+    try:
+        return list(value)
+    except TypeError:  # list()'s own message does not say which argument
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}") from None
+
+
+def _texts(data, name: str) -> list[str]:
+    """score()'s side: a string or strings (token ids and prompt dicts are not taken: a dict would be read
+    as its keys)."""
+    if isinstance(data, str):
+        return [data]
+    texts = _as_list(data, name, "a string or a sequence of strings") if not isinstance(data, dict) else [data]
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"score(): {name}[{bad}] must be a string, got {type(texts[bad]).__name__}")
+    return texts
 
 
 class PoolingMixin:
@@ -33,32 +53,37 @@ class PoolingMixin:
     def _params_list(self, n: int, pooling_params, truncate_prompt_tokens, task: str) -> list[PoolingParams]:
         if pooling_params is None or isinstance(pooling_params, PoolingParams):
             params = [pooling_params or PoolingParams()] * n
+        elif isinstance(pooling_params, (str, dict)):  # iterable, but as their characters or keys
+            raise TypeError(f"pooling_params must be PoolingParams or a sequence of them, got "
+                            f"{type(pooling_params).__name__}")
         else:
-            params = list(pooling_params)
+            params = _as_list(pooling_params, "pooling_params", "PoolingParams or a sequence of them")
             if len(params) != n:
                 raise ValueError(f"pooling_params has {len(params)} entries for {n} prompts")
-        if truncate_prompt_tokens is not None:
-            params = [PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens, dimensions=p.dimensions,
-                                    normalize=p.normalize, use_activation=p.use_activation) for p in params]
-        for p in params:
+        for p in params:  # before the truncation below reads their fields
             if not isinstance(p, PoolingParams):
                 raise TypeError(f"pooling_params must be PoolingParams, got {type(p).__name__}")
+        if truncate_prompt_tokens is not None:
+            params = [dataclasses.replace(p, truncate_prompt_tokens=truncate_prompt_tokens) for p in params]
+        for p in params:
             self._pooling.check_params(p, task)
         return params
 
-    def _run_pooling(self, task: str, prompts, pooling_params, truncate_prompt_tokens, use_tqdm):
+    def _run_pooling(self, task: str, prompts, pooling_params, truncate_prompt_tokens, use_tqdm,
+                     labels: list[str] | None = None):
+        """`labels`: how errors name each prompt (default prompts[i])."""
         engine = self._pooling_engine(task)
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _as_list(prompts, "prompts", "a string, a list of token ids, a prompt dict or a sequence of them")
         params = self._params_list(len(prompts), pooling_params, truncate_prompt_tokens, task)
         inputs = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
                 inputs.append(engine.tokenize(prompt, p))
             except (TypeError, ValueError) as e:
-                raise type(e)(f"prompts[{i}]: {e}") from None
+                raise type(e)(f"{labels[i] if labels else f'prompts[{i}]'}: {e}") from None
         results = self._pool_with_bar(engine, inputs, params, use_tqdm)
         return [(str(next(self._pooling_ids)), x.token_ids, r) for x, r in zip(inputs, results)]
 
@@ -101,8 +126,9 @@ class PoolingMixin:
         of one length). A cross-encoder scores each pair jointly (the sigmoid of its logit); an embedding
         model gives the cosine similarity of the two embeddings."""
         engine = self._pooling_engine("score")
-        texts_1 = [data_1] if isinstance(data_1, str) else list(data_1)
-        texts_2 = [data_2] if isinstance(data_2, str) else list(data_2)
+        texts_1, texts_2 = _texts(data_1, "data_1"), _texts(data_2, "data_2")
+        if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
+            raise TypeError(f"pooling_params must be PoolingParams, got {type(pooling_params).__name__}")
         if not texts_1 or not texts_2:
             raise ValueError("score() needs at least one text on each side")
         if len(texts_1) == 1:
@@ -110,8 +136,10 @@ class PoolingMixin:
         if len(texts_1) != len(texts_2):
             raise ValueError(f"score(): {len(texts_1)} texts in data_1 against {len(texts_2)} in data_2; give one text, "
                              "or as many as data_2")
-        params = PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens,
-                               use_activation=pooling_params.use_activation if pooling_params else None)
+        params = pooling_params or PoolingParams()
+        if truncate_prompt_tokens is not None:
+            params = dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
+        engine.check_params(params, "score")  # dimensions and normalize are refused, not dropped
         if engine.kind == "classify":
             inputs = []
             for i, (a, b) in enumerate(zip(texts_1, texts_2)):
@@ -122,9 +150,17 @@ class PoolingMixin:
             results = self._pool_with_bar(engine, inputs, [params] * len(inputs), use_tqdm)
             return [ScoringRequestOutput(str(next(self._pooling_ids)), ScoringOutput(float(r[0])), x.token_ids)
                     for x, r in zip(inputs, results)]
-        embed_params = PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens)
+        if params.use_activation is not None:
+            raise ValueError("use_activation applies to cross-encoders; this is an embedding model (its scores are "
+                             "cosine similarities)")
+        embed_params = params
         unique = list(dict.fromkeys(texts_1 + texts_2))
-        outs = {t: o for t, o in zip(unique, self._run_pooling("score", unique, embed_params, None, use_tqdm))}
+        where = {}  # each text is embedded once; an error names where the caller put it first
+        for name, texts in (("data_1", texts_1), ("data_2", texts_2)):
+            for i, text in enumerate(texts):
+                where.setdefault(text, f"{name}[{i}]")
+        outs = {t: o for t, o in zip(unique, self._run_pooling("score", unique, embed_params, None, use_tqdm,
+                                                                [where[t] for t in unique]))}
         scores = []
         for a, b in zip(texts_1, texts_2):
             (_, ids_a, va), (_, ids_b, vb) = outs[a], outs[b]

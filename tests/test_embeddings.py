@@ -162,6 +162,47 @@ def test_tiny_classifier_matches_transformers(name, tmp_path):
         llm.score("a", "b")
 
 
+def test_offline_refusals_name_the_argument(minilm):
+    """Bad arguments to embed/encode/score: an exception naming the argument, never a bare one from inside,
+    and no option silently dropped."""
+    q = dict(use_tqdm=False)
+    for bad in (None, 5):
+        with pytest.raises(TypeError, match="prompts must be a string"):
+            minilm.embed(bad, **q)
+        with pytest.raises(TypeError, match="data_1 must be a string or a sequence of strings"):
+            minilm.score(bad, "b", **q)
+    with pytest.raises(TypeError, match="pooling_params must be PoolingParams, got str"):
+        minilm.embed(["a"], pooling_params=["x"], truncate_prompt_tokens=3, **q)
+    with pytest.raises(TypeError, match="pooling_params must be PoolingParams or a sequence of them, got dict"):
+        minilm.embed(["a"], pooling_params={"normalize": False}, **q)
+    with pytest.raises(TypeError, match="pooling_params must be PoolingParams, got str"):
+        minilm.score("a", "b", pooling_params="x", **q)
+    with pytest.raises(ValueError, match="'multi_modal_data' is not supported"):
+        minilm.embed({"prompt": "hi", "multi_modal_data": {}}, **q)
+    with pytest.raises(TypeError, match="'prompt_token_ids' must be a list of token ids, got int"):
+        minilm.embed({"prompt_token_ids": 5}, **q)
+    with pytest.raises(TypeError, match="holds True \\(bool\\)"):
+        minilm.embed([[101, True]], **q)
+    with pytest.raises(ValueError, match="prompts\\[1\\]: the prompt holds a lone surrogate"):
+        minilm.embed(["ok", "\ud800"], **q)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=300 is more than max_model_len=256"):
+        minilm.embed(["ok"], truncate_prompt_tokens=300, **q)
+    for name in ("dimensions", "normalize"):
+        with pytest.raises(ValueError, match=f"{name} applies to embeddings, not to score"):
+            minilm.score("a", "b", pooling_params=PoolingParams(**{name: 8 if name == "dimensions" else False}), **q)
+    with pytest.raises(ValueError, match="use_activation applies to cross-encoders"):
+        minilm.score("a", "b", pooling_params=PoolingParams(use_activation=False), **q)
+    with pytest.raises(ValueError, match="use_activation applies to classification and scores, not to encode"):
+        minilm.encode("a", pooling_params=PoolingParams(use_activation=False), **q)
+    # each text is embedded once; the error names where the caller put it, not its place among the unique
+    with pytest.raises(ValueError, match="data_2\\[2\\]: this model's maximum context length"):
+        minilm.score("a", ["a", "b", "word " * 300], **q)
+    with pytest.raises(TypeError, match="data_1\\[0\\] must be a string, got dict"):
+        minilm.score({"prompt": "a"}, "b", **q)  # was read as its key: the text "prompt"
+    cut = minilm.score("word " * 300, "b", pooling_params=PoolingParams(truncate_prompt_tokens=8), **q)[0]
+    assert len(cut.prompt_token_ids) == 8 + 3
+
+
 def test_cross_encoder_score_matches_transformers(tmp_path):
     model = tiny_encoder("bert_cross", tmp_path)
     llm = LLM(str(tmp_path), tokenizer=str(MINILM), task="score")
@@ -187,6 +228,10 @@ def test_cross_encoder_score_matches_transformers(tmp_path):
     for cut in (2, 4, 6):
         with pytest.raises(ValueError, match=f"truncate_prompt_tokens={cut} leaves text_2 no token"):
             llm.score(query, "jax jax jax", truncate_prompt_tokens=cut, use_tqdm=False)
+    cut = llm.score(query, "jax " * 100, pooling_params=PoolingParams(truncate_prompt_tokens=9), use_tqdm=False)[0]
+    assert len(cut.prompt_token_ids) == 9  # pooling_params' truncation is applied, not dropped
+    with pytest.raises(ValueError, match="dimensions applies to embeddings, not to score"):
+        llm.score(query, docs, pooling_params=PoolingParams(dimensions=8), use_tqdm=False)
     with pytest.raises(ValueError, match="text_2 holds a lone surrogate"):
         llm.score(query, ["\ud800"], use_tqdm=False)
 
