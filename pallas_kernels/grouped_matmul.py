@@ -57,8 +57,13 @@ class Tiles(NamedTuple):
 
 
 # block_m -> (preferred block_n, preferred block_k, num_warps, num_stages). Small row tiles are bound by
-# reading w: deep K tiles keep bytes in flight; large ones by the tensor cores.
-_BY_BLOCK_M = {16: (64, 128, 4, 4), 32: (128, 128, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 4)}
+# reading w: deep K tiles keep bytes in flight; large ones by the tensor cores. At block_m 128, three stages
+# beat four, and 256 columns beat 128 where the grid still fills the GPU twice (WIDE_N): Mixtral's
+# gate|up at 256 / 2,048 tokens 759 -> 722 / 2,225 -> 1,928 us, Qwen3-30B-A3B's at 2,048 459 -> 411 us
+# (H100, 2026-12-06, `benchmarks/gemm_rates.py --only moe --kernel-tiles`).
+_BY_BLOCK_M = {16: (64, 128, 4, 4), 32: (128, 128, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}
+WIDE_N = 256
+NUM_SMS_HINT = 132  # H100 SXM and H200: only for choosing the column tile
 
 
 def _largest_dividing(n: int, largest: int, smallest: int) -> int | None:
@@ -79,6 +84,8 @@ def choose_tiles(rows: int, groups: int, k: int, n: int, interpret: bool = False
         return None
     block_m = min(128, max(16, 2 * next_pow2(-(-rows // groups))))
     pref_n, pref_k, num_warps, num_stages = _BY_BLOCK_M[block_m]
+    if block_m == 128 and n % WIDE_N == 0 and num_row_tiles(rows, groups, block_m) * (n // WIDE_N) >= 2 * NUM_SMS_HINT:
+        pref_n = WIDE_N
     smallest = 1 if interpret else 16
     block_n, block_k = _largest_dividing(n, pref_n, smallest), _largest_dividing(k, pref_k, smallest)
     if block_n is None or block_k is None:

@@ -136,7 +136,10 @@ def test_tiles():
     assert choose_tiles(8, 128, 2048, 1536) == Tiles(16, 64, 128, 4, 4)  # Qwen3-30B-A3B, one token
     assert choose_tiles(256 * 8, 128, 2048, 1536).block_m == 32  # 16 rows a group
     assert choose_tiles(512 * 2, 8, 4096, 28672).block_m == 128
-    assert choose_tiles(8192 * 8, 128, 768, 2048) == Tiles(128, 128, 64, 8, 4)
+    # wide column tiles where the grid fills the GPU twice over: Mixtral's gate|up in a prefill, not its down
+    assert choose_tiles(2048 * 2, 8, 4096, 28672) == Tiles(128, 256, 64, 8, 3)
+    assert choose_tiles(256 * 2, 8, 14336, 4096) == Tiles(128, 128, 64, 8, 3)
+    assert choose_tiles(8192 * 8, 128, 768, 2048) == Tiles(128, 256, 64, 8, 3)
     assert choose_tiles(64, 60, 1408, 2048).block_k == 128 and choose_tiles(8192, 60, 1408, 2048).block_k == 64
     assert choose_tiles(48, 4, 64, 40) is None and choose_tiles(48, 4, 64, 40, interpret=True).block_n == 8
     assert choose_tiles(48, 4, 24, 64) is None and choose_tiles(48, 4, 24, 64, interpret=True).block_k == 8
