@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from jaxllm.core.request import Request
 from jaxllm.engine import LLMEngine
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.structured_output import StructuredOutputError
 
 logger = logging.getLogger("jaxllm")
@@ -154,15 +154,29 @@ class AsyncLLMEngine:
             self._to_add[req.request_id] = req
         self._work.set()
         unfinished = {req.request_id for req in requests}
+        # Cumulative outputs supersede the earlier ones of their prompt: a consumer that fell behind (a busy
+        # server) takes only the newest of each, one chunk for several tokens instead of one chunk each, as
+        # vLLM's output collector does. Delta outputs must all be read.
+        coalesce = all(req.sampling_params.output_kind == RequestOutputKind.CUMULATIVE for req in requests)
         try:
             while unfinished:
-                i, item = await queue.get()
-                if isinstance(item, BaseException):
-                    unfinished.discard(requests[i].request_id)  # already dropped from the engine
-                    raise item
-                if item.finished:
-                    unfinished.discard(item.request_id)
-                yield i, item
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                if coalesce and len(batch) > 1:
+                    newest = {}  # index -> its newest output; an error ends the stream where it stands
+                    for i, item in batch:
+                        newest[i] = item
+                        if isinstance(item, BaseException):
+                            break
+                    batch = list(newest.items())
+                for i, item in batch:
+                    if isinstance(item, BaseException):
+                        unfinished.discard(requests[i].request_id)  # already dropped from the engine
+                        raise item
+                    if item.finished:
+                        unfinished.discard(item.request_id)
+                    yield i, item
         finally:
             for req in requests:
                 self._streams.pop(req.request_id, None)
