@@ -17,12 +17,10 @@ logits, confirmed by one count, else by `top_k_top_p._search_max_key`'s counting
 candidate after the first from inside that set.
 
 On a GPU it is the sampler's default (`sampler.use_rejection_kernel`). sampler_bench on an H100
-(2026-12-05, 151,936 tokens, the whole `sample` program; `results/sampler-rejection-H100-2026-12-05-*.json`):
-top_p 0.95 0.50 / 1.03 / 1.49 ms at 1 / 64 / 256 rows against the sort's 0.75 / 2.10 / 4.41 and the
-threshold kernel's 1.20 / 1.72 / 3.46; with top_k=50 too 1.31 / 1.67 / 3.06 against the sort's
-0.55 / 2.07 / 4.54 (at one row the top-k threshold's search, about 13 passes, is what the sort beats).
-Those figures are 6a98839's; the top-k threshold from the lanes, one pass where it is confirmed, came after
-and is not yet measured on a GPU.
+(2026-12-06, b791d4f, 151,936 tokens, the whole `sample` program; `results/sampler-H100-2026-12-06-b791d4f.json`):
+top_p 0.95 0.36 / 0.69 / 1.23 ms at 1 / 64 / 256 rows against the sort's 0.39 / 1.83 / 4.22; with top_k=50 too
+0.48 / 0.92 / 1.73 against the sort's 0.40 / 1.88 / 4.16 (the top-k threshold from the lanes, confirmed by one
+count; before it, at 6a98839, 1.31 ms at one row, where about 13 counting passes ran). Tokens equal the sort's.
 The kernel is exact up to the masses' float32 summation order (as the threshold kernel).
 """
 
