@@ -135,10 +135,10 @@ class PoolingServing:
         return vector.tolist()
 
     async def embeddings(self, body: dict, task: str = "embed") -> dict:
-        req = parse(EmbeddingRequest if task == "embed" else PoolingRequest, body)
+        req = await asyncio.to_thread(parse, EmbeddingRequest if task == "embed" else PoolingRequest, body)
         model = self._model(req)
         params = self._params(req, task, dimensions=req.dimensions, normalize=req.normalize)
-        inputs = self._tokenize(prompts_of(req.input), params, "input")
+        inputs = await asyncio.to_thread(self._tokenize, prompts_of(req.input), params, "input")
         vectors = await self.batcher.pool(inputs, [params] * len(inputs))
         kind, key, prefix = ("embedding", "embedding", "embd") if task == "embed" else ("pooling", "data", "pool")
         data = [{"index": i, "object": kind, key: self._encode(v, req.encoding_format)} for i, v in enumerate(vectors)]
@@ -146,10 +146,10 @@ class PoolingServing:
                 "data": data, "usage": self._usage(inputs)}
 
     async def classify(self, body: dict) -> dict:
-        req = parse(ClassificationRequest, body)
+        req = await asyncio.to_thread(parse, ClassificationRequest, body)
         model = self._model(req)
         params = self._params(req, "classify", use_activation=req.use_activation)
-        inputs = self._tokenize(prompts_of(req.input), params, "input")
+        inputs = await asyncio.to_thread(self._tokenize, prompts_of(req.input), params, "input")
         probs = await self.batcher.pool(inputs, [params] * len(inputs))
         labels = self.engine.id2label
         data = [{"index": i, "label": labels.get(int(np.argmax(p)), str(int(np.argmax(p)))), "probs": p.tolist(),
@@ -174,32 +174,42 @@ class PoolingServing:
                            f"or as many as {names[1]}", param=names[0])
         if self.engine.kind == "classify":
             params = self._params(req, "score", use_activation=req.use_activation)
-            inputs = []
-            for i, (a, b) in enumerate(zip(texts_1, texts_2)):
-                try:
-                    inputs.append(self.engine.tokenize_pair(a, b, params))
-                except (TypeError, ValueError) as e:
-                    raise APIError(f"pair {i}: {e}", param=_param_of(e, names[1])) from None
+
+            def tokenize_pairs() -> list[PoolInput]:
+                inputs = []
+                for i, (a, b) in enumerate(zip(texts_1, texts_2)):
+                    try:
+                        inputs.append(self.engine.tokenize_pair(a, b, params))
+                    except (TypeError, ValueError) as e:
+                        raise APIError(f"pair {i}: {e}", param=_param_of(e, names[1])) from None
+                return inputs
+
+            inputs = await asyncio.to_thread(tokenize_pairs)
             return [float(r[0]) for r in await self.batcher.pool(inputs, [params] * len(inputs))], inputs
         params = self._params(req, "score")
         if req.use_activation is not None:
             raise APIError("use_activation applies to cross-encoders; this is an embedding model", param="use_activation")
         unique = list(dict.fromkeys(texts_1 + texts_2))
-        inputs = []
-        for text in unique:
-            try:
-                inputs.append(self.engine.tokenize(text, params))
-            except (TypeError, ValueError) as e:
-                code = "context_length_exceeded" if "maximum context length" in str(e) else None
-                field = where[text].split("[")[0]
-                raise APIError(f"{where[text]}: {e}", param=_param_of(e, field), code=code) from None
+
+        def tokenize_texts() -> list[PoolInput]:
+            inputs = []
+            for text in unique:
+                try:
+                    inputs.append(self.engine.tokenize(text, params))
+                except (TypeError, ValueError) as e:
+                    code = "context_length_exceeded" if "maximum context length" in str(e) else None
+                    field = where[text].split("[")[0]
+                    raise APIError(f"{where[text]}: {e}", param=_param_of(e, field), code=code) from None
+            return inputs
+
+        inputs = await asyncio.to_thread(tokenize_texts)
         vectors = dict(zip(unique, await self.batcher.pool(inputs, [params] * len(inputs))))
         cos = [float(vectors[a] @ vectors[b] / max(float(np.linalg.norm(vectors[a]) * np.linalg.norm(vectors[b])),
                                                    1e-12)) for a, b in zip(texts_1, texts_2)]
         return cos, inputs
 
     async def score(self, body: dict) -> dict:
-        req = parse(ScoreRequest, body)
+        req = await asyncio.to_thread(parse, ScoreRequest, body)
         model = self._model(req)
         as_list = lambda t: [t] if isinstance(t, str) else list(t)  # noqa: E731
         scores, inputs = await self._scores(req, as_list(req.text_1), as_list(req.text_2))
@@ -208,7 +218,7 @@ class PoolingServing:
                 "data": data, "usage": self._usage(inputs)}
 
     async def rerank(self, body: dict) -> dict:
-        req = parse(RerankRequest, body)
+        req = await asyncio.to_thread(parse, RerankRequest, body)
         model = self._model(req)
         if not req.documents:
             raise APIError("'documents' must not be empty", param="documents")
@@ -256,8 +266,10 @@ def build_pooling_app(engine: PoolingEngine, *, served_model_names: list[str] | 
         body = await request.body()
         if len(body) > max_body_bytes:
             raise APIError(f"the request body is over the limit of {max_body_bytes} bytes", 413, code="request_too_large")
-        # the generation server's parsing: a lone surrogate can be neither tokenized nor echoed back in an error
-        return server.parse_json(body)
+        # the generation server's parsing (a lone surrogate can be neither tokenized nor echoed back in an
+        # error), like all of a request's host work in a worker thread: a 16 MiB body takes seconds, and the
+        # event loop must keep answering (/health, the other requests)
+        return await asyncio.to_thread(server.parse_json, body)
 
     def handler(method):
         async def route(request: Request) -> Response:
@@ -273,9 +285,10 @@ def build_pooling_app(engine: PoolingEngine, *, served_model_names: list[str] | 
         return JSONResponse({"object": "list", "data": data})
 
     async def tokenize(request: Request) -> Response:
-        req = parse(TokenizeRequest, await read_json(request))
+        req = await asyncio.to_thread(parse, TokenizeRequest, await read_json(request))
         serving._model(req)
-        tokens = engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+        tokens = (await asyncio.to_thread(engine.tokenizer, req.prompt,
+                                          add_special_tokens=req.add_special_tokens))["input_ids"]
         return JSONResponse({"count": len(tokens), "tokens": tokens, "max_model_len": engine.max_model_len})
 
     async def health(request: Request) -> Response:
