@@ -278,7 +278,7 @@ def test_health_answers_while_a_large_request_is_handled(server, offline):
             time.sleep(0.05)
     done.wait(600)
     assert answers[0].status_code == 200, answers[0].text[:300]
-    assert len(latencies) >= 3 and max(latencies) < 0.25, latencies
+    assert len(latencies) >= 3 and max(latencies) < 0.5, latencies
     got = np.array([d["embedding"] for d in answers[0].json()["data"][-2:]])
     from jaxllm import PoolingParams
 
