@@ -285,3 +285,23 @@ def test_health_answers_while_a_large_request_is_handled(server, offline):
     want = [o.outputs.embedding for o in offline.embed(texts[-2:], pooling_params=PoolingParams(truncate_prompt_tokens=8),
                                                        use_tqdm=False)]
     np.testing.assert_allclose(got, np.array(want), atol=1e-5)
+
+
+def test_metrics_ping_and_detokenize(server):
+    """The routes a pooling server shares with the generation server: /metrics counts the requests answered
+    and their prompt tokens, /ping answers, /detokenize inverts /tokenize and refuses ids outside the vocabulary."""
+    def series(text: str, name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+    before = httpx.get(server.url + "/metrics").text
+    answer = httpx.post(server.url + "/v1/embeddings", json={"input": ["one two three", "four"]}).json()
+    after = httpx.get(server.url + "/metrics").text
+    assert series(after, "jaxllm:request_success_total") == series(before, "jaxllm:request_success_total") + 1
+    assert (series(after, "jaxllm:prompt_tokens_total") - series(before, "jaxllm:prompt_tokens_total")
+            == answer["usage"]["prompt_tokens"] > 0)
+    assert series(after, "jaxllm:e2e_request_latency_seconds_count") >= 1
+    assert httpx.get(server.url + "/ping").status_code == 200
+    tokens = httpx.post(server.url + "/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
+    assert httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": "hello world"}
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [1, 10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"

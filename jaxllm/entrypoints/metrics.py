@@ -7,7 +7,7 @@ Each server gets its own CollectorRegistry, so several apps can live in one proc
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from jaxllm.engine import LLMEngine
@@ -94,6 +94,39 @@ class ServerMetrics:
 
     def observe_abort(self, num_requests: int) -> None:
         self.request_success.labels(self.model_name, "abort").inc(num_requests)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class PoolingMetrics:
+    """A pooling server's metrics, named as the generation server's: requests in flight, finished requests,
+    their prompt tokens and their latency. `track` wraps one request's handling."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        kw = {"labelnames": ["model_name"], "registry": self.registry}
+        self.running = Gauge("jaxllm:num_requests_running", "Requests being handled.", **kw).labels(model_name)
+        self.prompt_tokens = Counter("jaxllm:prompt_tokens", "Prompt tokens pooled.", **kw).labels(model_name)
+        # a pooling request ends when its vectors are ready: vLLM counts it with finished_reason "stop"
+        self.request_success = Counter("jaxllm:request_success", "Finished requests by finish reason.",
+                                       labelnames=["model_name", "finished_reason"],
+                                       registry=self.registry).labels(model_name, "stop")
+        self.e2e = Histogram("jaxllm:e2e_request_latency_seconds", "End-to-end request latency.",
+                             buckets=_E2E_BUCKETS, **kw).labels(model_name)
+
+    async def track(self, work, arrival: float, now) -> dict:
+        """Await a request's `work` (its answer, with OpenAI's `usage`), counting it once it succeeds."""
+        self.running.inc()
+        try:
+            answer = await work
+        finally:
+            self.running.dec()
+        usage = answer.get("usage") or {}
+        self.prompt_tokens.inc(usage.get("prompt_tokens", usage.get("total_tokens", 0)))
+        self.request_success.inc()
+        self.e2e.observe(now() - arrival)
+        return answer
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

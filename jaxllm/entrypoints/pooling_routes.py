@@ -27,6 +27,8 @@ import jaxllm
 from jaxllm.entrypoints.pooling_protocol import (ClassificationRequest, EmbeddingRequest, PoolingRequest,
                                                  RerankRequest, ScoreRequest, TokenizeRequest, parse,
                                                  prompts_of)
+from jaxllm.entrypoints import protocol
+from jaxllm.entrypoints.metrics import CONTENT_TYPE, PoolingMetrics
 from jaxllm.entrypoints.protocol import APIError
 from jaxllm.pooling_engine import PoolingEngine
 from jaxllm.pooling_params import PoolingParams
@@ -260,6 +262,8 @@ def build_pooling_app(engine: PoolingEngine, *, served_model_names: list[str] | 
     max_body_bytes = max_body_bytes or server.MAX_BODY_BYTES
     batcher = PoolingBatcher(engine)
     serving = PoolingServing(engine, batcher, names)
+    metrics = PoolingMetrics(names[0])
+    limits = protocol.Limits(vocab_size=engine.config.vocab_size, max_model_len=engine.max_model_len, max_logprobs=0)
     created = int(time.time())
 
     async def read_json(request: Request) -> dict:
@@ -273,8 +277,10 @@ def build_pooling_app(engine: PoolingEngine, *, served_model_names: list[str] | 
 
     def handler(method):
         async def route(request: Request) -> Response:
+            arrival = time.monotonic()
+            answer = await metrics.track(method(await read_json(request)), arrival, time.monotonic)
             # rendered off the loop too: 3,000 embeddings are 25 MB of JSON
-            return await asyncio.to_thread(JSONResponse, await method(await read_json(request)))
+            return await asyncio.to_thread(JSONResponse, answer)
         return route
 
     async def pooling(body: dict) -> dict:
@@ -292,8 +298,16 @@ def build_pooling_app(engine: PoolingEngine, *, served_model_names: list[str] | 
                                           add_special_tokens=req.add_special_tokens))["input_ids"]
         return JSONResponse({"count": len(tokens), "tokens": tokens, "max_model_len": engine.max_model_len})
 
+    async def detokenize(request: Request) -> Response:
+        req = await asyncio.to_thread(protocol.parse, protocol.DetokenizeRequest, await read_json(request), limits)
+        serving._model(req)
+        return JSONResponse({"prompt": await asyncio.to_thread(engine.tokenizer.decode, req.tokens)})
+
     async def health(request: Request) -> Response:
         return Response(status_code=200)
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def version(request: Request) -> Response:
         return JSONResponse({"version": jaxllm.__version__})
@@ -325,11 +339,14 @@ def build_pooling_app(engine: PoolingEngine, *, served_model_names: list[str] | 
               *[Route(p, handler(serving.score), methods=["POST"]) for p in ("/score", "/v1/score")],
               *[Route(p, handler(serving.rerank), methods=["POST"]) for p in ("/rerank", "/v1/rerank", "/v2/rerank")],
               Route("/v1/models", models, methods=["GET"]), Route("/tokenize", tokenize, methods=["POST"]),
-              Route("/health", health, methods=["GET"]), Route("/version", version, methods=["GET"]),
+              Route("/detokenize", detokenize, methods=["POST"]), Route("/health", health, methods=["GET"]),
+              Route("/ping", health, methods=["GET", "POST"]), Route("/version", version, methods=["GET"]),
+              Route("/metrics", metrics_route, methods=["GET"]),
               *refusing_routes("pooling")]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_error})
     app.state.batcher = batcher
+    app.state.metrics = metrics
     app.state.served_model_names = names
     guarded = server._Guard(app, api_key, max_body_bytes)
     guarded.state = app.state
