@@ -524,9 +524,10 @@ def validation_error(e: ValidationError, prefix: tuple = ()) -> APIError:
                         param=param)
     if first["type"] == "missing":
         return APIError(f"'{_path(loc)}' is required", param=param)
-    # a union reports one error per member: show each
+    # a union reports one error per member: show each, with its place where it lies inside the field
     same = [err for err in errors if err["loc"][:1] == loc[:1]][:4]
-    why = "; or ".join(f"{_path(err['loc'])}: {err['msg']}" for err in same)
+    why = "; or ".join(err["msg"] if _path(err["loc"]) == param else f"{_path(err['loc'])}: {err['msg']}"
+                       for err in same)
     return APIError(f"invalid '{param}': {why}", param=param)
 
 
