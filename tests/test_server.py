@@ -331,6 +331,37 @@ def test_tokenize_detokenize_health_version_metrics(server):
     assert m["jaxllm:prefix_cache_hits_total"] > 0  # the same prompts were sent more than once
 
 
+def test_an_answer_not_streamed_is_reported_once_and_timed_by_the_engine(server, client, reference):
+    """A request that is not streamed asks the engine for its output only when done (FINAL_ONLY); the metrics
+    still time its first token and each later one, from the engine's timestamps."""
+    engine = server.app.state.async_engine.engine
+    outputs, step = [], engine.step
+
+    def counting_step():
+        out = step()
+        outputs.extend(o.request_id for o in out)
+        return out
+
+    engine.step = counting_step
+    try:
+        before = metrics(server)
+        got = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        after = metrics(server)
+    finally:
+        engine.step = step
+    want = reference.generate("Hello", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                              use_tqdm=False)[0].outputs[0].text
+    assert got.choices[0].text == want
+    assert len(outputs) == 1  # one output, when done: none built at the other 11 steps
+    ttft = after["jaxllm:time_to_first_token_seconds_sum"] - before["jaxllm:time_to_first_token_seconds_sum"]
+    e2e = after["jaxllm:e2e_request_latency_seconds_sum"] - before["jaxllm:e2e_request_latency_seconds_sum"]
+    assert after["jaxllm:time_to_first_token_seconds_count"] == before["jaxllm:time_to_first_token_seconds_count"] + 1
+    assert (after["jaxllm:time_per_output_token_seconds_count"]
+            == before["jaxllm:time_per_output_token_seconds_count"] + 11)
+    assert 0 < ttft < e2e
+
+
 # -- structured outputs and tool calls ---------------------------------------------------------------
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}

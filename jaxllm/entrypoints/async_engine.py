@@ -284,6 +284,10 @@ class AsyncLLMEngine:
             times.num_output_tokens += num_new
             if times.first_token is None:
                 times.first_token = now
+                m = out.metrics
+                if m is not None and m.first_token_time is not None and m.last_token_time is not None:
+                    # by the engine's clock: an answer reported only when done carries all its tokens at once
+                    times.first_token = now - (m.last_token_time - m.first_token_time)
             if out.finished:
                 times.finish_reason = out.outputs[0].finish_reason if out.outputs else "abort"
             if self.on_output is not None:

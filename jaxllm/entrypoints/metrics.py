@@ -80,9 +80,13 @@ class ServerMetrics:
         self.model_name = model_name
 
     def observe(self, times: RequestTimes, num_new_tokens: int, now: float) -> None:
-        if times.last_token is None:  # this output carries the first token
+        if times.last_token is None:  # this output carries the first token, and all of them if not streamed
             self.prompt_tokens.inc(times.num_prompt_tokens)
-            self.ttft.observe(now - times.arrival)
+            self.ttft.observe(times.first_token - times.arrival)
+            if num_new_tokens > 1:
+                gap = (now - times.first_token) / (num_new_tokens - 1)
+                for _ in range(num_new_tokens - 1):
+                    self.tpot.observe(gap)
         elif num_new_tokens > 0:
             gap = (now - times.last_token) / num_new_tokens
             for _ in range(num_new_tokens):
