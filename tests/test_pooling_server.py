@@ -24,7 +24,7 @@ from jaxllm.entrypoints.openai_server import build_app, load_app, make_arg_parse
 from jaxllm.entrypoints.pooling_routes import build_pooling_app
 from hf_models import save_tiny_model
 from test_embeddings import MINILM, TEXTS, tiny_encoder
-from test_server import ServerThread
+from test_server import ServerThread, health_latencies_while
 
 
 @pytest.fixture(scope="module")
@@ -256,30 +256,13 @@ def test_offline_example_runs():
 def test_health_answers_while_a_large_request_is_handled(server, offline):
     """Parsing and tokenizing thousands of inputs takes seconds of host work in a worker thread: the event
     loop keeps answering meanwhile, and the large request's answer is right."""
-    import threading
-    import time
-
     texts = [f"{i} " + "the quick brown fox jumps over the lazy dog " * 100 for i in range(3000)]
     body = json.dumps({"input": texts, "truncate_prompt_tokens": 8}).encode()
-    done, answers = threading.Event(), []
-
-    def send():
-        answers.append(httpx.post(server.url + "/v1/embeddings", content=body, timeout=600))
-        done.set()
-
-    threading.Thread(target=send).start()
-    time.sleep(0.3)
-    latencies = []
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        while not done.is_set() and len(latencies) < 40:
-            t0 = time.perf_counter()
-            assert http.get("/health").status_code == 200
-            latencies.append(time.perf_counter() - t0)
-            time.sleep(0.05)
-    done.wait(600)
-    assert answers[0].status_code == 200, answers[0].text[:300]
+    latencies, answer = health_latencies_while(
+        server.url, lambda: httpx.post(server.url + "/v1/embeddings", content=body, timeout=600), settle=0.3)
+    assert answer.status_code == 200, answer.text[:300]
     assert len(latencies) >= 3 and max(latencies) < 0.5, latencies
-    got = np.array([d["embedding"] for d in answers[0].json()["data"][-2:]])
+    got = np.array([d["embedding"] for d in answer.json()["data"][-2:]])
     from jaxllm import PoolingParams
 
     want = [o.outputs.embedding for o in offline.embed(texts[-2:], pooling_params=PoolingParams(truncate_prompt_tokens=8),

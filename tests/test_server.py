@@ -58,6 +58,31 @@ class ServerThread:
         assert not self.thread.is_alive(), "the server did not shut down"
 
 
+def health_latencies_while(url: str, send, settle: float = 0.5, untimed_first: bool = False):
+    """(seconds each GET /health took, every 50 ms and at most 40 times, while `send()` runs in a thread;
+    send's result). `settle`: seconds before the first /health, for send's request to get under way;
+    `untimed_first`: one /health first, untimed (its connection)."""
+    done, result = threading.Event(), []
+
+    def run():
+        result.append(send())
+        done.set()
+
+    threading.Thread(target=run).start()
+    time.sleep(settle)
+    latencies = []
+    with httpx.Client(base_url=url, timeout=30) as http:
+        if untimed_first:
+            http.get("/health")
+        while not done.is_set() and len(latencies) < 40:
+            t0 = time.perf_counter()
+            assert http.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+    assert done.wait(600), "the request did not finish"
+    return latencies, result[0]
+
+
 @pytest.fixture(scope="module")
 def server():
     app = load_app(make_arg_parser().parse_args(SERVER_ARGS))

@@ -7,6 +7,8 @@ Each server gets its own CollectorRegistry, so several apps can live in one proc
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -119,8 +121,9 @@ class PoolingMetrics:
         self.e2e = Histogram("jaxllm:e2e_request_latency_seconds", "End-to-end request latency.",
                              buckets=_E2E_BUCKETS, **kw).labels(model_name)
 
-    async def track(self, work, arrival: float, now) -> dict:
+    async def track(self, work) -> dict:
         """Await a request's `work` (its answer, with OpenAI's `usage`), counting it once it succeeds."""
+        arrival = time.monotonic()
         self.running.inc()
         try:
             answer = await work
@@ -129,7 +132,7 @@ class PoolingMetrics:
         usage = answer.get("usage") or {}
         self.prompt_tokens.inc(usage.get("prompt_tokens", usage.get("total_tokens", 0)))
         self.request_success.inc()
-        self.e2e.observe(now() - arrival)
+        self.e2e.observe(time.monotonic() - arrival)
         return answer
 
     def render(self) -> bytes:

@@ -115,14 +115,15 @@ class PoolingServing:
             raise APIError(str(e), param=param) from None
         return params
 
-    def _tokenize(self, prompts: list, params: PoolingParams, param: str) -> list[PoolInput]:
+    def _tokenize(self, prompts: list, params: PoolingParams, places: list[str]) -> list[PoolInput]:
+        """Each prompt's input; a refusal names the prompt's place in the request (`input[3]`) and its field."""
         inputs = []
-        for i, prompt in enumerate(prompts):
+        for prompt, place in zip(prompts, places):
             try:
                 inputs.append(self.engine.tokenize(prompt, params))
             except (TypeError, ValueError) as e:
                 code = "context_length_exceeded" if "maximum context length" in str(e) else None
-                raise APIError(f"{param}[{i}]: {e}", param=_param_of(e, param), code=code) from None
+                raise APIError(f"{place}: {e}", param=_param_of(e, place.split("[")[0]), code=code) from None
         return inputs
 
     @staticmethod
@@ -140,7 +141,8 @@ class PoolingServing:
         req = await asyncio.to_thread(parse, EmbeddingRequest if task == "embed" else PoolingRequest, body)
         model = self._model(req)
         params = self._params(req, task, dimensions=req.dimensions, normalize=req.normalize)
-        inputs = await asyncio.to_thread(self._tokenize, prompts_of(req.input), params, "input")
+        prompts = prompts_of(req.input)
+        inputs = await asyncio.to_thread(self._tokenize, prompts, params, [f"input[{i}]" for i in range(len(prompts))])
         vectors = await self.batcher.pool(inputs, [params] * len(inputs))
         kind, key, prefix = ("embedding", "embedding", "embd") if task == "embed" else ("pooling", "data", "pool")
         data = [{"index": i, "object": kind, key: self._encode(v, req.encoding_format)} for i, v in enumerate(vectors)]
@@ -151,7 +153,8 @@ class PoolingServing:
         req = await asyncio.to_thread(parse, ClassificationRequest, body)
         model = self._model(req)
         params = self._params(req, "classify", use_activation=req.use_activation)
-        inputs = await asyncio.to_thread(self._tokenize, prompts_of(req.input), params, "input")
+        prompts = prompts_of(req.input)
+        inputs = await asyncio.to_thread(self._tokenize, prompts, params, [f"input[{i}]" for i in range(len(prompts))])
         probs = await self.batcher.pool(inputs, [params] * len(inputs))
         labels = self.engine.id2label
         data = [{"index": i, "label": labels.get(int(np.argmax(p)), str(int(np.argmax(p)))), "probs": p.tolist(),
@@ -192,19 +195,7 @@ class PoolingServing:
         if req.use_activation is not None:
             raise APIError("use_activation applies to cross-encoders; this is an embedding model", param="use_activation")
         unique = list(dict.fromkeys(texts_1 + texts_2))
-
-        def tokenize_texts() -> list[PoolInput]:
-            inputs = []
-            for text in unique:
-                try:
-                    inputs.append(self.engine.tokenize(text, params))
-                except (TypeError, ValueError) as e:
-                    code = "context_length_exceeded" if "maximum context length" in str(e) else None
-                    field = where[text].split("[")[0]
-                    raise APIError(f"{where[text]}: {e}", param=_param_of(e, field), code=code) from None
-            return inputs
-
-        inputs = await asyncio.to_thread(tokenize_texts)
+        inputs = await asyncio.to_thread(self._tokenize, unique, params, [where[t] for t in unique])
         vectors = dict(zip(unique, await self.batcher.pool(inputs, [params] * len(inputs))))
         cos = [float(vectors[a] @ vectors[b] / max(float(np.linalg.norm(vectors[a]) * np.linalg.norm(vectors[b])),
                                                    1e-12)) for a, b in zip(texts_1, texts_2)]
@@ -276,11 +267,12 @@ def build_pooling_app(engine: PoolingEngine, *, served_model_names: list[str] | 
         return await asyncio.to_thread(server.parse_json, body)
 
     def handler(method):
+        async def answer(request: Request) -> dict:
+            return await method(await read_json(request))
+
         async def route(request: Request) -> Response:
-            arrival = time.monotonic()
-            answer = await metrics.track(method(await read_json(request)), arrival, time.monotonic)
             # rendered off the loop too: 3,000 embeddings are 25 MB of JSON
-            return await asyncio.to_thread(JSONResponse, answer)
+            return await asyncio.to_thread(JSONResponse, await metrics.track(answer(request)))
         return route
 
     async def pooling(body: dict) -> dict:
