@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import os
 import sys
 import time
@@ -161,6 +162,7 @@ def main(argv=None):
         print(row, flush=True)
         rows.append(row)
     result = {"benchmark": "sampler", "device": device_name(), "jax_version": jax.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": git_commit(), "command": " ".join(sys.argv), "rows": rows}
     write_result(result, args.output_json, f"sampler-{device_name().replace(' ', '-')}.json")
 
